@@ -1,0 +1,33 @@
+"""The ``fastmlip`` command: each subcommand lives in its own module with ``add_arguments`` and ``run``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "info": ("fastmlip.info", "versions, devices and backends available here"),
+    "convert": ("fastmlip.convert", "convert a MACE/SevenNet checkpoint to fastmlip (or back to e3nn)"),
+    "md": ("fastmlip.md", "molecular dynamics with a model, on GPU if present"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastmlip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

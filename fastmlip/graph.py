@@ -1,0 +1,37 @@
+"""Edge bookkeeping shared by ops and faces: sorting by receiver and CSR offsets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SortedEdges:
+    """Edges sorted by dst, with what the deterministic kernels need.
+
+    ``order`` maps new edge positions to the caller's edge indices (apply it to per-edge tensors);
+    ``dst_ptr`` are CSR offsets by dst; ``src_perm``/``src_ptr`` list the sorted edges grouped by src.
+    """
+
+    order: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    dst_ptr: torch.Tensor
+    src_perm: torch.Tensor
+    src_ptr: torch.Tensor
+
+
+def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_index, minlength=num_nodes)
+    ptr = torch.zeros(num_nodes + 1, dtype=torch.int64, device=sorted_index.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr
+
+
+def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> SortedEdges:
+    order = torch.argsort(dst, stable=True)
+    src_s, dst_s = src[order], dst[order]
+    src_perm = torch.argsort(src_s, stable=True)
+    return SortedEdges(order, src_s, dst_s, csr_offsets(dst_s, num_nodes), src_perm,
+                       csr_offsets(src_s[src_perm], num_nodes))

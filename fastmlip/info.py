@@ -1,0 +1,44 @@
+"""``fastmlip info``: what this installation can use."""
+from __future__ import annotations
+
+import importlib
+import platform
+
+
+def _version(name: str) -> str:
+    try:
+        return getattr(importlib.import_module(name), "__version__", "installed")
+    except Exception as exc:  # an optional package that fails to import is reported, not raised
+        return f"not available ({type(exc).__name__})"
+
+
+def collect() -> dict:
+    import torch
+
+    from . import __version__
+    from .ops.dispatch import available_backends
+
+    return {
+        "fastmlip": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **{name: _version(name) for name in ("e3nn", "triton", "ase", "sevenn", "mace")},
+        "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
+        "backends": available_backends(),
+    }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=1))
+        return 0
+    for key, value in info.items():
+        print(f"{key:10s} {value}")
+    return 0

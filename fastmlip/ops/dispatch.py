@@ -1,0 +1,61 @@
+"""Which backend computes an op: ``FASTMLIP_BACKEND=reference|triton|auto`` (default auto).
+
+auto: Triton kernels on CUDA tensors when Triton imports and has a kernel for the op, the reference otherwise.
+triton: forces the kernels, on CPU too when ``TRITON_INTERPRET=1`` (how CI runs the real kernel code).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested_backend() -> str:
+    name = os.environ.get("FASTMLIP_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FASTMLIP_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_for(tensor: torch.Tensor, has_kernel: bool = True) -> str:
+    """Resolve the backend for an op whose inputs live where ``tensor`` lives."""
+    name = requested_backend()
+    if name == "reference":
+        return "reference"
+    usable = has_kernel and triton_available() and (tensor.is_cuda or interpreting())
+    if name == "triton":
+        if not has_kernel:
+            raise RuntimeError("FASTMLIP_BACKEND=triton, but this op has no Triton kernel yet")
+        if not triton_available():
+            raise RuntimeError("FASTMLIP_BACKEND=triton, but triton is not installed (pip install triton)")
+        if not (tensor.is_cuda or interpreting()):
+            raise RuntimeError("FASTMLIP_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (interpreter mode)")
+        return "triton"
+    return "triton" if usable else "reference"
+
+
+def available_backends() -> dict:
+    """For ``fastmlip info``: what could run here."""
+    return {
+        "reference": True,
+        "triton": triton_available(),
+        "cuda": torch.cuda.is_available(),
+        "triton_interpret": interpreting(),
+        "requested": os.environ.get("FASTMLIP_BACKEND", "auto"),
+    }

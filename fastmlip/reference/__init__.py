@@ -1,0 +1,1 @@
+"""Plain-torch implementations: the oracle for every fast path and the CPU backend."""

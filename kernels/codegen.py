@@ -1,0 +1,97 @@
+"""Shared helpers for generating Triton kernel source per problem: emit text, bake constants, cache, import.
+
+Kernels are written out as Python source with every problem constant (offsets, multiplicities, CG values)
+baked in as literals, so the compiler sees a fixed, fully unrolled body. Source files live in a cache folder
+(``$FASTMLIP_CACHE/kernels`` or ``~/.cache/fastmlip/kernels``); Triton caches the compiled binaries itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+_IMPORT_LOCK = threading.Lock()
+_MODULES: dict = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTMLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastmlip")
+    path = Path(root) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Source:
+    """Indented source text, built line by line."""
+
+    def __init__(self):
+        self.lines: list = []
+        self.depth = 0
+
+    def __call__(self, line: str = "") -> None:
+        self.lines.append("    " * self.depth + line if line else "")
+
+    def indent(self):
+        source = self
+
+        class _Block:
+            def __enter__(self):
+                source.depth += 1
+
+            def __exit__(self, *exc):
+                source.depth -= 1
+
+        return _Block()
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class Constants:
+    """Typed scalar constants hoisted to the top of a kernel.
+
+    A bare float literal becomes a float32 constant in Triton, which would cost float64 kernels ~8 digits; a
+    ``tl.full([], value, DT)`` keeps the value exact in the kernel's own dtype.
+    """
+
+    def __init__(self):
+        self.names: dict = {}
+
+    def __call__(self, value: float) -> str:
+        value = float(value)
+        if value not in self.names:
+            self.names[value] = f"c{len(self.names)}"
+        return self.names[value]
+
+    def emit(self, src: Source) -> None:
+        for value, name in self.names.items():
+            src(f"{name} = tl.full([], {value!r}, DT)")
+
+
+def linear_combination(terms) -> str:
+    """``a*b + c*d ...`` from (coefficient_name, operand) pairs; '0' never occurs (callers skip empty sums)."""
+    return " + ".join(f"{c} * {x}" for c, x in terms)
+
+
+def load_module(name: str, text: str):
+    """Write ``text`` to the cache as ``name``.py (only if changed) and import it once per process."""
+    with _IMPORT_LOCK:
+        cached = _MODULES.get(name)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        path = cache_dir() / f"{name}.py"
+        if not path.exists() or path.read_text() != text:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        module_name = f"fastmlip_generated_{name.replace('-', '_')}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        _MODULES[name] = (text, module)
+        return module

@@ -1,0 +1,347 @@
+"""Triton kernels for the fused convolution (gather -> weighted "uvu" tensor product -> scatter-sum).
+
+Two generated kernel shapes cover forward and backward:
+
+* aggregate: one program per (row, block of channels) walks that row's edges one per loop step, channels
+  across lanes, one register accumulator per output component, a single store at the end (no atomics). The
+  forward is this with row = destination node (edges sorted by dst, ``dst_ptr``); the x-gradient is the same
+  shape with roles swapped (row = source node, edges via ``src_perm``/``src_ptr``, the CG block transposed,
+  grad_out gathered from dst). Without CSR offsets the same body runs over chunks of edges in any order and
+  atomically adds each edge's contribution.
+* edge: one program per chunk of edges, looping over every channel block; it writes the per-edge gradients
+  (edge_attr: a sum over channels, reduced in registers; weights: one value per channel) with no scatter.
+
+Channels of a path are the in1 multiplicity u ("uvu": out[u] = sum_v w[u, v] C(x[u], y[v])); paths with the
+same multiplicity share one channel-block range, so one program loads x once for all of them. Every constant is
+baked into the generated source (see :mod:`fastmlip.kernels.codegen`). Nothing of size E x dim_out is ever
+materialised.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..descriptors import TensorProductProblem, iter_paths
+from . import codegen
+
+MAX_MUL_IN2 = 8
+POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
+COMPILE_SECONDS: dict = {}
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One path as a kernel sees it: gathered block -> accumulated block, coupled through y and w."""
+
+    mul: int
+    in_off: int
+    in_d: int
+    out_off: int
+    out_d: int
+    y_off: int
+    y_d: int
+    mul2: int
+    w_off: int
+    nonzeros: tuple  # (a, j, b, coefficient): a indexes the gathered block, b the accumulated one
+
+
+def _terms(problem: TensorProductProblem, transpose: bool) -> list:
+    """Forward terms (x -> out), or with ``transpose`` the x-gradient's (grad_out -> gx, C[i,j,k] read as [k,j,i])."""
+    terms = []
+    for path, o1, o2, oo, (a, b, c) in iter_paths(problem):
+        nz = tuple((k, j, i, v * path.path_weight) if transpose else (i, j, k, v * path.path_weight)
+                   for i, j, k, v in path.cg.nonzeros)
+        blocks = ((oo, c.ir_dim, o1, a.ir_dim) if transpose else (o1, a.ir_dim, oo, c.ir_dim))
+        terms.append(_Term(a.mul, *blocks, o2, b.ir_dim, b.mul, path.weight_offset, nz))
+    return terms
+
+
+def _groups(terms) -> list:
+    """Terms keyed by channel multiplicity (largest first): each group is one range of channel blocks."""
+    by_mul = defaultdict(list)
+    for t in terms:
+        by_mul[t.mul].append(t)
+    return [(mul, by_mul[mul]) for mul in sorted(by_mul, reverse=True)]
+
+
+def _blocks(mul: int, block: int) -> int:
+    return -(-mul // block)
+
+
+def _block_size(problem: TensorProductProblem) -> int:
+    cap = int(os.environ.get("FASTMLIP_CONV_BLOCK", "32"))
+    largest = max([p.weight_shape[0] for p in problem.paths] or [1])
+    return max(1, min(cap, 1 << (largest - 1).bit_length()))
+
+
+def _edges_per_program() -> int:
+    return int(os.environ.get("FASTMLIP_CONV_EDGES_PER_PROGRAM", "4"))
+
+
+class _Loads:
+    """Emit each masked channel-vector load once, at its first use inside a channel block."""
+
+    def __init__(self, src, prefix, row):
+        self.src, self.prefix, self.row, self.seen = src, prefix, row, set()
+
+    def __call__(self, off: int, d: int, comp: int) -> str:
+        name = f"{self.prefix}{off + comp}"
+        if name not in self.seen:
+            self.seen.add(name)
+            self.src(f"{name} = tl.load({self.row} + {off + comp} + u * {d}, mask=m, other=0.0)")
+        return name
+
+
+def _header(src, name, args):
+    src("import triton")
+    src("import triton.language as tl")
+    src("")
+    src("")
+    src("@triton.jit")
+    src(f"def {name}({', '.join(args)}):")
+
+
+def _aggregate_source(terms, block, mode, in_stride, out_stride, y_stride, w_stride) -> str:
+    """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'."""
+    src, consts = codegen.Source(), codegen.Constants()
+    _header(src, "aggregate", ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out", "num_edges",
+                               "EPP: tl.constexpr", "DT: tl.constexpr"])
+    body = codegen.Source()
+    body.depth = 1
+    if mode == "atomic":
+        body("start = tl.program_id(0).to(tl.int64) * EPP")
+        body("end = tl.minimum(start + EPP, num_edges)")
+    else:
+        body("row = tl.program_id(0).to(tl.int64)")
+        body("start = tl.load(ptr + row).to(tl.int64)")
+        body("end = tl.load(ptr + row + 1).to(tl.int64)")
+    first = 0
+    for gi, (mul, group) in enumerate(_groups(terms)):
+        nb = _blocks(mul, block)
+        body(f"{'if' if gi == 0 else 'elif'} blk < {first + nb}:")
+        with body.indent():
+            body(f"u = (blk - {first}) * {block} + lane")
+            body(f"m = u < {mul}")
+            outs = sorted({(t.out_off, t.out_d, b) for t in group for _, _, b, _ in t.nonzeros})
+            if mode != "atomic":
+                for off, _, b in outs:
+                    body(f"acc{off + b} = tl.zeros([{block}], DT)")
+            body("for p in range(start, end):")
+            with body.indent():
+                body("e = tl.load(perm + p).to(tl.int64)" if mode == "csr_perm" else "e = p")
+                body(f"n_row = inp + tl.load(gather + e).to(tl.int64) * {in_stride}")
+                body(f"y_row = y + e * {y_stride}")
+                body(f"w_row = w + e * {w_stride}")
+                if mode == "atomic":
+                    for off, _, b in outs:
+                        body(f"acc{off + b} = tl.zeros([{block}], DT)")
+                load = _Loads(body, "x", "n_row")
+                y_needed = sorted({t.y_off + v * t.y_d + j for t in group for v in range(t.mul2)
+                                   for _, j, _, _ in t.nonzeros})
+                for idx in y_needed:
+                    body(f"y{idx} = tl.load(y_row + {idx})")
+                for t in group:
+                    for v in range(t.mul2):
+                        body(f"wv = tl.load(w_row + {t.w_off + v} + u * {t.mul2}, mask=m, other=0.0)")
+                        by_b = defaultdict(lambda: defaultdict(list))
+                        for a, j, b, c in t.nonzeros:
+                            by_b[b][a].append((consts(c), f"y{t.y_off + v * t.y_d + j}"))
+                        for b, by_a in sorted(by_b.items()):
+                            parts = [f"({codegen.linear_combination(pairs)}) * {load(t.in_off, t.in_d, a)}"
+                                     for a, pairs in sorted(by_a.items())]
+                            body(f"acc{t.out_off + b} += wv * ({' + '.join(parts)})")
+                if mode == "atomic":
+                    body(f"s_row = out + tl.load(scatter + e).to(tl.int64) * {out_stride}")
+                    for off, d, b in outs:
+                        body(f"tl.atomic_add(s_row + {off + b} + u * {d}, acc{off + b}, mask=m)")
+            if mode != "atomic":
+                for off, d, b in outs:
+                    body(f"tl.store(out + row * {out_stride} + {off + b} + u * {d}, acc{off + b}, mask=m)")
+        first += nb
+    with src.indent():
+        src(f"lane = tl.arange(0, {block})")
+        src("blk = tl.program_id(1)")
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+def _edge_source(terms, block, want_y, want_w, dims) -> str:
+    """Per-edge gradients: gy[e, v, j] = sum_u w[u,v] s_j[u], gw[e, u, v] = sum_j y[v, j] s_j[u], where
+    s_j[u] = path_weight * sum_{i,k} C[i,j,k] x[src, u, i] grad_out[dst, u, k]."""
+    dim_in1, dim_in2, dim_out, n_w = dims
+    src, consts = codegen.Source(), codegen.Constants()
+    _header(src, "edge_grads", ["x", "y", "w", "g", "src", "dst", "gy", "gw", "num_edges",
+                                "EPP: tl.constexpr", "DT: tl.constexpr"])
+    body = codegen.Source()
+    body.depth = 1
+    body("start = tl.program_id(0).to(tl.int64) * EPP")
+    body("end = tl.minimum(start + EPP, num_edges)")
+    body("for e in range(start, end):")
+    with body.indent():
+        body(f"x_row = x + tl.load(src + e).to(tl.int64) * {dim_in1}")
+        body(f"g_row = g + tl.load(dst + e).to(tl.int64) * {dim_out}")
+        body(f"y_row = y + e * {dim_in2}")
+        body(f"w_row = w + e * {n_w}")
+        if want_w:
+            for idx in range(dim_in2):
+                body(f"y{idx} = tl.load(y_row + {idx})")
+        if want_y:
+            for idx in range(dim_in2):
+                body(f"q{idx} = tl.zeros([{block}], DT)")
+        for mul, group in _groups(terms):
+            body(f"for cb in range(0, {_blocks(mul, block)}):")
+            with body.indent():
+                body(f"u = cb * {block} + lane")
+                body(f"m = u < {mul}")
+                load_x, load_g = _Loads(body, "x", "x_row"), _Loads(body, "g", "g_row")
+                for ti, t in enumerate(group):
+                    by_j = defaultdict(list)
+                    for i, j, k, c in t.nonzeros:
+                        by_j[j].append((consts(c), f"{load_x(t.in_off, t.in_d, i)} * {load_g(t.out_off, t.out_d, k)}"))
+                    for j, pairs in sorted(by_j.items()):
+                        body(f"s{ti}_{j} = {codegen.linear_combination(pairs)}")
+                    for v in range(t.mul2):
+                        if want_y:
+                            body(f"wv = tl.load(w_row + {t.w_off + v} + u * {t.mul2}, mask=m, other=0.0)")
+                            for j in sorted(by_j):
+                                body(f"q{t.y_off + v * t.y_d + j} += wv * s{ti}_{j}")
+                        if want_w:
+                            dot = " + ".join(f"y{t.y_off + v * t.y_d + j} * s{ti}_{j}" for j in sorted(by_j))
+                            dot = dot or f"tl.zeros([{block}], DT)"
+                            body(f"tl.store(gw + e * {n_w} + {t.w_off + v} + u * {t.mul2}, {dot}, mask=m)")
+        if want_y:
+            for idx in range(dim_in2):
+                body(f"tl.store(gy + e * {dim_in2} + {idx}, tl.sum(q{idx}, 0))")
+    with src.indent():
+        src(f"lane = tl.arange(0, {block})")
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+def _check_supported(problem: TensorProductProblem) -> None:
+    for p in problem.paths:
+        if p.mode != "uvu" or not p.has_weight:
+            raise ValueError(f"Triton fused conv supports weighted 'uvu' paths only, got {p.mode!r} in {problem}")
+        if p.weight_shape[1] > MAX_MUL_IN2:
+            raise ValueError(f"Triton fused conv unrolls the edge-attribute multiplicity and supports at most "
+                             f"{MAX_MUL_IN2}; {problem} has a path with {p.weight_shape[1]}")
+
+
+_TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _tl_dtype(dtype):
+    import triton.language as tl
+
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"Triton fused conv supports float32 and float64, got {dtype}")
+    return getattr(tl, _TL_DTYPES[dtype])
+
+
+def _kernel(problem, variant, block):
+    """The generated kernel for (problem, variant), written to the cache and imported."""
+    dims = (problem.dim_in1, problem.dim_in2, problem.dim_out, problem.weight_numel)
+    if variant.startswith("edge"):
+        text = _edge_source(_terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims)
+        return codegen.load_module(f"{problem.key}_{variant}_b{block}", text).edge_grads
+    kind, mode = variant.split("_", 1)
+    transpose = kind == "gx"
+    in_stride, out_stride = (problem.dim_out, problem.dim_in1) if transpose else (problem.dim_in1, problem.dim_out)
+    text = _aggregate_source(_terms(problem, transpose), block, mode, in_stride, out_stride, problem.dim_in2,
+                             problem.weight_numel)
+    return codegen.load_module(f"{problem.key}_{variant}_b{block}", text).aggregate
+
+
+def _launch(problem, variant, grid, args, dtype, block):
+    kernel = _kernel(problem, variant, block)
+    warps = max(1, min(4, block // 32))
+    label = f"{problem.key}/{variant}/b{block}/{_TL_DTYPES[dtype]}"
+    first = label not in COMPILE_SECONDS
+    t0 = time.perf_counter()
+    kernel[grid](*args, EPP=_edges_per_program(), DT=_tl_dtype(dtype), num_warps=warps)
+    if first:
+        if args[0].is_cuda:
+            torch.cuda.synchronize(args[0].device)
+        COMPILE_SECONDS[label] = time.perf_counter() - t0
+
+
+def compile_report() -> dict:
+    """Seconds each kernel's first call took (code generation + Triton compile + one run), by kernel label."""
+    return dict(COMPILE_SECONDS)
+
+
+def _alloc(shape, like, fully_written: bool):
+    if not fully_written:
+        return like.new_zeros(shape)
+    if POISON_OUTPUTS:
+        return like.new_full(shape, float("nan"))
+    return like.new_empty(shape)
+
+
+def _covers(terms, dim: int) -> bool:
+    """Whether the terms' outputs cover every column (else uncovered columns must start at zero)."""
+    covered = {t.out_off + u * t.out_d + b for t in terms for u in range(t.mul) for _, _, b, _ in t.nonzeros}
+    return len(covered) == dim
+
+
+def _n_channel_blocks(terms, block):
+    return sum(_blocks(mul, block) for mul, _ in _groups(terms))
+
+
+def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, perm, num_rows, out_dim):
+    terms = _terms(problem, kind == "gx")
+    block = _block_size(problem)
+    n_edges, n_cb = y.shape[0], _n_channel_blocks(terms, block)
+    dummy = gather
+    if ptr is not None:
+        out = _alloc((num_rows, out_dim), inp, _covers(terms, out_dim))
+        if num_rows and n_cb:
+            mode = "csr_perm" if perm is not None else "csr"
+            _launch(problem, f"{kind}_{mode}", (num_rows, n_cb),
+                    (inp, y, w, gather, dummy, ptr, perm if perm is not None else dummy, out, n_edges),
+                    inp.dtype, block)
+        return out
+    out = inp.new_zeros(num_rows, out_dim)
+    if n_edges and n_cb:
+        grid = (-(-n_edges // _edges_per_program()), n_cb)
+        _launch(problem, f"{kind}_atomic", grid, (inp, y, w, gather, scatter, dummy, dummy, out, n_edges),
+                inp.dtype, block)
+    return out
+
+
+def forward(problem, x, edge_attr, w, src, dst, dst_ptr, num_nodes):
+    """out[n] = sum over edges into n of TP(x[src], edge_attr, w); deterministic when ``dst_ptr`` is given."""
+    _check_supported(problem)
+    _tl_dtype(x.dtype)
+    x, edge_attr, w = x.contiguous(), edge_attr.contiguous(), w.contiguous()
+    return _aggregate(problem, "fwd", x, edge_attr, w, src, dst, dst_ptr, None, num_nodes, problem.dim_out)
+
+
+def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, want):
+    """(gx, gy, gw) of <grad_out, forward(...)>; gx deterministic when ``src_perm``/``src_ptr`` are given."""
+    _check_supported(problem)
+    _tl_dtype(x.dtype)
+    grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
+    empty = x.new_empty(0)
+    gx = gy = gw = empty
+    if want[0]:
+        sorted_by_src = src_perm is not None and src_ptr is not None
+        gx = _aggregate(problem, "gx", grad_out, edge_attr, w, dst, src, src_ptr if sorted_by_src else None,
+                        src_perm if sorted_by_src else None, x.shape[0], problem.dim_in1)
+    if want[1] or want[2]:
+        n_edges = edge_attr.shape[0]
+        gy = _alloc(edge_attr.shape, edge_attr, True) if want[1] else empty
+        gw = _alloc(w.shape, w, True) if want[2] else empty
+        if n_edges:
+            block = _block_size(problem)
+            variant = "edge_" + ("y" if want[1] else "") + ("w" if want[2] else "")
+            _launch(problem, variant, (-(-n_edges // _edges_per_program()),),
+                    (x, edge_attr, w, grad_out, src, dst, gy if want[1] else x, gw if want[2] else x, n_edges),
+                    x.dtype, block)
+    return gx, gy, gw

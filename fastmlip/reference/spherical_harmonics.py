@@ -1,0 +1,170 @@
+"""Real spherical harmonics in plain torch, identical to ``e3nn.o3.spherical_harmonics`` (any l, tested to 6).
+
+Each Y^l is built from the textbook closed form (Legendre part times Re/Im (X + iY)^m, no Condon-Shortley phase)
+as exact monomial coefficients, in e3nn's axes: e3nn's (x, y, z) are the textbook (Y, Z, X), so e3nn's polar
+axis is y. Component normalisation (|Y^l|^2 = 2l+1 on the sphere) is the base; the others rescale.
+The gradient of Y^l is a linear map of Y^(l-1) (derivatives of harmonic polynomials are harmonic), which is how
+the ops write their backward without leaving the family.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..descriptors import SH_NORMALIZATIONS, parse_irreps
+
+
+def _textbook_terms(l: int, m: int) -> dict:
+    """Y_lm / normalisation as {(a, b, c): Fraction} over textbook X^a Y^b Z^c (|Y_lm| up to a sqrt factor)."""
+    am = abs(m)
+    legendre = {}
+    for k in range((l - am) // 2 + 1):
+        c = Fraction((-1) ** k * math.comb(l, k) * math.comb(2 * l - 2 * k, l) * math.factorial(l - 2 * k),
+                     2 ** l * math.factorial(l - 2 * k - am))
+        for i in range(k + 1):  # r^(2k) = (X^2 + Y^2 + Z^2)^k
+            for j in range(k - i + 1):
+                key = (2 * i, 2 * j, 2 * (k - i - j) + l - 2 * k - am)
+                legendre[key] = legendre.get(key, 0) + c * (math.factorial(k) // (
+                    math.factorial(i) * math.factorial(j) * math.factorial(k - i - j)))
+    azimuthal = {}
+    for p in range(am + 1):  # Re / Im of (X + iY)^|m|: terms X^p (iY)^(|m|-p)
+        q = am - p
+        phase = (0, 1, 0, -1)[q % 4] if m < 0 else (1, 0, -1, 0)[q % 4]
+        if phase:
+            azimuthal[(p, q, 0)] = phase * math.comb(am, p)
+    out = {}
+    for (a1, b1, c1), v1 in legendre.items():
+        for (a2, b2, c2), v2 in azimuthal.items():
+            key = (a1 + a2, b1 + b2, c1 + c2)
+            out[key] = out.get(key, 0) + v1 * v2
+    return {k: v for k, v in out.items() if v != 0}
+
+
+@functools.lru_cache(maxsize=None)
+def monomial_coefficients(l: int) -> tuple:
+    """(exponents [K, 3] over e3nn's x, y, z; coefficients [K, 2l+1]) of the component-normalised Y^l."""
+    columns = []
+    for m in range(-l, l + 1):
+        scale = (2 * l + 1) * Fraction(math.factorial(l - abs(m)), math.factorial(l + abs(m))) * (2 if m else 1)
+        terms = _textbook_terms(l, m)
+        # textbook (X, Y, Z) = e3nn (z, x, y): exponent of e3nn x is textbook Y's, of y is Z's, of z is X's
+        columns.append({(b, c, a): float(v) * math.sqrt(scale) for (a, b, c), v in terms.items()})
+    exponents = sorted({e for col in columns for e in col})
+    coeffs = np.array([[col.get(e, 0.0) for col in columns] for e in exponents])
+    return np.array(exponents, dtype=np.int64).reshape(-1, 3), coeffs
+
+
+@functools.lru_cache(maxsize=None)
+def gradient_matrices(l: int) -> np.ndarray:
+    """D [2l+1, 2l-1, 3] with d Y^l_i / d v_k = sum_j D[i, j, k] Y^(l-1)_j (component-normalised)."""
+    exps, coeffs = monomial_coefficients(l)
+    known_exps, known_coeffs = monomial_coefficients(l - 1)
+    all_exps = [(a, b, l - 1 - a - b) for a in range(l) for b in range(l - a)]
+    row = {e: r for r, e in enumerate(all_exps)}
+    low_coeffs = np.zeros((len(all_exps), 2 * l - 1))
+    low_coeffs[[row[tuple(e)] for e in known_exps.tolist()]] = known_coeffs
+    out = np.zeros((2 * l + 1, 2 * l - 1, 3))
+    for k in range(3):
+        deriv = np.zeros((len(all_exps), 2 * l + 1))
+        for e, c in zip(exps.tolist(), coeffs):
+            if e[k]:
+                lowered = list(e)
+                lowered[k] -= 1
+                deriv[row[tuple(lowered)]] += e[k] * c
+        solution, *_ = np.linalg.lstsq(low_coeffs, deriv, rcond=None)
+        if not np.allclose(low_coeffs @ solution, deriv, rtol=0, atol=1e-11):
+            raise AssertionError(f"derivative of Y^{l} is not in the span of Y^{l - 1}")
+        out[:, :, k] = solution.T
+    return out
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(name: str, l: int, build, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (name, l, dtype, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.as_tensor(build(l), dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
+def polynomials(lmax: int, vectors: Tensor) -> Tensor:
+    """Component-normalised Y^0..Y^lmax of the raw (unnormalised) vectors [E, 3] -> [E, (lmax+1)^2]."""
+    powers = [torch.ones_like(vectors)]
+    for _ in range(lmax):
+        powers.append(powers[-1] * vectors)
+    powers = torch.stack(powers, dim=1)  # [E, lmax+1, 3]
+    out = []
+    for l in range(lmax + 1):
+        exps = _constant("exponents", l, lambda l: monomial_coefficients(l)[0], torch.int64, vectors.device)
+        coeffs = _constant("coefficients", l, lambda l: monomial_coefficients(l)[1], vectors.dtype, vectors.device)
+        monomials = powers[:, exps[:, 0], 0] * powers[:, exps[:, 1], 1] * powers[:, exps[:, 2], 2]
+        out.append(monomials @ coeffs)
+    return torch.cat(out, dim=1)
+
+
+def polynomials_backward(lmax: int, grad_out: Tensor, low: Tensor | None) -> Tensor:
+    """d<grad_out, polynomials(lmax, v)>/dv given ``low`` = polynomials(lmax - 1, v) (None for lmax = 0)."""
+    if lmax == 0:
+        return grad_out.new_zeros(grad_out.shape[0], 3)
+    grad = None
+    for l in range(1, lmax + 1):
+        d = _constant("gradient", l, gradient_matrices, grad_out.dtype, grad_out.device)
+        term = torch.einsum("ni,ijk,nj->nk", grad_out[:, l * l:(l + 1) ** 2], d, low[:, (l - 1) ** 2:l * l])
+        grad = term if grad is None else grad + term
+    return grad
+
+
+def degrees(ls, input_parity: int | None = None) -> tuple:
+    """e3nn's reading of ``l``: an int is one degree, a list its degrees, irreps their degrees (parity-checked).
+
+    Returns (degrees, input parity): pseudovector input (1e) is inferred, as e3nn does, from an odd l with p = +1.
+    """
+    if isinstance(ls, bool):
+        raise ValueError("degrees must be an int, a list of ints or irreps, not a bool")
+    if isinstance(ls, int):
+        out, parity = [ls], input_parity or -1
+    elif isinstance(ls, (list, tuple)) and all(isinstance(l, int) and not isinstance(l, bool) for l in ls):
+        out, parity = list(ls), input_parity or -1
+    else:
+        irreps = parse_irreps(str(ls) if not isinstance(ls, (list, tuple)) else ls)
+        if input_parity is None:
+            input_parity = 1 if any(m.l % 2 == 1 and m.p == 1 for m in irreps) else -1
+        out, parity = [], input_parity
+        for m in irreps:
+            if m.p != input_parity ** m.l:
+                raise ValueError(f"irreps {ls} ask for l = {m.l} with parity {m.p}, inconsistent with input parity "
+                                 f"{input_parity} (expected {input_parity ** m.l})")
+            out.extend([m.l] * m.mul)
+    if not out or any(l < 0 for l in out):
+        raise ValueError(f"spherical harmonics need at least one non-negative degree, got {ls!r}")
+    return tuple(out), parity
+
+
+def select_and_normalize(sh: Tensor, ls: tuple, normalization: str) -> Tensor:
+    """Pick degrees ``ls`` out of the component-normalised Y^0..Y^lmax and apply e3nn's output normalisation."""
+    if normalization not in SH_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {SH_NORMALIZATIONS}, got {normalization!r}")
+    if list(ls) != list(range(max(ls) + 1)):
+        sh = torch.cat([sh[:, l * l:(l + 1) ** 2] for l in ls], dim=1)
+    if normalization == "integral":
+        sh = sh / math.sqrt(4 * math.pi)
+    elif normalization == "norm":
+        sh = sh / torch.cat([torch.full((2 * l + 1,), math.sqrt(2 * l + 1), dtype=sh.dtype, device=sh.device)
+                             for l in ls])
+    return sh
+
+
+def spherical_harmonics(ls, vectors: Tensor, normalize: bool, normalization: str = "integral") -> Tensor:
+    """``e3nn.o3.spherical_harmonics(ls, vectors, normalize, normalization)`` for vectors [..., 3]."""
+    degs, _ = degrees(ls)
+    flat = vectors.reshape(-1, 3)
+    if normalize:
+        flat = torch.nn.functional.normalize(flat, dim=-1)
+    out = select_and_normalize(polynomials(max(degs), flat), degs, normalization)
+    return out.reshape(*vectors.shape[:-1], out.shape[-1])

@@ -48,7 +48,7 @@ def tensor_product(problem: TensorProductProblem, x1: torch.Tensor, x2: torch.Te
         blocks[path.i_out] = blocks[path.i_out] + path.path_weight * _path_output(path, x1b, x2b, w, _cg(path, x1))
     if not blocks:
         return x1.new_zeros(z, 0)
-    return torch.cat([b.reshape(z, -1) for b in blocks], dim=1)
+    return torch.cat([b.reshape(z, m.dim) for b, m in zip(blocks, problem.irreps_out)], dim=1)
 
 
 def fused_conv(problem: TensorProductProblem, x: torch.Tensor, edge_attr: torch.Tensor, edge_weight: torch.Tensor,

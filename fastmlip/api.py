@@ -1,0 +1,115 @@
+"""Load a model, accelerate it in place, put it back: the same calls for every supported framework.
+
+Each framework lives in a patch module (``fastmlip.patches.sevenn``, ``fastmlip.patches.mace``) with the
+functions handles/can_load/load/model_info/compute/accelerate/restore/is_accelerated; this module only picks one.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+FRAMEWORK_MODULES = ("fastmlip.patches.sevenn", "fastmlip.patches.mace")
+
+
+def _patch_modules() -> list:
+    """The framework patches present in this installation (a missing one is simply not offered)."""
+    modules = []
+    for name in FRAMEWORK_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return modules
+
+
+def framework_of(model):
+    """The patch module that handles ``model``; TypeError for a model no patch recognises."""
+    for patch in _patch_modules():
+        if patch.handles(model):
+            return patch
+    names = ", ".join(m.__name__.rsplit(".", 1)[-1] for m in _patch_modules()) or "none installed"
+    raise TypeError(f"fastmlip does not know models of type {type(model).__module__}.{type(model).__name__} "
+                    f"(frameworks: {names})")
+
+
+def _known_names() -> list:
+    names = []
+    for patch in _patch_modules():
+        names.extend(getattr(patch, "pretrained_checkpoints", dict)())
+    return names
+
+
+def _looks_like_mace(path: str) -> bool:
+    return path.endswith(".model") or "mace" in os.path.basename(path).lower()
+
+
+def patch_for_file(path_or_name):
+    """The patch module that can load ``path_or_name``; ValueError with a one-line reason otherwise."""
+    text = os.fspath(path_or_name)
+    patches = _patch_modules()
+    for patch in patches:
+        if patch.can_load(text):
+            return patch
+    if not os.path.exists(text):
+        raise ValueError(f"{text}: no such file and not a known model name (known: {', '.join(_known_names())})")
+    if os.path.isdir(text):
+        raise ValueError(f"{text}: is a directory, not a model file")
+    if _looks_like_mace(text) and not any(p.__name__.endswith(".mace") for p in patches):
+        raise ValueError(f"{text}: looks like a MACE model, but fastmlip.patches.mace is not installed here")
+    reasons = []
+    for patch in patches:
+        explain = getattr(patch, "read_checkpoint", None)
+        if explain is None:
+            continue
+        try:
+            explain(text)
+        except ValueError as exc:
+            reasons.append(str(exc).replace(f"{text}: ", "", 1))
+    detail = "; ".join(reasons) if reasons else "no installed framework recognises it"
+    raise ValueError(f"{text}: not a model fastmlip can load ({detail})")
+
+
+def load(path_or_name, device=None, dtype=None):
+    """The framework's own model from a checkpoint, a pretrained name, or a file ``fastmlip convert`` wrote.
+
+    Files converted ``--to fast`` come back accelerated (and checked against the original).
+    """
+    patch = patch_for_file(path_or_name)
+    model = patch.load(os.fspath(path_or_name), device=device, dtype=dtype)
+    stored = model.__dict__.get("_fastmlip_file") or {}
+    if stored.get("format") == "fast":
+        accelerate(model, check=True)
+    return model
+
+
+def accelerate(model, *, check: bool = True, strict: bool = False):
+    """Swap the model's e3nn modules for fastmlip ones in place and return the same object.
+
+    Modules that cannot be accelerated stay as they are and are named in one warning (strict=True: ValueError
+    and the model untouched). With ``check`` the accelerated model is compared with its originals on a probe
+    structure; beyond tolerance it is restored exactly and ``AccelerationCheckError`` says by how much.
+    """
+    patch = framework_of(model)
+    left = patch.accelerate(model, strict=strict)
+    if left:
+        described = ", ".join(f"{name} ({type(model.get_submodule(name)).__name__})" for name in left)
+        warnings.warn(f"fastmlip left {len(left)} module(s) as e3nn: {described}", stacklevel=2)
+    if check and patch.is_accelerated(model):
+        from fastmlip.patches import common
+
+        model.__dict__["_fastmlip_check"] = common.check(model, patch)
+    return model
+
+
+def restore(model):
+    """Put the original modules back (state_dict bit-identical to before acceleration); returns the model."""
+    framework_of(model).restore(model)
+    model.__dict__.pop("_fastmlip_check", None)
+    return model
+
+
+def last_check(model):
+    """The report of the self-check run by the last :func:`accelerate` (None if it did not run)."""
+    return model.__dict__.get("_fastmlip_check")

@@ -1,0 +1,237 @@
+"""What the framework patches share: in-place module swaps that can be undone exactly, and the self-check.
+
+A swap records (parent, attribute name, original module) on the model itself, so :func:`restore_swaps` puts the
+very same module objects back: the restored state_dict has the same keys and the same tensors. Replacement
+modules share their trainable submodules (radial MLPs, denominators) with the originals instead of copying them.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+SWAPS_ATTRIBUTE = "_fastmlip_swaps"
+
+# Accelerated models must reproduce the originals within these (energy per atom in eV, forces in eV/A).
+FP32_ENERGY_PER_ATOM_TOL = 1e-5
+FP32_FORCE_TOL = 1e-4
+FP64_ENERGY_PER_ATOM_TOL = 1e-9
+FP64_FORCE_TOL = 1e-8
+
+
+def tolerances(dtype: torch.dtype) -> tuple:
+    """(energy per atom, force) tolerances for a model computing in ``dtype``."""
+    if dtype == torch.float64:
+        return FP64_ENERGY_PER_ATOM_TOL, FP64_FORCE_TOL
+    return FP32_ENERGY_PER_ATOM_TOL, FP32_FORCE_TOL
+
+
+class AccelerationCheckError(ValueError):
+    """The accelerated model disagreed with the original; the model has been restored."""
+
+
+@dataclass
+class Swap:
+    parent: nn.Module
+    name: str
+    original: nn.Module
+    replacement: nn.Module
+    qualified_name: str
+
+
+def swaps_of(model: nn.Module) -> list:
+    return model.__dict__.get(SWAPS_ATTRIBUTE, [])
+
+
+def resolve_parent(model: nn.Module, qualified_name: str) -> tuple:
+    """(parent module, attribute name) of the submodule called ``qualified_name``."""
+    parent_name, _, name = qualified_name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), name
+
+
+def swap_in_place(model: nn.Module, plan: Iterable) -> list:
+    """Replace modules per ``plan`` = [(qualified name, factory(original) -> replacement)], all or nothing.
+
+    Replacements are all built before the first one is put in, and if putting them in fails midway the ones
+    already put in are taken out again, so the model is either fully swapped or exactly as before.
+    """
+    staged = []
+    for qualified_name, factory in plan:
+        parent, name = resolve_parent(model, qualified_name)
+        original = parent._modules[name]
+        staged.append(Swap(parent, name, original, factory(original), qualified_name))
+    done = []
+    try:
+        for swap in staged:
+            swap.parent._modules[swap.name] = swap.replacement
+            done.append(swap)
+    except BaseException:
+        for swap in reversed(done):
+            swap.parent._modules[swap.name] = swap.original
+        raise
+    model.__dict__[SWAPS_ATTRIBUTE] = swaps_of(model) + done
+    return done
+
+
+def _placement_of(module: nn.Module) -> tuple:
+    """(device, floating dtype) of a module's tensors; (None, None) when it holds none."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None, None
+
+
+def _put_back(swap: Swap) -> None:
+    """Reinstate an original, moved to where the model went meanwhile (``.to()``/``.double()`` after swapping)."""
+    device, dtype = _placement_of(swap.replacement)
+    if device is not None:
+        swap.original.to(device=device, dtype=dtype)
+    swap.parent._modules[swap.name] = swap.original
+
+
+def restore_swaps(model: nn.Module) -> int:
+    """Put every original module back (latest swap first); returns how many were restored."""
+    swaps = swaps_of(model)
+    for swap in reversed(swaps):
+        _put_back(swap)
+    model.__dict__.pop(SWAPS_ATTRIBUTE, None)
+    return len(swaps)
+
+
+@contextlib.contextmanager
+def originals_in_place(model: nn.Module):
+    """Run the original modules for a while (the exact original model, at no copying cost)."""
+    swaps = swaps_of(model)
+    for swap in reversed(swaps):
+        _put_back(swap)
+    try:
+        yield model
+    finally:
+        for swap in swaps:
+            swap.parent._modules[swap.name] = swap.replacement
+
+
+def probe_structure(atomic_numbers, cutoff: float, *, num_atoms: int = 4, seed: int = 0):
+    """A small rattled triclinic periodic cell of the model's own species, denser than its cutoff.
+
+    Species are spread over the model's list so a universal model is probed beyond its first elements.
+    """
+    from ase import Atoms
+
+    if cutoff <= 0:
+        raise ValueError(f"model cutoff must be positive, got {cutoff}")
+    numbers = sorted(int(z) for z in atomic_numbers)
+    picks = np.linspace(0, len(numbers) - 1, num=min(num_atoms, len(numbers))).round().astype(int)
+    species = [numbers[k] for k in picks]
+    rng = np.random.default_rng(seed)
+    a = 4.2
+    fractional = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]])[:num_atoms]
+    cell = a * np.array([[1.0, 0.0, 0.0], [0.08, 1.0, 0.0], [0.05, 0.11, 1.0]])
+    atoms = Atoms(numbers=[species[k % len(species)] for k in range(len(fractional))],
+                  scaled_positions=fractional, cell=cell, pbc=True)
+    atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
+    return atoms
+
+
+def neighbor_edges(atoms, cutoff: float) -> tuple:
+    """(i, j, S) with ASE "ijS" meaning, from fastmlip's own neighbour list when it is installed."""
+    try:
+        from fastmlip.neighbors import neighbor_list
+    except ImportError:
+        neighbor_list = None
+    if neighbor_list is not None:
+        i, j, shifts = neighbor_list(torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array),
+                                     torch.as_tensor(atoms.pbc), float(cutoff))
+        return i.long(), j.long(), shifts.to(torch.float64)
+    from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+    i, j, shifts = ase_neighbor_list("ijS", atoms, float(cutoff))
+    return torch.as_tensor(i, dtype=torch.long), torch.as_tensor(j, dtype=torch.long), torch.as_tensor(
+        shifts, dtype=torch.float64)
+
+
+def compute_on_atoms(patch, model, atoms, edges, *, modal=None, compute_stress=True) -> dict:
+    """Run ``patch.compute`` on an ASE structure with given edges, in the model's dtype and device."""
+    info = patch.model_info(model)
+    dtype, device = info["dtype"], info["device"]
+    i, j, shifts = (t.to(device) for t in edges)
+    return patch.compute(model, torch.as_tensor(atoms.positions, dtype=dtype, device=device),
+                         torch.as_tensor(atoms.cell.array, dtype=dtype, device=device),
+                         torch.as_tensor(atoms.pbc, device=device),
+                         torch.as_tensor(atoms.numbers, dtype=torch.long, device=device), i, j,
+                         shifts.to(dtype=dtype), modal=modal, compute_stress=compute_stress)
+
+
+def deviation(reference: dict, candidate: dict, num_atoms: int) -> dict:
+    """Largest differences: energy per atom, forces (max abs component) and stress when both have one."""
+    dev = {
+        "energy_per_atom": abs(float(reference["energy"]) - float(candidate["energy"])) / num_atoms,
+        "forces": float((reference["forces"] - candidate["forces"]).abs().max()) if num_atoms else 0.0,
+    }
+    if reference.get("stress") is not None and candidate.get("stress") is not None:
+        dev["stress"] = float((reference["stress"] - candidate["stress"]).abs().max())
+    return dev
+
+
+def check(model, patch, *, atoms=None, modals: Optional[list] = None, seed: int = 0) -> dict:
+    """Compare the accelerated ``model`` with its originals on a probe structure; restore and raise on failure.
+
+    The original modules see the edges in a shuffled order, the accelerated ones in neighbour-list order, so an
+    accelerated module that depends on edge order (or mixes up sender and receiver) cannot pass by accident.
+    Returns {"dtype", "tolerance": (energy, force), "deviation": worst over modals, "per_modal": {...}}.
+    """
+    info = patch.model_info(model)
+    if atoms is None:
+        atoms = probe_structure(info["atomic_numbers"], info["cutoff"], seed=seed)
+    edges = neighbor_edges(atoms, info["cutoff"])
+    order = torch.randperm(edges[0].numel(), generator=torch.Generator().manual_seed(seed + 1))
+    shuffled = tuple(t[order] for t in edges)
+    modals = modals if modals is not None else (info["modals"] or [None])
+    e_tol, f_tol = tolerances(info["dtype"])
+    per_modal, worst = {}, {"energy_per_atom": 0.0, "forces": 0.0}
+    try:
+        for modal in modals:
+            accelerated = compute_on_atoms(patch, model, atoms, edges, modal=modal)
+            with originals_in_place(model):
+                original = compute_on_atoms(patch, model, atoms, shuffled, modal=modal)
+            dev = deviation(original, accelerated, len(atoms))
+            per_modal[modal or "default"] = dev
+            worst = {k: max(worst.get(k, 0.0), v) for k, v in dev.items()}
+    except BaseException:
+        patch.restore(model)
+        raise
+    report = {"dtype": str(info["dtype"]).replace("torch.", ""), "tolerance": (e_tol, f_tol), "deviation": worst,
+              "per_modal": per_modal, "num_atoms": len(atoms), "num_edges": int(edges[0].numel())}
+    if not (worst["energy_per_atom"] <= e_tol and worst["forces"] <= f_tol):
+        patch.restore(model)
+        raise AccelerationCheckError(
+            f"accelerated model disagrees with the original ({describe(report)}); the original modules are back")
+    return report
+
+
+def describe(report: dict) -> str:
+    """One line for humans: measured deviations against tolerances."""
+    dev, (e_tol, f_tol) = report["deviation"], report["tolerance"]
+    text = (f"{report['dtype']}, {report['num_atoms']} atoms, {report['num_edges']} edges: "
+            f"|dE|/atom = {dev['energy_per_atom']:.2e} eV (tol {e_tol:.0e}), "
+            f"max|dF| = {dev['forces']:.2e} eV/A (tol {f_tol:.0e})")
+    if "stress" in dev:
+        text += f", max|dstress| = {dev['stress']:.2e} eV/A^3"
+    return text
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as a single line, for CLI error messages."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def first_tensor_placement(model: nn.Module) -> tuple:
+    """(device, dtype) of the model's first floating parameter, defaulting to CPU float32."""
+    device, dtype = _placement_of(model)
+    return device or torch.device("cpu"), dtype or torch.float32
+

@@ -1,0 +1,357 @@
+"""SevenNet (``sevenn.nn.sequential.AtomGraphSequential``): loading, evaluation and in-place acceleration.
+
+Models always come from ``sevenn``'s own checkpoint loader (``SevenNetCheckpoint.build_model``), which sorts the
+convolution instructions of old checkpoints and flips the radial-MLP columns and ``_w3j`` buffers of paths with
+odd l1+l2+l3; fastmlip then reads every constant from the loaded modules, never from the raw state dict.
+
+SevenNet's conventions (sevenn/train/dataload.py, sevenn/nn/convolution.py): ``edge_index = [i, j]`` and
+``edge_vec = pos[j] - pos[i] + S @ cell`` exactly as ASE's "ijS"; a convolution gathers from
+``edge_index[1]`` (sender j) and scatters into ``edge_index[0]`` (receiver i), then divides by its denominator.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastmlip.descriptors import tensor_product_problem
+from fastmlip.ops.conv import check_conv_problem, fused_conv
+
+from . import common
+
+FRAMEWORK = "sevenn"
+# Key in a checkpoint dict written by ``fastmlip convert --to fast``; sevenn ignores unknown keys.
+MARKER_KEY = "fastmlip"
+FILE_FORMAT_ATTRIBUTE = "_fastmlip_file"
+
+# Checkpoints shipped inside the sevenn package, by the names sevenn resolves (sevenn.util.pretrained_name_to_path).
+_PRETRAINED = {
+    "7net-0": "SEVENNET_0_11Jul2024",
+    "7net-0_11Jul2024": "SEVENNET_0_11Jul2024",
+    "7net-0_22May2024": "SEVENNET_0_22May2024",
+    "7net-l3i5": "SEVENNET_l3i5",
+    "7net-mf-0": "SEVENNET_MF_0",
+}
+
+
+def _sevenn_available() -> bool:
+    try:
+        import sevenn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pretrained_checkpoints() -> dict:
+    """{name: path} of the pretrained checkpoints present in this installation (nothing is downloaded)."""
+    if not _sevenn_available():
+        return {}
+    import sevenn._const as const
+
+    found = {}
+    for name, attribute in _PRETRAINED.items():
+        path = getattr(const, attribute, None)
+        if path is None:
+            continue
+        for candidate in (path, path.replace(const._prefix, os.path.expanduser("~/.cache/sevennet"))):
+            if os.path.isfile(candidate):
+                found[name] = candidate
+                break
+    return found
+
+
+def resolve(path_or_name) -> Optional[str]:
+    """A checkpoint path for a file path or a pretrained name (case-insensitive), None if neither."""
+    text = os.fspath(path_or_name)
+    if os.path.isfile(text):
+        return text
+    lowered = {name.lower(): path for name, path in pretrained_checkpoints().items()}
+    return lowered.get(text.lower().replace("sevennet-", "7net-"))
+
+
+def read_checkpoint(path) -> dict:
+    """The raw checkpoint dict; ValueError with a one-line reason for anything that is not a SevenNet checkpoint."""
+    try:
+        raw = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for corrupt files; all mean "not a checkpoint"
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
+                         f"{common.one_line(exc)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: holds a {type(raw).__name__}, not a SevenNet checkpoint dict")
+    missing = [key for key in ("config", "model_state_dict") if key not in raw]
+    if missing:
+        raise ValueError(f"{path}: not a SevenNet checkpoint (no {', '.join(missing)} entry)")
+    if not isinstance(raw["config"], dict) or "version" not in raw["config"]:
+        raise ValueError(f"{path}: SevenNet checkpoint config without a version")
+    return raw
+
+
+def handles(model) -> bool:
+    if not _sevenn_available():
+        return False
+    from sevenn.nn.sequential import AtomGraphSequential
+
+    return isinstance(model, AtomGraphSequential)
+
+
+def can_load(path) -> bool:
+    if not _sevenn_available():
+        return False
+    resolved = resolve(path)
+    if resolved is None:
+        return False
+    try:
+        read_checkpoint(resolved)
+    except ValueError:
+        return False
+    return True
+
+
+def _cast_onehot_to_model_dtype(module, args, data):
+    """Forward hook: sevenn's ``OnehotEmbedding`` casts to float32 (``.float()``); follow the model's dtype.
+
+    The dtype travels in an empty non-persistent buffer, so ``model.double()``/``.to()`` update it and the
+    state_dict is unchanged. One-hot values are exact in every float dtype.
+    """
+    dtype = module._dtype_reference.dtype
+    for key in (module.key_output, module.key_additional_output):
+        if key is not None and data[key].dtype != dtype:
+            data[key] = data[key].to(dtype)
+    return data
+
+
+def _make_onehots_follow_dtype(model) -> None:
+    from sevenn.nn.node_embedding import OnehotEmbedding
+
+    device, dtype = common.first_tensor_placement(model)
+    for module in model.modules():
+        if isinstance(module, OnehotEmbedding) and "_dtype_reference" not in module._buffers:
+            module.register_buffer("_dtype_reference", torch.zeros(0, dtype=dtype, device=device), persistent=False)
+            module.register_forward_hook(_cast_onehot_to_model_dtype)
+
+
+def load(path, device=None, dtype=None):
+    """A SevenNet model in eval mode, single-structure mode (as SevenNetCalculator uses it), any float dtype."""
+    from sevenn.checkpoint import SevenNetCheckpoint
+
+    resolved = resolve(path)
+    if resolved is None:
+        known = ", ".join(pretrained_checkpoints()) or "none installed"
+        raise ValueError(f"{path}: no such file and not a known SevenNet checkpoint name (known: {known})")
+    marker = read_checkpoint(resolved).get(MARKER_KEY) or {}
+    try:
+        model = SevenNetCheckpoint(resolved).build_model()
+    except Exception as exc:  # a checkpoint sevenn cannot build is bad input, reported in one line
+        raise ValueError(f"{path}: sevenn could not build a model from it ({type(exc).__name__}: "
+                         f"{common.one_line(exc)[:200]})") from None
+    model.set_is_batch_data(False)
+    model.eval()
+    _make_onehots_follow_dtype(model)
+    if dtype is None and marker.get("dtype"):
+        dtype = getattr(torch, marker["dtype"])
+    model.to(device=device, dtype=dtype)
+    model.__dict__[FILE_FORMAT_ATTRIBUTE] = dict(marker, path=os.path.abspath(resolved))
+    return model
+
+
+def model_info(model) -> dict:
+    device, dtype = common.first_tensor_placement(model)
+    return {
+        "framework": FRAMEWORK,
+        "cutoff": float(model.cutoff),
+        "atomic_numbers": sorted(int(z) for z in (model.type_map or {})),
+        "modals": list(model.modal_map or {}),
+        "dtype": dtype,
+        "device": device,
+    }
+
+
+def _check_species(model, numbers: torch.Tensor) -> None:
+    from ase.data import chemical_symbols
+
+    known = set(model.type_map or {})
+    unknown = sorted(set(int(z) for z in torch.unique(numbers).tolist()) - known)
+    if unknown:
+        names = ", ".join(chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in unknown)
+        elements = " ".join(chemical_symbols[z] for z in sorted(known))
+        raise ValueError(f"element(s) {names} unknown to this SevenNet model; it knows: {elements}")
+
+
+def select_modal(model, modal: Optional[str]) -> Optional[str]:
+    """The modal to feed the model: required (and checked) for multi-fidelity models, None otherwise."""
+    available = list(model.modal_map or {})
+    if not available or not getattr(model, "eval_modal_map", False):
+        if modal is not None and not available:
+            raise ValueError(f"modal {modal!r} given, but this SevenNet model has no modals")
+        return None
+    if modal is None:
+        raise ValueError(f"this multi-fidelity SevenNet model needs a modal; choose one of {available}")
+    matches = [name for name in available if name.lower() == str(modal).lower()]
+    if not matches:
+        raise ValueError(f"unknown modal {modal!r}; this SevenNet model has {available}")
+    return matches[0]
+
+
+def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal=None):
+    """SevenNet's input data for one structure, as SevenNetCalculator builds it but from tensors.
+
+    Edge vectors are formed in float64 (as ASE does) and then cast to the model's dtype.
+    """
+    from sevenn.atom_graph_data import AtomGraphData
+    import sevenn._keys as KEY
+
+    device, dtype = common.first_tensor_placement(model)
+    numbers = torch.as_tensor(numbers, device=device).long()
+    positions64 = torch.as_tensor(positions, device=device).detach().to(torch.float64)
+    cell64 = torch.as_tensor(cell, device=device).detach().to(torch.float64).reshape(3, 3)
+    edge_i = torch.as_tensor(edge_i, device=device).long()
+    edge_j = torch.as_tensor(edge_j, device=device).long()
+    shifts64 = torch.as_tensor(shifts, device=device).to(torch.float64).reshape(-1, 3)
+    edge_vec = positions64[edge_j] - positions64[edge_i] + shifts64 @ cell64
+    volume = torch.linalg.det(cell64).abs().to(dtype)
+    num_atoms = torch.tensor(numbers.numel(), device=device)
+    batched = bool(getattr(model, "is_batch_data", False))
+    fields = {
+        KEY.ATOMIC_NUMBERS: numbers,
+        KEY.EDGE_VEC: edge_vec.to(dtype),
+        KEY.CELL_VOLUME: volume.reshape(1) if batched else volume,
+        KEY.NUM_ATOMS: num_atoms.reshape(1) if batched else num_atoms,
+    }
+    if batched:
+        fields[KEY.BATCH] = torch.zeros_like(numbers)
+    if modal is not None:
+        fields[KEY.DATA_MODALITY] = [modal] if batched else modal
+    return AtomGraphData(x=numbers.clone(), edge_index=torch.stack([edge_i, edge_j]),
+                         pos=positions64.to(dtype), **fields)
+
+
+def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None):
+    """Energy, per-atom energies, forces and (periodic only) stress through the model's own force/stress head."""
+    import sevenn._keys as KEY
+
+    numbers = torch.as_tensor(numbers)
+    _check_species(model, numbers)
+    modal = select_modal(model, modal)
+    _make_onehots_follow_dtype(model)
+    device, dtype = common.first_tensor_placement(model)
+    data = build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal)
+    output = model(data)
+    n = numbers.numel()
+    zeros = torch.zeros(n, 3, dtype=dtype, device=device)
+    forces = output[KEY.PRED_FORCE].detach() if KEY.PRED_FORCE in output else zeros
+    stress = None
+    if compute_stress and bool(torch.as_tensor(pbc).any()):
+        if KEY.PRED_STRESS in output:
+            xx, yy, zz, xy, yz, zx = (-output[KEY.PRED_STRESS].detach().reshape(6)).unbind()
+            stress = torch.stack([xx, xy, zx, xy, yy, yz, zx, yz, zz]).reshape(3, 3)
+        else:  # no edges: sevenn leaves stress out, it is zero
+            stress = torch.zeros(3, 3, dtype=dtype, device=device)
+    return {
+        "energy": output[KEY.PRED_TOTAL_ENERGY].detach().reshape(()),
+        "energies": output[KEY.ATOMIC_ENERGY].detach().reshape(-1),
+        "forces": forces.reshape(n, 3),
+        "stress": stress,
+    }
+
+
+class FastIrrepsConvolution(nn.Module):
+    """``sevenn.nn.convolution.IrrepsConvolution`` with the gather-TP-scatter fused into one fastmlip op.
+
+    Shares ``weight_nn`` and ``denominator`` with the module it replaces (same parameter objects), reads and
+    writes the same data keys, and uses the tensor product's own coupling blocks and path weights.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.problem = tensor_product_problem(original.convolution)
+        check_conv_problem(self.problem)
+        self.weight_nn = original.weight_nn
+        self.denominator = original.denominator
+        self.key_x = original.key_x
+        self.key_filter = original.key_filter
+        self.key_weight_input = original.key_weight_input
+        self.key_edge_idx = original.key_edge_idx
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, data):
+        weight = self.weight_nn(data[self.key_weight_input])
+        x = data[self.key_x]
+        edge_index = data[self.key_edge_idx]
+        out = fused_conv(self.problem, x, data[self.key_filter], weight, edge_index[1], edge_index[0], x.shape[0])
+        data[self.key_x] = out.div(self.denominator)
+        return data
+
+
+def _convolution_obstacle(module) -> Optional[str]:
+    """Why an IrrepsConvolution cannot be fused (None if it can)."""
+    from e3nn.o3 import TensorProduct
+
+    if getattr(module, "is_parallel", False):
+        return "built for LAMMPS parallel (ghost atoms)"
+    if not isinstance(getattr(module, "convolution", None), TensorProduct):
+        return f"its tensor product is a {type(getattr(module, 'convolution', None)).__name__}, not e3nn's"
+    try:
+        check_conv_problem(tensor_product_problem(module.convolution))
+    except ValueError as exc:
+        return common.one_line(exc)
+    return None
+
+
+def plan(model) -> tuple:
+    """([(qualified name, factory)], {qualified name: reason}) for what can and cannot be accelerated.
+
+    Convolutions are fused. Linears, gates, spherical harmonics and radial MLPs are cheap and stay e3nn by
+    design; any other e3nn tensor product (e.g. the 'nequip' self-connection) or a convolution built for another
+    backend (cuEquivariance, FlashTP, OpenEquivariance, LAMMPS parallel) is reported as not accelerated.
+    """
+    from e3nn.o3 import TensorProduct
+    from sevenn.nn.convolution import IrrepsConvolution
+
+    swaps, skipped = [], {}
+    covered = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in covered) or isinstance(module, FastIrrepsConvolution):
+            covered.add(name)
+            continue
+        if type(module) is IrrepsConvolution:
+            covered.add(name)
+            reason = _convolution_obstacle(module)
+            if reason is None:
+                swaps.append((name, FastIrrepsConvolution))
+            else:
+                skipped[name] = reason
+        elif "convolution" in type(module).__name__.lower() and name:
+            covered.add(name)
+            skipped[name] = f"{type(module).__name__} is not an e3nn IrrepsConvolution"
+        elif isinstance(module, TensorProduct) and not _is_linear_layer(module):
+            covered.add(name)
+            skipped[name] = f"e3nn {type(module).__name__} outside a convolution"
+    return swaps, skipped
+
+
+def _is_linear_layer(module) -> bool:
+    from e3nn.o3 import Linear
+
+    return isinstance(module, Linear)
+
+
+def accelerate(model, *, strict: bool = False) -> list:
+    """Swap SevenNet convolutions for fused fastmlip ones in place; returns the names left as they were."""
+    swaps, skipped = plan(model)
+    if strict and skipped:
+        details = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise ValueError(f"cannot accelerate every module (strict=True), model left unchanged: {details}")
+    common.swap_in_place(model, swaps)
+    return list(skipped)
+
+
+def restore(model) -> None:
+    common.restore_swaps(model)
+
+
+def is_accelerated(model) -> bool:
+    return bool(common.swaps_of(model))

@@ -1,0 +1,135 @@
+"""e3nn ``o3.Linear`` and species-indexed linear maps as custom ops (``fastmlip::linear``,
+``fastmlip::species_linear``).
+
+Species-indexed linear is MACE's ``skip_tp`` and SevenNet's ``SelfConnectionIntro``: a FullyConnectedTensorProduct
+with a one-hot species vector, computed as a gather of the species' weight block instead of a dense product.
+Backward formulas are the reference's explicit plain torch, so autograd differentiates them again.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..descriptors import LinearProblem, SpeciesLinearProblem
+from ..reference import linear as ref
+from . import dispatch, registry
+from .symmetric_contraction import check_species
+
+
+@torch.library.custom_op("fastmlip::linear", mutates_args=())
+def linear_fwd(x: Tensor, weight: Tensor, key: str) -> Tensor:
+    dispatch.backend_for(x, has_kernel=False)
+    return ref.linear(registry.lookup(key), x, weight)
+
+
+@linear_fwd.register_fake
+def _(x, weight, key):
+    return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, key = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.key = key
+
+
+def _linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w = ref.linear_backward(registry.lookup(ctx.key), grad, x, weight)
+    want_x, want_w, _ = ctx.needs_input_grad
+    return grad_x if want_x else None, grad_w if want_w else None, None
+
+
+linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("fastmlip::species_linear", mutates_args=())
+def species_linear_fwd(x: Tensor, species: Tensor, weight: Tensor, key: str) -> Tensor:
+    dispatch.backend_for(x, has_kernel=False)
+    return ref.species_linear(registry.lookup(key), x, species, weight)
+
+
+@species_linear_fwd.register_fake
+def _(x, species, weight, key):
+    return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
+
+
+def _species_setup(ctx, inputs, output):
+    x, species, weight, key = inputs
+    ctx.save_for_backward(x, species, weight)
+    ctx.key = key
+
+
+def _species_backward(ctx, grad):
+    x, species, weight = ctx.saved_tensors
+    grad_x, grad_w = ref.species_linear_backward(registry.lookup(ctx.key), grad, x, species, weight)
+    want_x, _, want_w, _ = ctx.needs_input_grad
+    return grad_x if want_x else None, None, grad_w if want_w else None, None
+
+
+species_linear_fwd.register_autograd(_species_backward, setup_context=_species_setup)
+
+
+def _check_tensor(problem, name: str, t, shape: tuple, like: Optional[Tensor]) -> None:
+    def fail(msg):
+        raise ValueError(f"{problem}: {msg}")
+
+    if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+        fail(f"{name} must have shape {shape}, got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not t.is_floating_point():
+        fail(f"{name} must be floating point, got {t.dtype}")
+    if like is not None and (t.dtype != like.dtype or t.device != like.device):
+        fail(f"{name} is {t.dtype} on {t.device}, x is {like.dtype} on {like.device}")
+
+
+def _flat_input(problem, x, width: int) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != width:
+        raise ValueError(f"{problem}: x must have shape [..., {width}], got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{problem}: x must be floating point, got {x.dtype}")
+    return x.reshape(-1, width)
+
+
+def _bias_vector(problem: LinearProblem, bias: Tensor) -> Tensor:
+    """The flat bias spread over the output (zeros where no bias applies), times its path weight."""
+    starts = [0]
+    for m in problem.irreps_out:
+        starts.append(starts[-1] + m.dim)
+    parts, at = [], 0
+    for b in sorted(problem.biases, key=lambda b: b.i_out):
+        parts.append(bias.new_zeros(starts[b.i_out] - at))
+        parts.append(b.path_weight * bias.narrow(0, b.bias_offset, b.dim))
+        at = starts[b.i_out] + b.dim
+    parts.append(bias.new_zeros(problem.dim_out - at))
+    return torch.cat(parts)
+
+
+def linear(problem: LinearProblem, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """e3nn ``o3.Linear`` forward: x [..., dim_in], weight [weight_numel] (the module's ``weight``), bias
+    [bias_numel] (the module's ``bias``; required exactly when the module has biases)."""
+    flat = _flat_input(problem, x, problem.dim_in)
+    _check_tensor(problem, "weight", weight, (problem.weight_numel,), flat)
+    if problem.bias_numel and bias is None:
+        raise ValueError(f"{problem}: the module has {problem.bias_numel} biases; pass its bias tensor")
+    if bias is not None:
+        if not problem.bias_numel:
+            raise ValueError(f"{problem}: got a bias but the module has none")
+        _check_tensor(problem, "bias", bias, (problem.bias_numel,), flat)
+    out = linear_fwd(flat, weight, registry.register(problem))
+    if bias is not None:
+        out = out + _bias_vector(problem, bias)
+    return out.reshape(*x.shape[:-1], problem.dim_out)
+
+
+def species_linear(problem: SpeciesLinearProblem, x: Tensor, species_index: Tensor, weight: Tensor) -> Tensor:
+    """``FullyConnectedTensorProduct(x, one_hot(species_index))`` with the module's ``weight`` [weight_numel];
+    x [N, dim_in], species_index [N] -> [N, dim_out]."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"{problem}: x must be a 2-D tensor [N, {problem.dim_in}]")
+    flat = _flat_input(problem, x, problem.dim_in)
+    _check_tensor(problem, "weight", weight, (problem.weight_numel,), flat)
+    check_species(problem, species_index, flat.shape[0], problem.num_species, flat.device)
+    return species_linear_fwd(flat, species_index.long(), weight, registry.register(problem))

@@ -278,7 +278,8 @@ def channelwise_instructions(irreps_in1, irreps_in2, irreps_target) -> tuple:
     ordered = [None] * len(mid)
     for k, m in enumerate(mid):
         ordered[perm[k]] = m
-    return parse_irreps(ordered), tuple((a, b, perm[c], m, w) for a, b, c, m, w in instr)
+    return parse_irreps(ordered), tuple(sorted(((a, b, perm[c], m, w) for a, b, c, m, w in instr),
+                                               key=lambda ins: ins[2]))
 
 
 def sparsity(problem: TensorProductProblem) -> int:

@@ -88,6 +88,32 @@ def read_checkpoint(path) -> dict:
     return raw
 
 
+def save_converted(source_path, target_path, *, to: str, dtype: str, check: Optional[dict], reference) -> None:
+    """Write ``source_path``'s checkpoint dict to ``target_path`` with (to="fast") or without the fastmlip marker.
+
+    Weights, config and version stay as they are, so sevenn applies the same compatibility patches when it reads
+    the file. The written file is rebuilt with sevenn's own loader (the one SevenNetCalculator uses) and its
+    state_dict compared with ``reference``, tensor by tensor.
+    """
+    from sevenn.checkpoint import SevenNetCheckpoint
+
+    import fastmlip
+
+    raw = read_checkpoint(source_path)
+    raw.pop(MARKER_KEY, None)
+    if to == "fast":
+        raw[MARKER_KEY] = {"format": "fast", "dtype": dtype, "fastmlip_version": fastmlip.__version__,
+                           "check": check}
+    elif to != "e3nn":
+        raise ValueError(f"unknown target format {to!r}; expected 'fast' or 'e3nn'")
+    torch.save(raw, os.fspath(target_path))
+    rebuilt = SevenNetCheckpoint(os.fspath(target_path)).build_model().state_dict()
+    expected = reference.state_dict()
+    if list(rebuilt) != list(expected) or not all(
+            torch.equal(rebuilt[k].to(expected[k]), expected[k]) for k in expected):
+        raise ValueError(f"{target_path}: sevenn rebuilds a different model from the written file")
+
+
 def handles(model) -> bool:
     if not _sevenn_available():
         return False
@@ -286,6 +312,73 @@ class FastIrrepsConvolution(nn.Module):
         return data
 
 
+class FastLinear(nn.Module):
+    """e3nn ``o3.Linear`` through ``fastmlip.ops.linear``; shares the module's ``weight`` and ``bias``."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        from fastmlip.descriptors import linear_problem
+
+        self.problem = linear_problem(original)
+        self.weight = original.weight
+        self.bias = original.bias if self.problem.bias_numel else None
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, x):
+        from fastmlip.ops.linear import linear
+
+        return linear(self.problem, x, self.weight, self.bias)
+
+
+class FastSphericalHarmonics(nn.Module):
+    """e3nn ``o3.SphericalHarmonics`` through ``fastmlip.ops.spherical_harmonics`` (same degrees, normalisation)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        from fastmlip.descriptors import spherical_harmonics_problem
+
+        self.problem = spherical_harmonics_problem(original)
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, vectors):
+        from fastmlip.ops.spherical_harmonics import spherical_harmonics
+
+        return spherical_harmonics(list(self.problem.ls), vectors, self.problem.normalize,
+                                   self.problem.normalization)
+
+
+def _node_ops_available() -> bool:
+    """The linear and spherical-harmonics ops come from a separate part of fastmlip; use them when present."""
+    try:
+        import fastmlip.ops.linear  # noqa: F401
+        import fastmlip.ops.spherical_harmonics  # noqa: F401
+        from fastmlip.descriptors import linear_problem, spherical_harmonics_problem  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _node_op_factory(module):
+    """The fast replacement for an e3nn Linear or SphericalHarmonics, or None when it has none (or cannot)."""
+    from e3nn.o3 import Linear, SphericalHarmonics
+
+    factory = {Linear: FastLinear, SphericalHarmonics: FastSphericalHarmonics}.get(type(module))
+    if factory is None:
+        return None
+    try:
+        factory(module)
+    except ValueError:
+        return None
+    return factory
+
+
+_FAST_MODULES = (FastIrrepsConvolution, FastLinear, FastSphericalHarmonics)
+
+
 def _convolution_obstacle(module) -> Optional[str]:
     """Why an IrrepsConvolution cannot be fused (None if it can)."""
     from e3nn.o3 import TensorProduct
@@ -304,17 +397,19 @@ def _convolution_obstacle(module) -> Optional[str]:
 def plan(model) -> tuple:
     """([(qualified name, factory)], {qualified name: reason}) for what can and cannot be accelerated.
 
-    Convolutions are fused. Linears, gates, spherical harmonics and radial MLPs are cheap and stay e3nn by
-    design; any other e3nn tensor product (e.g. the 'nequip' self-connection) or a convolution built for another
+    Convolutions are fused; e3nn linears and spherical harmonics go through fastmlip's node ops when those are
+    installed. Gates (and their weightless elementwise products) and radial MLPs stay e3nn by design; any other e3nn tensor product (e.g. the
+    'nequip' self-connection) or a convolution built for another
     backend (cuEquivariance, FlashTP, OpenEquivariance, LAMMPS parallel) is reported as not accelerated.
     """
-    from e3nn.o3 import TensorProduct
+    from e3nn.o3 import ElementwiseTensorProduct, TensorProduct
     from sevenn.nn.convolution import IrrepsConvolution
 
     swaps, skipped = [], {}
     covered = set()
+    node_ops = _node_ops_available()
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in covered) or isinstance(module, FastIrrepsConvolution):
+        if any(name.startswith(prefix + ".") for prefix in covered) or isinstance(module, _FAST_MODULES):
             covered.add(name)
             continue
         if type(module) is IrrepsConvolution:
@@ -324,19 +419,16 @@ def plan(model) -> tuple:
                 swaps.append((name, FastIrrepsConvolution))
             else:
                 skipped[name] = reason
+        elif node_ops and _node_op_factory(module) is not None:
+            covered.add(name)
+            swaps.append((name, _node_op_factory(module)))
         elif "convolution" in type(module).__name__.lower() and name:
             covered.add(name)
             skipped[name] = f"{type(module).__name__} is not an e3nn IrrepsConvolution"
-        elif isinstance(module, TensorProduct) and not _is_linear_layer(module):
+        elif isinstance(module, TensorProduct) and not isinstance(module, ElementwiseTensorProduct):
             covered.add(name)
             skipped[name] = f"e3nn {type(module).__name__} outside a convolution"
     return swaps, skipped
-
-
-def _is_linear_layer(module) -> bool:
-    from e3nn.o3 import Linear
-
-    return isinstance(module, Linear)
 
 
 def accelerate(model, *, strict: bool = False) -> list:

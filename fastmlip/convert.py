@@ -1,0 +1,125 @@
+"""``fastmlip convert IN -o OUT --to fast|e3nn``: mark a checkpoint to load accelerated, or take the mark off.
+
+Acceleration swaps modules, not weights, so a converted file keeps the framework's own checkpoint format and
+its own loader still reads it (a SevenNet file still runs in ``SevenNetCalculator``); ``--to fast`` adds a
+``fastmlip`` entry (format, dtype, the self-check it passed) that makes :func:`fastmlip.load` return the model
+accelerated, ``--to e3nn`` removes it. Before anything is written the model is accelerated and checked against
+its original; the file is written to a temporary name next to OUT, re-read and compared, then renamed over OUT.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+FORMATS = ("fast", "e3nn")
+DTYPES = ("float32", "float64")
+EXIT_BAD_INPUT = 2
+EXIT_CHECK_FAILED = 3
+
+
+class ConvertError(ValueError):
+    """A reason to stop, shown as one line."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("input", metavar="IN", help="checkpoint file (or a pretrained name such as 7net-0)")
+    parser.add_argument("-o", "--output", metavar="OUT", required=True, help="file to write (never IN itself)")
+    parser.add_argument("--to", choices=FORMATS, required=True,
+                        help="fast: load accelerated by fastmlip.load; e3nn: plain framework checkpoint")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="dtype the check runs in and fastmlip.load defaults to (default: the model's)")
+    parser.add_argument("--device", default="cpu", help="device for the check, e.g. cpu or cuda (default: cpu)")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_bad_output(input_path: str, output: str) -> None:
+    if os.path.isdir(output):
+        raise ConvertError(f"{output}: is a directory; give a file name")
+    if os.path.exists(output) and _same_file(input_path, output):
+        raise ConvertError(f"refusing to overwrite the input {input_path} (OUT is the same file)")
+    if os.path.realpath(output) == os.path.realpath(input_path):
+        raise ConvertError(f"refusing to overwrite the input {input_path}")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise ConvertError(f"{output}: directory {parent} does not exist")
+
+
+def _write_atomically(output: str, write) -> None:
+    """``write(temp_path)`` next to OUT, then rename over OUT; on any failure no partial file is left."""
+    directory = os.path.dirname(os.path.abspath(output))
+    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp_path)
+        with open(temp_path, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temp_path, output)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", progress=None) -> dict:
+    """Convert and return {"check": report or None, "framework": name}; ConvertError/ValueError on bad input."""
+    import torch
+
+    from . import api
+    from .patches import common
+
+    step = progress.update if progress is not None else (lambda n=1: None)
+    patch = api.patch_for_file(input_name)
+    resolve = getattr(patch, "resolve", None)
+    input_path = (resolve(input_name) if resolve else None) or input_name
+    _refuse_bad_output(input_path, output)
+    save = getattr(patch, "save_converted", None)
+    if save is None:
+        raise ConvertError(f"{patch.__name__} cannot write converted files (it has no save_converted)")
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = patch.load(input_path, device=device, dtype=torch_dtype)
+    step()
+    api.accelerate(model, check=True)
+    report = api.last_check(model)
+    api.restore(model)
+    step()
+    fmt_dtype = dtype or str(common.first_tensor_placement(model)[1]).replace("torch.", "")
+    _write_atomically(output, lambda temp: save(input_path, temp, to=to, dtype=fmt_dtype, check=report,
+                                                reference=model))
+    step()
+    return {"check": report, "framework": patch.__name__.rsplit(".", 1)[-1]}
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=3, desc="convert", unit="step", file=sys.stderr, leave=False,
+                  disable=not sys.stderr.isatty()) as progress:
+            result = convert(args.input, args.output, args.to, args.dtype, args.device, progress)
+    except ValueError as exc:  # bad input, refused output, or a failed self-check (AccelerationCheckError)
+        from .patches.common import AccelerationCheckError, one_line
+
+        print(f"fastmlip convert: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_CHECK_FAILED if isinstance(exc, AccelerationCheckError) else EXIT_BAD_INPUT
+    except (OSError, TypeError) as exc:
+        from .patches.common import one_line
+
+        print(f"fastmlip convert: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from .patches.common import describe
+
+    if result["check"] is None:
+        print(f"check ({result['framework']}): nothing to accelerate in this model, no check needed")
+    else:
+        print(f"check ({result['framework']}, accelerated vs original): {describe(result['check'])}")
+    print(f"wrote {args.output} (--to {args.to})")
+    return 0

@@ -376,3 +376,28 @@ def test_triton_backend_without_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="no Triton kernel"):
         spherical_harmonics(2, torch.randn(3, 3), True, "component")
+
+
+def test_ops_pass_torch_opcheck():
+    """Schemas, fake (meta) kernels, autograd registration and tracing (torch.compile's path) are consistent."""
+    from fastmlip.ops import registry
+    from fastmlip.ops.linear import linear_fwd, species_linear_fwd
+    from fastmlip.ops.spherical_harmonics import spherical_harmonics_fwd
+    from fastmlip.ops.symmetric_contraction import symmetric_contraction_fwd
+
+    lin = o3.Linear("3x0e+2x1o", "2x0e+2x1o")
+    fctp = o3.FullyConnectedTensorProduct("3x0e+2x1o", "3x0e", "2x0e+2x1o")
+    module = _mace_module(3, "2x0e+2x1o", "2x0e+2x1o")
+    sc = symmetric_contraction_problem(module)
+    x = torch.randn(4, 9, requires_grad=True)
+    species = torch.tensor([0, 2, 1, 1])
+    cases = [
+        (linear_fwd, (x, lin.weight, registry.register(linear_problem(lin)))),
+        (species_linear_fwd, (x, species, fctp.weight, registry.register(species_linear_problem(fctp)))),
+        (spherical_harmonics_fwd, (torch.randn(5, 3, requires_grad=True), 4)),
+        (symmetric_contraction_fwd, (torch.randn(4, 2, 4, requires_grad=True), species, module_weights(sc, module),
+                                     registry.register(sc))),
+    ]
+    for op, args in cases:
+        results = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in results.values()), (op, results)

@@ -15,6 +15,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 from torch import Tensor
+from torch._guards import detect_fake_mode
 
 from ..descriptors import SH_NORMALIZATIONS, parse_irreps
 
@@ -87,6 +88,9 @@ _CONSTANTS: dict = {}
 
 
 def _constant(name: str, l: int, build, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached device copy; built afresh while tracing (torch.compile), where real tensors must not leak in."""
+    if detect_fake_mode() is not None:
+        return torch.as_tensor(build(l), dtype=dtype, device=device)
     key = (name, l, dtype, str(device))
     if key not in _CONSTANTS:
         _CONSTANTS[key] = torch.as_tensor(build(l), dtype=dtype, device=device)

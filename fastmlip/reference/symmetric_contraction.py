@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._guards import detect_fake_mode
 
 from ..descriptors import SymmetricContractionProblem
 
@@ -17,15 +18,24 @@ _U_CACHE: dict = {}
 
 
 def u_matrices(problem: SymmetricContractionProblem, dtype: torch.dtype, device: torch.device) -> list:
-    """Dense U tensors per contraction, per nu, shaped (M, L**(nu-1), L, P) (cached per dtype and device)."""
+    """Dense U tensors per contraction, per nu, shaped (M, L**(nu-1), L, P); None where U is zero.
+
+    Cached per dtype and device, but built afresh while tracing (torch.compile), where real tensors must not leak in.
+    """
+    big_l = problem.coupling_dim
+
+    def build():
+        return [[None if not u.values else
+                 torch.as_tensor(u.dense(), dtype=dtype, device=device).reshape(spec.ir_dim, big_l ** (nu - 1), big_l,
+                                                                                -1)
+                 for nu, u in enumerate(spec.u_matrices, start=1)]
+                for spec in problem.contractions]
+
+    if detect_fake_mode() is not None:
+        return build()
     cache_key = (problem.key, dtype, str(device))
     if cache_key not in _U_CACHE:
-        big_l = problem.coupling_dim
-        _U_CACHE[cache_key] = [
-            [None if not u.values else
-             torch.as_tensor(u.dense(), dtype=dtype, device=device).reshape(spec.ir_dim, big_l ** (nu - 1), big_l, -1)
-             for nu, u in enumerate(spec.u_matrices, start=1)]
-            for spec in problem.contractions]
+        _U_CACHE[cache_key] = build()
     return _U_CACHE[cache_key]
 
 

@@ -1,0 +1,189 @@
+"""ASE calculator that keeps the whole step on the model's device.
+
+Per step: positions (and the cell, when it changed) go to the device once, a
+Verlet-skin neighbour list on the device either reuses its cached edges (a
+filter, no rebuild) or rebuilds, the framework patch's ``compute`` runs the
+model and autograd, and energy, per-atom energies, forces and stress come
+back to the host in one transfer.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator as AseCalculator
+from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError, all_changes
+from ase.data import chemical_symbols
+
+from .neighbors import VerletList
+
+# 0.5 A: a rebuild is needed once any atom moved skin/2 = 0.25 A, i.e. every
+# ~10-50 steps of 1 fs MD at room temperature, while the cached list holds only
+# ((r + 0.5) / r)^3 ~ 1.3x the edges at r = 5-6 A, so the per-step filter stays cheap.
+DEFAULT_SKIN = 0.5
+
+
+class StructureError(ValueError, CalculatorError):
+    """The structure cannot be evaluated (unknown element, non-finite positions, bad cell)."""
+
+
+def resolve_device(device) -> torch.device:
+    """``"auto"`` (or None) means CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype):
+    """Accept torch dtypes and the strings "float32"/"float64" (also "fp32"/"fp64")."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+             "fp64": torch.float64, "float": torch.float32, "double": torch.float64}
+    if str(dtype) not in names:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return names[str(dtype)]
+
+
+def element_name(number: int) -> str:
+    if 0 < number < len(chemical_symbols):
+        return f"{chemical_symbols[number]} (Z={number})"
+    return f"Z={number}"
+
+
+class Calculator(AseCalculator):
+    """Energy, forces, stress and per-atom energies of a MACE or SevenNet model.
+
+    ``model``: a name (``"7net-0"``), a path (MACE ``.model``, SevenNet
+    checkpoint, converted file) or a loaded model. ``accelerate=True`` swaps in
+    fastmlip's modules (a loaded model is changed in place; one that is already
+    accelerated is used as is); ``accelerate=False`` leaves the model as given.
+    ``modal``/``head`` pick a SevenNet modal or MACE head (the same thing to
+    fastmlip; give one). ``skin`` (A) is the Verlet-list skin.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(self, model="7net-0", device="auto", dtype=None, accelerate=True, modal=None,
+                 head=None, skin=DEFAULT_SKIN, check=True, **kwargs):
+        super().__init__(**kwargs)
+        from . import api  # the face above patches; imported late to keep `import fastmlip` light
+
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(dtype)
+        if isinstance(model, torch.nn.Module):
+            self.framework = api.framework_of(model)
+            model = model.to(device=self.device, dtype=dtype) if dtype else model.to(self.device)
+        else:
+            model = api.load(model, device=self.device, dtype=dtype)
+            self.framework = api.framework_of(model)
+        model.eval()
+        if accelerate and not self.framework.is_accelerated(model):
+            api.accelerate(model, check=check)
+        self.model = model
+
+        info = self.framework.model_info(model)
+        self.cutoff = float(info["cutoff"])
+        self.dtype = info["dtype"]
+        self.species = sorted(int(z) for z in info["atomic_numbers"])
+        self.modal = self._select_modal(modal, head, list(info.get("modals") or []))
+        self.neighbors = VerletList(self.cutoff, skin)
+        self._numbers = None  # device tensor of the last structure's atomic numbers
+        self._cell = None  # (host array, device float64 tensor) of the last cell
+
+    @staticmethod
+    def _select_modal(modal, head, available):
+        if modal is not None and head is not None and modal != head:
+            raise ValueError(f"modal={modal!r} and head={head!r} disagree; give one of them")
+        chosen = modal if modal is not None else head
+        if chosen is None:
+            return None
+        if not available:
+            raise ValueError(f"modal/head {chosen!r} given, but the model has none")
+        matches = [name for name in available if name.lower() == str(chosen).lower()]
+        if not matches:
+            raise ValueError(f"unknown modal/head {chosen!r}; the model has {available}")
+        return matches[0]
+
+    @property
+    def neighbor_list_rebuilds(self) -> int:
+        """How many times the Verlet list was built from scratch so far."""
+        return self.neighbors.rebuilds
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        if "numbers" in system_changes or self._numbers is None:
+            self._numbers = self._checked_numbers(atoms.numbers)
+        positions = self._checked_positions(atoms.positions)
+        pbc = tuple(bool(p) for p in atoms.pbc)
+        cell_host = np.asarray(atoms.cell.array, dtype=np.float64)
+        with_stress = self._check_cell(cell_host, pbc) and any(pbc)
+        if "stress" in properties and not with_stress:
+            raise PropertyNotImplementedError(
+                "stress needs a periodic structure with a cell of non-zero volume; "
+                f"this one has pbc={list(pbc)} and cell {cell_host.tolist()}")
+        if self._cell is None or not np.array_equal(self._cell[0], cell_host):
+            self._cell = (cell_host.copy(), torch.as_tensor(cell_host, device=self.device))
+        cell = self._cell[1]
+
+        positions = torch.as_tensor(positions, device=self.device)  # the one host->device copy
+        edge_i, edge_j, shifts = self.neighbors.update(positions, cell, pbc)
+        output = self.framework.compute(
+            self.model, positions.to(self.dtype), cell.to(self.dtype), pbc, self._numbers,
+            edge_i, edge_j, shifts, compute_stress=with_stress, modal=self.modal)
+        self.results = self._to_host(output, len(atoms), with_stress)
+
+    @staticmethod
+    def _to_host(output, n_atoms, with_stress):
+        """All results in one device->host copy, as float64 numpy in ASE conventions."""
+        parts = [output["energy"].reshape(1), output["energies"].reshape(-1), output["forces"].reshape(-1)]
+        with_stress = with_stress and output.get("stress") is not None
+        if with_stress:
+            parts.append(output["stress"].reshape(-1))
+        flat = torch.cat([p.detach().to(torch.float64) for p in parts]).cpu().numpy()
+        energy = float(flat[0])
+        results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": flat[1:1 + n_atoms].copy(),
+            "forces": flat[1 + n_atoms:1 + 4 * n_atoms].reshape(n_atoms, 3).copy(),
+        }
+        if with_stress:
+            stress = flat[1 + 4 * n_atoms:].reshape(3, 3)
+            stress = 0.5 * (stress + stress.T)
+            results["stress"] = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # Voigt xx yy zz yz xz xy
+        return results
+
+    def _checked_numbers(self, numbers):
+        unknown = sorted(set(int(z) for z in numbers) - set(self.species))
+        if unknown:
+            raise StructureError(
+                f"the model does not know element(s) {', '.join(element_name(z) for z in unknown)}; "
+                f"it knows {', '.join(chemical_symbols[z] for z in self.species)}")
+        return torch.as_tensor(np.asarray(numbers, dtype=np.int64), device=self.device)
+
+    @staticmethod
+    def _checked_positions(positions):
+        positions = np.asarray(positions, dtype=np.float64)
+        finite = np.isfinite(positions).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            shown = ", ".join(str(k) for k in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            raise StructureError(f"positions contain NaN or inf at {len(bad)} atom(s): index {shown}")
+        return positions
+
+    @staticmethod
+    def _check_cell(cell, pbc):
+        """Raise on periodic axes without a usable cell vector; return whether the cell has volume."""
+        if not np.isfinite(cell).all():
+            raise StructureError("cell contains NaN or inf")
+        lengths = np.linalg.norm(cell, axis=1)
+        empty_periodic = [axis for axis in range(3) if pbc[axis] and lengths[axis] == 0]
+        if empty_periodic:
+            raise StructureError(
+                f"pbc is {list(pbc)} but cell vector(s) {empty_periodic} are zero: "
+                "give a cell for every periodic axis (atoms.cell) or set pbc=False")
+        volume = abs(float(np.linalg.det(cell)))
+        return math.isfinite(volume) and volume > 1e-12 * max(1.0, float(lengths.max()) ** 3)

@@ -1,0 +1,235 @@
+"""``fastmlip md``: molecular dynamics (NVE or Langevin NVT) with a MACE or SevenNet model through ASE."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+DEMOS = {
+    # name: (element, lattice, lattice constant in A, default repeat of the cubic cell)
+    "si": ("Si", "diamond", 5.43, 2),  # 8 atoms per cubic cell -> 64 atoms
+    "cu": ("Cu", "fcc", 3.61, 3),  # 4 atoms per cubic cell -> 108 atoms
+    "c": ("C", "diamond", 3.567, 2),
+    "nacl": ("NaCl", "rocksalt", 5.64, 2),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("structure", nargs="?", help="structure file (anything ase.io.read reads); "
+                        "default: the built-in --demo crystal")
+    parser.add_argument("--demo", choices=sorted(DEMOS), default="si",
+                        help="built-in crystal used when no structure file is given (default: si, 64 atoms)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="repeat the demo's cubic cell this many times per axis (si: 2 -> 64 atoms)")
+    parser.add_argument("--model", default="7net-0", help="model name or path (default: 7net-0)")
+    parser.add_argument("--modal", default=None, help="SevenNet modal / MACE head, for multi-head models")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--no-accelerate", action="store_true", help="run the model's own e3nn modules")
+    parser.add_argument("--ensemble", choices=["nve", "nvt"], default="nve",
+                        help="nve: velocity Verlet; nvt: Langevin thermostat")
+    parser.add_argument("--temperature", type=float, default=300.0,
+                        help="K: initial Maxwell-Boltzmann velocities, and the NVT target")
+    parser.add_argument("--timestep", type=float, default=1.0, help="fs")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--traj", default=None, help="trajectory output: .extxyz/.xyz or .traj")
+    parser.add_argument("--interval", type=int, default=10, help="write a frame every this many steps")
+    parser.add_argument("--plot", default=None, help="PNG of energy and temperature vs time")
+    parser.add_argument("--skin", type=float, default=None, help="Verlet-list skin in A (default 0.5)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_structure(args):
+    """Read the structure file, or build the demo crystal (rattled so forces are non-zero)."""
+    from ase.build import bulk
+    from ase.io import read
+
+    if args.structure:
+        if not os.path.isfile(args.structure):
+            raise FileNotFoundError(f"structure file {args.structure!r} not found")
+        return read(args.structure)
+    element, lattice, constant, default_repeat = DEMOS[args.demo]
+    repeat = args.repeat or default_repeat
+    if repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {repeat}")
+    atoms = bulk(element, lattice, a=constant, cubic=True).repeat((repeat,) * 3)
+    atoms.rattle(0.02, seed=args.seed)
+    return atoms
+
+
+def validate(args):
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if not args.timestep > 0:
+        raise ValueError(f"--timestep must be > 0 fs, got {args.timestep}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 K, got {args.temperature}")
+    if args.interval < 1:
+        raise ValueError(f"--interval must be >= 1, got {args.interval}")
+    for option, path, suffixes in (("--traj", args.traj, (".extxyz", ".xyz", ".traj")),
+                                   ("--plot", args.plot, (".png", ".pdf", ".svg"))):
+        if path and not path.lower().endswith(suffixes):
+            raise ValueError(f"{option} must end in one of {', '.join(suffixes)}, got {path!r}")
+
+
+class TrajectoryWriter:
+    """Appends frames (with energy and forces) to .extxyz/.xyz or .traj."""
+
+    def __init__(self, path):
+        from ase.io import Trajectory
+
+        self.path = path
+        if path.lower().endswith(".traj"):
+            self._traj, self._handle = Trajectory(path, "w"), None
+        else:
+            self._traj, self._handle = None, open(path, "w")
+
+    def write(self, atoms):
+        from ase.io import write
+
+        if self._traj is not None:
+            self._traj.write(atoms)
+        else:
+            write(self._handle, atoms, format="extxyz")
+            self._handle.flush()
+
+    def close(self):
+        (self._traj or self._handle).close()
+
+
+def make_dynamics(atoms, args):
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+
+    rng = np.random.default_rng(args.seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
+    Stationary(atoms)
+    if args.ensemble == "nve":
+        return VelocityVerlet(atoms, timestep=args.timestep * units.fs)
+    return Langevin(atoms, timestep=args.timestep * units.fs, temperature_K=args.temperature,
+                    friction=args.friction / units.fs, rng=rng)
+
+
+def energy_drift(times_ps, total_energy_per_atom):
+    """Slope of a linear fit (eV/atom/ps) and the largest excursion from the start (eV/atom)."""
+    if len(times_ps) < 2:
+        return 0.0, 0.0
+    slope = float(np.polyfit(times_ps, total_energy_per_atom, 1)[0])
+    excursion = float(np.abs(total_energy_per_atom - total_energy_per_atom[0]).max())
+    return slope, excursion
+
+
+def plot(path, times_ps, potential, total, temperature):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (energy_axis, temperature_axis) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
+    energy_axis.plot(times_ps, potential - total[0], label="potential")
+    energy_axis.plot(times_ps, total - total[0], label="total")
+    energy_axis.set_ylabel("E - E_total(0) (eV/atom)")
+    energy_axis.legend()
+    temperature_axis.plot(times_ps, temperature, color="tab:red")
+    temperature_axis.set_ylabel("T (K)")
+    temperature_axis.set_xlabel("time (ps)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def simulate(args):
+    from tqdm import tqdm
+
+    from .calculator import DEFAULT_SKIN, Calculator
+
+    validate(args)
+    atoms = build_structure(args)
+    load_start = time.perf_counter()
+    calculator = Calculator(args.model, device=args.device, dtype=args.dtype,
+                            accelerate=not args.no_accelerate, modal=args.modal,
+                            skin=DEFAULT_SKIN if args.skin is None else args.skin)
+    atoms.calc = calculator
+    dynamics = make_dynamics(atoms, args)
+    atoms.get_forces()  # first step compiles/warms up; timed separately
+    load_seconds = time.perf_counter() - load_start
+    print(f"{len(atoms)} atoms {atoms.get_chemical_formula()}, model {args.model} "
+          f"({calculator.framework.__name__.rsplit('.', 1)[-1]}, {calculator.dtype}, "
+          f"{calculator.device}), {args.ensemble.upper()} at {args.temperature:g} K, "
+          f"dt {args.timestep:g} fs; setup {load_seconds:.1f} s", flush=True)
+
+    writer = TrajectoryWriter(args.traj) if args.traj else None
+    n_atoms = len(atoms)
+    records = []  # (time ps, potential eV/atom, kinetic eV/atom, temperature K)
+
+    def record(step):
+        records.append((step * args.timestep / 1000, atoms.get_potential_energy() / n_atoms,
+                        atoms.get_kinetic_energy() / n_atoms, atoms.get_temperature()))
+        if writer and step % args.interval == 0:
+            writer.write(atoms)
+
+    step_seconds = []
+    bar = tqdm(total=args.steps, unit="step", disable=args.no_progress, file=sys.stderr)
+    try:
+        record(0)
+        start = time.perf_counter()
+        for step in range(1, args.steps + 1):
+            tick = time.perf_counter()
+            dynamics.run(1)
+            step_seconds.append(time.perf_counter() - tick)
+            record(step)
+            rate = step / (time.perf_counter() - start)
+            bar.set_postfix_str(f"{rate:.2f} steps/s, {rate * args.timestep * 86400 / 1e6:.3f} ns/day",
+                                refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    return atoms, calculator, np.array(records).reshape(-1, 4), np.array(step_seconds)
+
+
+def report(args, atoms, calculator, records, step_seconds):
+    times_ps, potential, kinetic, temperature = records.T
+    total = potential + kinetic
+    lines = []
+    if len(step_seconds):
+        median = float(np.median(step_seconds))
+        lines.append(f"timing: {len(step_seconds)} steps in {step_seconds.sum():.2f} s, median "
+                     f"{median * 1e3:.1f} ms/step ({1 / median:.2f} steps/s, "
+                     f"{args.timestep * 86400 / 1e6 / median:.4f} ns/day, "
+                     f"{median / len(atoms) * 1e6:.1f} us/atom/step); "
+                     f"neighbour list built {calculator.neighbor_list_rebuilds} time(s)")
+    slope, excursion = energy_drift(times_ps, total)
+    if args.ensemble == "nve":
+        lines.append(f"energy drift: {slope:+.3e} eV/atom/ps (linear fit), max |E(t) - E(0)| "
+                     f"{excursion:.3e} eV/atom over {times_ps[-1]:.3f} ps")
+    else:
+        lines.append(f"temperature: mean {temperature.mean():.1f} K (target {args.temperature:g} K); "
+                     f"total energy is not conserved under Langevin")
+    lines.append(f"final: E_pot {potential[-1]:.6f} eV/atom, T {temperature[-1]:.1f} K")
+    if args.traj:
+        lines.append(f"trajectory: {args.traj} (every {args.interval} steps)")
+    if args.plot:
+        plot(args.plot, times_ps, potential, total, temperature)
+        lines.append(f"plot: {args.plot}")
+    print("\n".join(lines))
+    return {"drift_eV_per_atom_per_ps": slope, "max_excursion_eV_per_atom": excursion,
+            "median_step_s": float(np.median(step_seconds)) if len(step_seconds) else None}
+
+
+def run(args) -> int:
+    try:
+        atoms, calculator, records, step_seconds = simulate(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fastmlip md: error: {exc}", file=sys.stderr)
+        return 2
+    report(args, atoms, calculator, records, step_seconds)
+    return 0

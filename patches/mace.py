@@ -1,0 +1,392 @@
+"""MACE (mace-torch ``MACE``/``ScaleShiftMACE``, any number of heads): loading, evaluation, in-place acceleration.
+
+MACE's conventions (mace/data/neighborhood.py, mace/modules/utils.py): ``edge_index = [i, j]`` straight from the
+"ijS" neighbour list, sender = ``edge_index[0]``, receiver = ``edge_index[1]``,
+``vectors = pos[receiver] - pos[sender] + unit_shifts @ cell``; an interaction gathers from the sender and
+scatter-sums into the receiver, then divides by ``avg_num_neighbors``. Stress is ``(1/V) dE/d(strain)``.
+
+Acceleration swaps, keeping every parameter and buffer object (and so the state_dict keys and values):
+interaction blocks (``RealAgnosticInteractionBlock``, ``RealAgnosticResidualInteractionBlock``) for
+:class:`FastInteraction` (conv_tp + scatter_sum fused; linears and the one-hot ``skip_tp`` through fastmlip's
+node ops), ``SymmetricContraction`` (the model's own U buffers), ``o3.Linear`` and the spherical harmonics.
+Constants always come from the loaded modules (see :mod:`fastmlip.descriptors`).
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastmlip.descriptors import (linear_problem, species_linear_problem, spherical_harmonics_problem,
+                                  symmetric_contraction_problem, tensor_product_problem)
+from fastmlip.graph import sort_edges
+from fastmlip.ops.conv import check_conv_problem, fused_conv
+from fastmlip.ops.linear import linear, species_linear
+from fastmlip.ops.spherical_harmonics import spherical_harmonics
+from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
+
+from . import common, e3nn_compat
+
+FRAMEWORK = "mace"
+SUPPORTED_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
+
+
+def _mace_available() -> bool:
+    try:
+        import mace.modules  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def handles(model) -> bool:
+    if not _mace_available():
+        return False
+    from mace.modules.models import MACE
+
+    return isinstance(model, MACE)
+
+
+def can_load(path) -> bool:
+    """A ``torch.save``-d whole model whose pickle names a mace model class (read without unpickling)."""
+    text = os.fspath(path)
+    if not os.path.isfile(text) or not zipfile.is_zipfile(text):
+        return False
+    with zipfile.ZipFile(text) as archive:
+        names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        return bool(names) and b"mace.modules.models" in archive.read(names[0])
+
+
+def load(path, device=None, dtype=None):
+    """The MACE model in eval mode, parameters frozen (as MACECalculator uses it); e3nn-0.4 pickles upgraded."""
+    text = os.fspath(path)
+    if not can_load(text):
+        raise ValueError(f"{text}: not a MACE model file (expected a torch.save-d mace model)")
+    model = e3nn_compat.load(text, map_location="cpu")
+    if not handles(model):
+        raise ValueError(f"{text}: holds a {type(model).__name__}, not a MACE model")
+    model.to(device=device, dtype=dtype)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def model_info(model) -> dict:
+    device, dtype = common.first_tensor_placement(model)
+    heads = [str(h) for h in getattr(model, "heads", None) or []]
+    return {
+        "framework": FRAMEWORK,
+        "cutoff": float(model.r_max),
+        "atomic_numbers": [int(z) for z in model.atomic_numbers.tolist()],
+        "modals": heads if len(heads) > 1 else [],
+        "dtype": dtype,
+        "device": device,
+    }
+
+
+def select_head(model, head: Optional[str]) -> int:
+    """Index of ``head`` in ``model.heads``; None picks the only head or one called 'default' (as MACECalculator)."""
+    heads = [str(h) for h in getattr(model, "heads", None) or ["Default"]]
+    if head is None:
+        if len(heads) == 1:
+            return 0
+        defaults = [k for k, h in enumerate(heads) if h.lower() == "default"]
+        if defaults:
+            return defaults[0]
+        raise ValueError(f"this MACE model has several heads and none is 'default'; choose one of {heads}")
+    if str(head) not in heads:
+        raise ValueError(f"head {head!r} unknown to this MACE model; its heads are {heads}")
+    return heads.index(str(head))
+
+
+def species_indices(model, numbers: torch.Tensor) -> torch.Tensor:
+    """Index into ``model.atomic_numbers`` per atom; ValueError naming unknown elements."""
+    from ase.data import chemical_symbols
+
+    table = model.atomic_numbers.to(numbers.device)
+    match = numbers.long().unsqueeze(-1) == table.unsqueeze(0)
+    known = match.any(-1)
+    if not bool(known.all()):
+        unknown = sorted(set(int(z) for z in numbers[~known].tolist()))
+        names = ", ".join(chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in unknown)
+        elements = " ".join(chemical_symbols[int(z)] for z in table.tolist())
+        raise ValueError(f"element(s) {names} unknown to this MACE model; it knows: {elements}")
+    return match.long().argmax(-1)
+
+
+def build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head: Optional[str] = None) -> dict:
+    """MACE's input dict for one structure from ASE "ijS" edges (any order), in the model's dtype and device."""
+    info = model_info(model)
+    dtype, device = info["dtype"], info["device"]
+    n = positions.shape[0]
+    species = species_indices(model, numbers.to(device))
+    node_attrs = torch.nn.functional.one_hot(species, len(info["atomic_numbers"])).to(dtype)
+    cell = (torch.zeros(3, 3) if cell is None else cell).to(device=device, dtype=dtype)
+    unit_shifts = shifts.to(device=device, dtype=dtype).reshape(-1, 3)
+    return {
+        "positions": positions.detach().to(device=device, dtype=dtype).clone(),
+        "node_attrs": node_attrs,
+        "edge_index": torch.stack([edge_i.to(device).long(), edge_j.to(device).long()]),
+        "shifts": unit_shifts @ cell,
+        "unit_shifts": unit_shifts,
+        "cell": cell,
+        "batch": torch.zeros(n, dtype=torch.long, device=device),
+        "ptr": torch.tensor([0, n], dtype=torch.long, device=device),
+        "head": torch.tensor([select_head(model, head)], dtype=torch.long, device=device),
+    }
+
+
+def _has_volume(cell, pbc) -> bool:
+    if cell is None or pbc is None or not bool(torch.as_tensor(pbc).any()):
+        return False
+    return abs(float(torch.linalg.det(cell.double()))) > 1e-12
+
+
+def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None):
+    """Energy, per-atom energies, forces and (periodic cells) stress, exactly as MACECalculator computes them.
+
+    Stress is None unless ``compute_stress`` and some direction is periodic with a cell of non-zero volume.
+    """
+    data = build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head=modal)
+    want_stress = bool(compute_stress) and _has_volume(cell, pbc)
+    with torch.enable_grad():
+        out = model(data, training=False, compute_force=True, compute_stress=want_stress)
+    dtype = data["positions"].dtype
+    return {
+        "energy": out["energy"].reshape(()).detach(),
+        "energies": out["node_energy"].detach().to(dtype),
+        "forces": out["forces"].detach(),
+        "stress": out["stress"].reshape(3, 3).detach() if want_stress else None,
+    }
+
+
+class _EdgeLayout:
+    """Receiver-sorted edge order, computed once per forward (keyed on the edge_index tensor) for every layer."""
+
+    def __init__(self):
+        self.edge_index = None
+        self.num_nodes = -1
+        self.sorted = None
+
+    def get(self, edge_index: torch.Tensor, num_nodes: int):
+        if self.edge_index is not edge_index or self.num_nodes != num_nodes:
+            self.sorted = sort_edges(edge_index[0], edge_index[1], num_nodes)
+            self.edge_index, self.num_nodes = edge_index, num_nodes
+        return self.sorted
+
+
+def _share_buffers(target: nn.Module, original: nn.Module) -> None:
+    for name, buffer in original.named_buffers(recurse=False):
+        target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+
+
+class FastLinear(nn.Module):
+    """e3nn ``o3.Linear`` through ``fastmlip.ops.linear``, holding the module's own weight and buffers."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.problem = linear_problem(original)
+        self.weight = original.weight
+        _share_buffers(self, original)
+        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, x):
+        return linear(self.problem, x, self.weight, self.bias if self.problem.bias_numel else None)
+
+
+class FastSpeciesLinear(nn.Module):
+    """MACE's ``skip_tp`` = ``FullyConnectedTensorProduct(x, one_hot(species))`` as a species-indexed linear."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.problem = species_linear_problem(original)
+        self.weight = original.weight
+        _share_buffers(self, original)
+        self.irreps_in1, self.irreps_in2, self.irreps_out = original.irreps_in1, original.irreps_in2, original.irreps_out
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, x, node_attrs):
+        return species_linear(self.problem, x, node_attrs.argmax(-1), self.weight)
+
+
+class FastSymmetricContraction(nn.Module):
+    """mace ``SymmetricContraction`` through ``fastmlip.ops.symmetric_contraction`` (U from the module's buffers)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.problem = symmetric_contraction_problem(original)
+        self.contractions = original.contractions
+        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, x, node_attrs):
+        return symmetric_contraction(self.problem, x, node_attrs.argmax(-1), module_weights(self.problem, self))
+
+
+class FastSphericalHarmonics(nn.Module):
+    """e3nn ``o3.SphericalHarmonics`` through ``fastmlip.ops.spherical_harmonics`` (same degrees, normalisation)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.problem = spherical_harmonics_problem(original)
+        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, vectors):
+        return spherical_harmonics(list(self.problem.ls), vectors, self.problem.normalize, self.problem.normalization)
+
+
+def _fast_node_module(module) -> Optional[type]:
+    """The fastmlip replacement class for an e3nn node module, None when it has none or cannot describe it."""
+    from e3nn.o3 import Linear, SphericalHarmonics
+    from mace.modules.symmetric_contraction import SymmetricContraction
+
+    factory = {Linear: FastLinear, SphericalHarmonics: FastSphericalHarmonics,
+               SymmetricContraction: FastSymmetricContraction}.get(type(module))
+    if factory is None:
+        return None
+    try:
+        factory(module)
+    except ValueError:
+        return None
+    return factory
+
+
+def _maybe_fast(module: nn.Module, factory) -> nn.Module:
+    try:
+        return factory(module)
+    except ValueError:
+        return module
+
+
+class FastInteraction(nn.Module):
+    """A MACE ``RealAgnostic[Residual]InteractionBlock`` whose conv_tp + scatter_sum is one fused fastmlip op.
+
+    Holds the block's own submodules under the same names (radial MLP, conv_tp kept for its state), with
+    ``linear_up``/``linear`` through fastmlip's linear and ``skip_tp`` through the species-indexed linear, and
+    computes exactly the original forward: linear_up, radial weights x cutoff, fused conv, linear / avg_num_neighbors,
+    skip_tp (before the conv in the residual block, after it otherwise), reshape.
+    """
+
+    def __init__(self, original: nn.Module, layout: Optional[_EdgeLayout] = None):
+        super().__init__()
+        self.problem = tensor_product_problem(original.conv_tp)
+        check_conv_problem(self.problem)
+        self.residual = type(original).__name__ == "RealAgnosticResidualInteractionBlock"
+        for key, value in vars(original).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        self.linear_up = _maybe_fast(original.linear_up, FastLinear)
+        self.conv_tp = original.conv_tp
+        self.conv_tp_weights = original.conv_tp_weights
+        self.linear = _maybe_fast(original.linear, FastLinear)
+        self.skip_tp = _maybe_fast(original.skip_tp, FastSpeciesLinear)
+        self.reshape = original.reshape
+        self.__dict__["_layout"] = layout or _EdgeLayout()
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}, residual={self.residual}"
+
+    def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, edge_index, cutoff=None, lammps_class=None,
+                lammps_natoms=(0, 0), first_layer=False):
+        if lammps_class is not None:
+            raise NotImplementedError("fastmlip's MACE interaction does not run under LAMMPS ghost-atom exchange; "
+                                      "restore the model (fastmlip.restore) for LAMMPS")
+        sc = self.skip_tp(node_feats, node_attrs) if self.residual else None
+        node_feats = self.linear_up(node_feats)
+        edges = self._layout.get(edge_index, node_feats.shape[0])
+        tp_weights = self.conv_tp_weights(edge_feats.index_select(0, edges.order))
+        if cutoff is not None:
+            tp_weights = tp_weights * cutoff.index_select(0, edges.order)
+        message = fused_conv(self.problem, node_feats, edge_attrs.index_select(0, edges.order), tp_weights,
+                             edges.src, edges.dst, node_feats.shape[0], dst_ptr=edges.dst_ptr,
+                             src_perm=edges.src_perm, src_ptr=edges.src_ptr)
+        message = self.linear(message) / self.avg_num_neighbors
+        if not self.residual:
+            message = self.skip_tp(message, node_attrs)
+        return self.reshape(message), sc
+
+
+def _interaction_obstacle(module) -> Optional[str]:
+    """Why an interaction block cannot be fused (None if it can)."""
+    from e3nn.o3 import TensorProduct
+
+    kind = type(module).__name__
+    if kind not in SUPPORTED_INTERACTIONS or not type(module).__module__.startswith("mace."):
+        return f"{kind} is not one of {', '.join(SUPPORTED_INTERACTIONS)}"
+    if hasattr(module, "conv_fusion"):
+        return "built with cuEquivariance/OpenEquivariance conv fusion"
+    if type(getattr(module, "conv_tp", None)) is not TensorProduct:
+        return f"its conv_tp is a {type(getattr(module, 'conv_tp', None)).__name__}, not e3nn's TensorProduct"
+    try:
+        check_conv_problem(tensor_product_problem(module.conv_tp))
+    except ValueError as exc:
+        return common.one_line(exc)
+    return None
+
+
+_FAST_MODULES = (FastInteraction, FastLinear, FastSpeciesLinear, FastSymmetricContraction, FastSphericalHarmonics)
+
+
+def plan(model) -> tuple:
+    """([(qualified name, factory)], {qualified name: reason}): what is swapped and what stays e3nn.
+
+    Radial MLPs, activations and reshapes stay torch/e3nn by design; an interaction block of another kind, any
+    other e3nn tensor product, or a module fastmlip cannot describe is reported.
+    """
+    from e3nn.o3 import TensorProduct
+    from mace.modules.blocks import InteractionBlock
+
+    layout = _EdgeLayout()
+    swaps, skipped, covered = [], {}, set()
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in covered):
+            continue
+        if isinstance(module, _FAST_MODULES):
+            covered.add(name)
+        elif isinstance(module, InteractionBlock):
+            covered.add(name)
+            reason = _interaction_obstacle(module)
+            if reason is None:
+                swaps.append((name, lambda original: FastInteraction(original, layout)))
+            else:
+                skipped[name] = reason
+        elif _fast_node_module(module) is not None:
+            covered.add(name)
+            swaps.append((name, _fast_node_module(module)))
+        elif isinstance(module, TensorProduct) or type(module).__name__ == "SymmetricContraction":
+            covered.add(name)
+            skipped[name] = f"{type(module).__name__} that fastmlip cannot describe"
+    return swaps, skipped
+
+
+def accelerate(model, *, strict: bool = False) -> list:
+    """Swap MACE's e3nn modules for fastmlip ones in place; returns the names left as they were."""
+    if is_accelerated(model):
+        return []
+    swaps, skipped = plan(model)
+    if strict and skipped:
+        details = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise ValueError(f"cannot accelerate every module (strict=True), model left unchanged: {details}")
+    common.swap_in_place(model, swaps)
+    return list(skipped)
+
+
+def restore(model) -> None:
+    common.restore_swaps(model)
+
+
+def is_accelerated(model) -> bool:
+    return bool(common.swaps_of(model))

@@ -306,8 +306,11 @@ class FastIrrepsConvolution(nn.Module):
     def forward(self, data):
         weight = self.weight_nn(data[self.key_weight_input])
         x = data[self.key_x]
-        edge_index = data[self.key_edge_idx]
-        out = fused_conv(self.problem, x, data[self.key_filter], weight, edge_index[1], edge_index[0], x.shape[0])
+        edge_index, edge_filter = data[self.key_edge_idx], data[self.key_filter]
+        if edge_index.shape[1] == 0:  # isolated atoms: nothing to gather, as sevenn's fused convolutions do
+            out = x.new_zeros(x.shape[0], self.problem.dim_out) + 0 * (edge_filter.sum() + weight.sum())
+        else:
+            out = fused_conv(self.problem, x, edge_filter, weight, edge_index[1], edge_index[0], x.shape[0])
         data[self.key_x] = out.div(self.denominator)
         return data
 

@@ -3,7 +3,9 @@
 
 Species-indexed linear is MACE's ``skip_tp`` and SevenNet's ``SelfConnectionIntro``: a FullyConnectedTensorProduct
 with a one-hot species vector, computed as a gather of the species' weight block instead of a dense product.
-Backward formulas are the reference's explicit plain torch, so autograd differentiates them again.
+``o3.Linear`` stays torch matmuls on every backend (cuBLAS already does shared-weight matmuls well). The
+species-indexed linear runs Triton kernels on the Triton backend (:mod:`fastmlip.kernels.species_linear`); being
+linear in x and in the weight, all its derivatives are again its forward and backward.
 """
 from __future__ import annotations
 
@@ -18,9 +20,16 @@ from . import dispatch, registry
 from .symmetric_contraction import check_species
 
 
+def _kernels():
+    from ..kernels import species_linear as kernels
+
+    return kernels
+
+
 @torch.library.custom_op("fastmlip::linear", mutates_args=())
 def linear_fwd(x: Tensor, weight: Tensor, key: str) -> Tensor:
-    dispatch.backend_for(x, has_kernel=False)
+    """Shared-weight matmuls: torch's (cuBLAS) on every backend; a Triton kernel has nothing to fuse here."""
+    dispatch.requested_backend()
     return ref.linear(registry.lookup(key), x, weight)
 
 
@@ -47,13 +56,31 @@ linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 @torch.library.custom_op("fastmlip::species_linear", mutates_args=())
 def species_linear_fwd(x: Tensor, species: Tensor, weight: Tensor, key: str) -> Tensor:
-    dispatch.backend_for(x, has_kernel=False)
-    return ref.species_linear(registry.lookup(key), x, species, weight)
+    problem = registry.lookup(key)
+    if dispatch.backend_for(x) == "triton":
+        return _kernels().forward(problem, x, species, weight)
+    return ref.species_linear(problem, x, species, weight)
 
 
 @species_linear_fwd.register_fake
 def _(x, species, weight, key):
     return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
+
+
+@torch.library.custom_op("fastmlip::species_linear_bwd", mutates_args=())
+def species_linear_bwd(grad_out: Tensor, x: Tensor, species: Tensor, weight: Tensor, key: str, want_x: bool,
+                       want_w: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_weight) of <grad_out, species_linear(x, weight)>; an unwanted one comes back empty."""
+    problem = registry.lookup(key)
+    if dispatch.backend_for(x) == "triton":
+        return _kernels().backward(problem, grad_out, x, species, weight, want_x, want_w)
+    grad_x, grad_w = ref.species_linear_backward(problem, grad_out, x, species, weight)
+    return grad_x if want_x else x.new_empty(0), grad_w if want_w else weight.new_empty(0)
+
+
+@species_linear_bwd.register_fake
+def _(grad_out, x, species, weight, key, want_x, want_w):
+    return x.new_empty(x.shape if want_x else (0,)), weight.new_empty(weight.shape if want_w else (0,))
 
 
 def _species_setup(ctx, inputs, output):
@@ -64,12 +91,41 @@ def _species_setup(ctx, inputs, output):
 
 def _species_backward(ctx, grad):
     x, species, weight = ctx.saved_tensors
-    grad_x, grad_w = ref.species_linear_backward(registry.lookup(ctx.key), grad, x, species, weight)
     want_x, _, want_w, _ = ctx.needs_input_grad
+    grad_x, grad_w = species_linear_bwd(grad, x, species, weight, ctx.key, want_x, want_w)
     return grad_x if want_x else None, None, grad_w if want_w else None, None
 
 
 species_linear_fwd.register_autograd(_species_backward, setup_context=_species_setup)
+
+
+def _species_bwd_setup(ctx, inputs, output):
+    grad_out, x, species, weight, key, want_x, want_w = inputs
+    ctx.save_for_backward(grad_out, x, species, weight)
+    ctx.key, ctx.want = key, (want_x, want_w)
+
+
+def _species_bwd_backward(ctx, h_x, h_w):
+    """The backward is bilinear in (grad_out, x) and (grad_out, weight): its derivatives are forward and
+    backward calls again, so every order runs on the same kernels."""
+    grad_out, x, species, weight = ctx.saved_tensors
+    want_x, want_w = ctx.want
+    h_x = h_x if want_x and h_x is not None and h_x.numel() else None
+    h_w = h_w if want_w and h_w is not None and h_w.numel() else None
+    need_g, need_x, _, need_w = ctx.needs_input_grad[:4]
+    d_g = d_x = d_w = None
+    if need_g:
+        terms = ([species_linear_fwd(h_x, species, weight, ctx.key)] if h_x is not None else []) + \
+                ([species_linear_fwd(x, species, h_w, ctx.key)] if h_w is not None else [])
+        d_g = sum(terms[1:], terms[0]) if terms else None
+    if need_x and h_w is not None:
+        d_x = species_linear_bwd(grad_out, x, species, h_w, ctx.key, True, False)[0]
+    if need_w and h_x is not None:
+        d_w = species_linear_bwd(grad_out, h_x, species, weight, ctx.key, False, True)[1]
+    return d_g, d_x, None, d_w, None, None, None
+
+
+species_linear_bwd.register_autograd(_species_bwd_backward, setup_context=_species_bwd_setup)
 
 
 def _check_tensor(problem, name: str, t, shape: tuple, like: Optional[Tensor]) -> None:

@@ -1,8 +1,9 @@
 """MACE's symmetric contraction as a custom op, ``fastmlip::symmetric_contraction``.
 
 The weights stay the module's parameters and are passed in (in ``problem.weight_names`` order, see
-:func:`module_weights`), so training and ``state_dict`` are untouched. The backward is the reference's explicit
-plain-torch formula, which autograd differentiates again for second derivatives.
+:func:`module_weights`), so training and ``state_dict`` are untouched. On the Triton backend forward and backward
+are generated kernels (:mod:`fastmlip.kernels.symmetric_contraction`); second derivatives differentiate the
+reference's explicit plain-torch backward formula.
 """
 from __future__ import annotations
 
@@ -16,15 +17,40 @@ from ..reference import symmetric_contraction as ref
 from . import dispatch, registry
 
 
+def _kernels():
+    from ..kernels import symmetric_contraction as kernels
+
+    return kernels
+
+
 @torch.library.custom_op("fastmlip::symmetric_contraction", mutates_args=())
 def symmetric_contraction_fwd(x: Tensor, species: Tensor, weights: list[Tensor], key: str) -> Tensor:
-    dispatch.backend_for(x, has_kernel=False)
-    return ref.symmetric_contraction(registry.lookup(key), x, species, weights)
+    problem = registry.lookup(key)
+    if dispatch.backend_for(x) == "triton":
+        return _kernels().forward(problem, x, species, weights)
+    return ref.symmetric_contraction(problem, x, species, weights)
 
 
 @symmetric_contraction_fwd.register_fake
 def _(x, species, weights, key):
     return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
+
+
+@torch.library.custom_op("fastmlip::symmetric_contraction_bwd", mutates_args=())
+def symmetric_contraction_bwd(grad_out: Tensor, x: Tensor, species: Tensor, weights: list[Tensor], key: str,
+                              want_x: bool, want_w: bool) -> list[Tensor]:
+    """[grad_x] + [grad_w per weight] of <grad_out, symmetric_contraction(x, weights)>; unwanted ones empty."""
+    problem = registry.lookup(key)
+    if dispatch.backend_for(x) == "triton":
+        grad_x, grad_ws = _kernels().backward(problem, grad_out, x, species, weights, want_x, want_w)
+        return [grad_x, *grad_ws]
+    grad_x, grad_ws = ref.symmetric_contraction_backward(problem, grad_out, x, species, weights)
+    return [grad_x if want_x else x.new_empty(0), *(g if want_w else w.new_empty(0) for g, w in zip(grad_ws, weights))]
+
+
+@symmetric_contraction_bwd.register_fake
+def _(grad_out, x, species, weights, key, want_x, want_w):
+    return [x.new_empty(x.shape if want_x else (0,)), *(w.new_empty(w.shape if want_w else (0,)) for w in weights)]
 
 
 def _setup(ctx, inputs, output):
@@ -35,12 +61,45 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, species, *weights = ctx.saved_tensors
-    grad_x, grad_ws = ref.symmetric_contraction_backward(registry.lookup(ctx.key), grad, x, species, weights)
     want_x, _, want_w, _ = ctx.needs_input_grad
-    return grad_x if want_x else None, None, grad_ws, None
+    grad_x, *grad_ws = symmetric_contraction_bwd(grad, x, species, weights, ctx.key, want_x, bool(want_w))
+    return grad_x if want_x else None, None, grad_ws if want_w else None, None
 
 
 symmetric_contraction_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def vjp_of_reference(function, primals: list, cotangents: list) -> tuple:
+    """Derivatives of a backward op: the vector-Jacobian product of its plain-torch reference formula.
+
+    ``torch.func.vjp`` keeps the result differentiable, so the order after the second still works (slowly).
+    """
+    _, pullback = torch.func.vjp(function, *primals)
+    return pullback(cotangents)
+
+
+def _bwd_setup(ctx, inputs, output):
+    grad_out, x, species, weights, key, want_x, want_w = inputs
+    ctx.save_for_backward(grad_out, x, species, *weights)
+    ctx.key, ctx.want = key, (want_x, want_w)
+
+
+def _bwd_backward(ctx, grads):
+    grad_out, x, species, *weights = ctx.saved_tensors
+    problem = registry.lookup(ctx.key)
+    want_x, want_w = ctx.want
+    h_x = grads[0] if want_x and grads[0] is not None else torch.zeros_like(x)
+    h_ws = [h if want_w and h is not None else torch.zeros_like(w) for h, w in zip(grads[1:], weights)]
+
+    def backward_formula(g, xx, *ws):
+        grad_x, grad_ws = ref.symmetric_contraction_backward(problem, g, xx, species, list(ws))
+        return (grad_x, *grad_ws)
+
+    d_g, d_x, *d_ws = vjp_of_reference(backward_formula, [grad_out, x, *weights], (h_x, *h_ws))
+    return d_g, d_x, None, d_ws, None, None, None
+
+
+symmetric_contraction_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 
 
 def module_weights(problem: SymmetricContractionProblem, module) -> list:

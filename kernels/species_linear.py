@@ -1,0 +1,184 @@
+"""Triton kernels for the species-indexed linear map (MACE ``skip_tp``, SevenNet self-connection).
+
+Per path, out[n, j, i] += coefficient * sum_k x[n, k, i] W[k, species[n], j] in the mul_ir layout. Nodes are
+sorted by species and cut into chunks of one species (:func:`..symmetric_contraction.species_chunks`), so each
+program multiplies a [chunk, mul_in] tile by ONE [mul_in, mul_out] weight block per irrep component: a grouped
+matmul, never the [N, mul_in, mul_out] gather nor the dense one-hot product e3nn computes. Paths run as
+successive launches (the first into an irrep stores, later ones add), so no output needs atomics; the weight
+gradient sums each chunk in registers and adds it atomically once.
+
+float32 keeps exact float32 products (``input_precision="ieee"``, never TF32: forces must match to 1e-5);
+float64 uses broadcast products, which every Triton build lowers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..descriptors import SpeciesLinearProblem, irreps_offsets
+from .symmetric_contraction import species_chunks, tl_dtype
+
+POISON_OUTPUTS = False
+
+
+def _chunk_size() -> int:
+    return int(os.environ.get("FASTMLIP_SPECIES_LINEAR_NODES", "16"))
+
+
+@triton.jit
+def _tile_product(a, b, USE_DOT: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out, num_nodes, in_off, out_off,
+                    w_off, species_start, path_species, stride_k, stride_s, stride_j,
+                    K: tl.constexpr, J: tl.constexpr, D: tl.constexpr, IN_STRIDE: tl.constexpr,
+                    OUT_STRIDE: tl.constexpr, ACCUMULATE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
+    """out[n, out_off + j*D + i] (+)= coef * sum_k inp[n, in_off + k*D + i] * W[k, s_local, j], nodes of a chunk."""
+    start = tl.load(starts + tl.program_id(0))
+    end = tl.load(starts + tl.program_id(0) + 1)
+    rows = start + tl.arange(0, BN)
+    row_ok = rows < end
+    nodes = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
+    local = tl.load(species + tl.minimum(start, num_nodes - 1)) - species_start
+    inside = (local >= 0) & (local < path_species)
+    k_limit = tl.where(inside, K, 0)
+    local = tl.where(inside, local, 0).to(tl.int64)
+    coef = tl.load(coefficients + path)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    j_ok = j < J
+    w_base = weight + w_off + local * stride_s
+    for i in tl.static_range(D):
+        acc = tl.zeros([BN, BJ], DT)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            a = tl.load(inp + nodes[:, None] * IN_STRIDE + in_off + k[None, :] * D + i,
+                        mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
+            b = tl.load(w_base + k[:, None] * stride_k + j[None, :] * stride_j,
+                        mask=(k[:, None] < k_limit) & j_ok[None, :], other=0.0)
+            acc += _tile_product(a, b, USE_DOT)
+        target = out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i
+        mask = row_ok[:, None] & j_ok[None, :]
+        acc = acc * coef
+        if ACCUMULATE:
+            acc += tl.load(target, mask=mask, other=0.0)
+        tl.store(target, acc, mask=mask)
+
+
+@triton.jit
+def weight_gradient(x, grad_out, coefficients, path, species, order, starts, grad_w, num_nodes, in_off, out_off,
+                    w_off, species_start, path_species, K: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
+                    IN_STRIDE: tl.constexpr, OUT_STRIDE: tl.constexpr, S_STRIDE: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
+    """grad_w[k, s, j] += coef * sum over the chunk's nodes and components i of x[n, k, i] grad_out[n, j, i]."""
+    start = tl.load(starts + tl.program_id(0))
+    end = tl.load(starts + tl.program_id(0) + 1)
+    rows = start + tl.arange(0, BN)
+    row_ok = rows < end
+    nodes = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
+    local = tl.load(species + tl.minimum(start, num_nodes - 1)) - species_start
+    inside = (local >= 0) & (local < path_species) & (start < end)
+    k_limit = tl.where(inside, K, 0)
+    local = tl.where(inside, local, 0).to(tl.int64)
+    coef = tl.load(coefficients + path)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    j = tl.program_id(2) * BJ + tl.arange(0, BJ)
+    acc = tl.zeros([BK, BJ], DT)
+    for i in tl.static_range(D):
+        a = tl.load(x + nodes[None, :] * IN_STRIDE + in_off + k[:, None] * D + i,
+                    mask=row_ok[None, :] & (k[:, None] < K), other=0.0)
+        b = tl.load(grad_out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i,
+                    mask=row_ok[:, None] & (j[None, :] < J), other=0.0)
+        acc += _tile_product(a, b, USE_DOT)
+    target = grad_w + w_off + k[:, None] * S_STRIDE * J + local * J + j[None, :]
+    tl.atomic_add(target, acc * coef, mask=(k[:, None] < k_limit) & (j[None, :] < J))
+
+
+def _tiles(k: int, j: int) -> tuple:
+    """(BK, BJ): at least 16 (tl.dot's minimum), at most 32 x 64."""
+    fit = lambda n, cap: max(16, min(cap, triton.next_power_of_2(n)))  # noqa: E731
+    return fit(k, 32), fit(j, 64)
+
+
+_COEFFICIENTS: dict = {}
+
+
+def _coefficients(problem: SpeciesLinearProblem, like: torch.Tensor) -> torch.Tensor:
+    key = (problem.key, like.dtype, str(like.device))
+    if key not in _COEFFICIENTS:
+        _COEFFICIENTS[key] = torch.tensor([p.coefficient for p in problem.paths], dtype=like.dtype,
+                                          device=like.device)
+    return _COEFFICIENTS[key]
+
+
+def _alloc(shape, like, written_everywhere: bool):
+    if not written_everywhere:
+        return like.new_zeros(shape)
+    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
+
+
+def _apply(problem, inp, species, weight, transpose: bool):
+    """forward (x -> out) or, with ``transpose``, the x-gradient (grad_out -> grad_x)."""
+    irreps_from, irreps_to = ((problem.irreps_out, problem.irreps_in) if transpose
+                              else (problem.irreps_in, problem.irreps_out))
+    off_from, off_to = irreps_offsets(irreps_from), irreps_offsets(irreps_to)
+    dim_from, dim_to = sum(m.dim for m in irreps_from), sum(m.dim for m in irreps_to)
+    targets = {p.i_in if transpose else p.i_out for p in problem.paths}
+    n = inp.shape[0]
+    out = _alloc((n, dim_to), inp, len(targets) == len(irreps_to))
+    if n == 0 or not problem.paths:
+        return out
+    order, sorted_species, starts = species_chunks(species, problem.num_species, _chunk_size())
+    coefficients = _coefficients(problem, inp)
+    written = set()
+    for index, p in enumerate(problem.paths):
+        src, dst = (p.i_out, p.i_in) if transpose else (p.i_in, p.i_out)
+        k_dim, j_dim = (p.mul_out, p.mul_in) if transpose else (p.mul_in, p.mul_out)
+        strides = ((1, p.mul_out, p.num_species * p.mul_out) if transpose
+                   else (p.num_species * p.mul_out, p.mul_out, 1))
+        bk, bj = _tiles(k_dim, j_dim)
+        grid = (starts.shape[0] - 1, triton.cdiv(j_dim, bj))
+        gathered_matmul[grid](inp, weight, coefficients, index, sorted_species, order, starts, out, n,
+                              off_from[src], off_to[dst], p.weight_offset, p.species_start, p.num_species,
+                              *strides, K=k_dim, J=j_dim, D=irreps_from[src].ir_dim, IN_STRIDE=dim_from,
+                              OUT_STRIDE=dim_to, ACCUMULATE=dst in written, BN=_chunk_size(), BK=bk, BJ=bj,
+                              USE_DOT=inp.dtype == torch.float32, DT=tl_dtype(inp.dtype), num_warps=4)
+        written.add(dst)
+    return out
+
+
+def forward(problem: SpeciesLinearProblem, x, species, weight):
+    tl_dtype(x.dtype)
+    return _apply(problem, x.contiguous(), species, weight.contiguous(), transpose=False)
+
+
+def backward(problem: SpeciesLinearProblem, grad_out, x, species, weight, want_x: bool, want_w: bool):
+    """(grad_x or empty, grad_weight or empty) of <grad_out, forward(x, species, weight)>."""
+    tl_dtype(x.dtype)
+    grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
+    grad_x = _apply(problem, grad_out, species, weight, transpose=True) if want_x else x.new_empty(0)
+    grad_w = weight.new_empty(0)
+    if want_w:
+        grad_w = torch.zeros_like(weight)
+        n = x.shape[0]
+        if n and problem.paths:
+            order, sorted_species, starts = species_chunks(species, problem.num_species, _chunk_size())
+            off_in, off_out = irreps_offsets(problem.irreps_in), irreps_offsets(problem.irreps_out)
+            coefficients = _coefficients(problem, x)
+            for index, p in enumerate(problem.paths):
+                bk, bj = _tiles(p.mul_in, p.mul_out)
+                grid = (starts.shape[0] - 1, triton.cdiv(p.mul_in, bk), triton.cdiv(p.mul_out, bj))
+                weight_gradient[grid](x, grad_out, coefficients, index, sorted_species, order, starts, grad_w, n,
+                                      off_in[p.i_in], off_out[p.i_out], p.weight_offset, p.species_start,
+                                      p.num_species, K=p.mul_in, J=p.mul_out,
+                                      D=problem.irreps_in[p.i_in].ir_dim, IN_STRIDE=problem.dim_in,
+                                      OUT_STRIDE=problem.dim_out, S_STRIDE=p.num_species, BN=_chunk_size(), BK=bk,
+                                      BJ=bj, USE_DOT=x.dtype == torch.float32, DT=tl_dtype(x.dtype), num_warps=4)
+    return grad_x, grad_w

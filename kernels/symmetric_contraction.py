@@ -1,0 +1,340 @@
+"""Triton kernels for MACE's symmetric contraction, generated per problem with the U nonzeros baked in.
+
+Per output irrep (a "contraction") and channel, MACE's einsum chain is a polynomial in the node's features x:
+    out[m] = sum_nu sum_{i_1..i_nu, p} U_nu[m, i_1..i_nu, p] W_nu[species, p] x_{i_1} ... x_{i_nu}
+Because x_{i_1} ... x_{i_nu} is symmetric, U's nonzeros are folded onto sorted index tuples (monomials), which
+halves the work for correlation 3. The kernels never build MACE's [N, C, M, L, L] intermediates: one program
+owns a chunk of nodes of ONE species (nodes sorted by species, see :func:`species_chunks`) and a block of channels
+(across lanes), loads that species' weights once, and evaluates the polynomial in registers node by node:
+
+* forward: grid (chunk, channel block, contraction); out written once, no atomics.
+* x-gradient: grid (chunk, channel block); contractions in turn, each node's gradient written by its owner.
+* weight gradient: grid (chunk, channel block, contraction); per-chunk sums in registers, one atomic add each.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ..descriptors import SymmetricContractionProblem
+from . import codegen
+
+POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN
+_TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _chunk_size() -> int:
+    return int(os.environ.get("FASTMLIP_SC_NODES_PER_PROGRAM", "16"))
+
+
+def _block_size(num_features: int) -> int:
+    cap = int(os.environ.get("FASTMLIP_SC_BLOCK", "32"))
+    return max(1, min(cap, 1 << (num_features - 1).bit_length()))
+
+
+def tl_dtype(dtype):
+    import triton.language as tl
+
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"Triton node kernels support float32 and float64, got {dtype}")
+    return getattr(tl, _TL_DTYPES[dtype])
+
+
+def species_chunks(species, num_species: int, chunk: int):
+    """Nodes sorted by species and cut into chunks of at most ``chunk`` nodes of one species, without a host sync.
+
+    Returns (order [N] int64, sorted species [N] int64, starts [G + 1] int64): chunk g is sorted positions
+    starts[g]..starts[g+1]; G = ceil(N / chunk) + num_species bounds the count, surplus chunks are empty (start N).
+    """
+    n = species.shape[0]
+    sorted_species, order = torch.sort(species.long(), stable=True)
+    position = torch.arange(n, device=species.device)
+    run_first = torch.searchsorted(sorted_species, sorted_species, right=False)
+    opens = ((position - run_first) % chunk) == 0
+    chunk_id = torch.cumsum(opens.long(), 0) - 1
+    num_chunks = -(-n // chunk) + num_species
+    starts = torch.full((num_chunks + 2,), n, dtype=torch.int64, device=species.device)
+    starts.scatter_(0, torch.where(opens, chunk_id, num_chunks + 1), position)
+    return order, sorted_species, starts[:num_chunks + 1].contiguous()
+
+
+def polynomial(problem: SymmetricContractionProblem, index: int) -> dict:
+    """{(nu, monomial): {(m, p): coefficient}} for contraction ``index``: U folded onto sorted index tuples."""
+    spec, big_l = problem.contractions[index], problem.coupling_dim
+    out = {}
+    for nu, u in enumerate(spec.u_matrices, start=1):
+        if not u.values:
+            continue
+        shape = (spec.ir_dim,) + (big_l,) * nu + (spec.num_params(nu),)
+        folded = defaultdict(float)
+        for flat, value in zip(u.flat_index, u.values):
+            idx = np.unravel_index(flat, shape)
+            folded[(tuple(sorted(int(i) for i in idx[1:1 + nu])), int(idx[0]), int(idx[-1]))] += value
+        scale = max(abs(v) for v in u.values)
+        for (mono, m, p), value in sorted(folded.items()):
+            if abs(value) > 1e-14 * scale:
+                out.setdefault((nu, mono), {})[(m, p)] = value
+    return out
+
+
+class _Monomials:
+    """Emit products of x components once per node, reusing shorter products (x_i x_j before x_i x_j x_k)."""
+
+    def __init__(self, src):
+        self.src, self.seen = src, set()
+
+    def __call__(self, mono: tuple) -> str:
+        if len(mono) == 1:
+            return f"x{mono[0]}"
+        name = "x" + "_".join(str(i) for i in mono)
+        if name not in self.seen:
+            self.seen.add(name)
+            self.src(f"{name} = {self(mono[:-1])} * x{mono[-1]}")
+        return name
+
+
+def _weight_ptrs(problem):
+    return [f"w{t}" for t in range(len(problem.weight_names))]
+
+
+def _weight_index(problem, index: int, nu: int) -> int:
+    return sum(c.correlation for c in problem.contractions[:index]) + nu - 1
+
+
+def _header(src, name, args):
+    src("import triton")
+    src("import triton.language as tl")
+    src("")
+    src("")
+    src("@triton.jit")
+    src(f"def {name}({', '.join(args)}):")
+
+
+def _prologue(body, problem, block):
+    body(f"lane = tl.arange(0, {block})")
+    body("chunk = tl.program_id(0)")
+    body(f"c = tl.program_id(1) * {block} + lane")
+    body(f"cm = c < {problem.num_features}")
+    body("start = tl.load(starts + chunk)")
+    body("end = tl.load(starts + chunk + 1)")
+    body("s = tl.load(species + tl.minimum(start, num_nodes - 1)).to(tl.int64)")
+
+
+def _load_weights(body, problem, index, poly):
+    """Load the species' weights this contraction's polynomial uses (once per chunk)."""
+    used = sorted({(nu, p) for (nu, _), terms in poly.items() for _, p in terms})
+    c_dim = problem.num_features
+    for nu, p in used:
+        t = _weight_index(problem, index, nu)
+        params = problem.contractions[index].num_params(nu)
+        body(f"W{nu}_{p} = tl.load(w{t} + s * {params * c_dim} + {p * c_dim} + c, mask=cm, other=0.0)")
+
+
+def _load_x(body, problem, poly):
+    used = sorted({i for (_, mono) in poly for i in mono})
+    big_l = problem.coupling_dim
+    body("node = tl.load(order + i).to(tl.int64)")
+    body(f"x_row = x + node * {problem.num_features * big_l} + c * {big_l}")
+    for i in used:
+        body(f"x{i} = tl.load(x_row + {i}, mask=cm, other=0.0)")
+
+
+def _out_offsets(problem):
+    offs, o = [], 0
+    for spec in problem.contractions:
+        offs.append(o)
+        o += problem.num_features * spec.ir_dim
+    return offs
+
+
+def forward_source(problem, block) -> str:
+    src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
+    _header(src, "sc_forward", ["x", "species", "order", "starts", *_weight_ptrs(problem), "out", "num_nodes",
+                                "DT: tl.constexpr"])
+    body.depth = 1
+    _prologue(body, problem, block)
+    body("which = tl.program_id(2)")
+    for index, (spec, off) in enumerate(zip(problem.contractions, _out_offsets(problem))):
+        poly = polynomial(problem, index)
+        body(f"{'if' if index == 0 else 'elif'} which == {index}:")
+        with body.indent():
+            _load_weights(body, problem, index, poly)
+            body("for i in range(start, end):")
+            with body.indent():
+                _load_x(body, problem, poly)
+                monos = _Monomials(body)
+                for m in range(spec.ir_dim):
+                    body(f"acc{m} = tl.zeros([{block}], DT)")
+                for (nu, mono), terms in poly.items():
+                    value = monos(mono)
+                    by_m = defaultdict(list)
+                    for (m, p), v in terms.items():
+                        by_m[m].append((consts(v), f"W{nu}_{p}"))
+                    for m, pairs in sorted(by_m.items()):
+                        body(f"acc{m} += ({codegen.linear_combination(pairs)}) * {value}")
+                row = f"out + node * {problem.dim_out} + {off} + c * {spec.ir_dim}"
+                for m in range(spec.ir_dim):
+                    body(f"tl.store({row} + {m}, acc{m}, mask=cm)")
+    with src.indent():
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+def grad_x_source(problem, block) -> str:
+    """d out / d x: per monomial, t = sum_m g_m sum_p U W_p, spread over its factors by the product rule."""
+    src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
+    big_l = problem.coupling_dim
+    _header(src, "sc_grad_x", ["x", "species", "order", "starts", *_weight_ptrs(problem), "grad_out", "grad_x",
+                               "num_nodes", "DT: tl.constexpr"])
+    body.depth = 1
+    _prologue(body, problem, block)
+    written = False
+    for index, (spec, off) in enumerate(zip(problem.contractions, _out_offsets(problem))):
+        poly = polynomial(problem, index)
+        if not poly:
+            continue
+        _load_weights(body, problem, index, poly)
+        body("for i in range(start, end):")
+        with body.indent():
+            _load_x(body, problem, poly)
+            body(f"g_row = grad_out + node * {problem.dim_out} + {off} + c * {spec.ir_dim}")
+            for m in range(spec.ir_dim):
+                body(f"g{m} = tl.load(g_row + {m}, mask=cm, other=0.0)")
+            gx_row = f"grad_x + node * {problem.num_features * big_l} + c * {big_l}"
+            for k in range(big_l):
+                if written:
+                    body(f"gx{k} = tl.load({gx_row} + {k}, mask=cm, other=0.0)")
+                else:
+                    body(f"gx{k} = tl.zeros([{block}], DT)")
+            monos = _Monomials(body)
+            for (nu, mono), terms in poly.items():
+                by_m = defaultdict(list)
+                for (m, p), v in terms.items():
+                    by_m[m].append((consts(v), f"W{nu}_{p}"))
+                parts = [f"g{m} * ({codegen.linear_combination(pairs)})" for m, pairs in sorted(by_m.items())]
+                body(f"t = {' + '.join(parts)}")
+                factors = defaultdict(int)
+                for a in range(len(mono)):
+                    factors[(mono[a], mono[:a] + mono[a + 1:])] += 1
+                for (k, rest), count in sorted(factors.items()):
+                    scaled = "t" if count == 1 else f"{consts(float(count))} * t"
+                    body(f"gx{k} += {scaled}" if not rest else f"gx{k} += {scaled} * {monos(rest)}")
+            for k in range(big_l):
+                body(f"tl.store({gx_row} + {k}, gx{k}, mask=cm)")
+        written = True
+    if not written:
+        body("for i in range(start, end):")
+        with body.indent():
+            body("node = tl.load(order + i).to(tl.int64)")
+            for k in range(big_l):
+                body(f"tl.store(grad_x + node * {problem.num_features * big_l} + c * {big_l} + {k}, "
+                     f"tl.zeros([{block}], DT), mask=cm)")
+    with src.indent():
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+def grad_w_source(problem, block) -> str:
+    """d out / d W_nu[s, p]: per chunk, sum over its nodes of sum_{m, monomial} g_m U x^monomial; one atomic add."""
+    src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
+    c_dim = problem.num_features
+    grads = [f"gw{t}" for t in range(len(problem.weight_names))]
+    _header(src, "sc_grad_w", ["x", "species", "order", "starts", "grad_out", *grads, "num_nodes",
+                               "DT: tl.constexpr"])
+    body.depth = 1
+    _prologue(body, problem, block)
+    body("which = tl.program_id(2)")
+    body(f"live = c < tl.where(start < end, {problem.num_features}, 0)")
+    for index, (spec, off) in enumerate(zip(problem.contractions, _out_offsets(problem))):
+        poly = polynomial(problem, index)
+        used = sorted({(nu, p) for (nu, _), terms in poly.items() for _, p in terms})
+        body(f"{'if' if index == 0 else 'elif'} which == {index}:")
+        with body.indent():
+            for nu, p in used:
+                body(f"A{nu}_{p} = tl.zeros([{block}], DT)")
+            body("for i in range(start, end):")
+            with body.indent():
+                _load_x(body, problem, poly)
+                body(f"g_row = grad_out + node * {problem.dim_out} + {off} + c * {spec.ir_dim}")
+                for m in range(spec.ir_dim):
+                    body(f"g{m} = tl.load(g_row + {m}, mask=cm, other=0.0)")
+                monos = _Monomials(body)
+                for (nu, mono), terms in poly.items():
+                    value = monos(mono)
+                    by_p = defaultdict(list)
+                    for (m, p), v in terms.items():
+                        by_p[p].append((consts(v), f"g{m}"))
+                    for p, pairs in sorted(by_p.items()):
+                        body(f"A{nu}_{p} += ({codegen.linear_combination(pairs)}) * {value}")
+            for nu, p in used:
+                t = _weight_index(problem, index, nu)
+                params = spec.num_params(nu)
+                body(f"tl.atomic_add(gw{t} + s * {params * c_dim} + {p * c_dim} + c, A{nu}_{p}, mask=live)")
+            if not used:
+                body("pass")
+    with src.indent():
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+_SOURCES = {"forward": (forward_source, "sc_forward"), "grad_x": (grad_x_source, "sc_grad_x"),
+            "grad_w": (grad_w_source, "sc_grad_w")}
+
+
+def _kernel(problem, variant, block):
+    build, name = _SOURCES[variant]
+    return getattr(codegen.load_module(f"{problem.key}_sc_{variant}_b{block}", build(problem, block)), name)
+
+
+def _launch(problem, variant, grid, args, dtype, block):
+    _kernel(problem, variant, block)[grid](*args, DT=tl_dtype(dtype), num_warps=max(1, min(4, block // 32)))
+
+
+def _prepared(problem, x, species):
+    order, sorted_species, starts = species_chunks(species, problem.num_elements, _chunk_size())
+    block = _block_size(problem.num_features)
+    grid = (starts.shape[0] - 1, -(-problem.num_features // block))
+    return order, sorted_species, starts, block, grid
+
+
+def forward(problem: SymmetricContractionProblem, x, species, weights):
+    """[N, C, L] features, species [N], weights in ``problem.weight_names`` order -> [N, dim_out]."""
+    tl_dtype(x.dtype)
+    x, weights = x.contiguous(), [w.contiguous() for w in weights]
+    n = x.shape[0]
+    out = x.new_full((n, problem.dim_out), float("nan")) if POISON_OUTPUTS else x.new_empty(n, problem.dim_out)
+    if n == 0:
+        return out
+    order, sorted_species, starts, block, grid = _prepared(problem, x, species)
+    _launch(problem, "forward", grid + (len(problem.contractions),),
+            (x, sorted_species, order, starts, *weights, out, n), x.dtype, block)
+    return out
+
+
+def backward(problem: SymmetricContractionProblem, grad_out, x, species, weights, want_x: bool, want_w: bool):
+    """(grad_x or empty, [grad_w or empty per weight]) of <grad_out, forward(x, species, weights)>."""
+    tl_dtype(x.dtype)
+    grad_out, x, weights = grad_out.contiguous(), x.contiguous(), [w.contiguous() for w in weights]
+    n = x.shape[0]
+    grad_x = x.new_empty(0)
+    grad_ws = [w.new_empty(0) for w in weights]
+    if want_x:
+        grad_x = torch.full_like(x, float("nan")) if POISON_OUTPUTS else torch.empty_like(x)
+    if want_w:
+        grad_ws = [torch.zeros_like(w) for w in weights]
+    if n == 0:
+        return grad_x.zero_() if want_x else grad_x, grad_ws
+    order, sorted_species, starts, block, grid = _prepared(problem, x, species)
+    if want_x:
+        _launch(problem, "grad_x", grid, (x, sorted_species, order, starts, *weights, grad_out, grad_x, n),
+                x.dtype, block)
+    if want_w:
+        _launch(problem, "grad_w", grid + (len(problem.contractions),),
+                (x, sorted_species, order, starts, grad_out, *grad_ws, n), x.dtype, block)
+    return grad_x, grad_ws

@@ -2,8 +2,9 @@
 polynomials Y^0..Y^lmax of raw vectors.
 
 Input normalisation (``torch.nn.functional.normalize``, as e3nn does it) and the choice of degrees and output
-normalisation are plain torch around the op. Its backward is d Y^l = D^l . Y^(l-1), i.e. the same op one degree
-lower contracted with constants, so every order of derivative exists.
+normalisation are plain torch around the op. On the Triton backend forward and backward are kernels generated per
+lmax (:mod:`fastmlip.kernels.spherical_harmonics`); second derivatives differentiate the reference backward
+d Y^l = D^l . Y^(l-1) in plain torch.
 """
 from __future__ import annotations
 
@@ -12,17 +13,43 @@ from torch import Tensor
 
 from ..reference import spherical_harmonics as ref
 from . import dispatch
+from .symmetric_contraction import vjp_of_reference
+
+
+def _kernels():
+    from ..kernels import spherical_harmonics as kernels
+
+    return kernels
 
 
 @torch.library.custom_op("fastmlip::spherical_harmonics", mutates_args=())
 def spherical_harmonics_fwd(vectors: Tensor, lmax: int) -> Tensor:
-    dispatch.backend_for(vectors, has_kernel=False)
+    if dispatch.backend_for(vectors) == "triton":
+        return _kernels().forward(lmax, vectors)
     return ref.polynomials(lmax, vectors)
 
 
 @spherical_harmonics_fwd.register_fake
 def _(vectors, lmax):
     return vectors.new_empty(vectors.shape[0], (lmax + 1) ** 2)
+
+
+def _reference_backward(lmax: int, grad: Tensor, vectors: Tensor) -> Tensor:
+    low = ref.polynomials(lmax - 1, vectors) if lmax > 0 else None
+    return ref.polynomials_backward(lmax, grad, low)
+
+
+@torch.library.custom_op("fastmlip::spherical_harmonics_bwd", mutates_args=())
+def spherical_harmonics_bwd(grad: Tensor, vectors: Tensor, lmax: int) -> Tensor:
+    """d <grad, Y^0..Y^lmax(vectors)> / d vectors."""
+    if dispatch.backend_for(vectors) == "triton":
+        return _kernels().backward(lmax, grad, vectors)
+    return _reference_backward(lmax, grad, vectors)
+
+
+@spherical_harmonics_bwd.register_fake
+def _(grad, vectors, lmax):
+    return torch.empty_like(vectors)
 
 
 def _setup(ctx, inputs, output):
@@ -33,11 +60,25 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (vectors,) = ctx.saved_tensors
-    low = spherical_harmonics_fwd(vectors, ctx.lmax - 1) if ctx.lmax > 0 else None
-    return ref.polynomials_backward(ctx.lmax, grad, low), None
+    return spherical_harmonics_bwd(grad, vectors, ctx.lmax), None
 
 
 spherical_harmonics_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _bwd_setup(ctx, inputs, output):
+    grad, vectors, lmax = inputs
+    ctx.save_for_backward(grad, vectors)
+    ctx.lmax = lmax
+
+
+def _bwd_backward(ctx, h):
+    grad, vectors = ctx.saved_tensors
+    d_grad, d_vectors = vjp_of_reference(lambda g, v: _reference_backward(ctx.lmax, g, v), [grad, vectors], h)
+    return d_grad, d_vectors, None
+
+
+spherical_harmonics_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 
 
 def spherical_harmonics(lmax_or_irreps, vectors: Tensor, normalize: bool, normalization: str = "integral") -> Tensor:

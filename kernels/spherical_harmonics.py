@@ -1,0 +1,151 @@
+"""Triton kernels for real spherical harmonics Y^0..Y^lmax (component-normalised polynomials of raw vectors).
+
+Generated per lmax with every polynomial coefficient baked in (from
+:func:`fastmlip.reference.spherical_harmonics.monomial_coefficients`, the same exact coefficients the reference
+uses). One program per block of edges, edges across lanes; powers of x, y, z once, each monomial once, each
+output a fixed linear combination of monomials. The backward contracts the incoming gradient with the
+coefficients per monomial first, then spreads it over the monomial's derivative (one pass, no Y^(l-1) buffer).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..reference.spherical_harmonics import monomial_coefficients
+from . import codegen
+from .symmetric_contraction import tl_dtype
+
+POISON_OUTPUTS = False
+
+
+def _block() -> int:
+    return int(os.environ.get("FASTMLIP_SH_BLOCK", "128"))
+
+
+class _Monomials:
+    """x^a y^b z^c names, built from cached powers, each emitted once."""
+
+    def __init__(self, src):
+        self.src, self.seen = src, set()
+
+    def power(self, axis: str, n: int) -> str:
+        if n == 1:
+            return f"v{axis}"
+        name = f"{axis}{n}"
+        if name not in self.seen:
+            self.seen.add(name)
+            self.src(f"{name} = {self.power(axis, n - 1)} * v{axis}")
+        return name
+
+    def __call__(self, exps) -> str:
+        factors = [self.power(axis, int(n)) for axis, n in zip("xyz", exps) if n]
+        if not factors:
+            return "one"
+        if len(factors) == 1:
+            return factors[0]
+        name = "m" + "_".join(str(int(n)) for n in exps)
+        if name not in self.seen:
+            self.seen.add(name)
+            self.src(f"{name} = {' * '.join(factors)}")
+        return name
+
+
+def _start(src, name, args, block):
+    src("import triton")
+    src("import triton.language as tl")
+    src("")
+    src("")
+    src("@triton.jit")
+    src(f"def {name}({', '.join(args)}):")
+    body = codegen.Source()
+    body.depth = 1
+    body(f"e = tl.program_id(0).to(tl.int64) * {block} + tl.arange(0, {block})")
+    body("mask = e < num_edges")
+    for k, axis in enumerate("xyz"):
+        body(f"v{axis} = tl.load(vectors + e * 3 + {k}, mask=mask, other=0.0)")
+    body(f"one = tl.full([{block}], 1.0, DT)")
+    return body
+
+
+def forward_source(lmax: int, block: int) -> str:
+    src, consts = codegen.Source(), codegen.Constants()
+    body = _start(src, "sh_forward", ["vectors", "out", "num_edges", "DT: tl.constexpr"], block)
+    monos = _Monomials(body)
+    dim = (lmax + 1) ** 2
+    for l in range(lmax + 1):
+        exps, coeffs = monomial_coefficients(l)
+        for i in range(2 * l + 1):
+            pairs = [(consts(coeffs[r, i]), monos(exps[r])) for r in range(len(exps)) if coeffs[r, i] != 0]
+            value = codegen.linear_combination(pairs)
+            body(f"tl.store(out + e * {dim} + {l * l + i}, {value}, mask=mask)")
+    with src.indent():
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+def backward_source(lmax: int, block: int) -> str:
+    """grad_v[k] = sum_l sum_monomials (sum_i coeff[r, i] g[l, i]) * d(monomial_r)/d v_k."""
+    src, consts = codegen.Source(), codegen.Constants()
+    body = _start(src, "sh_backward", ["vectors", "grad_out", "grad_vectors", "num_edges",
+                                               "DT: tl.constexpr"], block)
+    monos = _Monomials(body)
+    dim = (lmax + 1) ** 2
+    for axis in "xyz":
+        body(f"g{axis} = tl.zeros([{block}], DT)")
+    for l in range(1, lmax + 1):
+        exps, coeffs = monomial_coefficients(l)
+        for i in range(2 * l + 1):
+            body(f"go{i} = tl.load(grad_out + e * {dim} + {l * l + i}, mask=mask, other=0.0)")
+        for r in range(len(exps)):
+            pairs = [(consts(coeffs[r, i]), f"go{i}") for i in range(2 * l + 1) if coeffs[r, i] != 0]
+            if not pairs:
+                continue
+            body(f"t = {codegen.linear_combination(pairs)}")
+            for k, axis in enumerate("xyz"):
+                power = int(exps[r][k])
+                if power:
+                    lowered = list(exps[r])
+                    lowered[k] -= 1
+                    scaled = "t" if power == 1 else f"{consts(float(power))} * t"
+                    body(f"g{axis} += {scaled} * {monos(lowered)}")
+    for k, axis in enumerate("xyz"):
+        body(f"tl.store(grad_vectors + e * 3 + {k}, g{axis}, mask=mask)")
+    with src.indent():
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+def _kernel(kind: str, lmax: int, block: int):
+    build = forward_source if kind == "forward" else backward_source
+    module = codegen.load_module(f"spherical_harmonics_{kind}_l{lmax}_b{block}", build(lmax, block))
+    return getattr(module, f"sh_{kind}")
+
+
+def _launch(kind, lmax, args, num_edges, dtype):
+    block = _block()
+    grid = (-(-num_edges // block),)
+    _kernel(kind, lmax, block)[grid](*args, num_edges, DT=tl_dtype(dtype), num_warps=max(1, min(4, block // 32)))
+
+
+def forward(lmax: int, vectors: torch.Tensor) -> torch.Tensor:
+    """Component-normalised Y^0..Y^lmax of raw vectors [E, 3] -> [E, (lmax + 1)^2]."""
+    tl_dtype(vectors.dtype)
+    vectors = vectors.contiguous()
+    shape = (vectors.shape[0], (lmax + 1) ** 2)
+    out = vectors.new_full(shape, float("nan")) if POISON_OUTPUTS else vectors.new_empty(shape)
+    if vectors.shape[0]:
+        _launch("forward", lmax, (vectors, out), vectors.shape[0], vectors.dtype)
+    return out
+
+
+def backward(lmax: int, grad_out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """d <grad_out, forward(lmax, vectors)> / d vectors -> [E, 3]."""
+    tl_dtype(vectors.dtype)
+    vectors, grad_out = vectors.contiguous(), grad_out.contiguous()
+    out = torch.full_like(vectors, float("nan")) if POISON_OUTPUTS else torch.empty_like(vectors)
+    if vectors.shape[0]:
+        _launch("backward", lmax, (vectors, grad_out, out), vectors.shape[0], vectors.dtype)
+    return out

@@ -14,8 +14,11 @@ Writes tests/fixtures/mace_e3nn044.model (``torch.save(model)``) and tests/fixtu
 The hidden irreps carry an odd-parity scalar (0o), which makes MACE add unnatural-parity irreps (1e, 2o) to the
 interaction: the convolution then has paths with l1+l2+l3 odd (1o x 1o -> 1e, 1o x 2e -> 2o), exactly where
 e3nn's wigner_3j changed sign after 0.4.4. The symmetric contraction's U matrices carry such couplings too
-(first layer: correlation 3 over 0e+1o+2e; second layer: correlation 2 over the six irreps, which keeps the file
-under 1 MB where correlation 3 there would store a 2.8 MB U tensor).
+(first layer: correlation 3 over 0e+1o+2e; later layers: correlation 2 over the six irreps, which keeps the file
+small where correlation 3 there would store a 2.8 MB U tensor). Three interactions, because the unnatural-parity
+features of one layer enter the energy only squared (2o x 2o -> 0e) when that layer is the last; a middle layer
+passes them on linearly (2o x 2e -> 1o). The radial weights of odd paths are boosted, so that the wrong constants
+would move forces far beyond rounding. The model is stored in float32 (half the bytes) and evaluated in float64.
 """
 from __future__ import annotations
 
@@ -65,10 +68,24 @@ def build_model() -> torch.nn.Module:
     return ScaleShiftMACE(
         r_max=4.5, num_bessel=6, num_polynomial_cutoff=5, max_ell=2,
         interaction_cls=RealAgnosticResidualInteractionBlock, interaction_cls_first=RealAgnosticInteractionBlock,
-        num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps("8x0e+8x0o+8x1o"),
+        num_interactions=3, num_elements=2, hidden_irreps=o3.Irreps("8x0e+8x0o+8x1o"),
         MLP_irreps=o3.Irreps("8x0e"), atomic_energies=np.array([-13.6, -432.0]), avg_num_neighbors=6.0,
-        atomic_numbers=[1, 8], correlation=[3, 2], gate=torch.nn.functional.silu, radial_MLP=[16, 16],
+        atomic_numbers=[1, 8], correlation=[3, 2, 2], gate=torch.nn.functional.silu, radial_MLP=[16, 16],
         atomic_inter_scale=1.0, atomic_inter_shift=0.0)
+
+
+def boost_odd_paths(model, factor: float) -> None:
+    """Scale the radial-MLP outputs feeding conv paths with l1+l2+l3 odd (where the sign convention matters)."""
+    for block in model.interactions:
+        tp, last = block.conv_tp, list(block.conv_tp_weights.children())[-1]
+        offset = 0
+        with torch.no_grad():
+            for ins in tp.instructions:
+                size = int(np.prod(ins.path_shape))
+                ls = (tp.irreps_in1[ins.i_in1].ir.l, tp.irreps_in2[ins.i_in2].ir.l, tp.irreps_out[ins.i_out].ir.l)
+                if sum(ls) % 2 == 1:
+                    last.weight[:, offset:offset + size] *= factor
+                offset += size
 
 
 def evaluate(model, structs) -> list:
@@ -99,16 +116,18 @@ def main() -> int:
     torch.set_default_dtype(torch.float64)
     structs = structures()
     model = build_model()
+    boost_odd_paths(model, factor=30.0)
     probe = evaluate(model, structs)
     max_force = max(np.abs(np.array(s["forces"])).max() for s in probe)
     model.scale_shift.scale.mul_(TARGET_MAX_FORCE / max_force)
 
     FIXTURES.mkdir(parents=True, exist_ok=True)
-    torch.save(model, MODEL_PATH)
+    torch.save(model.float(), MODEL_PATH)
     reloaded = torch.load(MODEL_PATH, weights_only=False)
     reference = {
         "e3nn_version": e3nn.__version__,
         "torch_version": torch.__version__,
+        "saved_dtype": "float32",
         "dtype": "float64",
         "note": "energies/forces/stress from mace.calculators.MACECalculator under e3nn 0.4.4; stress in eV/A^3, "
                 "ASE Voigt order (xx, yy, zz, yz, xz, xy)",

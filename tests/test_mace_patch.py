@@ -1,0 +1,305 @@
+"""MACE patch: accelerated vs original, compute() vs MACECalculator, heads, restore, strict mode, e3nn-0.4.4 files.
+
+Models use the published MACE-MP-0 / MACE-OFF hyperparameters (max_ell 3, correlation 3, 2 interactions,
+residual interaction blocks; OFF-like with a plain first block) with channel counts cut for a 2-core CPU; readout
+weights are scaled so forces are O(1) eV/A, so agreement is checked on real numbers, not on rounding noise.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import warnings
+from pathlib import Path
+
+import ase
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mace.modules")
+
+from e3nn import o3  # noqa: E402
+from mace.calculators import MACECalculator  # noqa: E402
+from mace.modules import (MACE, RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock,  # noqa: E402
+                          RealAgnosticResidualNonLinearInteractionBlock, ScaleShiftMACE)
+
+from fastmlip.patches import common, e3nn_compat  # noqa: E402
+from fastmlip.patches import mace as patch  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_MODEL = FIXTURES / "mace_e3nn044.model"
+FIXTURE_REFERENCE = FIXTURES / "mace_e3nn044_reference.json"
+
+# name: (model class, hidden irreps, first interaction, interaction, use_reduced_cg)
+CONFIGS = {
+    "mp0_small": (ScaleShiftMACE, "16x0e", RealAgnosticResidualInteractionBlock,
+                  RealAgnosticResidualInteractionBlock, True),
+    "mp0_medium": (ScaleShiftMACE, "8x0e+8x1o", RealAgnosticResidualInteractionBlock,
+                   RealAgnosticResidualInteractionBlock, False),
+    "mp0_large": (ScaleShiftMACE, "4x0e+4x1o+4x2e", RealAgnosticResidualInteractionBlock,
+                  RealAgnosticResidualInteractionBlock, True),
+    "off_like": (MACE, "8x0e+8x1o", RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock, False),
+}
+R_MAX = 4.5
+ELEMENTS = [1, 6, 8]
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def build_model(config: str, *, heads=None, interaction=None):
+    """A fresh copy of a cached model (building MACE's U matrices costs ~10-25 s on CI's CPU)."""
+    return copy.deepcopy(_cached_model(config, tuple(heads) if heads else None, interaction))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_model(config: str, heads, interaction, seed: int = 0):
+    model_cls, hidden, first, inter, reduced = CONFIGS[config]
+    heads = list(heads) if heads else None
+    torch.manual_seed(seed)
+    n_heads = len(heads) if heads else 1
+    kwargs = dict(r_max=R_MAX, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=interaction or inter,
+                  interaction_cls_first=first, num_interactions=2, num_elements=len(ELEMENTS),
+                  hidden_irreps=o3.Irreps(hidden), MLP_irreps=o3.Irreps("8x0e"),
+                  atomic_energies=np.linspace(-3.0, -1.0, len(ELEMENTS) * n_heads).reshape(
+                      (n_heads, len(ELEMENTS)) if heads else (len(ELEMENTS),)),
+                  avg_num_neighbors=10.0, atomic_numbers=ELEMENTS, correlation=3, gate=torch.nn.functional.silu,
+                  radial_MLP=[16, 16], use_reduced_cg=reduced, heads=heads)
+    if model_cls is ScaleShiftMACE:
+        kwargs.update(atomic_inter_scale=[1.0] * n_heads if heads else 1.0,
+                      atomic_inter_shift=[0.1] * n_heads if heads else 0.1)
+    model = model_cls(**kwargs).eval()
+    _scale_forces(model, target=3.0)
+    return model
+
+
+def _scale_forces(model, target: float) -> None:
+    """Scale the readouts' last weights so the largest force on the test structure is ``target`` eV/A."""
+    atoms = periodic_structure()
+    forces = common.compute_on_atoms(patch, model, atoms, common.neighbor_edges(atoms, R_MAX))["forces"]
+    factor = target / float(forces.abs().max())
+    with torch.no_grad():
+        for readout in model.readouts:
+            last = readout.linear if hasattr(readout, "linear") else readout.linear_2
+            last.weight.mul_(factor)
+
+
+def periodic_structure(seed: int = 0):
+    """8 atoms of H, C, O in a rattled triclinic cell smaller than two cutoffs (periodic images matter)."""
+    rng = np.random.default_rng(seed)
+    cell = np.array([[5.0, 0.0, 0.0], [0.6, 4.6, 0.0], [0.4, 0.5, 4.8]])
+    frac = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
+                     [0.25, 0.25, 0.25], [0.75, 0.75, 0.25], [0.75, 0.25, 0.75], [0.25, 0.75, 0.75]])
+    atoms = ase.Atoms(numbers=[1, 6, 8, 1, 6, 8, 8, 1], scaled_positions=frac, cell=cell, pbc=True)
+    atoms.positions += rng.normal(scale=0.15, size=atoms.positions.shape)
+    return atoms
+
+
+def molecule():
+    return ase.Atoms("CH2O", positions=[[0, 0, 0], [1.09, 0, 0], [-0.3, 1.0, 0.1], [-0.5, -0.8, 0.6]], pbc=False)
+
+
+def run(model, atoms, *, shuffle_seed=None, modal=None):
+    edges = common.neighbor_edges(atoms, R_MAX)
+    if shuffle_seed is not None:
+        order = torch.randperm(edges[0].numel(), generator=torch.Generator().manual_seed(shuffle_seed))
+        edges = tuple(t[order] for t in edges)
+    return common.compute_on_atoms(patch, model, atoms, edges, modal=modal)
+
+
+def assert_agree(reference, candidate, num_atoms, dtype):
+    e_tol, f_tol = common.tolerances(dtype)
+    dev = common.deviation(reference, candidate, num_atoms)
+    assert dev["energy_per_atom"] <= e_tol and dev["forces"] <= f_tol, dev
+    if reference["stress"] is not None:
+        assert dev["stress"] <= f_tol, dev
+    assert torch.allclose(reference["energies"], candidate["energies"], atol=e_tol * 10, rtol=0)
+    return dev
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_accelerated_matches_original(config, dtype):
+    model = build_model(config).to(dtype)
+    atoms = periodic_structure(seed=1)
+    original = run(model, atoms, shuffle_seed=3)
+    assert 0.3 < float(original["forces"].abs().max()) < 30.0
+    assert patch.accelerate(model) == []
+    assert patch.is_accelerated(model)
+    fast_types = {type(m).__name__ for m in model.modules()}
+    assert {"FastInteraction", "FastSymmetricContraction", "FastLinear", "FastSphericalHarmonics"} <= fast_types
+    accelerated = run(model, atoms)
+    assert accelerated["energy"].dtype == dtype and accelerated["forces"].dtype == dtype
+    dev = assert_agree(original, accelerated, len(atoms), dtype)
+    print(f"{config} {dtype}: {dev}")
+
+
+def test_unsorted_edges_give_the_same_result():
+    """Edge order must not matter (a past bug elsewhere: unsorted edges gave energies off 2.5x)."""
+    model = build_model("mp0_medium")
+    atoms = periodic_structure(seed=2)
+    original = run(model, atoms)
+    patch.accelerate(model)
+    for seed in (0, 1, 2):
+        assert_agree(original, run(model, atoms, shuffle_seed=seed), len(atoms), torch.float64)
+    reversed_edges = tuple(t.flip(0) for t in common.neighbor_edges(atoms, R_MAX))
+    assert_agree(original, common.compute_on_atoms(patch, model, atoms, reversed_edges), len(atoms), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_compute_matches_mace_calculator(dtype):
+    model = build_model("off_like").to(getattr(torch, dtype))
+    calc = MACECalculator(models=model, device="cpu", default_dtype=dtype)
+    tol = 1e-10 if dtype == "float64" else 2e-5
+    for atoms in (periodic_structure(seed=4), molecule()):
+        ours = run(model, atoms, shuffle_seed=5)
+        theirs = atoms.copy()
+        theirs.calc = calc
+        assert abs(float(ours["energy"]) - theirs.get_potential_energy()) <= tol * len(atoms)
+        np.testing.assert_allclose(ours["forces"].numpy(), theirs.get_forces(), atol=tol, rtol=0)
+        np.testing.assert_allclose(ours["energies"].numpy(), theirs.get_potential_energies(), atol=tol, rtol=0)
+        if atoms.pbc.any():
+            voigt = ase.stress.full_3x3_to_voigt_6_stress(ours["stress"].numpy())
+            np.testing.assert_allclose(voigt, theirs.get_stress(), atol=tol, rtol=0)
+        else:
+            assert ours["stress"] is None
+
+
+def test_multi_head_model():
+    heads = ["pbe", "r2scan", "Default"]
+    model = build_model("mp0_small", heads=heads)
+    assert patch.model_info(model)["modals"] == heads
+    atoms = periodic_structure(seed=6)
+    originals = {h: run(model, atoms, modal=h, shuffle_seed=7) for h in heads}
+    assert abs(float(originals["pbe"]["energy"] - originals["r2scan"]["energy"])) > 1e-3
+    assert torch.equal(run(model, atoms, modal=None)["energy"], run(model, atoms, modal="Default")["energy"])
+    patch.accelerate(model)
+    for head in heads:
+        assert_agree(originals[head], run(model, atoms, modal=head), len(atoms), torch.float64)
+    with pytest.raises(ValueError, match=r"head 'hse' unknown.*\['pbe', 'r2scan', 'Default'\]"):
+        run(model, atoms, modal="hse")
+
+
+def test_restore_is_bit_identical_and_state_dict_unchanged_while_accelerated():
+    model = build_model("mp0_large")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = {name: type(m) for name, m in model.named_modules()}
+    patch.accelerate(model)
+    during = model.state_dict()
+    assert list(during) == list(before)
+    assert all(torch.equal(during[k], before[k]) for k in before)
+    patch.restore(model)
+    assert not patch.is_accelerated(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert {name: type(m) for name, m in model.named_modules()} == modules_before
+
+
+def test_strict_mode_and_unsupported_blocks():
+    model = build_model("mp0_small", interaction=RealAgnosticResidualNonLinearInteractionBlock)
+    atoms = periodic_structure(seed=8)
+    original = run(model, atoms, shuffle_seed=9)
+    types_before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"strict=True.*interactions\.1: RealAgnosticResidualNonLinear"):
+        patch.accelerate(model, strict=True)
+    assert {name: type(m) for name, m in model.named_modules()} == types_before
+    assert not patch.is_accelerated(model)
+
+    from fastmlip import api
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        api.accelerate(model, check=True)
+    left = [w for w in caught if "fastmlip left" in str(w.message)]
+    assert len(left) == 1 and "interactions.1 (RealAgnosticResidualNonLinearInteractionBlock)" in str(left[0].message)
+    assert type(model.interactions[0]).__name__ == "FastInteraction"
+    assert type(model.interactions[1]) is RealAgnosticResidualNonLinearInteractionBlock
+    assert_agree(original, run(model, atoms), len(atoms), torch.float64)
+
+
+def test_unknown_element_and_bad_files(tmp_path):
+    model = build_model("mp0_small")
+    atoms = periodic_structure()
+    atoms.numbers[2] = 14
+    with pytest.raises(ValueError, match=r"Si unknown to this MACE model; it knows: H C O"):
+        run(model, atoms)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    assert not patch.can_load(junk)
+    with pytest.raises(ValueError, match="not a MACE model file"):
+        patch.load(junk)
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2), other)
+    assert not patch.can_load(other)
+
+
+def _fixture_atoms(entry):
+    return ase.Atoms(numbers=entry["numbers"], positions=entry["positions"], cell=entry["cell"], pbc=entry["pbc"])
+
+
+def _fixture_edges(entry, atoms, cutoff):
+    return common.neighbor_edges(atoms, cutoff)
+
+
+def _check_reference(model, reference, tol_energy, tol_force):
+    cutoff = patch.model_info(model)["cutoff"]
+    worst = 0.0
+    for entry in reference["structures"]:
+        atoms = _fixture_atoms(entry)
+        out = common.compute_on_atoms(patch, model, atoms, _fixture_edges(entry, atoms, cutoff))
+        worst = max(worst, abs(float(out["energy"]) - entry["energy"]) / len(atoms),
+                    float(np.abs(out["forces"].numpy() - np.array(entry["forces"])).max()))
+        assert abs(float(out["energy"]) - entry["energy"]) <= tol_energy * len(atoms), entry["name"]
+        np.testing.assert_allclose(out["forces"].numpy(), entry["forces"], atol=tol_force, rtol=0)
+        if entry["stress_voigt"] is not None:
+            voigt = ase.stress.full_3x3_to_voigt_6_stress(out["stress"].numpy())
+            np.testing.assert_allclose(voigt, entry["stress_voigt"], atol=tol_force, rtol=0)
+    return worst
+
+
+def test_e3nn044_model_loads_and_reproduces_its_reference():
+    reference = json.loads(FIXTURE_REFERENCE.read_text())
+    assert reference["e3nn_version"].startswith("0.4")
+    assert patch.can_load(FIXTURE_MODEL)
+    model = patch.load(FIXTURE_MODEL, dtype=torch.float64)
+    assert patch.handles(model) and type(model.interactions[1].conv_tp).__name__ == "TensorProduct"
+    max_force = max(np.abs(np.array(s["forces"])).max() for s in reference["structures"])
+    assert 0.3 < max_force < 30.0
+    _check_reference(model, reference, 1e-9, 1e-9)
+    patch.accelerate(model, strict=True)
+    _check_reference(model, reference, 1e-9, 1e-8)
+    patch.restore(model)
+    _check_reference(model, reference, 1e-9, 1e-9)
+
+
+def test_e3nn044_constants_are_what_keeps_predictions(monkeypatch):
+    """The fixture has odd l1+l2+l3 paths: with the installed e3nn's wigner_3j instead of the saved ones the
+    predictions move, so the reference test above really checks that the 0.4.4 constants were kept."""
+    with pytest.raises(ValueError):
+        torch.load(FIXTURE_MODEL, weights_only=False)
+    reference = json.loads(FIXTURE_REFERENCE.read_text())
+    model = patch.load(FIXTURE_MODEL)
+    saved = dict(model.interactions[1].conv_tp._compiled_main_left_right.named_buffers())
+    assert (1, 2, 2) in {tuple(int(s) for s in k.split("_")[2:]) for k in saved}
+    monkeypatch.setattr(e3nn_compat, "_transplant_constants", lambda *args: None)
+    rebuilt = patch.load(FIXTURE_MODEL, dtype=torch.float64)
+    with pytest.raises(AssertionError):
+        _check_reference(rebuilt, reference, 1e-6, 1e-6)
+
+
+def test_fixture_through_the_api_with_self_check():
+    from fastmlip import api
+
+    model = api.load(str(FIXTURE_MODEL), dtype=torch.float64)
+    assert api.framework_of(model) is patch and patch.model_info(model)["dtype"] == torch.float64
+    api.accelerate(model, check=True, strict=True)
+    report = api.last_check(model)
+    assert report["deviation"]["forces"] <= common.FP64_FORCE_TOL
+    api.restore(model)
+    assert not patch.is_accelerated(model)

@@ -1,0 +1,56 @@
+"""``fastmlip md`` end to end in subprocesses on CPU (~1 min: each run loads SevenNet-0 once)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sevenn")
+
+
+def run_md(*arguments, cwd):
+    command = [sys.executable, "-m", "fastmlip.cli", "md", "--no-progress", "--threads", "1", *arguments]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_nve_writes_trajectory_and_plot_with_small_drift(tmp_path):
+    from ase.io import read
+
+    result = run_md("--demo", "si", "--repeat", "1", "--steps", "12", "--interval", "4", "--timestep", "1",
+                    "--traj", "out.extxyz", "--plot", "out.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    frames = read(tmp_path / "out.extxyz", index=":")
+    assert len(frames) == 4  # steps 0, 4, 8, 12
+    assert all(len(frame) == 8 and frame.get_chemical_formula() == "Si8" for frame in frames)
+    assert not np.allclose(frames[0].positions, frames[-1].positions)
+    assert np.isfinite(frames[-1].get_forces()).all()
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    drift_line = next(line for line in result.stdout.splitlines() if line.startswith("energy drift:"))
+    excursion = float(drift_line.split("max |E(t) - E(0)| ")[1].split()[0])
+    assert excursion < 1e-3  # eV/atom over 12 fs of velocity Verlet at 1 fs
+    timing_line = next(line for line in result.stdout.splitlines() if line.startswith("timing:"))
+    assert "12 steps" in timing_line and "ns/day" in timing_line
+
+
+def test_nvt_langevin_with_traj_format(tmp_path):
+    from ase.io import read
+
+    result = run_md("--demo", "cu", "--repeat", "1", "--steps", "4", "--interval", "2", "--ensemble", "nvt",
+                    "--temperature", "500", "--traj", "out.traj", "--dtype", "float64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    frames = read(tmp_path / "out.traj", index=":")
+    assert len(frames) == 3 and frames[0].get_chemical_formula() == "Cu4"
+    assert "temperature: mean" in result.stdout and "float64" in result.stdout
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["missing.xyz"], "fastmlip md: error: structure file 'missing.xyz' not found"),
+    (["--steps", "-1"], "fastmlip md: error: --steps must be >= 0, got -1"),
+    (["--traj", "out.pdb"], "fastmlip md: error: --traj must end in one of .extxyz, .xyz, .traj, got 'out.pdb'"),
+])
+def test_errors_exit_nonzero_with_one_line(tmp_path, arguments, message):
+    result = run_md(*arguments, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert not (tmp_path / "out.pdb").exists()

@@ -243,16 +243,12 @@ def _fixture_atoms(entry):
     return ase.Atoms(numbers=entry["numbers"], positions=entry["positions"], cell=entry["cell"], pbc=entry["pbc"])
 
 
-def _fixture_edges(entry, atoms, cutoff):
-    return common.neighbor_edges(atoms, cutoff)
-
-
 def _check_reference(model, reference, tol_energy, tol_force):
     cutoff = patch.model_info(model)["cutoff"]
     worst = 0.0
     for entry in reference["structures"]:
         atoms = _fixture_atoms(entry)
-        out = common.compute_on_atoms(patch, model, atoms, _fixture_edges(entry, atoms, cutoff))
+        out = common.compute_on_atoms(patch, model, atoms, common.neighbor_edges(atoms, cutoff))
         worst = max(worst, abs(float(out["energy"]) - entry["energy"]) / len(atoms),
                     float(np.abs(out["forces"].numpy() - np.array(entry["forces"])).max()))
         assert abs(float(out["energy"]) - entry["energy"]) <= tol_energy * len(atoms), entry["name"]

@@ -118,7 +118,7 @@ def _cross_block() -> CGBlock:
 
 
 def _specialized_code() -> bool:
-    """e3nn's global switch for its hand-written special cases (on unless a user turned it off)."""
+    """e3nn's global switch for its hand-written special cases, for modules that predate the per-module flag."""
     import e3nn
 
     return bool(e3nn.get_optimization_defaults().get("specialized_code", True))
@@ -215,7 +215,8 @@ def tensor_product_problem(tp, cg_blocks: dict | None = None) -> TensorProductPr
                                           parse_irreps(tp.irreps_out))
     stored = dict(_cg_blocks_of(tp))
     stored.update(cg_blocks or {})
-    specialized = _specialized_code()
+    specialized = getattr(tp, "_specialized_code", None)
+    specialized = _specialized_code() if specialized is None else bool(specialized)
     paths, offset = [], 0
     for ins in tp.instructions:
         _check_path(irreps_in1, irreps_in2, irreps_out, ins.i_in1, ins.i_in2, ins.i_out, ins.connection_mode)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastmlip.descriptors import tensor_product_problem
+from fastmlip.graph import sort_edges
 from fastmlip.ops.conv import check_conv_problem, fused_conv
 
 from . import common
@@ -25,6 +26,8 @@ FRAMEWORK = "sevenn"
 # Key in a checkpoint dict written by ``fastmlip convert --to fast``; sevenn ignores unknown keys.
 MARKER_KEY = "fastmlip"
 FILE_FORMAT_ATTRIBUTE = "_fastmlip_file"
+# Data-dict entry where the first fused convolution of a forward pass leaves the receiver-sorted edges.
+SORTED_EDGES_KEY = "_fastmlip_sorted_edges"
 
 # Checkpoints shipped inside the sevenn package, by the names sevenn resolves (sevenn.util.pretrained_name_to_path).
 _PRETRAINED = {
@@ -286,7 +289,8 @@ class FastIrrepsConvolution(nn.Module):
     """``sevenn.nn.convolution.IrrepsConvolution`` with the gather-TP-scatter fused into one fastmlip op.
 
     Shares ``weight_nn`` and ``denominator`` with the module it replaces (same parameter objects), reads and
-    writes the same data keys, and uses the tensor product's own coupling blocks and path weights.
+    writes the same data keys, and uses the tensor product's own coupling blocks and path weights. Edges go to
+    the op sorted by receiver with CSR offsets, so GPU kernels take their deterministic, atomic-free path.
     """
 
     def __init__(self, original: nn.Module):
@@ -303,14 +307,32 @@ class FastIrrepsConvolution(nn.Module):
     def extra_repr(self) -> str:
         return f"problem={self.problem}"
 
+    def _sorted_edges(self, data, num_nodes: int):
+        """Edges sorted by receiver (CSR offsets for the deterministic kernels), shared by all layers of a pass.
+
+        The radial-MLP input and the edge attributes are permuted once, so each layer's weights come out sorted.
+        """
+        edge_index = data[self.key_edge_idx]
+        inputs = (edge_index, data[self.key_filter], data[self.key_weight_input])
+        cached = data[SORTED_EDGES_KEY] if SORTED_EDGES_KEY in data else None
+        if cached is None or any(a is not b for a, b in zip(cached["inputs"], inputs)):
+            edges = sort_edges(edge_index[1], edge_index[0], num_nodes)
+            cached = {"inputs": inputs, "edges": edges, "filter": inputs[1][edges.order],
+                      "weight_input": inputs[2][edges.order]}
+            data[SORTED_EDGES_KEY] = cached
+        return cached
+
     def forward(self, data):
-        weight = self.weight_nn(data[self.key_weight_input])
         x = data[self.key_x]
-        edge_index, edge_filter = data[self.key_edge_idx], data[self.key_filter]
-        if edge_index.shape[1] == 0:  # isolated atoms: nothing to gather, as sevenn's fused convolutions do
-            out = x.new_zeros(x.shape[0], self.problem.dim_out) + 0 * (edge_filter.sum() + weight.sum())
+        if data[self.key_edge_idx].shape[1] == 0:  # isolated atoms: nothing to gather (as sevenn's fused convs)
+            weight = self.weight_nn(data[self.key_weight_input])
+            out = x.new_zeros(x.shape[0], self.problem.dim_out) + 0 * (data[self.key_filter].sum() + weight.sum())
         else:
-            out = fused_conv(self.problem, x, edge_filter, weight, edge_index[1], edge_index[0], x.shape[0])
+            cached = self._sorted_edges(data, x.shape[0])
+            edges = cached["edges"]
+            weight = self.weight_nn(cached["weight_input"])
+            out = fused_conv(self.problem, x, cached["filter"], weight, edges.src, edges.dst, x.shape[0],
+                             dst_ptr=edges.dst_ptr, src_perm=edges.src_perm, src_ptr=edges.src_ptr)
         data[self.key_x] = out.div(self.denominator)
         return data
 

@@ -7,6 +7,8 @@ fastmlip op is checked against the mace/e3nn module at the smallest node count (
 PASS/FAIL per case), then each
 importable implementation is timed (forward; forward + input gradient, the MD path). Prints a table with
 ratios (baseline time / fastmlip time, > 1 means fastmlip is faster), writes JSON and a PNG to --out.
+cuEquivariance baselines: cuet.SymmetricContraction (original_mace, ir_mul input), cuet.Linear (for the species
+linear with weight_classes = elements and per-node weight_indices), cuet.SphericalHarmonics.
 
     python scripts/bench_node_kernels.py                 # GPU: everything
     python scripts/bench_node_kernels.py --quick         # CPU smoke test (Triton interpreter, tiny sizes)
@@ -99,11 +101,11 @@ def species_linear_impls(fctp, problem, species, dtype, device, num_elements, ir
         import cuequivariance as cue
         import cuequivariance_torch as cuet
 
-        cu = cuet.FullyConnectedTensorProduct(cue.Irreps("O3", irreps), cue.Irreps("O3", f"{num_elements}x0e"),
-                                              cue.Irreps("O3", irreps), layout=cue.mul_ir, shared_weights=True,
-                                              device=device, dtype=dtype)
+        cu = cuet.Linear(cue.Irreps("O3", irreps), cue.Irreps("O3", irreps), layout=cue.mul_ir, shared_weights=True,
+                         weight_classes=num_elements, device=device, dtype=dtype)
         cu.requires_grad_(False)
-        impls["cueq"] = lambda x: cu(x, attrs)
+        index = species.int()
+        impls["cueq"] = lambda x: cu(x, weight_indices=index)
     except Exception as exc:  # noqa: BLE001
         print(f"  cueq species linear unavailable: {type(exc).__name__}: {exc}")
     return impls
@@ -127,7 +129,7 @@ def linear_impls(module, problem, dtype, device, irreps):
     return impls
 
 
-def sh_impls(lmax):
+def sh_impls(lmax, device):
     from e3nn import o3
 
     from fastmlip.ops.spherical_harmonics import spherical_harmonics
@@ -138,7 +140,7 @@ def sh_impls(lmax):
     try:
         import cuequivariance_torch as cuet
 
-        impls["cueq"] = lambda v: cuet.spherical_harmonics(ls, v, True)
+        impls["cueq"] = cuet.SphericalHarmonics(ls, normalize=True, device=device)
     except Exception as exc:  # noqa: BLE001
         print(f"  cueq spherical harmonics unavailable: {type(exc).__name__}: {exc}")
     return impls
@@ -180,7 +182,7 @@ def build_cases(args, dtype, device):
                 yield Case("linear", "any", n, dtype, device, linear_impls(lin, lin_problem, dtype, device, irreps_in),
                            lambda n=n, d=lin_problem.dim_in: torch.randn(n, d, dtype=dtype, device=device))
                 edges = n * args.degree
-                yield Case("spherical_harmonics", f"l3 x{args.degree} edges", n, dtype, device, sh_impls(3),
+                yield Case("spherical_harmonics", f"l3 x{args.degree} edges", n, dtype, device, sh_impls(3, device),
                            lambda e=edges: torch.randn(e, 3, dtype=dtype, device=device))
 
 

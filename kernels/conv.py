@@ -79,7 +79,13 @@ def _block_size(problem: TensorProductProblem) -> int:
 
 
 def _edges_per_program() -> int:
+    """Edges per program of the per-edge kernels (edge gradients, atomic scatter)."""
     return int(os.environ.get("FASTMLIP_CONV_EDGES_PER_PROGRAM", "4"))
+
+
+def _edge_unroll() -> int:
+    """Edges per loop step of the row-owned kernels: independent loads in flight hide DRAM latency."""
+    return int(os.environ.get("FASTMLIP_CONV_UNROLL", "1"))
 
 
 class _Loads:
@@ -94,6 +100,27 @@ class _Loads:
             self.seen.add(name)
             self.src(f"{name} = tl.load({self.row} + {off + comp} + u * {d}, mask=m, other=0.0)")
         return name
+
+
+def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride):
+    """Loads for the r-th edge of an unrolled loop step (masked off past the row's last edge)."""
+    valid = "" if r == 0 else f", mask=p + {r} < end, other=0"
+    mask = "m" if r == 0 else f"m_{r}"
+    if r:  # a vector comparison: the interpreter cannot combine a vector mask with a scalar one
+        body(f"m_{r} = m & (lane * 0 + (p + {r}) < end)")
+    index = f"p + {r}" if r else "p"
+    body(f"e_{r} = tl.load(perm + {index}{valid}).to(tl.int64)" if mode == "csr_perm" else f"e_{r} = {index}")
+    body(f"n_row_{r} = inp + tl.load(gather + e_{r}{valid}).to(tl.int64) * {in_stride}")
+    x_needed = sorted({(t.in_off, t.in_d, a) for t in group for a, _, _, _ in t.nonzeros})
+    for off, d, a in x_needed:
+        body(f"x{off + a}_{r} = tl.load(n_row_{r} + {off + a} + u * {d}, mask={mask}, other=0.0)")
+    y_needed = sorted({t.y_off + v * t.y_d + j for t in group for v in range(t.mul2) for _, j, _, _ in t.nonzeros})
+    for idx in y_needed:
+        body(f"y{idx}_{r} = tl.load(y + e_{r} * {y_stride} + {idx}{valid})")
+    for t in group:
+        for v in range(t.mul2):
+            body(f"w{t.w_off + v}_{r} = tl.load(w + e_{r} * {w_stride} + {t.w_off + v} + u * {t.mul2}, mask={mask}, "
+                 f"other=0.0)")
 
 
 def _header(src, name, args):
@@ -130,32 +157,26 @@ def _aggregate_source(terms, block, mode, in_stride, out_stride, y_stride, w_str
             if mode != "atomic":
                 for off, _, b in outs:
                     body(f"acc{off + b} = tl.zeros([{block}], DT)")
-            body("for p in range(start, end):")
+            unroll = 1 if mode == "atomic" else _edge_unroll()
+            body(f"for p in range(start, end, {unroll}):")
             with body.indent():
-                body("e = tl.load(perm + p).to(tl.int64)" if mode == "csr_perm" else "e = p")
-                body(f"n_row = inp + tl.load(gather + e).to(tl.int64) * {in_stride}")
-                body(f"y_row = y + e * {y_stride}")
-                body(f"w_row = w + e * {w_stride}")
+                for r in range(unroll):  # every load of the unrolled edges first: their latencies overlap
+                    _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride)
                 if mode == "atomic":
                     for off, _, b in outs:
                         body(f"acc{off + b} = tl.zeros([{block}], DT)")
-                load = _Loads(body, "x", "n_row")
-                y_needed = sorted({t.y_off + v * t.y_d + j for t in group for v in range(t.mul2)
-                                   for _, j, _, _ in t.nonzeros})
-                for idx in y_needed:
-                    body(f"y{idx} = tl.load(y_row + {idx})")
-                for t in group:
-                    for v in range(t.mul2):
-                        body(f"wv = tl.load(w_row + {t.w_off + v} + u * {t.mul2}, mask=m, other=0.0)")
-                        by_b = defaultdict(lambda: defaultdict(list))
-                        for a, j, b, c in t.nonzeros:
-                            by_b[b][a].append((consts(c), f"y{t.y_off + v * t.y_d + j}"))
-                        for b, by_a in sorted(by_b.items()):
-                            parts = [f"({codegen.linear_combination(pairs)}) * {load(t.in_off, t.in_d, a)}"
-                                     for a, pairs in sorted(by_a.items())]
-                            body(f"acc{t.out_off + b} += wv * ({' + '.join(parts)})")
+                for r in range(unroll):
+                    for t in group:
+                        for v in range(t.mul2):
+                            by_b = defaultdict(lambda: defaultdict(list))
+                            for a, j, b, c in t.nonzeros:
+                                by_b[b][a].append((consts(c), f"y{t.y_off + v * t.y_d + j}_{r}"))
+                            for b, by_a in sorted(by_b.items()):
+                                parts = [f"({codegen.linear_combination(pairs)}) * x{t.in_off + a}_{r}"
+                                         for a, pairs in sorted(by_a.items())]
+                                body(f"acc{t.out_off + b} += w{t.w_off + v}_{r} * ({' + '.join(parts)})")
                 if mode == "atomic":
-                    body(f"s_row = out + tl.load(scatter + e).to(tl.int64) * {out_stride}")
+                    body(f"s_row = out + tl.load(scatter + e_0).to(tl.int64) * {out_stride}")
                     for off, d, b in outs:
                         body(f"tl.atomic_add(s_row + {off + b} + u * {d}, acc{off + b}, mask=m)")
             if mode != "atomic":
@@ -251,17 +272,19 @@ def _kernel(problem, variant, block):
         text = _edge_source(_terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims)
         return codegen.load_module(f"{problem.key}_{variant}_b{block}", text).edge_grads
     kind, mode = variant.split("_", 1)
+    unroll = "" if mode == "atomic" else f"_u{_edge_unroll()}"
     transpose = kind == "gx"
     in_stride, out_stride = (problem.dim_out, problem.dim_in1) if transpose else (problem.dim_in1, problem.dim_out)
     text = _aggregate_source(_terms(problem, transpose), block, mode, in_stride, out_stride, problem.dim_in2,
                              problem.weight_numel)
-    return codegen.load_module(f"{problem.key}_{variant}_b{block}", text).aggregate
+    return codegen.load_module(f"{problem.key}_{variant}_b{block}{unroll}", text).aggregate
 
 
 def _launch(problem, variant, grid, args, dtype, block):
     kernel = _kernel(problem, variant, block)
     warps = max(1, min(4, block // 32))
-    label = f"{problem.key}/{variant}/b{block}/{_TL_DTYPES[dtype]}"
+    unroll = "" if variant.startswith("edge") or variant.endswith("atomic") else f"/u{_edge_unroll()}"
+    label = f"{problem.key}/{variant}/b{block}{unroll}/{_TL_DTYPES[dtype]}"
     first = label not in COMPILE_SECONDS
     t0 = time.perf_counter()
     kernel[grid](*args, EPP=_edges_per_program(), DT=_tl_dtype(dtype), num_warps=warps)
@@ -328,16 +351,17 @@ def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, sr
     _check_supported(problem)
     _tl_dtype(x.dtype)
     grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
-    empty = x.new_empty(0)
-    gx = gy = gw = empty
+    gx, gy, gw = (x.new_empty(0) for _ in range(3))  # distinct: a custom op's outputs may not alias each other
     if want[0]:
         sorted_by_src = src_perm is not None and src_ptr is not None
         gx = _aggregate(problem, "gx", grad_out, edge_attr, w, dst, src, src_ptr if sorted_by_src else None,
                         src_perm if sorted_by_src else None, x.shape[0], problem.dim_in1)
     if want[1] or want[2]:
         n_edges = edge_attr.shape[0]
-        gy = _alloc(edge_attr.shape, edge_attr, True) if want[1] else empty
-        gw = _alloc(w.shape, w, True) if want[2] else empty
+        if want[1]:
+            gy = _alloc(edge_attr.shape, edge_attr, True)
+        if want[2]:
+            gw = _alloc(w.shape, w, True)
         if n_edges:
             block = _block_size(problem)
             variant = "edge_" + ("y" if want[1] else "") + ("w" if want[2] else "")

@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton decides at decoration time whether kernels are interpreted, so this must precede any triton import.
+    # The dispatch never picks the interpreter by itself; tests that want the kernels force FASTMLIP_BACKEND=triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Which backend computes an op: ``FASTMLIP_BACKEND=reference|triton|auto`` (default auto).
 
-auto: Triton kernels on CUDA tensors when Triton imports and has a kernel for the op, the reference otherwise.
+auto: Triton kernels on CUDA tensors when Triton imports and has a kernel for the op, the reference otherwise
+(never the interpreter: it is for testing the kernel code, far too slow to pick by default).
 triton: forces the kernels, on CPU too when ``TRITON_INTERPRET=1`` (how CI runs the real kernel code).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def backend_for(tensor: torch.Tensor, has_kernel: bool = True) -> str:
     name = requested_backend()
     if name == "reference":
         return "reference"
-    usable = has_kernel and triton_available() and (tensor.is_cuda or interpreting())
+    usable = has_kernel and tensor.is_cuda and triton_available()
     if name == "triton":
         if not has_kernel:
             raise RuntimeError("FASTMLIP_BACKEND=triton, but this op has no Triton kernel yet")

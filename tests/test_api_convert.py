@@ -1,6 +1,6 @@
 """fastmlip.load/accelerate/restore by name and path, and the ``fastmlip convert`` CLI end to end (subprocesses).
 
-CPU cost (~1.5 min on 2 cores): two real conversions of 7net-0 (each loads, accelerates, checks and re-reads the
+CPU cost (~1.3 min of CPU time on 2 cores): two real conversions of 7net-0 (each loads, accelerates, checks and re-reads the
 model), a handful of CLI calls that fail fast, and three in-process model builds.
 """
 import hashlib

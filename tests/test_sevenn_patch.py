@@ -1,6 +1,6 @@
 """SevenNet acceleration: accelerated vs original on the shipped checkpoints, restore, strict mode, self-check.
 
-CPU cost (~1.5 min on 2 cores): each checkpoint is built once per dtype (a few seconds each) and evaluated on three
+CPU cost (~2 min of CPU time on 2 cores): each checkpoint is built once per dtype (a few seconds each) and evaluated on three
 tiny structures (2-atom Si, a water molecule, a 1-atom Cu cell smaller than the cutoff); 8-atom Si against
 SevenNetCalculator. fp64 models are built in fp64 (not deep-copied from fp32: a deep-copied e3nn TensorProduct
 keeps fp32-rounded constants in its compiled code after ``.double()``, ~2e-9 eV/atom off a fresh fp64 build).
@@ -67,10 +67,11 @@ def assert_close(reference, candidate, num_atoms, dtype):
     return dev
 
 
-def compare_accelerated(model, modals):
+def compare_accelerated(model, modals, only=None):
     """Original (shuffled edges) vs accelerated (neighbour-list order) on every structure and modal."""
     dtype = patch.model_info(model)["dtype"]
-    cases = [(label, atoms, modal) for label, atoms in structures().items() for modal in modals]
+    cases = [(label, atoms, modal) for label, atoms in structures().items() for modal in modals
+             if only is None or label in only]
     originals = {}
     for label, atoms, modal in cases:
         edges = common.neighbor_edges(atoms, model.cutoff)
@@ -89,14 +90,18 @@ def compare_accelerated(model, modals):
     return worst
 
 
-@pytest.mark.parametrize("name", CHECKPOINTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_accelerated_matches_original(name, dtype):
-    if name == "7net-0_22May2024" and dtype == torch.float64:
-        pytest.skip("same architecture as 7net-0; fp32 covers its checkpoint-specific constants")
+# 22May2024 shares 7net-0's architecture: fp32 covers its own constants. In fp64 the larger l3i5 and MF-0 skip
+# the 2-atom Si crystal (the 1-atom Cu cell stays: periodic, and smaller than the cutoff) to keep CI time modest.
+CASES = [(name, torch.float32, None) for name in CHECKPOINTS] + [
+    ("7net-0", torch.float64, None), ("7net-l3i5", torch.float64, ("cu1", "water")),
+    ("7net-mf-0", torch.float64, ("cu1", "water"))]
+
+
+@pytest.mark.parametrize("name, dtype, only", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_accelerated_matches_original(name, dtype, only):
     model = model_for(name, dtype)
     modals = patch.model_info(model)["modals"] or [None]
-    worst = compare_accelerated(model, modals)
+    worst = compare_accelerated(model, modals, only)
     assert set(worst) == {"energy_per_atom", "forces", "stress"}
 
 

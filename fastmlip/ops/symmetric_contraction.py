@@ -69,13 +69,25 @@ def _backward(ctx, grad):
 symmetric_contraction_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def vjp_of_reference(function, primals: list, cotangents: list) -> tuple:
+def vjp_of_reference(function, primals: list, cotangents) -> tuple:
     """Derivatives of a backward op: the vector-Jacobian product of its plain-torch reference formula.
 
-    ``torch.func.vjp`` keeps the result differentiable, so the order after the second still works (slowly).
+    Plain autograd (not torch.func, whose wrapped tensors would leak into the references' constant caches).
+    Inputs already in the caller's graph are differentiated in place, so higher orders keep working; the others
+    are stand-ins that need no graph beyond this call.
     """
-    _, pullback = torch.func.vjp(function, *primals)
-    return pullback(cotangents)
+    higher_order = torch.is_grad_enabled()  # true exactly when the caller asked for create_graph
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in primals]
+        outputs = function(*leaves)
+        if isinstance(outputs, Tensor):
+            outputs, cotangents = (outputs,), (cotangents,)
+        pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.requires_grad]
+        if not pairs:
+            return tuple(None for _ in primals)
+        grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs],
+                                    create_graph=higher_order, allow_unused=True)
+    return tuple(grads)
 
 
 def _bwd_setup(ctx, inputs, output):

@@ -372,10 +372,15 @@ def test_symmetric_contraction_bad_input():
         symmetric_contraction(problem, x, species, [w.float() for w in weights])
 
 
-def test_triton_backend_without_kernel_is_a_clear_error(monkeypatch):
+def test_forced_triton_backend_keeps_the_reference_for_ops_without_a_kernel(monkeypatch):
+    from fastmlip.descriptors import make_tensor_product_problem
+    from fastmlip.ops.tensor_product import tensor_product
+
+    problem = make_tensor_product_problem("2x0e+2x1o", "2x0e", "2x1o", [(1, 0, 0, "uvu", True)])
+    x1, x2, w = torch.randn(3, 8), torch.randn(3, 2), torch.randn(3, problem.weight_numel)
+    expected = tensor_product(problem, x1, x2, w)
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="no Triton kernel"):
-        spherical_harmonics(2, torch.randn(3, 3), True, "component")
+    assert torch.equal(tensor_product(problem, x1, x2, w), expected)
 
 
 def test_ops_pass_torch_opcheck():

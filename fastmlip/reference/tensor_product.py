@@ -10,6 +10,13 @@ def _cg(path, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(path.cg.dense(), dtype=like.dtype, device=like.device)
 
 
+def _couple(a, b, cg):
+    """sum_ij C[i,j,k] a[z,u,i] b[z,u,j] for a [Z, U, d1], b [Z, U, d2] -> [Z, U, d3]."""
+    (z, u, d1), d2, d3 = a.shape, b.shape[-1], cg.shape[-1]
+    outer = (a.unsqueeze(-1) * b.unsqueeze(-2)).reshape(z * u, d1 * d2)
+    return (outer @ cg.reshape(d1 * d2, d3)).reshape(z, u, d3)
+
+
 def _path_output(path, x1b, x2b, w, cg):
     """One instruction: x1b [Z, m1, d1], x2b [Z, m2, d2], w [Z, *weight_shape] or None -> [Z, m_out, d3]."""
     mode = path.mode
@@ -18,6 +25,8 @@ def _path_output(path, x1b, x2b, w, cg):
         if mode == "uuu":
             return xx * w.unsqueeze(-1) if w is not None else xx
         return torch.einsum("zuw,zuk->zwk", w, xx) if w is not None else xx.sum(1, keepdim=True)
+    if mode == "uvu" and w is not None:  # the conv's case: one outer product and one GEMM with the CG block
+        return _couple(x1b, torch.bmm(w, x2b), cg)
     t = torch.einsum("zui,ijk->zujk", x1b, cg)
     if mode == "uvw":
         return torch.einsum("zuvw,zujk,zvj->zwk", w, t, x2b)
@@ -63,7 +72,8 @@ def fused_conv_backward(problem: TensorProductProblem, grad_out: torch.Tensor, x
                         want=(True, True, True)):
     """Gradients of <grad_out, fused_conv(...)> wrt (x, edge_attr, edge_weight), written out per "uvu" path.
 
-    Explicit rather than autograd so it can run inside a custom op, below the autograd dispatch key.
+    Explicit rather than autograd so it can run inside a custom op, below the autograd dispatch key. Per path,
+    with s[e,u,j] = pw * sum_ik C[i,j,k] x[src,u,i] g[dst,u,k]: gw = s.y, gy = w.s, gx from (w.y) and C.g.
     """
     n_edges = edge_attr.shape[0]
     xs, go = x[src], grad_out[dst]
@@ -76,13 +86,15 @@ def fused_conv_backward(problem: TensorProductProblem, grad_out: torch.Tensor, x
         gob = go[:, oo:oo + c.dim].reshape(n_edges, c.mul, c.ir_dim) * path.path_weight
         w = edge_weight[:, path.weight_offset:path.weight_offset + path.weight_numel].reshape(n_edges, a.mul, b.mul)
         cg = _cg(path, x)
-        if gx is not None:
-            gx[:, o1:o1 + a.dim] += torch.einsum("euv,ijk,evj,euk->eui", w, cg, x2b, gob).reshape(n_edges, -1)
-        if gy is not None:
-            gy[:, o2:o2 + b.dim] += torch.einsum("euv,ijk,eui,euk->evj", w, cg, x1b, gob).reshape(n_edges, -1)
-        if gw is not None:
-            gw[:, path.weight_offset:path.weight_offset + path.weight_numel] += torch.einsum(
-                "ijk,eui,evj,euk->euv", cg, x1b, x2b, gob).reshape(n_edges, -1)
+        if gx is not None:  # gx[u,i] = sum_jk C[i,j,k] (w.y)[u,j] g[u,k]
+            gx[:, o1:o1 + a.dim] += _couple(torch.bmm(w, x2b), gob, cg.permute(1, 2, 0)).reshape(n_edges, a.dim)
+        if gy is not None or gw is not None:  # s[u,j] = sum_ik C[i,j,k] x[u,i] g[u,k]
+            s = _couple(x1b, gob, cg.permute(0, 2, 1))
+            if gy is not None:
+                gy[:, o2:o2 + b.dim] += torch.bmm(w.transpose(1, 2), s).reshape(n_edges, b.dim)
+            if gw is not None:
+                gw[:, path.weight_offset:path.weight_offset + path.weight_numel] += torch.bmm(
+                    s, x2b.transpose(1, 2)).reshape(n_edges, path.weight_numel)
     if gx is not None:
         gx = torch.zeros_like(x).index_add_(0, src, gx)
     return gx, gy, gw

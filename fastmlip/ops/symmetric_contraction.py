@@ -73,8 +73,7 @@ def vjp_of_reference(function, primals: list, cotangents) -> tuple:
     """Derivatives of a backward op: the vector-Jacobian product of its plain-torch reference formula.
 
     Plain autograd (not torch.func, whose wrapped tensors would leak into the references' constant caches).
-    Inputs already in the caller's graph are differentiated in place, so higher orders keep working; the others
-    are stand-ins that need no graph beyond this call.
+    Second derivatives are exact; third and higher orders are not supported.
     """
     higher_order = torch.is_grad_enabled()  # true exactly when the caller asked for create_graph
     with torch.enable_grad():

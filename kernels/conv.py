@@ -31,6 +31,7 @@ from . import codegen
 MAX_MUL_IN2 = 8
 POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
 COMPILE_SECONDS: dict = {}
+RESOURCES: dict = {}  # kernel label -> (registers per thread, spilled bytes), as the compiler reports them
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,15 @@ def _block_size(problem: TensorProductProblem) -> int:
 def _edges_per_program() -> int:
     """Edges per program of the per-edge kernels (edge gradients, atomic scatter)."""
     return int(os.environ.get("FASTMLIP_CONV_EDGES_PER_PROGRAM", "4"))
+
+
+def _loop_stages() -> int:
+    """Software-pipelining depth of the row-owned edge loop (0: a plain loop)."""
+    return int(os.environ.get("FASTMLIP_CONV_STAGES", "0"))
+
+
+def _warps(block: int) -> int:
+    return int(os.environ.get("FASTMLIP_CONV_WARPS", "0")) or max(1, min(4, block // 32))
 
 
 def _edge_unroll() -> int:
@@ -158,7 +168,9 @@ def _aggregate_source(terms, block, mode, in_stride, out_stride, y_stride, w_str
                 for off, _, b in outs:
                     body(f"acc{off + b} = tl.zeros([{block}], DT)")
             unroll = 1 if mode == "atomic" else _edge_unroll()
-            body(f"for p in range(start, end, {unroll}):")
+            stages = 0 if mode == "atomic" else _loop_stages()
+            loop = f"tl.range(start, end, {unroll}, num_stages={stages})" if stages else f"range(start, end, {unroll})"
+            body(f"for p in {loop}:")
             with body.indent():
                 for r in range(unroll):  # every load of the unrolled edges first: their latencies overlap
                     _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride)
@@ -272,7 +284,7 @@ def _kernel(problem, variant, block):
         text = _edge_source(_terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims)
         return codegen.load_module(f"{problem.key}_{variant}_b{block}", text).edge_grads
     kind, mode = variant.split("_", 1)
-    unroll = "" if mode == "atomic" else f"_u{_edge_unroll()}"
+    unroll = "" if mode == "atomic" else f"_u{_edge_unroll()}_s{_loop_stages()}"
     transpose = kind == "gx"
     in_stride, out_stride = (problem.dim_out, problem.dim_in1) if transpose else (problem.dim_in1, problem.dim_out)
     text = _aggregate_source(_terms(problem, transpose), block, mode, in_stride, out_stride, problem.dim_in2,
@@ -282,21 +294,27 @@ def _kernel(problem, variant, block):
 
 def _launch(problem, variant, grid, args, dtype, block):
     kernel = _kernel(problem, variant, block)
-    warps = max(1, min(4, block // 32))
-    unroll = "" if variant.startswith("edge") or variant.endswith("atomic") else f"/u{_edge_unroll()}"
-    label = f"{problem.key}/{variant}/b{block}{unroll}/{_TL_DTYPES[dtype]}"
+    warps = _warps(block)
+    unroll = "" if variant.startswith("edge") or variant.endswith("atomic") else f"/u{_edge_unroll()}/s{_loop_stages()}"
+    label = f"{problem.key}/{variant}/b{block}{unroll}/w{warps}/{_TL_DTYPES[dtype]}"
     first = label not in COMPILE_SECONDS
     t0 = time.perf_counter()
-    kernel[grid](*args, EPP=_edges_per_program(), DT=_tl_dtype(dtype), num_warps=warps)
+    compiled = kernel[grid](*args, EPP=_edges_per_program(), DT=_tl_dtype(dtype), num_warps=warps)
     if first:
         if args[0].is_cuda:
             torch.cuda.synchronize(args[0].device)
         COMPILE_SECONDS[label] = time.perf_counter() - t0
+        RESOURCES[label] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
 
 
 def compile_report() -> dict:
     """Seconds each kernel's first call took (code generation + Triton compile + one run), by kernel label."""
     return dict(COMPILE_SECONDS)
+
+
+def resource_report() -> dict:
+    """(registers per thread, spilled bytes) of each compiled kernel, by kernel label (None in the interpreter)."""
+    return dict(RESOURCES)
 
 
 def _alloc(shape, like, fully_written: bool):

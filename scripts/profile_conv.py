@@ -32,7 +32,7 @@ def main():
     rows = []
     for name, problem in build_problems(args.problems.split(",")).items():
         x, y, w = (t.detach() for t in inputs(problem, n_nodes, graph.src.numel(), torch.float32, 0))
-        floor_ms = floor_bytes(problem, n_nodes, graph.src.numel(), 4) / bandwidth * 1e3
+        floor_ms = floor_bytes(problem, n_nodes, graph.src.numel(), 4)[0] / bandwidth * 1e3
         reference = None
         for block, warps, stages, unroll in itertools.product(*(map(int, getattr(args, k).split(","))
                                                                for k in ("blocks", "warps", "stages", "unroll"))):

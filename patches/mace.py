@@ -10,10 +10,21 @@ interaction blocks (``RealAgnosticInteractionBlock``, ``RealAgnosticResidualInte
 :class:`FastInteraction` (conv_tp + scatter_sum fused; linears and the one-hot ``skip_tp`` through fastmlip's
 node ops), ``SymmetricContraction`` (the model's own U buffers), ``o3.Linear`` and the spherical harmonics.
 Constants always come from the loaded modules (see :mod:`fastmlip.descriptors`).
+
+Files written by ``fastmlip convert`` (:func:`save_converted`) are ordinary mace files: the whole model pickled
+with ``torch.save`` under the installed e3nn, holding only torch/e3nn/mace classes, so a plain
+``torch.load(weights_only=False)`` (what ``MACECalculator`` does) opens them without fastmlip. Accelerated modules
+are never pickled (they hold op descriptors and edge caches that only fastmlip can rebuild); ``--to fast`` adds a
+marker dict on the model object (attribute ``_fastmlip_file``, ignored by mace) and :func:`fastmlip.load`
+accelerates such a file again after loading it. Files from e3nn-0.4 pickles become e3nn (>= 0.5) files.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import sys
+import types
 import zipfile
 from typing import Optional
 
@@ -31,6 +42,12 @@ from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contrac
 from . import common, e3nn_compat
 
 FRAMEWORK = "mace"
+# Attribute of a pickled model written by ``fastmlip convert --to fast`` (and of every model :func:`load` returns).
+FILE_FORMAT_ATTRIBUTE = "_fastmlip_file"
+FILE_FORMATS = ("fast", "e3nn")
+# Buffers torch.fx adds when it re-traces an e3nn GraphModule on unpickling: arithmetic on constant buffers (an
+# e3nn coupling block times its path weight) is folded into one new buffer, in the dtype the file stores.
+_FOLDED_CONSTANT = re.compile(r"(^|\.)_tensor_constant\d+$")
 SUPPORTED_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
 
 
@@ -60,18 +77,140 @@ def can_load(path) -> bool:
         return bool(names) and b"mace.modules.models" in archive.read(names[0])
 
 
+def _unpickle(path: str):
+    """The whole pickled MACE model on the CPU (e3nn-0.4 pickles upgraded); ValueError with a one-line reason."""
+    try:
+        model = e3nn_compat.load(path, map_location="cpu")
+    except Exception as exc:  # corrupt archives, missing classes, old e3nn state: all "cannot open this file"
+        raise ValueError(f"{path}: could not unpickle the MACE model ({type(exc).__name__}: "
+                         f"{common.one_line(exc)[:200]})") from None
+    if not handles(model):
+        raise ValueError(f"{path}: holds a {type(model).__name__}, not a MACE model")
+    pickled_fast = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("fastmlip.")})
+    if pickled_fast:
+        raise ValueError(f"{path}: an accelerated model was pickled ({', '.join(pickled_fast)}); save it after "
+                         f"fastmlip.restore(model), or write files with `fastmlip convert --to fast`")
+    return model
+
+
 def load(path, device=None, dtype=None):
-    """The MACE model in eval mode, parameters frozen (as MACECalculator uses it); e3nn-0.4 pickles upgraded."""
+    """The MACE model in eval mode, parameters frozen (as MACECalculator uses it); e3nn-0.4 pickles upgraded.
+
+    The file's fastmlip marker (if ``fastmlip convert --to fast`` wrote it) moves to
+    ``model.__dict__["_fastmlip_file"]`` with the path added; its dtype is the default for ``dtype``.
+    """
     text = os.fspath(path)
     if not can_load(text):
         raise ValueError(f"{text}: not a MACE model file (expected a torch.save-d mace model)")
-    model = e3nn_compat.load(text, map_location="cpu")
-    if not handles(model):
-        raise ValueError(f"{text}: holds a {type(model).__name__}, not a MACE model")
+    model = _unpickle(text)
+    stored = model.__dict__.pop(FILE_FORMAT_ATTRIBUTE, None)
+    marker = {k: v for k, v in stored.items() if k != "path"} if isinstance(stored, dict) else {}
+    if dtype is None and marker.get("dtype") in ("float32", "float64"):
+        dtype = getattr(torch, marker["dtype"])
     model.to(device=device, dtype=dtype)
     for param in model.parameters():
         param.requires_grad_(False)
+    model.__dict__[FILE_FORMAT_ATTRIBUTE] = dict(marker, path=os.path.abspath(text))
     return model.eval()
+
+
+def save_converted(source_path, target_path, *, to: str, dtype: str, check: Optional[dict], reference) -> dict:
+    """Write ``source_path``'s model, in ``dtype``, as a plain mace file (to="fast": with the fastmlip marker).
+
+    The model is pickled whole (``torch.save``) under the installed e3nn, exactly as it was saved apart from the
+    dtype; e3nn-0.4 pickles are upgraded on the way with their original coupling constants. The written file is
+    then opened with a plain ``torch.load`` (no fastmlip shims) and must hold no fastmlip class, the same weights
+    and buffers as ``reference`` (the checked model) and give the same energies and forces on a probe structure,
+    for every head. Returns that comparison in the form of :func:`common.check`'s report.
+    """
+    if to not in FILE_FORMATS:
+        raise ValueError(f"unknown target format {to!r}; expected 'fast' or 'e3nn'")
+    import e3nn
+
+    import fastmlip
+
+    model = _unpickle(os.fspath(source_path))
+    model.__dict__.pop(FILE_FORMAT_ATTRIBUTE, None)
+    model.to(dtype=getattr(torch, dtype))
+    marker = None
+    if to == "fast":
+        marker = {"format": "fast", "dtype": dtype, "fastmlip_version": fastmlip.__version__,
+                  "e3nn_version": e3nn.__version__, "check": check}
+        model.__dict__[FILE_FORMAT_ATTRIBUTE] = marker
+    try:
+        torch.save(model, os.fspath(target_path))
+    except Exception as exc:  # e.g. a module holding TorchScript functions, which pickle cannot store
+        raise ValueError(f"cannot pickle this MACE model under e3nn {e3nn.__version__} ({type(exc).__name__}: "
+                         f"{common.one_line(exc)[:200]})") from None
+    return verify_written(target_path, marker, reference)
+
+
+def _load_recording_modules(path: str) -> tuple:
+    """Plain ``torch.load`` (no e3nn-0.4 shims) of ``path``, and the set of modules its pickle imports from."""
+    imported = set()
+
+    class RecordingUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            imported.add(module)
+            return super().find_class(module, name)
+
+    recorder = types.ModuleType("fastmlip_recording_pickle")
+    recorder.Unpickler = RecordingUnpickler
+    recorder.load = lambda file, **kwargs: RecordingUnpickler(file, **kwargs).load()
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False, pickle_module=recorder)
+    except Exception as exc:
+        raise ValueError(f"{path}: the written file does not open with a plain torch.load ({type(exc).__name__}: "
+                         f"{common.one_line(exc)[:200]})") from None
+    return model, imported
+
+
+def _compare_weights(path: str, written, reference) -> None:
+    """Same tensors under the same names (any order); only e3nn's folded constants may be new."""
+    ours = written.state_dict()
+    theirs = {k: v.detach().cpu() for k, v in reference.state_dict().items()}
+    missing = sorted(set(theirs) - set(ours))
+    extra = sorted(k for k in set(ours) - set(theirs) if not _FOLDED_CONSTANT.search(k))
+    changed = sorted(k for k in theirs if k in ours and not (ours[k].dtype == theirs[k].dtype
+                                                             and torch.equal(ours[k], theirs[k])))
+    if missing or extra or changed:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}" for what, keys in
+                           (("missing", missing), ("unexpected", extra), ("changed", changed)) if keys)
+        raise ValueError(f"{path}: the written model's tensors differ from the checked model ({detail})")
+
+
+def verify_written(path, marker: Optional[dict], reference) -> dict:
+    """Open a written file as mace users do and compare it with ``reference``; ValueError on any difference."""
+    text = os.fspath(path)
+    written, imported = _load_recording_modules(text)
+    needs_fastmlip = sorted(m for m in imported if m == "fastmlip" or m.startswith("fastmlip."))
+    if needs_fastmlip:
+        raise ValueError(f"{text}: the written file needs fastmlip to open ({', '.join(needs_fastmlip)})")
+    if not handles(written):
+        raise ValueError(f"{text}: the written file holds a {type(written).__name__}, not a MACE model")
+    if written.__dict__.get(FILE_FORMAT_ATTRIBUTE) != marker:
+        raise ValueError(f"{text}: the written file's fastmlip marker is not the one written")
+    _compare_weights(text, written, reference)
+    info = model_info(reference)
+    written.to(device=info["device"], dtype=info["dtype"])
+    for param in written.parameters():
+        param.requires_grad_(False)
+    written.eval()
+    atoms = common.probe_structure(info["atomic_numbers"], info["cutoff"])
+    edges = common.neighbor_edges(atoms, info["cutoff"])
+    e_tol, f_tol = common.tolerances(info["dtype"])
+    per_head, worst = {}, {"energy_per_atom": 0.0, "forces": 0.0}
+    for head in info["modals"] or [None]:
+        expected = common.compute_on_atoms(sys.modules[__name__], reference, atoms, edges, modal=head)
+        got = common.compute_on_atoms(sys.modules[__name__], written, atoms, edges, modal=head)
+        per_head[head or "default"] = dev = common.deviation(expected, got, len(atoms))
+        worst = {k: max(worst.get(k, 0.0), v) for k, v in dev.items()}
+    report = {"dtype": str(info["dtype"]).replace("torch.", ""), "tolerance": (e_tol, f_tol), "deviation": worst,
+              "per_modal": per_head, "num_atoms": len(atoms), "num_edges": int(edges[0].numel())}
+    if not (worst["energy_per_atom"] <= e_tol and worst["forces"] <= f_tol):
+        raise ValueError(f"{text}: the written file predicts differently from the checked model "
+                         f"({common.describe(report)})")
+    return report
 
 
 def model_info(model) -> dict:

@@ -76,12 +76,18 @@ def linear_combination(terms) -> str:
     return " + ".join(f"{c} * {x}" for c, x in terms)
 
 
-def load_module(name: str, text: str):
-    """Write ``text`` to the cache as ``name``.py (only if changed) and import it once per process."""
+def load_module(name: str, build):
+    """Import the generated module ``name`` once per process; ``build()`` makes its source only the first time.
+
+    ``name`` must determine the source (problem key, variant and every knob), because launches are hot paths:
+    regenerating the text per call cost more than the kernels themselves. The text is written to the cache
+    (only if changed) so Triton and a reader can see it.
+    """
     with _IMPORT_LOCK:
         cached = _MODULES.get(name)
-        if cached is not None and cached[0] == text:
+        if cached is not None:
             return cached[1]
+        text = build()
         path = cache_dir() / f"{name}.py"
         if not path.exists() or path.read_text() != text:
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

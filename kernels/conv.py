@@ -277,19 +277,21 @@ def _tl_dtype(dtype):
     return getattr(tl, _TL_DTYPES[dtype])
 
 
+_PLANS: dict = {}
+
+
 def _kernel(problem, variant, block):
-    """The generated kernel for (problem, variant), written to the cache and imported."""
+    """The kernel for (problem, variant): its source is generated once per process and setting."""
     dims = (problem.dim_in1, problem.dim_in2, problem.dim_out, problem.weight_numel)
     if variant.startswith("edge"):
-        text = _edge_source(_terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims)
-        return codegen.load_module(f"{problem.key}_{variant}_b{block}", text).edge_grads
+        return codegen.load_module(f"{problem.key}_{variant}_b{block}", lambda: _edge_source(
+            _terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims)).edge_grads
     kind, mode = variant.split("_", 1)
     unroll = "" if mode == "atomic" else f"_u{_edge_unroll()}_s{_loop_stages()}"
     transpose = kind == "gx"
     in_stride, out_stride = (problem.dim_out, problem.dim_in1) if transpose else (problem.dim_in1, problem.dim_out)
-    text = _aggregate_source(_terms(problem, transpose), block, mode, in_stride, out_stride, problem.dim_in2,
-                             problem.weight_numel)
-    return codegen.load_module(f"{problem.key}_{variant}_b{block}{unroll}", text).aggregate
+    return codegen.load_module(f"{problem.key}_{variant}_b{block}{unroll}", lambda: _aggregate_source(
+        _terms(problem, transpose), block, mode, in_stride, out_stride, problem.dim_in2, problem.weight_numel)).aggregate
 
 
 def _launch(problem, variant, grid, args, dtype, block):
@@ -335,13 +337,22 @@ def _n_channel_blocks(terms, block):
     return sum(_blocks(mul, block) for mul, _ in _groups(terms))
 
 
-def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, perm, num_rows, out_dim):
-    terms = _terms(problem, kind == "gx")
+def _plan(problem, kind, out_dim):
+    """(block, channel blocks, whether the kernel writes every output column), computed once per problem."""
     block = _block_size(problem)
-    n_edges, n_cb = y.shape[0], _n_channel_blocks(terms, block)
+    key = (problem.key, kind, block)
+    if key not in _PLANS:
+        terms = _terms(problem, kind == "gx")
+        _PLANS[key] = (block, _n_channel_blocks(terms, block), _covers(terms, out_dim))
+    return _PLANS[key]
+
+
+def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, perm, num_rows, out_dim):
+    block, n_cb, covers = _plan(problem, kind, out_dim)
+    n_edges = y.shape[0]
     dummy = gather
     if ptr is not None:
-        out = _alloc((num_rows, out_dim), inp, _covers(terms, out_dim))
+        out = _alloc((num_rows, out_dim), inp, covers)
         if num_rows and n_cb:
             mode = "csr_perm" if perm is not None else "csr"
             _launch(problem, f"{kind}_{mode}", (num_rows, n_cb),

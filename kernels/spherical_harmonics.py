@@ -120,7 +120,7 @@ def backward_source(lmax: int, block: int) -> str:
 
 def _kernel(kind: str, lmax: int, block: int):
     build = forward_source if kind == "forward" else backward_source
-    module = codegen.load_module(f"spherical_harmonics_{kind}_l{lmax}_b{block}", build(lmax, block))
+    module = codegen.load_module(f"spherical_harmonics_{kind}_l{lmax}_b{block}", lambda: build(lmax, block))
     return getattr(module, f"sh_{kind}")
 
 

@@ -289,7 +289,7 @@ _SOURCES = {"forward": (forward_source, "sc_forward"), "grad_x": (grad_x_source,
 
 def _kernel(problem, variant, block):
     build, name = _SOURCES[variant]
-    return getattr(codegen.load_module(f"{problem.key}_sc_{variant}_b{block}", build(problem, block)), name)
+    return getattr(codegen.load_module(f"{problem.key}_sc_{variant}_b{block}", lambda: build(problem, block)), name)
 
 
 def _launch(problem, variant, grid, args, dtype, block):

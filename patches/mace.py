@@ -67,14 +67,28 @@ def handles(model) -> bool:
     return isinstance(model, MACE)
 
 
-def can_load(path) -> bool:
-    """A ``torch.save``-d whole model whose pickle names a mace model class (read without unpickling)."""
+def read_checkpoint(path) -> None:
+    """Cheap look inside ``path`` without unpickling; ValueError saying why it is not a MACE model file."""
     text = os.fspath(path)
-    if not os.path.isfile(text) or not zipfile.is_zipfile(text):
-        return False
+    if not os.path.isfile(text):
+        raise ValueError(f"{text}: no such file")
+    if not zipfile.is_zipfile(text):
+        raise ValueError(f"{text}: not a torch.save archive, so not a MACE model file")
     with zipfile.ZipFile(text) as archive:
         names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-        return bool(names) and b"mace.modules.models" in archive.read(names[0])
+        if not names:
+            raise ValueError(f"{text}: a zip archive without a pickled object, so not a MACE model file")
+        if b"mace.modules.models" not in archive.read(names[0]):
+            raise ValueError(f"{text}: its pickle names no mace model class")
+
+
+def can_load(path) -> bool:
+    """A ``torch.save``-d whole model whose pickle names a mace model class (read without unpickling)."""
+    try:
+        read_checkpoint(path)
+    except (ValueError, OSError, zipfile.BadZipFile):
+        return False
+    return True
 
 
 def _unpickle(path: str):
@@ -347,7 +361,8 @@ class FastSpeciesLinear(nn.Module):
         self.problem = species_linear_problem(original)
         self.weight = original.weight
         _share_buffers(self, original)
-        self.irreps_in1, self.irreps_in2, self.irreps_out = original.irreps_in1, original.irreps_in2, original.irreps_out
+        self.irreps_in1, self.irreps_in2 = original.irreps_in1, original.irreps_in2
+        self.irreps_out = original.irreps_out
 
     def extra_repr(self) -> str:
         return f"problem={self.problem}"

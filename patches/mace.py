@@ -17,6 +17,10 @@ with ``torch.save`` under the installed e3nn, holding only torch/e3nn/mace class
 are never pickled (they hold op descriptors and edge caches that only fastmlip can rebuild); ``--to fast`` adds a
 marker dict on the model object (attribute ``_fastmlip_file``, ignored by mace) and :func:`fastmlip.load`
 accelerates such a file again after loading it. Files from e3nn-0.4 pickles become e3nn (>= 0.5) files.
+The file stores the model in the dtype the conversion checked (``--dtype``, default the model's own): under
+e3nn >= 0.5, torch.fx re-traces e3nn's generated code when it unpickles it and folds "coupling block x path
+weight" into one constant in the file's dtype, so a float32 file evaluated in float64 differs from float64
+arithmetic by ~1e-9 relative; ``--dtype float64`` keeps float64 predictions exact.
 """
 from __future__ import annotations
 
@@ -114,8 +118,7 @@ def load(path, device=None, dtype=None):
     ``model.__dict__["_fastmlip_file"]`` with the path added; its dtype is the default for ``dtype``.
     """
     text = os.fspath(path)
-    if not can_load(text):
-        raise ValueError(f"{text}: not a MACE model file (expected a torch.save-d mace model)")
+    read_checkpoint(text)
     model = _unpickle(text)
     stored = model.__dict__.pop(FILE_FORMAT_ATTRIBUTE, None)
     marker = {k: v for k, v in stored.items() if k != "path"} if isinstance(stored, dict) else {}

@@ -62,6 +62,9 @@ def _write_atomically(output: str, write) -> None:
         write(temp_path)
         with open(temp_path, "rb") as stream:
             os.fsync(stream.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_path, 0o666 & ~umask)  # mkstemp makes files private; a checkpoint is an ordinary file
         os.replace(temp_path, output)
     except BaseException:
         if os.path.exists(temp_path):

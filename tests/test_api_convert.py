@@ -196,6 +196,12 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["out.pth"]
     convert._write_atomically(str(target), lambda temp: open(temp, "wb").write(b"new"))
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.pth"]
+    umask = os.umask(0o022)
+    try:
+        convert._write_atomically(str(target), lambda temp: open(temp, "wb").write(b"newer"))
+    finally:
+        os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o644  # an ordinary file, not mkstemp's private 0600
 
 
 def test_mace_files_without_mace_patch_get_a_clear_error(tmp_path, monkeypatch):

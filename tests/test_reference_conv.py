@@ -249,3 +249,36 @@ class TestBadArguments:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             fused_conv(problem, x, y, w, src, dst)
+
+
+def test_conv_ops_pass_torch_opcheck():
+    """Schemas, fake kernels and autograd registration agree (what torch.compile and export rely on)."""
+    from fastmlip.ops import conv as conv_ops
+    from fastmlip.ops import registry
+
+    tp = random_conv_module(4).double()
+    problem = tensor_product_problem(tp)
+    key = registry.register(problem)
+    src, dst = graph(5, 12, 4)
+    x, y, w = conv_inputs(tp, 5, src, torch.float64, 4)
+    s = sort_edges(src, dst, 5)
+    y, w = y.detach()[s.order].requires_grad_(), w.detach()[s.order].requires_grad_()
+    torch.library.opcheck(conv_ops.conv_fwd, (x, y, w, s.src, s.dst, s.dst_ptr, s.src_perm, s.src_ptr, 5, key))
+    g = torch.randn(5, problem.dim_out, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(conv_ops.conv_bwd, (g, x, y, w, s.src, s.dst, s.dst_ptr, s.src_perm, s.src_ptr, key,
+                                              True, True, True))
+
+
+def test_conv_under_torch_compile():
+    tp = random_conv_module(6).double()
+    problem = tensor_product_problem(tp)
+    src, dst = graph(5, 12, 6)
+    x, y, w = conv_inputs(tp, 5, src, torch.float64, 6)
+
+    def energy(x, y, w):
+        return fused_conv(problem, x, y, w, src, dst, 5).pow(2).sum()
+
+    compiled = torch.compile(energy, backend="aot_eager", fullgraph=True)
+    expected = torch.autograd.grad(energy(x, y, w), (x, y, w))
+    for a, b in zip(torch.autograd.grad(compiled(x, y, w), (x, y, w)), expected):
+        assert rel(a, b) <= 1e-12

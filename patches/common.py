@@ -77,6 +77,19 @@ def swap_in_place(model: nn.Module, plan: Iterable) -> list:
     return done
 
 
+def apply_plan(model, swaps, skipped: dict, *, strict: bool) -> list:
+    """Carry out a patch's plan in place; with ``strict`` refuse (model untouched) if anything would be skipped."""
+    if strict and skipped:
+        details = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise ValueError(f"cannot accelerate every module (strict=True), model left unchanged: {details}")
+    swap_in_place(model, swaps)
+    return list(skipped)
+
+
+def is_accelerated(model) -> bool:
+    return bool(swaps_of(model))
+
+
 def _placement_of(module: nn.Module) -> tuple:
     """(device, floating dtype) of a module's tensors; (None, None) when it holds none."""
     for tensor in list(module.parameters()) + list(module.buffers()):

@@ -533,17 +533,8 @@ def accelerate(model, *, strict: bool = False) -> list:
     """Swap MACE's e3nn modules for fastmlip ones in place; returns the names left as they were."""
     if is_accelerated(model):
         return []
-    swaps, skipped = plan(model)
-    if strict and skipped:
-        details = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
-        raise ValueError(f"cannot accelerate every module (strict=True), model left unchanged: {details}")
-    common.swap_in_place(model, swaps)
-    return list(skipped)
+    return common.apply_plan(model, *plan(model), strict=strict)
 
 
-def restore(model) -> None:
-    common.restore_swaps(model)
-
-
-def is_accelerated(model) -> bool:
-    return bool(common.swaps_of(model))
+restore = common.restore_swaps
+is_accelerated = common.is_accelerated

@@ -458,17 +458,8 @@ def plan(model) -> tuple:
 
 def accelerate(model, *, strict: bool = False) -> list:
     """Swap SevenNet convolutions for fused fastmlip ones in place; returns the names left as they were."""
-    swaps, skipped = plan(model)
-    if strict and skipped:
-        details = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
-        raise ValueError(f"cannot accelerate every module (strict=True), model left unchanged: {details}")
-    common.swap_in_place(model, swaps)
-    return list(skipped)
+    return common.apply_plan(model, *plan(model), strict=strict)
 
 
-def restore(model) -> None:
-    common.restore_swaps(model)
-
-
-def is_accelerated(model) -> bool:
-    return bool(common.swaps_of(model))
+restore = common.restore_swaps
+is_accelerated = common.is_accelerated

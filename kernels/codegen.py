@@ -71,6 +71,16 @@ class Constants:
             src(f"{name} = tl.full([], {value!r}, DT)")
 
 
+def jit_header(src: "Source", name: str, args) -> None:
+    """The imports and ``@triton.jit`` signature every generated kernel module starts with."""
+    src("import triton")
+    src("import triton.language as tl")
+    src("")
+    src("")
+    src("@triton.jit")
+    src(f"def {name}({', '.join(args)}):")
+
+
 def linear_combination(terms) -> str:
     """``a*b + c*d ...`` from (coefficient_name, operand) pairs; '0' never occurs (callers skip empty sums)."""
     return " + ".join(f"{c} * {x}" for c, x in terms)

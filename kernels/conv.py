@@ -133,20 +133,11 @@ def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride):
                  f"other=0.0)")
 
 
-def _header(src, name, args):
-    src("import triton")
-    src("import triton.language as tl")
-    src("")
-    src("")
-    src("@triton.jit")
-    src(f"def {name}({', '.join(args)}):")
-
-
 def _aggregate_source(terms, block, mode, in_stride, out_stride, y_stride, w_stride) -> str:
     """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'."""
     src, consts = codegen.Source(), codegen.Constants()
-    _header(src, "aggregate", ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out", "num_edges",
-                               "EPP: tl.constexpr", "DT: tl.constexpr"])
+    codegen.jit_header(src, "aggregate", ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out", "num_edges",
+                                          "EPP: tl.constexpr", "DT: tl.constexpr"])
     body = codegen.Source()
     body.depth = 1
     if mode == "atomic":
@@ -208,8 +199,8 @@ def _edge_source(terms, block, want_y, want_w, dims) -> str:
     s_j[u] = path_weight * sum_{i,k} C[i,j,k] x[src, u, i] grad_out[dst, u, k]."""
     dim_in1, dim_in2, dim_out, n_w = dims
     src, consts = codegen.Source(), codegen.Constants()
-    _header(src, "edge_grads", ["x", "y", "w", "g", "src", "dst", "gy", "gw", "num_edges",
-                                "EPP: tl.constexpr", "DT: tl.constexpr"])
+    codegen.jit_header(src, "edge_grads", ["x", "y", "w", "g", "src", "dst", "gy", "gw", "num_edges",
+                                           "EPP: tl.constexpr", "DT: tl.constexpr"])
     body = codegen.Source()
     body.depth = 1
     body("start = tl.program_id(0).to(tl.int64) * EPP")

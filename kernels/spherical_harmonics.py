@@ -52,12 +52,7 @@ class _Monomials:
 
 
 def _start(src, name, args, block):
-    src("import triton")
-    src("import triton.language as tl")
-    src("")
-    src("")
-    src("@triton.jit")
-    src(f"def {name}({', '.join(args)}):")
+    codegen.jit_header(src, name, args)
     body = codegen.Source()
     body.depth = 1
     body(f"e = tl.program_id(0).to(tl.int64) * {block} + tl.arange(0, {block})")

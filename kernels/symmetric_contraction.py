@@ -104,15 +104,6 @@ def _weight_index(problem, index: int, nu: int) -> int:
     return sum(c.correlation for c in problem.contractions[:index]) + nu - 1
 
 
-def _header(src, name, args):
-    src("import triton")
-    src("import triton.language as tl")
-    src("")
-    src("")
-    src("@triton.jit")
-    src(f"def {name}({', '.join(args)}):")
-
-
 def _prologue(body, problem, block):
     body(f"lane = tl.arange(0, {block})")
     body("chunk = tl.program_id(0)")
@@ -152,8 +143,8 @@ def _out_offsets(problem):
 
 def forward_source(problem, block) -> str:
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
-    _header(src, "sc_forward", ["x", "species", "order", "starts", *_weight_ptrs(problem), "out", "num_nodes",
-                                "DT: tl.constexpr"])
+    codegen.jit_header(src, "sc_forward", ["x", "species", "order", "starts", *_weight_ptrs(problem), "out",
+                                           "num_nodes", "DT: tl.constexpr"])
     body.depth = 1
     _prologue(body, problem, block)
     body("which = tl.program_id(2)")
@@ -188,8 +179,8 @@ def grad_x_source(problem, block) -> str:
     """d out / d x: per monomial, t = sum_m g_m sum_p U W_p, spread over its factors by the product rule."""
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
     big_l = problem.coupling_dim
-    _header(src, "sc_grad_x", ["x", "species", "order", "starts", *_weight_ptrs(problem), "grad_out", "grad_x",
-                               "num_nodes", "DT: tl.constexpr"])
+    codegen.jit_header(src, "sc_grad_x", ["x", "species", "order", "starts", *_weight_ptrs(problem), "grad_out",
+                                          "grad_x", "num_nodes", "DT: tl.constexpr"])
     body.depth = 1
     _prologue(body, problem, block)
     written = False
@@ -244,7 +235,7 @@ def grad_w_source(problem, block) -> str:
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
     c_dim = problem.num_features
     grads = [f"gw{t}" for t in range(len(problem.weight_names))]
-    _header(src, "sc_grad_w", ["x", "species", "order", "starts", "grad_out", *grads, "num_nodes",
+    codegen.jit_header(src, "sc_grad_w", ["x", "species", "order", "starts", "grad_out", *grads, "num_nodes",
                                "DT: tl.constexpr"])
     body.depth = 1
     _prologue(body, problem, block)

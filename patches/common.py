@@ -248,3 +248,69 @@ def first_tensor_placement(model: nn.Module) -> tuple:
     device, dtype = _placement_of(model)
     return device or torch.device("cpu"), dtype or torch.float32
 
+
+def share_tensors(target: nn.Module, original: nn.Module) -> None:
+    """Hold the original's own parameters and buffers (the same objects): state_dict keys and tensors stay."""
+    for name, param in original.named_parameters(recurse=False):
+        setattr(target, name, param)
+    for name, buffer in original.named_buffers(recurse=False):
+        target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+
+
+class FastLinear(nn.Module):
+    """e3nn ``o3.Linear`` through ``fastmlip.ops.linear``, holding the module's own weight, bias and buffers."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        from fastmlip.descriptors import linear_problem
+
+        self.problem = linear_problem(original)
+        share_tensors(self, original)
+        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, x):
+        from fastmlip.ops.linear import linear
+
+        return linear(self.problem, x, self.weight, self.bias if self.problem.bias_numel else None)
+
+
+class FastSphericalHarmonics(nn.Module):
+    """e3nn ``o3.SphericalHarmonics`` through ``fastmlip.ops.spherical_harmonics`` (same degrees, normalisation)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        from fastmlip.descriptors import spherical_harmonics_problem
+
+        self.problem = spherical_harmonics_problem(original)
+        share_tensors(self, original)
+        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, vectors):
+        from fastmlip.ops.spherical_harmonics import spherical_harmonics
+
+        return spherical_harmonics(list(self.problem.ls), vectors, self.problem.normalize, self.problem.normalization)
+
+
+def fast_replacement(module: nn.Module, factories: dict) -> Optional[type]:
+    """The class in ``factories`` (keyed by exact module type) that can describe ``module``, else None."""
+    factory = factories.get(type(module))
+    if factory is None:
+        return None
+    try:
+        factory(module)
+    except ValueError:
+        return None
+    return factory
+
+
+def e3nn_factories() -> dict:
+    """Replacements for the e3nn node modules both frameworks use."""
+    from e3nn.o3 import Linear, SphericalHarmonics
+
+    return {Linear: FastLinear, SphericalHarmonics: FastSphericalHarmonics}

@@ -35,12 +35,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmlip.descriptors import (linear_problem, species_linear_problem, spherical_harmonics_problem,
-                                  symmetric_contraction_problem, tensor_product_problem)
+from fastmlip.descriptors import species_linear_problem, symmetric_contraction_problem, tensor_product_problem
 from fastmlip.graph import sort_edges
 from fastmlip.ops.conv import check_conv_problem, fused_conv
-from fastmlip.ops.linear import linear, species_linear
-from fastmlip.ops.spherical_harmonics import spherical_harmonics
+from fastmlip.ops.linear import species_linear
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
 
 from . import common, e3nn_compat
@@ -334,28 +332,6 @@ class _EdgeLayout:
         return self.sorted
 
 
-def _share_buffers(target: nn.Module, original: nn.Module) -> None:
-    for name, buffer in original.named_buffers(recurse=False):
-        target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
-
-
-class FastLinear(nn.Module):
-    """e3nn ``o3.Linear`` through ``fastmlip.ops.linear``, holding the module's own weight and buffers."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.problem = linear_problem(original)
-        self.weight = original.weight
-        _share_buffers(self, original)
-        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}"
-
-    def forward(self, x):
-        return linear(self.problem, x, self.weight, self.bias if self.problem.bias_numel else None)
-
-
 class FastSpeciesLinear(nn.Module):
     """MACE's ``skip_tp`` = ``FullyConnectedTensorProduct(x, one_hot(species))`` as a species-indexed linear."""
 
@@ -363,7 +339,7 @@ class FastSpeciesLinear(nn.Module):
         super().__init__()
         self.problem = species_linear_problem(original)
         self.weight = original.weight
-        _share_buffers(self, original)
+        common.share_tensors(self, original)
         self.irreps_in1, self.irreps_in2 = original.irreps_in1, original.irreps_in2
         self.irreps_out = original.irreps_out
 
@@ -390,35 +366,11 @@ class FastSymmetricContraction(nn.Module):
         return symmetric_contraction(self.problem, x, node_attrs.argmax(-1), module_weights(self.problem, self))
 
 
-class FastSphericalHarmonics(nn.Module):
-    """e3nn ``o3.SphericalHarmonics`` through ``fastmlip.ops.spherical_harmonics`` (same degrees, normalisation)."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.problem = spherical_harmonics_problem(original)
-        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}"
-
-    def forward(self, vectors):
-        return spherical_harmonics(list(self.problem.ls), vectors, self.problem.normalize, self.problem.normalization)
-
-
 def _fast_node_module(module) -> Optional[type]:
-    """The fastmlip replacement class for an e3nn node module, None when it has none or cannot describe it."""
-    from e3nn.o3 import Linear, SphericalHarmonics
+    """The fastmlip replacement class for an e3nn/mace node module, None when it has none or cannot describe it."""
     from mace.modules.symmetric_contraction import SymmetricContraction
 
-    factory = {Linear: FastLinear, SphericalHarmonics: FastSphericalHarmonics,
-               SymmetricContraction: FastSymmetricContraction}.get(type(module))
-    if factory is None:
-        return None
-    try:
-        factory(module)
-    except ValueError:
-        return None
-    return factory
+    return common.fast_replacement(module, {**common.e3nn_factories(), SymmetricContraction: FastSymmetricContraction})
 
 
 def _maybe_fast(module: nn.Module, factory) -> nn.Module:
@@ -445,10 +397,10 @@ class FastInteraction(nn.Module):
         for key, value in vars(original).items():
             if not key.startswith("_") and key != "training":
                 setattr(self, key, value)
-        self.linear_up = _maybe_fast(original.linear_up, FastLinear)
+        self.linear_up = _maybe_fast(original.linear_up, common.FastLinear)
         self.conv_tp = original.conv_tp
         self.conv_tp_weights = original.conv_tp_weights
-        self.linear = _maybe_fast(original.linear, FastLinear)
+        self.linear = _maybe_fast(original.linear, common.FastLinear)
         self.skip_tp = _maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
         self.__dict__["_layout"] = layout or _EdgeLayout()
@@ -494,7 +446,8 @@ def _interaction_obstacle(module) -> Optional[str]:
     return None
 
 
-_FAST_MODULES = (FastInteraction, FastLinear, FastSpeciesLinear, FastSymmetricContraction, FastSphericalHarmonics)
+_FAST_MODULES = (FastInteraction, FastSpeciesLinear, FastSymmetricContraction, common.FastLinear,
+                 common.FastSphericalHarmonics)
 
 
 def plan(model) -> tuple:

@@ -337,71 +337,7 @@ class FastIrrepsConvolution(nn.Module):
         return data
 
 
-class FastLinear(nn.Module):
-    """e3nn ``o3.Linear`` through ``fastmlip.ops.linear``; shares the module's ``weight`` and ``bias``."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        from fastmlip.descriptors import linear_problem
-
-        self.problem = linear_problem(original)
-        self.weight = original.weight
-        self.bias = original.bias if self.problem.bias_numel else None
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}"
-
-    def forward(self, x):
-        from fastmlip.ops.linear import linear
-
-        return linear(self.problem, x, self.weight, self.bias)
-
-
-class FastSphericalHarmonics(nn.Module):
-    """e3nn ``o3.SphericalHarmonics`` through ``fastmlip.ops.spherical_harmonics`` (same degrees, normalisation)."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        from fastmlip.descriptors import spherical_harmonics_problem
-
-        self.problem = spherical_harmonics_problem(original)
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}"
-
-    def forward(self, vectors):
-        from fastmlip.ops.spherical_harmonics import spherical_harmonics
-
-        return spherical_harmonics(list(self.problem.ls), vectors, self.problem.normalize,
-                                   self.problem.normalization)
-
-
-def _node_ops_available() -> bool:
-    """The linear and spherical-harmonics ops come from a separate part of fastmlip; use them when present."""
-    try:
-        import fastmlip.ops.linear  # noqa: F401
-        import fastmlip.ops.spherical_harmonics  # noqa: F401
-        from fastmlip.descriptors import linear_problem, spherical_harmonics_problem  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _node_op_factory(module):
-    """The fast replacement for an e3nn Linear or SphericalHarmonics, or None when it has none (or cannot)."""
-    from e3nn.o3 import Linear, SphericalHarmonics
-
-    factory = {Linear: FastLinear, SphericalHarmonics: FastSphericalHarmonics}.get(type(module))
-    if factory is None:
-        return None
-    try:
-        factory(module)
-    except ValueError:
-        return None
-    return factory
-
-
-_FAST_MODULES = (FastIrrepsConvolution, FastLinear, FastSphericalHarmonics)
+_FAST_MODULES = (FastIrrepsConvolution, common.FastLinear, common.FastSphericalHarmonics)
 
 
 def _convolution_obstacle(module) -> Optional[str]:
@@ -422,8 +358,7 @@ def _convolution_obstacle(module) -> Optional[str]:
 def plan(model) -> tuple:
     """([(qualified name, factory)], {qualified name: reason}) for what can and cannot be accelerated.
 
-    Convolutions are fused; e3nn linears and spherical harmonics go through fastmlip's node ops when those are
-    installed. Gates (and their weightless elementwise products) and radial MLPs stay e3nn by design; any other e3nn tensor product (e.g. the
+    Convolutions are fused; e3nn linears and spherical harmonics go through fastmlip's node ops. Gates (and their weightless elementwise products) and radial MLPs stay e3nn by design; any other e3nn tensor product (e.g. the
     'nequip' self-connection) or a convolution built for another
     backend (cuEquivariance, FlashTP, OpenEquivariance, LAMMPS parallel) is reported as not accelerated.
     """
@@ -432,7 +367,7 @@ def plan(model) -> tuple:
 
     swaps, skipped = [], {}
     covered = set()
-    node_ops = _node_ops_available()
+    node_factories = common.e3nn_factories()
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in covered) or isinstance(module, _FAST_MODULES):
             covered.add(name)
@@ -444,9 +379,9 @@ def plan(model) -> tuple:
                 swaps.append((name, FastIrrepsConvolution))
             else:
                 skipped[name] = reason
-        elif node_ops and _node_op_factory(module) is not None:
+        elif common.fast_replacement(module, node_factories) is not None:
             covered.add(name)
-            swaps.append((name, _node_op_factory(module)))
+            swaps.append((name, common.fast_replacement(module, node_factories)))
         elif "convolution" in type(module).__name__.lower() and name:
             covered.add(name)
             skipped[name] = f"{type(module).__name__} is not an e3nn IrrepsConvolution"

@@ -236,7 +236,7 @@ def grad_w_source(problem, block) -> str:
     c_dim = problem.num_features
     grads = [f"gw{t}" for t in range(len(problem.weight_names))]
     codegen.jit_header(src, "sc_grad_w", ["x", "species", "order", "starts", "grad_out", *grads, "num_nodes",
-                               "DT: tl.constexpr"])
+                                          "DT: tl.constexpr"])
     body.depth = 1
     _prologue(body, problem, block)
     body("which = tl.program_id(2)")

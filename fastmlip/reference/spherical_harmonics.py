@@ -15,9 +15,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 from torch import Tensor
-from torch._guards import detect_fake_mode
 
 from ..descriptors import SH_NORMALIZATIONS, parse_irreps
+from . import device_constant
 
 
 def _textbook_terms(l: int, m: int) -> dict:
@@ -84,17 +84,8 @@ def gradient_matrices(l: int) -> np.ndarray:
     return out
 
 
-_CONSTANTS: dict = {}
-
-
 def _constant(name: str, l: int, build, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A cached device copy; built afresh while tracing (torch.compile), where real tensors must not leak in."""
-    if detect_fake_mode() is not None:
-        return torch.as_tensor(build(l), dtype=dtype, device=device)
-    key = (name, l, dtype, str(device))
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.as_tensor(build(l), dtype=dtype, device=device)
-    return _CONSTANTS[key]
+    return device_constant((name, l), lambda dt, dev: torch.as_tensor(build(l), dtype=dt, device=dev), dtype, device)
 
 
 def polynomials(lmax: int, vectors: Tensor) -> Tensor:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._guards import detect_fake_mode
 
 from ..descriptors import SymmetricContractionProblem
-
-_U_CACHE: dict = {}
+from . import device_constant
 
 
 def u_matrices(problem: SymmetricContractionProblem, dtype: torch.dtype, device: torch.device) -> list:
@@ -24,19 +22,14 @@ def u_matrices(problem: SymmetricContractionProblem, dtype: torch.dtype, device:
     """
     big_l = problem.coupling_dim
 
-    def build():
+    def build(dtype, device):
         return [[None if not u.values else
                  torch.as_tensor(u.dense(), dtype=dtype, device=device).reshape(spec.ir_dim, big_l ** (nu - 1), big_l,
                                                                                 -1)
                  for nu, u in enumerate(spec.u_matrices, start=1)]
                 for spec in problem.contractions]
 
-    if detect_fake_mode() is not None:
-        return build()
-    cache_key = (problem.key, dtype, str(device))
-    if cache_key not in _U_CACHE:
-        _U_CACHE[cache_key] = build()
-    return _U_CACHE[cache_key]
+    return device_constant(("u_matrices", problem.key), build, dtype, device)
 
 
 def _split_weights(problem: SymmetricContractionProblem, weights) -> list:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 
 from ..descriptors import TensorProductProblem, iter_paths
+from . import device_constant
 
 
 def _cg(path, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(path.cg.dense(), dtype=like.dtype, device=like.device)
+    return device_constant(("cg", path.cg), lambda dt, dev: torch.as_tensor(path.cg.dense(), dtype=dt, device=dev),
+                           like.dtype, like.device)
 
 
 def _couple(a, b, cg):

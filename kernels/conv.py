@@ -4,12 +4,15 @@ Two generated kernel shapes cover forward and backward:
 
 * aggregate: one program per (row, block of channels) walks that row's edges one per loop step, channels
   across lanes, one register accumulator per output component, a single store at the end (no atomics). The
-  forward is this with row = destination node (edges sorted by dst, ``dst_ptr``); the x-gradient is the same
-  shape with roles swapped (row = source node, edges via ``src_perm``/``src_ptr``, the CG block transposed,
-  grad_out gathered from dst). Without CSR offsets the same body runs over chunks of edges in any order and
-  atomically adds each edge's contribution.
+  forward is this with row = destination node (edges sorted by dst, ``dst_ptr``). The backward with edges
+  listed by source (``src_perm``/``src_ptr``) is the same shape with roles swapped, the "sender" walk (row =
+  source node, the CG block transposed, grad_out gathered from dst): besides accumulating the x-gradient it
+  writes each edge's weight gradient and its channel block's share of the edge_attr gradient, so every input is
+  read once. Without CSR offsets the same body runs over chunks of edges in any order and atomically adds each
+  edge's contribution.
 * edge: one program per chunk of edges, looping over every channel block; it writes the per-edge gradients
-  (edge_attr: a sum over channels, reduced in registers; weights: one value per channel) with no scatter.
+  (edge_attr: a sum over channels, reduced in registers; weights: one value per channel) with no scatter. Only
+  the backward over unsorted edges uses it.
 
 Channels of a path are the in1 multiplicity u ("uvu": out[u] = sum_v w[u, v] C(x[u], y[v])); paths with the
 same multiplicity share one channel-block range, so one program loads x once for all of them. Every constant is
@@ -29,6 +32,7 @@ from ..descriptors import TensorProductProblem, iter_paths
 from . import codegen
 
 MAX_MUL_IN2 = 8
+MAX_FUSED_GATHER = 128  # see _fused_backward_fits
 POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
 COMPILE_SECONDS: dict = {}
 RESOURCES: dict = {}  # kernel label -> (registers per thread, spilled bytes), as the compiler reports them
@@ -112,7 +116,7 @@ class _Loads:
         return name
 
 
-def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride):
+def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, load_y=True, load_w=True):
     """Loads for the r-th edge of an unrolled loop step (masked off past the row's last edge)."""
     valid = "" if r == 0 else f", mask=p + {r} < end, other=0"
     mask = "m" if r == 0 else f"m_{r}"
@@ -120,24 +124,75 @@ def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride):
         body(f"m_{r} = m & (lane * 0 + (p + {r}) < end)")
     index = f"p + {r}" if r else "p"
     body(f"e_{r} = tl.load(perm + {index}{valid}).to(tl.int64)" if mode == "csr_perm" else f"e_{r} = {index}")
-    body(f"n_row_{r} = inp + tl.load(gather + e_{r}{valid}).to(tl.int64) * {in_stride}")
-    x_needed = sorted({(t.in_off, t.in_d, a) for t in group for a, _, _, _ in t.nonzeros})
-    for off, d, a in x_needed:
-        body(f"x{off + a}_{r} = tl.load(n_row_{r} + {off + a} + u * {d}, mask={mask}, other=0.0)")
+    body(f"g_row_{r} = inp + tl.load(gather + e_{r}{valid}).to(tl.int64) * {in_stride}")
+    g_needed = sorted({(t.in_off, t.in_d, a) for t in group for a, _, _, _ in t.nonzeros})
+    for off, d, a in g_needed:
+        body(f"g{off + a}_{r} = tl.load(g_row_{r} + {off + a} + u * {d}, mask={mask}, other=0.0)")
     y_needed = sorted({t.y_off + v * t.y_d + j for t in group for v in range(t.mul2) for _, j, _, _ in t.nonzeros})
-    for idx in y_needed:
+    for idx in y_needed if load_y else ():
         body(f"y{idx}_{r} = tl.load(y + e_{r} * {y_stride} + {idx}{valid})")
-    for t in group:
+    for t in group if load_w else ():
         for v in range(t.mul2):
             body(f"w{t.w_off + v}_{r} = tl.load(w + e_{r} * {w_stride} + {t.w_off + v} + u * {t.mul2}, mask={mask}, "
                  f"other=0.0)")
 
 
-def _aggregate_source(terms, block, mode, in_stride, out_stride, y_stride, w_stride) -> str:
-    """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'."""
+def _emit_accumulate(body, consts, group, r):
+    """acc[b] += w[v] * sum_a (sum_j C[a, j, b] y[v, j]) g[a] for the r-th edge of a loop step."""
+    for t in group:
+        for v in range(t.mul2):
+            by_b = defaultdict(lambda: defaultdict(list))
+            for a, j, b, c in t.nonzeros:
+                by_b[b][a].append((consts(c), f"y{t.y_off + v * t.y_d + j}_{r}"))
+            for b, by_a in sorted(by_b.items()):
+                parts = [f"({codegen.linear_combination(pairs)}) * g{t.in_off + a}_{r}"
+                         for a, pairs in sorted(by_a.items())]
+                body(f"acc{t.out_off + b} += w{t.w_off + v}_{r} * ({' + '.join(parts)})")
+
+
+def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb):
+    """gw and this channel block's share of gy for the r-th edge of the sender walk (transposed terms: g = the
+    gathered grad_out[dst], n = the row's own x): s_j[u] = sum C x[u] g[u], gw[e, u, v] = sum_j y[v, j] s_j[u],
+    gy_partial[e, blk, (v, j)] = sum over the block's u of w[u, v] s_j[u]. Columns no term here touches get 0,
+    so every partial is written."""
+    _, _, dim_in2, n_w = strides
+    mask, valid = ("m", "") if r == 0 else (f"m_{r}", f", mask=p + {r} < end")
+    q = set()
+    for ti, t in enumerate(group):
+        by_j = defaultdict(list)
+        for a, j, b, c in t.nonzeros:
+            by_j[j].append((consts(c), f"g{t.in_off + a}_{r} * n{t.out_off + b}"))
+        for j, pairs in sorted(by_j.items()):
+            body(f"s{ti}_{j} = {codegen.linear_combination(pairs)}")
+        for v in range(t.mul2):
+            if "w" in edge:
+                dot = " + ".join(f"y{t.y_off + v * t.y_d + j}_{r} * s{ti}_{j}" for j in sorted(by_j))
+                body(f"tl.store(gw + e_{r} * {n_w} + {t.w_off + v} + u * {t.mul2}, "
+                     f"{dot or f'tl.zeros([{block}], DT)'}, mask={mask})")
+            if "y" in edge:
+                for j in sorted(by_j):
+                    idx = t.y_off + v * t.y_d + j
+                    body(f"q{idx} {'+=' if idx in q else '='} w{t.w_off + v}_{r} * s{ti}_{j}")
+                    q.add(idx)
+    if "y" in edge:
+        for idx in range(dim_in2):
+            value = f"tl.sum(q{idx}, 0)" if idx in q else consts(0.0)
+            body(f"tl.store(gy + (e_{r} * {n_cb} + blk) * {dim_in2} + {idx}, {value}{valid})")
+
+
+def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="") -> str:
+    """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'.
+
+    ``edge`` ('y', 'w' or both; transposed terms, mode 'csr_perm': the backward's sender walk) also writes those
+    per-edge gradients, reusing the loads of the x-gradient and the row's x block, loaded once per program;
+    ``accumulate`` False drops the x-gradient itself.
+    """
+    in_stride, out_stride, y_stride, w_stride = strides
+    n_cb = _n_channel_blocks(terms, block)
     src, consts = codegen.Source(), codegen.Constants()
-    codegen.jit_header(src, "aggregate", ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out", "num_edges",
-                                          "EPP: tl.constexpr", "DT: tl.constexpr"])
+    args = ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out"]
+    args += ["node", "gy", "gw"] if mode == "csr_perm" else []
+    codegen.jit_header(src, "aggregate", args + ["num_edges", "EPP: tl.constexpr", "DT: tl.constexpr"])
     body = codegen.Source()
     body.depth = 1
     if mode == "atomic":
@@ -155,7 +210,9 @@ def _aggregate_source(terms, block, mode, in_stride, out_stride, y_stride, w_str
             body(f"u = (blk - {first}) * {block} + lane")
             body(f"m = u < {mul}")
             outs = sorted({(t.out_off, t.out_d, b) for t in group for _, _, b, _ in t.nonzeros})
-            if mode != "atomic":
+            for off, d, b in outs if edge else ():
+                body(f"n{off + b} = tl.load(node + row * {out_stride} + {off + b} + u * {d}, mask=m, other=0.0)")
+            if accumulate and mode != "atomic":
                 for off, _, b in outs:
                     body(f"acc{off + b} = tl.zeros([{block}], DT)")
             unroll = 1 if mode == "atomic" else _edge_unroll()
@@ -164,25 +221,21 @@ def _aggregate_source(terms, block, mode, in_stride, out_stride, y_stride, w_str
             body(f"for p in {loop}:")
             with body.indent():
                 for r in range(unroll):  # every load of the unrolled edges first: their latencies overlap
-                    _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride)
+                    _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride,
+                                     load_y=accumulate or "w" in edge, load_w=accumulate or "y" in edge)
                 if mode == "atomic":
                     for off, _, b in outs:
                         body(f"acc{off + b} = tl.zeros([{block}], DT)")
                 for r in range(unroll):
-                    for t in group:
-                        for v in range(t.mul2):
-                            by_b = defaultdict(lambda: defaultdict(list))
-                            for a, j, b, c in t.nonzeros:
-                                by_b[b][a].append((consts(c), f"y{t.y_off + v * t.y_d + j}_{r}"))
-                            for b, by_a in sorted(by_b.items()):
-                                parts = [f"({codegen.linear_combination(pairs)}) * x{t.in_off + a}_{r}"
-                                         for a, pairs in sorted(by_a.items())]
-                                body(f"acc{t.out_off + b} += w{t.w_off + v}_{r} * ({' + '.join(parts)})")
+                    if accumulate:
+                        _emit_accumulate(body, consts, group, r)
+                    if edge:
+                        _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb)
                 if mode == "atomic":
                     body(f"s_row = out + tl.load(scatter + e_0).to(tl.int64) * {out_stride}")
                     for off, d, b in outs:
                         body(f"tl.atomic_add(s_row + {off + b} + u * {d}, acc{off + b}, mask=m)")
-            if mode != "atomic":
+            if accumulate and mode != "atomic":
                 for off, d, b in outs:
                     body(f"tl.store(out + row * {out_stride} + {off + b} + u * {d}, acc{off + b}, mask=m)")
         first += nb
@@ -277,12 +330,16 @@ def _kernel(problem, variant, block):
     if variant.startswith("edge"):
         return codegen.load_module(f"{problem.key}_{variant}_b{block}", lambda: _edge_source(
             _terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims)).edge_grads
-    kind, mode = variant.split("_", 1)
+    kind, rest = variant.split("_", 1)  # fwd_csr, fwd_atomic, gx_atomic, sender_<wanted subset of "xyw">
+    sender = kind == "sender"
+    mode = "csr_perm" if sender else rest
     unroll = "" if mode == "atomic" else f"_u{_edge_unroll()}_s{_loop_stages()}"
-    transpose = kind == "gx"
+    transpose = kind != "fwd"
     in_stride, out_stride = (problem.dim_out, problem.dim_in1) if transpose else (problem.dim_in1, problem.dim_out)
+    strides = (in_stride, out_stride, problem.dim_in2, problem.weight_numel)
     return codegen.load_module(f"{problem.key}_{variant}_b{block}{unroll}", lambda: _aggregate_source(
-        _terms(problem, transpose), block, mode, in_stride, out_stride, problem.dim_in2, problem.weight_numel)).aggregate
+        _terms(problem, transpose), block, mode, strides, accumulate=not sender or "x" in rest,
+        edge=rest.replace("x", "") if sender else "")).aggregate
 
 
 def _launch(problem, variant, grid, args, dtype, block):
@@ -338,16 +395,14 @@ def _plan(problem, kind, out_dim):
     return _PLANS[key]
 
 
-def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, perm, num_rows, out_dim):
+def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, num_rows, out_dim):
     block, n_cb, covers = _plan(problem, kind, out_dim)
     n_edges = y.shape[0]
     dummy = gather
     if ptr is not None:
         out = _alloc((num_rows, out_dim), inp, covers)
         if num_rows and n_cb:
-            mode = "csr_perm" if perm is not None else "csr"
-            _launch(problem, f"{kind}_{mode}", (num_rows, n_cb),
-                    (inp, y, w, gather, dummy, ptr, perm if perm is not None else dummy, out, n_edges),
+            _launch(problem, f"{kind}_csr", (num_rows, n_cb), (inp, y, w, gather, dummy, ptr, dummy, out, n_edges),
                     inp.dtype, block)
         return out
     out = inp.new_zeros(num_rows, out_dim)
@@ -363,29 +418,64 @@ def forward(problem, x, edge_attr, w, src, dst, dst_ptr, num_nodes):
     _check_supported(problem)
     _tl_dtype(x.dtype)
     x, edge_attr, w = x.contiguous(), edge_attr.contiguous(), w.contiguous()
-    return _aggregate(problem, "fwd", x, edge_attr, w, src, dst, dst_ptr, None, num_nodes, problem.dim_out)
+    return _aggregate(problem, "fwd", x, edge_attr, w, src, dst, dst_ptr, num_nodes, problem.dim_out)
+
+
+def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want):
+    """The wanted gradients in one walk per (source node, channel block) over the node's edges: x[row] is loaded
+    once, grad_out[dst], y and w once per edge, and each (edge, channel) of gw belongs to one program (no
+    atomics). gy comes as one partial sum per channel block, added up here in a fixed order (deterministic)."""
+    block, n_cb, covers = _plan(problem, "gx", problem.dim_in1)
+    n_nodes, n_edges = x.shape[0], y.shape[0]
+    gx = _alloc(x.shape, x, covers) if want[0] else x.new_empty(0)
+    gy_partial = _alloc((n_edges, n_cb, problem.dim_in2), y, True) if want[1] else y.new_empty(0)
+    gw = _alloc(w.shape, w, True) if want[2] else w.new_empty(0)
+    if n_cb and ((want[0] and n_nodes) or (n_edges and (want[1] or want[2]))):
+        wanted = "".join(name for name, flag in zip("xyw", want) if flag)
+        _launch(problem, f"sender_{wanted}", (n_nodes, n_cb),
+                (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if want[0] else x, x,
+                 gy_partial if want[1] else x, gw if want[2] else x, n_edges), x.dtype, block)
+    return gx, gy_partial.sum(1) if want[1] else gy_partial, gw
+
+
+def _fused_backward_fits(problem) -> bool:
+    """Whether one sender walk can also make gy/gw without spilling: each lane holds a group's gathered grad_out
+    components next to x, w and the accumulators. Measured on an H100: mace-large (71 gathered) runs 1.7x faster
+    fused, nequip-benzene (312, 354 B spilled) 1.6x slower, so above ``MAX_FUSED_GATHER`` gy/gw get their own
+    per-edge kernel."""
+    key = (problem.key, "fits")
+    if key not in _PLANS:
+        _PLANS[key] = all(len({(t.in_off, a) for t in group for a, _, _, _ in t.nonzeros}) <= MAX_FUSED_GATHER
+                          for _, group in _groups(_terms(problem, True)))
+    return _PLANS[key]
+
+
+def _edge_backward(problem, x, edge_attr, w, grad_out, src, dst, want_y, want_w):
+    """gy, gw by a per-edge kernel that gathers x[src] and grad_out[dst] (any edge order)."""
+    gy = _alloc(edge_attr.shape, edge_attr, True) if want_y else x.new_empty(0)
+    gw = _alloc(w.shape, w, True) if want_w else x.new_empty(0)
+    n_edges = edge_attr.shape[0]
+    if n_edges and (want_y or want_w):
+        variant = "edge_" + ("y" if want_y else "") + ("w" if want_w else "")
+        _launch(problem, variant, (-(-n_edges // _edges_per_program()),),
+                (x, edge_attr, w, grad_out, src, dst, gy if want_y else x, gw if want_w else x, n_edges),
+                x.dtype, _block_size(problem))
+    return gy, gw
 
 
 def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, want):
-    """(gx, gy, gw) of <grad_out, forward(...)>; gx deterministic when ``src_perm``/``src_ptr`` are given."""
+    """(gx, gy, gw) of <grad_out, forward(...)>; deterministic when ``src_perm``/``src_ptr`` are given (one fused
+    sender-owned kernel, or for very wide problems a sender-owned gx and a per-edge gy/gw kernel), else an atomic
+    x-gradient and the per-edge kernel."""
     _check_supported(problem)
     _tl_dtype(x.dtype)
     grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
-    gx, gy, gw = (x.new_empty(0) for _ in range(3))  # distinct: a custom op's outputs may not alias each other
-    if want[0]:
-        sorted_by_src = src_perm is not None and src_ptr is not None
-        gx = _aggregate(problem, "gx", grad_out, edge_attr, w, dst, src, src_ptr if sorted_by_src else None,
-                        src_perm if sorted_by_src else None, x.shape[0], problem.dim_in1)
-    if want[1] or want[2]:
-        n_edges = edge_attr.shape[0]
-        if want[1]:
-            gy = _alloc(edge_attr.shape, edge_attr, True)
-        if want[2]:
-            gw = _alloc(w.shape, w, True)
-        if n_edges:
-            block = _block_size(problem)
-            variant = "edge_" + ("y" if want[1] else "") + ("w" if want[2] else "")
-            _launch(problem, variant, (-(-n_edges // _edges_per_program()),),
-                    (x, edge_attr, w, grad_out, src, dst, gy if want[1] else x, gw if want[2] else x, n_edges),
-                    x.dtype, block)
-    return gx, gy, gw
+    if src_perm is not None and src_ptr is not None:
+        if _fused_backward_fits(problem) or not (want[1] or want[2]):
+            return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, want)
+        gx = _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, (want[0], False, False))[0]
+    elif want[0]:
+        gx = _aggregate(problem, "gx", grad_out, edge_attr, w, dst, src, None, x.shape[0], problem.dim_in1)
+    else:
+        gx = x.new_empty(0)  # distinct: a custom op's outputs may not alias each other
+    return (gx, *_edge_backward(problem, x, edge_attr, w, grad_out, src, dst, want[1], want[2]))

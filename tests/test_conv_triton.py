@@ -4,6 +4,7 @@ Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set be
 on a CPU executes the very kernel code the GPU compiles. Problems are tiny because the interpreter is slow
 (see docs/kernels.md for this file's runtime). ``gpu`` tests run the benchmark-sized problems on CUDA.
 """
+import itertools
 import os
 
 import torch
@@ -17,6 +18,7 @@ from fastmlip.descriptors import channelwise_instructions, make_tensor_product_p
 from fastmlip.graph import sort_edges  # noqa: E402
 from fastmlip.kernels import conv  # noqa: E402
 from fastmlip.ops.conv import fused_conv  # noqa: E402
+from fastmlip.reference.tensor_product import fused_conv_backward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -33,6 +35,8 @@ SMALL = {
     "mace-like": lambda: channelwise("4x0e+4x1o", "0e+1o+2e+3o", "4x0e+4x1o+4x2e"),
     "sevenn-like": lambda: channelwise("8x0e+4x1e+2x2e", "0e+1e+2e", "0e+1e+2e"),
     "multi-v": lambda: channelwise("3x0e+2x1o", "2x0e+2x1o", "0e+1o+1e"),
+    # each multiplicity group couples to part of edge_attr only, and no path reads its 2e block (gy there is 0)
+    "partial-y": lambda: channelwise("2x0e+1x1o", "0e+1o+2e", "0e"),
 }
 _CACHE = {}
 
@@ -108,13 +112,64 @@ def test_matches_reference_float64(name, sorted_edges, monkeypatch):
 
 @pytest.mark.parametrize("name,sorted_edges", [("mace-like", True), ("odd-parity", False)])
 def test_double_backward_float64(name, sorted_edges, monkeypatch):
-    """Second derivatives go through the op's autograd, i.e. through the kernels again."""
+    """Second derivatives go through the op's autograd, i.e. through the kernels again: with sorted edges every
+    backward call, whatever gradients it asks for, is the fused sender kernel."""
+    monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
     prob = problem(name)
     src, dst = random_graph(5, 11, seed=11)
     x, y, w = inputs(prob, 5, 11, torch.float64, seed=12)
     want = run(prob, x, y, w, src, dst, 5, sorted_edges, "reference", monkeypatch)
     got = run(prob, x, y, w, src, dst, 5, sorted_edges, "triton", monkeypatch)
     assert_close(got, want, torch.float64)
+    backward = {label.split("/")[1] for label in conv.compile_report() if not label.split("/")[1].startswith("fwd")}
+    if sorted_edges:
+        assert {"sender_xyw", "sender_x", "sender_y", "sender_w"} <= backward and all(
+            v.startswith("sender_") for v in backward), backward
+    else:
+        assert backward == {"gx_atomic", "edge_yw", "edge_y", "edge_w"}, backward
+
+
+@pytest.mark.parametrize("name", ["multi-v", "partial-y"])
+def test_sorted_backward_every_gradient_subset(name, monkeypatch):
+    """Edges sorted by src: each non-empty subset of (gx, gy, gw) is one launch of the fused sender kernel and
+    matches the reference. Two-lane channel blocks give groups of several blocks (gy sums per-block partials), a
+    partly masked block, and a node that sends no edge."""
+    monkeypatch.setenv("FASTMLIP_CONV_BLOCK", "2")
+    monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
+    prob = problem(name)
+    src, dst = random_graph(6, 13, seed=15, isolated=(2,))
+    se = sort_edges(src, dst, 6)
+    x, y, w = (t.detach() for t in inputs(prob, 6, 13, torch.float64, seed=16))
+    g = torch.randn(6, prob.dim_out, dtype=torch.float64, generator=torch.Generator().manual_seed(17)).to(DEVICE)
+    reference = fused_conv_backward(prob, g, x, y, w, se.src, se.dst)
+    subsets = [want for want in itertools.product((False, True), repeat=3) if any(want)]
+    for want in subsets:
+        got = conv.backward(prob, g, x, y, w, se.src, se.dst, se.dst_ptr, se.src_perm, se.src_ptr, want)
+        assert all(t.numel() == 0 for t, flag in zip(got, want) if not flag)
+        pick = lambda ts: [t for t, flag in zip(ts, want) if flag]  # noqa: E731
+        assert_close(pick(got), pick(reference), torch.float64, names=pick(("gx", "gy", "gw")))
+    launched = sorted(label.split("/")[1] for label in conv.compile_report())
+    assert launched == sorted("sender_" + "".join(itertools.compress("xyw", want)) for want in subsets)
+
+
+def test_sorted_backward_split_for_wide_problems(monkeypatch):
+    """Problems that gather too many grad_out components for one fused walk (nequip-benzene) take a sender-owned
+    gx and a per-edge gy/gw kernel; forced here by lowering the limit."""
+    monkeypatch.setattr(conv, "MAX_FUSED_GATHER", 1)
+    monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
+    monkeypatch.setattr(conv, "_PLANS", {})
+    prob = problem("multi-v")
+    src, dst = random_graph(6, 13, seed=18, isolated=(1,))
+    se = sort_edges(src, dst, 6)
+    x, y, w = (t.detach() for t in inputs(prob, 6, 13, torch.float64, seed=19))
+    g = torch.randn(6, prob.dim_out, dtype=torch.float64, generator=torch.Generator().manual_seed(20)).to(DEVICE)
+    reference = fused_conv_backward(prob, g, x, y, w, se.src, se.dst)
+    for want in [(True, True, True), (False, True, False), (True, False, False)]:
+        got = conv.backward(prob, g, x, y, w, se.src, se.dst, se.dst_ptr, se.src_perm, se.src_ptr, want)
+        pick = lambda ts: [t for t, flag in zip(ts, want) if flag]  # noqa: E731
+        assert_close(pick(got), pick(reference), torch.float64, names=pick(("gx", "gy", "gw")))
+    launched = sorted(label.split("/")[1] for label in conv.compile_report())
+    assert launched == ["edge_y", "edge_yw", "sender_x"]
 
 
 @pytest.mark.parametrize("sorted_edges", [True, False], ids=["sorted", "atomic"])

@@ -9,6 +9,10 @@ back to the host in one transfer.
 from __future__ import annotations
 
 import math
+import os
+import time
+import traceback
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +20,7 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError, all_changes
 from ase.data import chemical_symbols
 
+from .cuda_graph import CapturedStep, pack_results
 from .neighbors import VerletList
 
 # 0.5 A: a rebuild is needed once any atom moved skin/2 = 0.25 A, i.e. every
@@ -46,6 +51,14 @@ def resolve_dtype(dtype):
     return names[str(dtype)]
 
 
+def _describe_failure(exc: BaseException) -> str:
+    """The error's first line and the innermost frame outside torch, which names the code that cannot be captured."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {first_line}{where}"
+
+
 def element_name(number: int) -> str:
     if 0 < number < len(chemical_symbols):
         return f"{chemical_symbols[number]} (Z={number})"
@@ -60,13 +73,16 @@ class Calculator(AseCalculator):
     fastmlip's modules (a loaded model is changed in place; one that is already
     accelerated is used as is); ``accelerate=False`` leaves the model as given.
     ``modal``/``head`` pick a SevenNet modal or MACE head (the same thing to
-    fastmlip; give one). ``skin`` (A) is the Verlet-list skin.
+    fastmlip; give one). ``skin`` (A) is the Verlet-list skin. ``cuda_graph``: replay each step as a captured
+    CUDA graph (see :mod:`fastmlip.cuda_graph`); "auto" does so on CUDA when the model allows it, True insists
+    (ValueError when it cannot), False never does. "auto" also times a replay against an eager step after the
+    first capture and keeps the faster; a capture that fails falls back to eager steps with a warning.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model="7net-0", device="auto", dtype=None, accelerate=True, modal=None,
-                 head=None, skin=DEFAULT_SKIN, check=True, **kwargs):
+                 head=None, skin=DEFAULT_SKIN, check=True, cuda_graph="auto", **kwargs):
         super().__init__(**kwargs)
         from . import api  # the face above patches; imported late to keep `import fastmlip` light
 
@@ -91,6 +107,22 @@ class Calculator(AseCalculator):
         self.neighbors = VerletList(self.cutoff, skin)
         self._numbers = None  # device tensor of the last structure's atomic numbers
         self._cell = None  # (host array, device float64 tensor) of the last cell
+        self._cuda_graph_request = cuda_graph
+        self.cuda_graph = self._select_cuda_graph(cuda_graph)
+        self.cuda_graph_timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
+        self._step = None  # the CapturedStep being replayed
+
+    def _select_cuda_graph(self, wanted) -> bool:
+        if wanted not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {wanted!r}")
+        if self.device.type == "cuda":
+            reason = self.framework.capture_obstacle(self.model)
+        else:
+            reason = f"the model runs on {self.device}, not CUDA"
+        if reason and wanted is True:
+            raise ValueError(f"cuda_graph=True, but this model cannot be captured: {reason}")
+        self.cuda_graph_obstacle = reason
+        return wanted is not False and reason is None
 
     @staticmethod
     def _select_modal(modal, head, available):
@@ -129,20 +161,71 @@ class Calculator(AseCalculator):
         cell = self._cell[1]
 
         positions = torch.as_tensor(positions, device=self.device)  # the one host->device copy
+        flat = self._replay(positions, cell, pbc, with_stress) if self.cuda_graph else None
+        if flat is None:
+            flat, with_stress = self._eager(positions, cell, pbc, with_stress)
+        self.results = self._to_host(flat, len(atoms), with_stress)
+
+    def _eager(self, positions, cell, pbc, with_stress):
         edge_i, edge_j, shifts = self.neighbors.update(positions, cell, pbc)
         output = self.framework.compute(
             self.model, positions.to(self.dtype), cell.to(self.dtype), pbc, self._numbers,
             edge_i, edge_j, shifts, compute_stress=with_stress, modal=self.modal)
-        self.results = self._to_host(output, len(atoms), with_stress)
+        with_stress = with_stress and output.get("stress") is not None
+        return pack_results(output, with_stress), with_stress
+
+    def _replay_is_faster(self, step, positions, cell, pbc, with_stress) -> bool:
+        """Time a replay against an eager step (best of two each). A replay processes every candidate pair of
+        the Verlet list plus padding, so on large systems, where the GPU and not the host sets the pace, an
+        eager step over the exact edges can win; "auto" keeps whichever is faster."""
+        def best_ms(run):
+            times = []
+            for _ in range(2):
+                torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                run()
+                torch.cuda.synchronize(self.device)
+                times.append(1e3 * (time.perf_counter() - start))
+            return min(times)
+
+        replay = best_ms(lambda: step.replay(positions))
+        eager = best_ms(lambda: self._eager(positions, cell, pbc, with_stress))
+        self.cuda_graph_timing = {"replay_ms": replay, "eager_ms": eager}
+        return replay < eager
+
+    def _replay(self, positions, cell, pbc, with_stress):
+        """The step as a CUDA graph replay (captured when needed); None when this structure runs eagerly."""
+        edge_i, edge_j, shifts, rebuilt = self.neighbors.candidates(positions, cell, pbc)
+        if edge_i.numel() == 0:  # nothing to pad with: no pairs within cutoff + skin
+            return None
+        step = self._step
+        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or (
+                rebuilt and not step.load_pairs(edge_i, edge_j, shifts)):
+            self._step = None  # frees the old graph's memory before the new capture
+            step = CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
+                                with_stress, edge_i.numel())
+            step.load_pairs(edge_i, edge_j, shifts)
+            try:
+                step.capture(positions)
+            except Exception as exc:  # capture limits differ across models and torch versions: run eagerly
+                warnings.warn(f"fastmlip: CUDA graph capture failed, running eager steps instead "
+                              f"({_describe_failure(exc)})", RuntimeWarning, stacklevel=3)
+                self.cuda_graph, self.cuda_graph_obstacle = False, f"capture failed: {type(exc).__name__}"
+                return None
+            if self._cuda_graph_request == "auto" and not self._replay_is_faster(step, positions, cell, pbc,
+                                                                                 with_stress):
+                timing = self.cuda_graph_timing
+                self.cuda_graph = False
+                self.cuda_graph_obstacle = (f"eager steps measured faster ({timing['eager_ms']:.2f} ms) than "
+                                            f"graph replays ({timing['replay_ms']:.2f} ms)")
+                return None
+            self._step = step
+        return step.replay(positions)
 
     @staticmethod
-    def _to_host(output, n_atoms, with_stress):
+    def _to_host(flat, n_atoms, with_stress):
         """All results in one device->host copy, as float64 numpy in ASE conventions."""
-        parts = [output["energy"].reshape(1), output["energies"].reshape(-1), output["forces"].reshape(-1)]
-        with_stress = with_stress and output.get("stress") is not None
-        if with_stress:
-            parts.append(output["stress"].reshape(-1))
-        flat = torch.cat([p.detach().to(torch.float64) for p in parts]).cpu().numpy()
+        flat = flat.cpu().numpy()
         energy = float(flat[0])
         results = {
             "energy": energy,

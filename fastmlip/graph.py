@@ -23,10 +23,9 @@ class SortedEdges:
 
 
 def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    counts = torch.bincount(sorted_index, minlength=num_nodes)
-    ptr = torch.zeros(num_nodes + 1, dtype=torch.int64, device=sorted_index.device)
-    torch.cumsum(counts, 0, out=ptr[1:])
-    return ptr
+    """ptr[n] = first position whose index is >= n; a binary search, so no device->host sync (CUDA graphs)."""
+    nodes = torch.arange(num_nodes + 1, dtype=sorted_index.dtype, device=sorted_index.device)
+    return torch.searchsorted(sorted_index, nodes).to(torch.int64)
 
 
 def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> SortedEdges:

@@ -152,16 +152,33 @@ class VerletList:
     def update(self, positions, cell, pbc):
         """Return ``(i, j, S)`` for ``cutoff`` at ``positions``, rebuilding only if needed."""
         positions, cell_host, pbc, _ = _validate(positions, cell, pbc, self.cutoff)
-        if self._needs_rebuild(positions, cell_host, pbc):
-            self._edges = neighbor_list(
-                positions, cell_host, pbc, self.cutoff + self.skin,
-                self_interaction=self.self_interaction, method=self.method)
-            self._reference = (positions.detach().clone(), cell_host, pbc)
-            self.rebuilds += 1
+        self._refresh(positions, cell_host, pbc)
         i, j, shift = self._edges
         cell_device = cell_host.to(device=positions.device, dtype=positions.dtype)
         keep = within_cutoff(positions, cell_device, i, j, shift, self.cutoff).nonzero().flatten()
         return i[keep], j[keep], shift[keep]
+
+    @torch.no_grad()
+    def candidates(self, positions, cell, pbc):
+        """``(i, j, S, rebuilt)``: every pair within ``cutoff + skin`` at the last build, rebuilt only if needed.
+
+        The exact list at ``positions`` is the subset that passes ``within_cutoff``; a caller that needs fixed
+        shapes (a CUDA graph) masks the other pairs instead of dropping them.
+        """
+        positions, cell_host, pbc, _ = _validate(positions, cell, pbc, self.cutoff)
+        rebuilt = self._refresh(positions, cell_host, pbc)
+        return (*self._edges, rebuilt)
+
+    def _refresh(self, positions, cell_host, pbc) -> bool:
+        """Rebuild the cached ``cutoff + skin`` list if needed; return whether it was rebuilt."""
+        if not self._needs_rebuild(positions, cell_host, pbc):
+            return False
+        self._edges = neighbor_list(
+            positions, cell_host, pbc, self.cutoff + self.skin,
+            self_interaction=self.self_interaction, method=self.method)
+        self._reference = (positions.detach().clone(), cell_host, pbc)
+        self.rebuilds += 1
+        return True
 
     def _needs_rebuild(self, positions, cell_host, pbc):
         if self._reference is None:

@@ -271,13 +271,20 @@ def species_indices(model, numbers: torch.Tensor) -> torch.Tensor:
     return match.long().argmax(-1)
 
 
-def build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head: Optional[str] = None) -> dict:
-    """MACE's input dict for one structure from ASE "ijS" edges (any order), in the model's dtype and device."""
-    info = model_info(model)
-    dtype, device = info["dtype"], info["device"]
+def build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head: Optional[str] = None,
+                validated: bool = False) -> dict:
+    """MACE's input dict for one structure from ASE "ijS" edges (any order), in the model's dtype and device.
+
+    ``validated``: the caller checked the species on the host; nothing here then reads from the device.
+    """
+    device, dtype = common.first_tensor_placement(model)
     n = positions.shape[0]
-    species = species_indices(model, numbers.to(device))
-    node_attrs = torch.nn.functional.one_hot(species, len(info["atomic_numbers"])).to(dtype)
+    if validated:
+        table = model.atomic_numbers.to(device)
+        species = (numbers.to(device).long().unsqueeze(-1) == table.unsqueeze(0)).long().argmax(-1)
+    else:
+        species = species_indices(model, numbers.to(device))
+    node_attrs = torch.nn.functional.one_hot(species, model.atomic_numbers.numel()).to(dtype)
     cell = (torch.zeros(3, 3) if cell is None else cell).to(device=device, dtype=dtype)
     unit_shifts = shifts.to(device=device, dtype=dtype).reshape(-1, 3)
     return {
@@ -288,8 +295,9 @@ def build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, he
         "unit_shifts": unit_shifts,
         "cell": cell,
         "batch": torch.zeros(n, dtype=torch.long, device=device),
-        "ptr": torch.tensor([0, n], dtype=torch.long, device=device),
-        "head": torch.tensor([select_head(model, head)], dtype=torch.long, device=device),
+        "ptr": torch.arange(0, 2 * n, n, dtype=torch.long, device=device) if n else torch.zeros(2, dtype=torch.long,
+                                                                                               device=device),
+        "head": torch.full((1,), select_head(model, head), dtype=torch.long, device=device),
     }
 
 
@@ -299,15 +307,54 @@ def _has_volume(cell, pbc) -> bool:
     return abs(float(torch.linalg.det(cell.double()))) > 1e-12
 
 
-def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None):
+def _layout_of(model) -> Optional["_EdgeLayout"]:
+    for module in model.modules():
+        if isinstance(module, FastInteraction):
+            return module._layout
+    return None
+
+
+def mask_obstacle(model) -> Optional[str]:
+    """Why placeholder edges (``edge_mask``) cannot be used with this model, None if they can.
+
+    Masked edges are weighed with zero inside fastmlip's fused convolutions, so every interaction must be one
+    and nothing else may sum over edges (MACE's pair repulsion does).
+    """
+    if hasattr(model, "pair_repulsion"):
+        return "its pair repulsion (ZBL) sums over edges outside the convolutions"
+    plain = [f"interactions.{k}" for k, m in enumerate(model.interactions) if not isinstance(m, FastInteraction)]
+    if plain:
+        return f"interaction(s) {', '.join(plain)} are not accelerated"
+    return None
+
+
+def capture_obstacle(model) -> Optional[str]:
+    """Why the model cannot run as a captured CUDA graph (fastmlip.cuda_graph), None if it can."""
+    return mask_obstacle(model)
+
+
+def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None,
+            edge_mask=None, validated=False):
     """Energy, per-atom energies, forces and (periodic cells) stress, exactly as MACECalculator computes them.
 
-    Stress is None unless ``compute_stress`` and some direction is periodic with a cell of non-zero volume.
+    Stress is None unless ``compute_stress`` and some direction is periodic with a cell of non-zero volume
+    (with ``validated`` the caller has checked the species and the cell, and nothing waits for the device).
+    ``edge_mask``: which edges exist; the others contribute exactly zero (see :func:`mask_obstacle`).
     """
-    data = build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head=modal)
-    want_stress = bool(compute_stress) and _has_volume(cell, pbc)
-    with torch.enable_grad():
-        out = model(data, training=False, compute_force=True, compute_stress=want_stress)
+    data = build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head=modal, validated=validated)
+    want_stress = bool(compute_stress) and (validated or _has_volume(cell, pbc))
+    layout = _layout_of(model)
+    if edge_mask is not None:
+        obstacle = mask_obstacle(model)
+        if obstacle:
+            raise ValueError(f"edge_mask needs an accelerated model: {obstacle}")
+        layout.mask_edges(data["edge_index"], edge_mask)
+    try:
+        with torch.enable_grad():
+            out = model(data, training=False, compute_force=True, compute_stress=want_stress)
+    finally:
+        if layout is not None:
+            layout.mask_edges(None, None)
     dtype = data["positions"].dtype
     return {
         "energy": out["energy"].reshape(()).detach(),
@@ -318,18 +365,32 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
 
 
 class _EdgeLayout:
-    """Receiver-sorted edge order, computed once per forward (keyed on the edge_index tensor) for every layer."""
+    """Receiver-sorted edge order, computed once per forward (keyed on the edge_index tensor) for every layer,
+    and the mask of placeholder edges that belongs to that edge_index (see :func:`compute`)."""
 
     def __init__(self):
         self.edge_index = None
         self.num_nodes = -1
         self.sorted = None
+        self.masked_index, self.mask, self.sorted_mask = None, None, None
 
     def get(self, edge_index: torch.Tensor, num_nodes: int):
         if self.edge_index is not edge_index or self.num_nodes != num_nodes:
             self.sorted = sort_edges(edge_index[0], edge_index[1], num_nodes)
             self.edge_index, self.num_nodes = edge_index, num_nodes
+            self.sorted_mask = None
         return self.sorted
+
+    def mask_edges(self, edge_index: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
+        self.masked_index, self.mask, self.sorted_mask = edge_index, mask, None
+
+    def weight_mask(self, edge_index: torch.Tensor) -> Optional[torch.Tensor]:
+        """[E, 1] mask in receiver order for ``edge_index``'s edges, None when all of them exist."""
+        if self.mask is None or self.masked_index is not edge_index:
+            return None
+        if self.sorted_mask is None:
+            self.sorted_mask = self.mask.index_select(0, self.sorted.order).unsqueeze(1)
+        return self.sorted_mask
 
 
 class FastSpeciesLinear(nn.Module):
@@ -419,6 +480,9 @@ class FastInteraction(nn.Module):
         tp_weights = self.conv_tp_weights(edge_feats.index_select(0, edges.order))
         if cutoff is not None:
             tp_weights = tp_weights * cutoff.index_select(0, edges.order)
+        mask = self._layout.weight_mask(edge_index)
+        if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
+            tp_weights = tp_weights * mask
         message = fused_conv(self.problem, node_feats, edge_attrs.index_select(0, edges.order), tp_weights,
                              edges.src, edges.dst, node_feats.shape[0], dst_ptr=edges.dst_ptr,
                              src_perm=edges.src_perm, src_ptr=edges.src_ptr)

@@ -28,6 +28,8 @@ MARKER_KEY = "fastmlip"
 FILE_FORMAT_ATTRIBUTE = "_fastmlip_file"
 # Data-dict entry where the first fused convolution of a forward pass leaves the receiver-sorted edges.
 SORTED_EDGES_KEY = "_fastmlip_sorted_edges"
+# Data-dict entry with the per-edge mask of placeholder edges (see ``compute``).
+EDGE_MASK_KEY = "_fastmlip_edge_mask"
 
 # Checkpoints shipped inside the sevenn package, by the names sevenn resolves (sevenn.util.pretrained_name_to_path).
 _PRETRAINED = {
@@ -152,9 +154,14 @@ def _cast_onehot_to_model_dtype(module, args, data):
 
 
 def _make_onehots_follow_dtype(model) -> None:
+    """Also keeps the model's atomic-number lookup table (a plain attribute, not a buffer, so ``model.to``
+    leaves it on the CPU) on the model's device: sevenn copies it there on every forward otherwise."""
     from sevenn.nn.node_embedding import OnehotEmbedding
 
     device, dtype = common.first_tensor_placement(model)
+    table = getattr(model, "z_to_onehot_tensor", None)
+    if isinstance(table, torch.Tensor) and table.device != device:
+        model.z_to_onehot_tensor = table.to(device)
     for module in model.modules():
         if isinstance(module, OnehotEmbedding) and "_dtype_reference" not in module._buffers:
             module.register_buffer("_dtype_reference", torch.zeros(0, dtype=dtype, device=device), persistent=False)
@@ -223,10 +230,12 @@ def select_modal(model, modal: Optional[str]) -> Optional[str]:
     return matches[0]
 
 
-def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal=None):
+def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal=None, edge_mask=None):
     """SevenNet's input data for one structure, as SevenNetCalculator builds it but from tensors.
 
-    Edge vectors are formed in float64 (as ASE does) and then cast to the model's dtype.
+    Edge vectors are formed in float64 (as ASE does) and then cast to the model's dtype. Nothing here reads
+    from the device (CUDA graphs). ``edge_mask`` (bool per edge) marks the edges that exist; the others are
+    placeholders the fused convolutions weigh with zero (see :func:`compute`).
     """
     from sevenn.atom_graph_data import AtomGraphData
     import sevenn._keys as KEY
@@ -239,8 +248,8 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
     edge_j = torch.as_tensor(edge_j, device=device).long()
     shifts64 = torch.as_tensor(shifts, device=device).to(torch.float64).reshape(-1, 3)
     edge_vec = positions64[edge_j] - positions64[edge_i] + shifts64 @ cell64
-    volume = torch.linalg.det(cell64).abs().to(dtype)
-    num_atoms = torch.tensor(numbers.numel(), device=device)
+    volume = torch.dot(cell64[0], torch.linalg.cross(cell64[1], cell64[2])).abs().to(dtype)
+    num_atoms = torch.full((), numbers.numel(), dtype=torch.long, device=device)
     batched = bool(getattr(model, "is_batch_data", False))
     fields = {
         KEY.ATOMIC_NUMBERS: numbers,
@@ -252,26 +261,100 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
         fields[KEY.BATCH] = torch.zeros_like(numbers)
     if modal is not None:
         fields[KEY.DATA_MODALITY] = [modal] if batched else modal
-    return AtomGraphData(x=numbers.clone(), edge_index=torch.stack([edge_i, edge_j]),
+    data = AtomGraphData(x=numbers.clone(), edge_index=torch.stack([edge_i, edge_j]),
                          pos=positions64.to(dtype), **fields)
+    if edge_mask is not None:
+        data[EDGE_MASK_KEY] = edge_mask
+    return data
 
 
-def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None):
-    """Energy, per-atom energies, forces and (periodic only) stress through the model's own force/stress head."""
+def mask_obstacle(model) -> Optional[str]:
+    """Why placeholder edges (``edge_mask``) cannot be used with this model, None if they can.
+
+    Masked edges are weighed with zero inside fastmlip's fused convolutions, so every convolution must be one.
+    """
+    from sevenn.nn.convolution import IrrepsConvolution
+
+    plain = [name for name, module in model.named_modules() if isinstance(module, IrrepsConvolution)]
+    if plain:
+        return f"convolution(s) {', '.join(plain)} are not accelerated"
+    return None
+
+
+def capture_obstacle(model) -> Optional[str]:
+    """Why the model cannot run as a captured CUDA graph (fastmlip.cuda_graph), None if it can."""
+    if getattr(model, "eval_modal_map", False) and model.modal_map:
+        return "multi-fidelity models pick their modal with a host->device copy inside the model"
+    return mask_obstacle(model)
+
+
+def _edge_forces_and_stress(head, data, num_atoms: int):
+    """sevenn's ``ForceStressOutputFromEdge`` term for term, without reading the atom count or the cell volume
+    back to the host (its forward does both: two syncs per step, and a CUDA graph cannot wait for the host)."""
+    from sevenn.nn.util import broadcast
+
+    rij = data[head.key_edge]
+    energy = data[head.key_energy].sum()
+    (fij,) = torch.autograd.grad([energy], [rij], create_graph=head.training, allow_unused=True)
+    if fij is None:
+        return data
+    edge_idx = data[head.key_edge_idx]
+    pf = torch.zeros(num_atoms, 3, dtype=fij.dtype, device=fij.device)
+    nf = torch.zeros(num_atoms, 3, dtype=fij.dtype, device=fij.device)
+    pf.scatter_reduce_(0, broadcast(edge_idx[0], fij, 0), fij, reduce="sum")
+    nf.scatter_reduce_(0, broadcast(edge_idx[1], fij, 0), fij, reduce="sum")
+    data[head.key_force] = pf - nf
+    virial = torch.cat([rij * fij, (rij[..., 0] * fij[..., 1]).unsqueeze(-1),
+                        (rij[..., 1] * fij[..., 2]).unsqueeze(-1), (rij[..., 2] * fij[..., 0]).unsqueeze(-1)], dim=-1)
+    per_atom = torch.zeros(num_atoms, 6, dtype=virial.dtype, device=virial.device)
+    per_atom.scatter_reduce_(0, broadcast(edge_idx[1], virial, 0), virial, reduce="sum")
+    if head.use_atomic_virial:
+        data[head.key_atomic_virial] = torch.neg(per_atom)
+    volume = data[head.key_cell_volume]
+    volume = torch.where(volume < 1e-3, torch.full_like(volume, 1e-3), volume)  # sevenn's floor for molecules
+    data[head.key_stress] = torch.neg(per_atom.sum(0)) / volume.unsqueeze(-1)
+    return data
+
+
+def _run(model, data, num_atoms: int):
+    """``model(data)``, with a single-structure edge force/stress head evaluated by fastmlip (no host syncs)."""
+    from sevenn.nn.force_output import ForceStressOutputFromEdge
+
+    modules = list(model)
+    if not modules or type(modules[-1]) is not ForceStressOutputFromEdge or getattr(model, "is_batch_data", True):
+        return model(data)
+    data = model._preprocess(data)
+    for module in modules[:-1]:
+        data = module(data)
+    return _edge_forces_and_stress(modules[-1], data, num_atoms)
+
+
+def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None,
+            edge_mask=None, validated=False):
+    """Energy, per-atom energies, forces and (periodic only) stress through the model's own force/stress math.
+
+    ``validated``: the caller checked the species on the host, so nothing here waits for the device.
+    ``edge_mask``: which edges exist; the others (pairs beyond the cutoff, padding) contribute exactly zero,
+    which lets a CUDA graph keep one edge count while the Verlet list is reused (needs :func:`mask_obstacle`
+    to be None).
+    """
     import sevenn._keys as KEY
 
     numbers = torch.as_tensor(numbers)
-    _check_species(model, numbers)
+    if not validated:
+        _check_species(model, numbers)
+    if edge_mask is not None and mask_obstacle(model):
+        raise ValueError(f"edge_mask needs an accelerated model: {mask_obstacle(model)}")
     modal = select_modal(model, modal)
     _make_onehots_follow_dtype(model)
     device, dtype = common.first_tensor_placement(model)
-    data = build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal)
-    output = model(data)
+    data = build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal, edge_mask)
     n = numbers.numel()
+    output = _run(model, data, n)
     zeros = torch.zeros(n, 3, dtype=dtype, device=device)
     forces = output[KEY.PRED_FORCE].detach() if KEY.PRED_FORCE in output else zeros
     stress = None
-    if compute_stress and bool(torch.as_tensor(pbc).any()):
+    if compute_stress and any(bool(p) for p in torch.as_tensor(pbc).flatten().tolist()):
         if KEY.PRED_STRESS in output:
             xx, yy, zz, xy, yz, zx = (-output[KEY.PRED_STRESS].detach().reshape(6)).unbind()
             stress = torch.stack([xx, xy, zx, xy, yy, yz, zx, yz, zz]).reshape(3, 3)
@@ -313,12 +396,14 @@ class FastIrrepsConvolution(nn.Module):
         The radial-MLP input and the edge attributes are permuted once, so each layer's weights come out sorted.
         """
         edge_index = data[self.key_edge_idx]
-        inputs = (edge_index, data[self.key_filter], data[self.key_weight_input])
+        mask = data[EDGE_MASK_KEY] if EDGE_MASK_KEY in data else None
+        inputs = (edge_index, data[self.key_filter], data[self.key_weight_input], mask)
         cached = data[SORTED_EDGES_KEY] if SORTED_EDGES_KEY in data else None
         if cached is None or any(a is not b for a, b in zip(cached["inputs"], inputs)):
             edges = sort_edges(edge_index[1], edge_index[0], num_nodes)
             cached = {"inputs": inputs, "edges": edges, "filter": inputs[1][edges.order],
-                      "weight_input": inputs[2][edges.order]}
+                      "weight_input": inputs[2][edges.order],
+                      "mask": None if mask is None else mask[edges.order].unsqueeze(1)}
             data[SORTED_EDGES_KEY] = cached
         return cached
 
@@ -331,6 +416,8 @@ class FastIrrepsConvolution(nn.Module):
             cached = self._sorted_edges(data, x.shape[0])
             edges = cached["edges"]
             weight = self.weight_nn(cached["weight_input"])
+            if cached["mask"] is not None:  # placeholder edges weigh zero: their messages and gradients vanish
+                weight = weight * cached["mask"]
             out = fused_conv(self.problem, x, cached["filter"], weight, edges.src, edges.dst, x.shape[0],
                              dst_ptr=edges.dst_ptr, src_perm=edges.src_perm, src_ptr=edges.src_ptr)
         data[self.key_x] = out.div(self.denominator)

@@ -1,7 +1,9 @@
 """MD step time and peak memory: fastmlip.Calculator next to each framework's own ASE calculator.
 
 Backends, side by side in one run:
-  fastmlip        fastmlip.Calculator (accelerated modules, on-device Verlet list, one transfer each way)
+  fastmlip        fastmlip.Calculator (accelerated modules, on-device Verlet list, one transfer each way,
+                  each step a CUDA graph replay where the model allows)
+  fastmlip-eager  the same without CUDA graphs (cuda_graph=False)
   fastmlip-e3nn   fastmlip.Calculator with accelerate=False (the same step, the model's own e3nn modules)
   e3nn            SevenNetCalculator / MACECalculator as shipped
   cueq, oeq       the same with enable_cueq / enable_oeq (needs cuEquivariance / OpenEquivariance)
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from ase.build import bulk
 
-BACKENDS = ("fastmlip", "fastmlip-e3nn", "e3nn", "cueq", "oeq")
+BACKENDS = ("fastmlip", "fastmlip-eager", "fastmlip-e3nn", "e3nn", "cueq", "oeq")
 MACE_HIDDEN = {"mace-medium": "128x0e+128x1o", "mace-large": "128x0e+128x1o+128x2e"}
 # (model, crystal, cubic cells per axis): SevenNet-0 Si 216 / Cu 4000, MACE Cu 4000 (ANCHORS.md)
 ANCHOR_CASES = [("sevenn", "Si", 3), ("sevenn", "Cu", 10), ("mace-medium", "Cu", 10), ("mace-large", "Cu", 10)]
@@ -83,7 +85,8 @@ def make_calculator(which, backend, device, dtype, model_dir):
     if backend.startswith("fastmlip"):
         from fastmlip.calculator import Calculator
 
-        return Calculator(model, device=device, dtype=dtype, accelerate=backend == "fastmlip")
+        return Calculator(model, device=device, dtype=dtype, accelerate=backend != "fastmlip-e3nn",
+                          cuda_graph="auto" if backend == "fastmlip" else False)
     flags = {"enable_cueq": backend == "cueq", "enable_oeq": backend == "oeq"}
     required = {"cueq": "cuequivariance_torch", "oeq": "openequivariance"}.get(backend)
     if required:  # SevenNetCalculator would quietly fall back to e3nn without it
@@ -146,6 +149,8 @@ def run_case(which, atoms, backend, args, model_dir):
         calculator = make_calculator(which, backend, args.device, args.dtype, model_dir)
         timing, first = time_steps(calculator, atoms, args.device, args.steps, args.warmup)
         row.update(timing)
+        if hasattr(calculator, "cuda_graph"):  # whether fastmlip's steps were graph replays (else why not)
+            row["cuda_graph"] = calculator.cuda_graph or calculator.cuda_graph_obstacle
         row["energy0"], row["_forces0"] = first
     except Exception as exc:  # a backend that fails is reported in its row; the run goes on
         if args.verbose:

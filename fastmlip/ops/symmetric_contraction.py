@@ -123,12 +123,16 @@ def _fail(problem, msg):
 
 
 def check_species(problem, species: Tensor, n: int, num_species: int, device) -> None:
-    """Shape, dtype, device and range of a species index (the range check reads one min/max from the device)."""
+    """Shape, dtype, device and range of a species index.
+
+    The range check reads one min/max from the device, so it is skipped while a CUDA graph is captured (a graph
+    cannot wait for the host); the eager warm-up run before every capture checks the same species.
+    """
     if not isinstance(species, Tensor) or species.dtype not in (torch.int32, torch.int64) or species.shape != (n,):
         _fail(problem, f"species_index must be an int32/int64 tensor of shape ({n},)")
     if species.device != device:
         _fail(problem, f"devices differ: x is on {device}, species_index on {species.device}")
-    if n:
+    if n and not (species.is_cuda and torch.cuda.is_current_stream_capturing()):
         low, high = (int(v) for v in torch.aminmax(species))
         if low < 0 or high >= num_species:
             _fail(problem, f"species_index values must lie in [0, {num_species}), got [{low}, {high}]")

@@ -1,0 +1,101 @@
+"""One energy/forces/stress evaluation captured as a CUDA graph and replayed with new positions.
+
+A step's host cost (the framework's Python module graph, autograd, a few hundred kernel launches) is paid once
+at capture; a replay is one launch. Capture needs fixed shapes and no device->host reads, so:
+
+* edges are the Verlet list's candidate pairs (``cutoff + skin``), padded to a capacity with copies of pairs; a mask computed inside the graph (``|D| < cutoff`` and not padding) tells the fused convolutions
+  which edges exist, and the others are weighed with zero, so results equal those of the exact edge list;
+* a Verlet rebuild only copies the new pairs into the static buffers; the graph is captured again only when
+  they outgrow the capacity (which then grows by ``GROWTH``) or the atoms, cell or periodicity change;
+* the framework's ``compute`` runs with ``validated=True`` (species and cell were checked on the host); its
+  ``capture_obstacle(model)`` says when a model cannot be captured.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .neighbors import within_cutoff
+
+GROWTH = 1.05  # capacity = GROWTH x the pairs at capture: room for the list to grow before a new capture
+WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compiles, autograd state)
+
+
+def pack_results(output: dict, with_stress: bool) -> torch.Tensor:
+    """Energy, per-atom energies, forces (and stress) of ``compute`` as one float64 vector: one copy to the host."""
+    parts = [output["energy"].reshape(1), output["energies"].reshape(-1), output["forces"].reshape(-1)]
+    if with_stress:
+        parts.append(output["stress"].reshape(-1))
+    return torch.cat([p.detach().to(torch.float64) for p in parts])
+
+
+class CapturedStep:
+    """Static input buffers, the captured graph, and its flat output (energy, per-atom energies, forces, stress).
+
+    ``key`` is what a replay must share with the capture: atomic numbers, cell, periodicity, the stress flag.
+    """
+
+    def __init__(self, framework, model, numbers, cell, pbc, cutoff, modal, with_stress, num_pairs):
+        self.framework, self.model, self.modal = framework, model, modal
+        self.pbc, self.cutoff, self.with_stress = pbc, float(cutoff), with_stress
+        self.numbers = numbers
+        self.dtype = framework.model_info(model)["dtype"]
+        self.cell_source, self.cell = cell, cell.clone()
+        device = numbers.device
+        n = numbers.numel()
+        self.capacity = max(1, math.ceil(GROWTH * num_pairs))
+        self.positions = torch.zeros(n, 3, dtype=torch.float64, device=device)
+        self.edge_i = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self.edge_j = torch.zeros(self.capacity, dtype=torch.long, device=device)
+        self.shifts = torch.zeros(self.capacity, 3, dtype=torch.long, device=device)
+        self.num_pairs = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(self.capacity, device=device)
+        self.graph = None
+        self.output = None
+
+    def matches(self, numbers, cell, pbc, with_stress) -> bool:
+        """Whether a replay fits: same numbers and cell tensors (callers make new ones when they change)."""
+        return (numbers is self.numbers and cell is self.cell_source and pbc == self.pbc
+                and with_stress == self.with_stress)
+
+    def load_pairs(self, edge_i, edge_j, shifts) -> bool:
+        """Copy the candidate pairs into the static buffers; False if they do not fit."""
+        count = edge_i.numel()
+        if count == 0 or count > self.capacity:
+            return False
+        # Padding repeats the pairs in turn: spread over all atoms, no receiver walks a long run of padding.
+        repeat = torch.arange(self.capacity - count, device=edge_i.device) % count
+        for static, new in ((self.edge_i, edge_i), (self.edge_j, edge_j), (self.shifts, shifts)):
+            static[:count].copy_(new)
+            static[count:].copy_(new[repeat])
+        self.num_pairs.fill_(count)
+        return True
+
+    def evaluate(self) -> torch.Tensor:
+        """One eager step on the static buffers (what the capture records); also runs on the CPU."""
+        dtype = self.dtype
+        mask = (self.slots < self.num_pairs) & within_cutoff(
+            self.positions, self.cell.to(torch.float64), self.edge_i, self.edge_j, self.shifts, self.cutoff)
+        out = self.framework.compute(
+            self.model, self.positions.to(dtype), self.cell.to(dtype), self.pbc, self.numbers, self.edge_i,
+            self.edge_j, self.shifts, compute_stress=self.with_stress, modal=self.modal, edge_mask=mask,
+            validated=True)
+        return pack_results(out, self.with_stress)
+
+    def capture(self, positions) -> None:
+        self.positions.copy_(positions)
+        side = torch.cuda.Stream(device=self.positions.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self.evaluate()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self.evaluate()
+
+    def replay(self, positions) -> torch.Tensor:
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.output

@@ -1,0 +1,130 @@
+"""Captured steps (fastmlip.cuda_graph): padded, masked candidate edges give the exact-list results.
+
+On the CPU the step's eager evaluation (what a capture records) is compared with ``compute`` on the exact edge
+list; on CUDA (``gpu``) the calculator's graph replays are compared with its eager steps along a short MD run
+that rebuilds the Verlet list and outgrows the capture's capacity.
+"""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+import fastmlip
+from fastmlip import api
+from fastmlip.calculator import Calculator
+from fastmlip.cuda_graph import CapturedStep, pack_results
+from fastmlip.neighbors import VerletList
+
+pytest.importorskip("sevenn")
+
+
+def _rattled_si(repeat=1, seed=1):
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(repeat)
+    atoms.rattle(0.1, seed=seed)
+    return atoms
+
+
+def _masked_and_exact(model, atoms, skin):
+    """Flat results of a step over padded candidate pairs with a mask, and of ``compute`` on the exact list."""
+    framework = api.framework_of(model)
+    info = framework.model_info(model)
+    positions = torch.as_tensor(atoms.positions)
+    cell = torch.as_tensor(atoms.cell.array)
+    pbc = tuple(bool(p) for p in atoms.pbc)
+    numbers = torch.as_tensor(atoms.numbers)
+    verlet = VerletList(info["cutoff"], skin)
+    edge_i, edge_j, shifts, rebuilt = verlet.candidates(positions, cell, pbc)
+    exact = verlet.update(positions, cell, pbc)
+    assert rebuilt and edge_i.numel() > exact[0].numel() > 0  # some pairs lie in the skin: they must be masked
+    step = CapturedStep(framework, model, numbers, cell, pbc, info["cutoff"], None, True, edge_i.numel())
+    assert step.capacity > edge_i.numel() and step.load_pairs(edge_i, edge_j, shifts)  # padding is used too
+    step.positions.copy_(positions)
+    masked = step.evaluate()
+    dtype = info["dtype"]
+    eager = framework.compute(model, positions.to(dtype), cell.to(dtype), pbc, numbers, *exact, compute_stress=True)
+    return masked, pack_results(eager, True)
+
+
+@pytest.fixture(scope="module")
+def sevenn64():
+    return fastmlip.accelerate(fastmlip.load("7net-0", device="cpu", dtype=torch.float64))
+
+
+def test_masked_candidates_match_exact_edges_sevenn(sevenn64):
+    masked, exact = _masked_and_exact(sevenn64, _rattled_si(), skin=1.0)
+    assert torch.allclose(masked, exact, rtol=0, atol=1e-10)
+    assert exact[1 + 8:1 + 8 + 24].abs().max() > 0.05  # forces are O(1): a sign error could not hide
+
+
+def test_masked_candidates_match_exact_edges_mace():
+    from test_mace_patch import R_MAX, build_model, periodic_structure
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = fastmlip.accelerate(build_model("mp0_medium"))
+        atoms = periodic_structure()
+        masked, exact = _masked_and_exact(model, atoms, skin=1.0)
+    finally:
+        torch.set_default_dtype(previous)
+    assert R_MAX == api.framework_of(model).model_info(model)["cutoff"]
+    assert torch.allclose(masked, exact, rtol=0, atol=1e-10)
+
+
+def test_mask_needs_accelerated_convolutions(sevenn64):
+    original = fastmlip.restore(copy.deepcopy(sevenn64))
+    framework = api.framework_of(original)
+    assert "not accelerated" in framework.capture_obstacle(original)
+    assert framework.capture_obstacle(sevenn64) is None
+    atoms = _rattled_si()
+    edges = VerletList(5.0, 0.0).update(torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array),
+                                        tuple(atoms.pbc))
+    mask = torch.ones(edges[0].numel(), dtype=torch.bool)
+    with pytest.raises(ValueError, match="edge_mask needs an accelerated model"):
+        framework.compute(original, torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array),
+                          tuple(atoms.pbc), torch.as_tensor(atoms.numbers), *edges, edge_mask=mask)
+
+
+def test_cuda_graph_option_on_cpu(sevenn64):
+    calc = Calculator(sevenn64, device="cpu")
+    assert calc.cuda_graph is False and "not CUDA" in calc.cuda_graph_obstacle
+    with pytest.raises(ValueError, match="cannot be captured"):
+        Calculator(sevenn64, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        Calculator(sevenn64, device="cpu", cuda_graph="yes")
+
+
+def _md_forces(calc, atoms, steps, kick):
+    """Forces and energies along a deterministic trajectory with large moves (rebuilds, a growing list)."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(0)
+    energies, forces = [], []
+    for step in range(steps):
+        atoms.positions += rng.normal(0, kick, atoms.positions.shape)
+        if step == steps // 2:
+            atoms.positions *= 0.97  # compress: more pairs than the capture's capacity -> a new capture
+        energies.append(atoms.get_potential_energy())
+        forces.append(atoms.get_forces())
+    return np.array(energies), np.array(forces)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [("float32", (1e-5, 1e-4)), ("float64", (1e-9, 1e-8))])
+def test_graph_replays_match_eager_steps_on_gpu(dtype, tol):
+    atoms = _rattled_si(repeat=3)
+    graphed = Calculator("7net-0", device="cuda", dtype=dtype, cuda_graph=True)
+    eager = Calculator(graphed.model, device="cuda", cuda_graph=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and falls back: not here
+        e_graph, f_graph = _md_forces(graphed, atoms, 12, kick=0.08)
+    e_eager, f_eager = _md_forces(eager, atoms, 12, kick=0.08)
+    assert graphed.cuda_graph and graphed._step is not None
+    assert graphed.neighbor_list_rebuilds >= 3
+    assert np.abs(e_graph - e_eager).max() / len(atoms) <= tol[0]
+    assert np.abs(f_graph - f_eager).max() <= tol[1]
+    assert np.abs(f_eager).max() > 0.05
+

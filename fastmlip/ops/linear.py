@@ -3,9 +3,10 @@
 
 Species-indexed linear is MACE's ``skip_tp`` and SevenNet's ``SelfConnectionIntro``: a FullyConnectedTensorProduct
 with a one-hot species vector, computed as a gather of the species' weight block instead of a dense product.
-``o3.Linear`` stays torch matmuls on every backend (cuBLAS already does shared-weight matmuls well). The
-species-indexed linear runs Triton kernels on the Triton backend (:mod:`fastmlip.kernels.species_linear`); being
-linear in x and in the weight, all its derivatives are again its forward and backward.
+On the Triton backend ``o3.Linear`` runs one generated kernel forward (all paths and the bias) and one backward
+(:mod:`fastmlip.kernels.linear`): as torch ops it was an einsum per path plus a cat and a bias add, launches that
+dominate the tiny matmuls of an MD step. The species-indexed linear runs :mod:`fastmlip.kernels.species_linear`.
+Both are linear in x and in the weight, so all their derivatives are again their forward and backward ops.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..descriptors import LinearProblem, SpeciesLinearProblem
+from ..descriptors import LinearProblem, SpeciesLinearProblem, irreps_offsets
 from ..reference import linear as ref
 from . import dispatch, registry
 from .symmetric_contraction import check_species
@@ -26,32 +27,98 @@ def _kernels():
     return kernels
 
 
+def _linear_kernels():
+    from ..kernels import linear as kernels
+
+    return kernels
+
+
 @torch.library.custom_op("fastmlip::linear", mutates_args=())
-def linear_fwd(x: Tensor, weight: Tensor, key: str) -> Tensor:
-    """Shared-weight matmuls: torch's (cuBLAS) on every backend; a Triton kernel has nothing to fuse here."""
-    dispatch.requested_backend()
-    return ref.linear(registry.lookup(key), x, weight)
+def linear_fwd(x: Tensor, weight: Tensor, key: str, bias: Optional[Tensor] = None) -> Tensor:
+    """x [N, dim_in] -> [N, dim_out], plus the bias (flat, the module's layout) on its scalar outputs if given."""
+    problem = registry.lookup(key)
+    if dispatch.backend_for(x) == "triton":
+        return _linear_kernels().forward(problem, x, weight, bias)
+    return ref.linear(problem, x, weight, bias)
 
 
 @linear_fwd.register_fake
-def _(x, weight, key):
+def _(x, weight, key, bias=None):
     return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
 
 
+def _bias_gradient(problem: LinearProblem, grad_out: Tensor) -> Tensor:
+    """path_weight times each biased output's column sums, in the flat bias layout."""
+    starts = irreps_offsets(problem.irreps_out)
+    parts = [b.path_weight * grad_out.narrow(1, starts[b.i_out], b.dim).sum(0)
+             for b in sorted(problem.biases, key=lambda b: b.bias_offset)]
+    return torch.cat(parts) if parts else grad_out.new_zeros(0)
+
+
+@torch.library.custom_op("fastmlip::linear_bwd", mutates_args=())
+def linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, key: str, want_x: bool, want_w: bool,
+               want_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias) of <grad_out, linear(x, weight, bias)>; an unwanted one comes back empty."""
+    problem = registry.lookup(key)
+    if dispatch.backend_for(x) == "triton":
+        return _linear_kernels().backward(problem, grad_out, x, weight, want_x, want_w, want_b)
+    grad_x, grad_w = ref.linear_backward(problem, grad_out, x, weight)
+    return (grad_x if want_x else x.new_empty(0), grad_w if want_w else weight.new_empty(0),
+            _bias_gradient(problem, grad_out) if want_b else x.new_empty(0))
+
+
+@linear_bwd.register_fake
+def _(grad_out, x, weight, key, want_x, want_w, want_b):
+    return (x.new_empty(x.shape if want_x else (0,)), weight.new_empty(weight.shape if want_w else (0,)),
+            x.new_empty(registry.lookup(key).bias_numel if want_b else 0))
+
+
 def _linear_setup(ctx, inputs, output):
-    x, weight, key = inputs
+    x, weight, key = inputs[:3]
     ctx.save_for_backward(x, weight)
     ctx.key = key
 
 
 def _linear_backward(ctx, grad):
+    """One gradient per input the call passed (bias is optional and may be absent)."""
     x, weight = ctx.saved_tensors
-    grad_x, grad_w = ref.linear_backward(registry.lookup(ctx.key), grad, x, weight)
-    want_x, want_w, _ = ctx.needs_input_grad
-    return grad_x if want_x else None, grad_w if want_w else None, None
+    want_x, want_w, _, want_b = (tuple(ctx.needs_input_grad) + (False,))[:4]
+    grad_x, grad_w, grad_b = linear_bwd(grad, x, weight, ctx.key, want_x, want_w, want_b)
+    grads = (grad_x if want_x else None, grad_w if want_w else None, None, grad_b if want_b else None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _linear_bwd_setup(ctx, inputs, output):
+    grad_out, x, weight, key, want_x, want_w, want_b = inputs
+    ctx.save_for_backward(grad_out, x, weight)
+    ctx.key, ctx.want = key, (want_x, want_w, want_b)
+
+
+def _linear_bwd_backward(ctx, h_x, h_w, h_b):
+    """The backward is bilinear in (grad_out, x) and (grad_out, weight) and linear in grad_out for the bias: its
+    derivatives are forward and backward calls again, so every order runs on the same kernels."""
+    grad_out, x, weight = ctx.saved_tensors
+    h_x, h_w, h_b = (h if wanted and h is not None and h.numel() else None
+                     for h, wanted in zip((h_x, h_w, h_b), ctx.want))
+    need_g, need_x, need_w = ctx.needs_input_grad[:3]
+    d_g = d_x = d_w = None
+    if need_g:
+        terms = ([linear_fwd(h_x, weight, ctx.key, h_b)] if h_x is not None else []) + \
+                ([linear_fwd(x, h_w, ctx.key, None if h_x is not None else h_b)] if h_w is not None else [])
+        if h_b is not None and not terms:
+            terms = [linear_fwd(x, torch.zeros_like(weight), ctx.key, h_b)]
+        d_g = sum(terms[1:], terms[0]) if terms else None
+    if need_x and h_w is not None:
+        d_x = linear_bwd(grad_out, x, h_w, ctx.key, True, False, False)[0]
+    if need_w and h_x is not None:
+        d_w = linear_bwd(grad_out, h_x, weight, ctx.key, False, True, False)[1]
+    return d_g, d_x, d_w, None, None, None, None
+
+
+linear_bwd.register_autograd(_linear_bwd_backward, setup_context=_linear_bwd_setup)
 
 
 @torch.library.custom_op("fastmlip::species_linear", mutates_args=())
@@ -149,20 +216,6 @@ def _flat_input(problem, x, width: int) -> Tensor:
     return x.reshape(-1, width)
 
 
-def _bias_vector(problem: LinearProblem, bias: Tensor) -> Tensor:
-    """The flat bias spread over the output (zeros where no bias applies), times its path weight."""
-    starts = [0]
-    for m in problem.irreps_out:
-        starts.append(starts[-1] + m.dim)
-    parts, at = [], 0
-    for b in sorted(problem.biases, key=lambda b: b.i_out):
-        parts.append(bias.new_zeros(starts[b.i_out] - at))
-        parts.append(b.path_weight * bias.narrow(0, b.bias_offset, b.dim))
-        at = starts[b.i_out] + b.dim
-    parts.append(bias.new_zeros(problem.dim_out - at))
-    return torch.cat(parts)
-
-
 def linear(problem: LinearProblem, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """e3nn ``o3.Linear`` forward: x [..., dim_in], weight [weight_numel] (the module's ``weight``), bias
     [bias_numel] (the module's ``bias``; required exactly when the module has biases)."""
@@ -174,9 +227,7 @@ def linear(problem: LinearProblem, x: Tensor, weight: Tensor, bias: Optional[Ten
         if not problem.bias_numel:
             raise ValueError(f"{problem}: got a bias but the module has none")
         _check_tensor(problem, "bias", bias, (problem.bias_numel,), flat)
-    out = linear_fwd(flat, weight, registry.register(problem))
-    if bias is not None:
-        out = out + _bias_vector(problem, bias)
+    out = linear_fwd(flat, weight, registry.register(problem), bias)
     return out.reshape(*x.shape[:-1], problem.dim_out)
 
 

@@ -1,0 +1,324 @@
+"""Triton kernels for e3nn's ``o3.Linear`` with shared weights: one launch forward, one for the whole backward.
+
+Why: as torch ops every o3.Linear is an einsum per path, a ``cat`` and a bias add (5-10 launches, about twice that
+backward), on problems so small in an MD step that launches, not flops, cost the time. Each problem gets generated
+kernels with every offset, multiplicity and path weight baked in (:mod:`.codegen`), launched over a grid of
+(row blocks, tasks). The generated body has one branch per destination irrep, path or bias, each owning a
+contiguous range of task ids (one per channel block), so the code grows with the paths, not the multiplicities:
+
+* apply (forward, and the x-gradient with W transposed): a task is one block of BJ channels of one destination
+  irrep; per irrep component it sums every path into that irrep (a [BN, mul_in] tile of x times W[mul_in, BJ]),
+  adds the bias (forward) and stores each column once. Irreps no path reaches get zeros, so the output is
+  ``torch.empty``: no zero fill, no atomics.
+* weight / bias gradients (tasks of the same backward launch): program ``s`` sums x^T g (or g's columns) over the
+  rows of split ``s`` (``ROWS_PER_SPLIT`` rows) into its own partial; torch sums the partials over splits, in a
+  fixed order (deterministic). Up to ``ROWS_PER_SPLIT`` rows there is one split and no sum.
+
+float32 keeps exact float32 products (``input_precision="ieee"``, never TF32: forces must match to 1e-5); tiles
+are at least 16 wide there (tl.dot's reduction minimum on Triton 3.6), masked past the multiplicity. float64 uses
+broadcast products, which every Triton build lowers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..descriptors import LinearProblem, irreps_offsets
+from . import codegen
+from .symmetric_contraction import tl_dtype
+
+ROWS_PER_SPLIT = 256  # rows each weight/bias-gradient program sums
+POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
+
+
+@triton.jit
+def tile_product(a, b, USE_DOT: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: tl.constexpr,
+              IN_OFF: tl.constexpr, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, W_OFF: tl.constexpr,
+              K_STRIDE: tl.constexpr, J_STRIDE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              BJ: tl.constexpr, USE_DOT: tl.constexpr):
+    """[BN, BJ]: sum_k inp[row, IN_OFF + k*D + comp] * W[k, j], W[k, j] at W_OFF + k*K_STRIDE + j*J_STRIDE."""
+    acc = tl.zeros([BN, BJ], DT)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        a = tl.load(inp + rows[:, None] * IN_STRIDE + IN_OFF + k[None, :] * D + comp,
+                    mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
+        b = tl.load(weight + W_OFF + k[:, None] * K_STRIDE + j[None, :] * J_STRIDE,
+                    mask=(k[:, None] < K) & (j[None, :] < J), other=0.0)
+        acc += tile_product(a, b, USE_DOT)
+    return acc
+
+
+@triton.jit
+def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_STRIDE: tl.constexpr,
+                     X_OFF: tl.constexpr, G_STRIDE: tl.constexpr, G_OFF: tl.constexpr, D: tl.constexpr,
+                     K: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
+                     USE_DOT: tl.constexpr):
+    """[BK, BJ]: sum over rows in [row_start, row_end) and components of x[row, k, comp] * g[row, j, comp]."""
+    acc = tl.zeros([BK, BJ], DT)
+    for r0 in range(row_start, row_end, BR):
+        r = r0 + tl.arange(0, BR)
+        r_ok = r < row_end
+        r = r.to(tl.int64)
+        for comp in range(D):
+            a = tl.load(x + r[None, :] * X_STRIDE + X_OFF + k[:, None] * D + comp,
+                        mask=r_ok[None, :] & (k[:, None] < K), other=0.0)
+            b = tl.load(grad_out + r[:, None] * G_STRIDE + G_OFF + j[None, :] * D + comp,
+                        mask=r_ok[:, None] & (j[None, :] < J), other=0.0)
+            acc += tile_product(a, b, USE_DOT)
+    return acc
+
+
+@triton.jit
+def column_sum_tile(grad_out, row_start, row_end, j, DT: tl.constexpr, G_STRIDE: tl.constexpr,
+                    G_OFF: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr):
+    """[BJ]: sum over rows in [row_start, row_end) of g[row, G_OFF + j] (a scalar output's bias gradient)."""
+    acc = tl.zeros([BJ], DT)
+    for r0 in range(row_start, row_end, BR):
+        r = r0 + tl.arange(0, BR)
+        g = tl.load(grad_out + r.to(tl.int64)[:, None] * G_STRIDE + G_OFF + j[None, :],
+                    mask=(r[:, None] < row_end) & (j[None, :] < J), other=0.0)
+        acc += tl.sum(g, axis=0)
+    return acc
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Tile sizes of one product mode: ``dot`` (float32, tl.dot) or ``fma`` (float64, broadcast products)."""
+
+    rows: int  # BN of apply tasks and BR of the gradient row loops (16 keeps float32 at ~128 registers, no spills)
+    k_max: int
+    j_max: int
+    minimum: int
+
+    def k(self, n: int) -> int:
+        return max(self.minimum, min(self.k_max, triton.next_power_of_2(n)))
+
+    def j(self, n: int) -> int:
+        return max(self.minimum, min(self.j_max, triton.next_power_of_2(n)))
+
+
+_TILES = {"dot": _Tiles(16, 16, 32, 16), "fma": _Tiles(16, 8, 32, 2)}
+
+
+def _apply_branches(problem: LinearProblem, transpose: bool, tiles: _Tiles) -> list:
+    """(destination irrep, paths into it, biases on it, BJ, channel blocks) per destination irrep."""
+    dst_irreps = problem.irreps_in if transpose else problem.irreps_out
+    branches = []
+    for d, m in enumerate(dst_irreps):
+        paths = [p for p in problem.paths if (p.i_in if transpose else p.i_out) == d]
+        biases = [] if transpose else [b for b in problem.biases if b.i_out == d]
+        bj = tiles.j(m.mul)
+        branches.append((d, paths, biases, bj, triton.cdiv(m.mul, bj) if m.dim else 0))
+    return branches
+
+
+def _weight_branches(problem: LinearProblem, tiles: _Tiles) -> list:
+    """(path, BK, BJ, j blocks, [BK, BJ] blocks) per path."""
+    return [(p, tiles.k(p.mul_in), tiles.j(p.mul_out), triton.cdiv(p.mul_out, tiles.j(p.mul_out)),
+             triton.cdiv(p.mul_in, tiles.k(p.mul_in)) * triton.cdiv(p.mul_out, tiles.j(p.mul_out)))
+            for p in problem.paths]
+
+
+def _bias_branches(problem: LinearProblem, tiles: _Tiles) -> list:
+    """(bias, BJ, channel blocks) per biased output."""
+    return [(b, tiles.j(b.dim), triton.cdiv(b.dim, tiles.j(b.dim))) for b in problem.biases]
+
+
+class _Branches:
+    """Emits one branch per irrep/path/bias, owning a contiguous range of task ids (one per channel block), so
+    the code grows with the number of paths, not with the multiplicities."""
+
+    def __init__(self, code, base: str):
+        self.code, self.base, self.start = code, base, 0
+
+    def __call__(self, blocks: int):
+        lo, hi = f"{self.base}{self.start}", f"{self.base}{self.start + blocks}"
+        self.start += blocks
+        self.code(f"if (task >= {lo}) & (task < {hi}):")
+        self.code(f"    block = task - ({lo})")
+        return self.code.indent()
+
+
+def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, mode: str, inp: str, out: str) -> None:
+    """out = inp @ W per path (W^T: the x-gradient), each column written exactly once (zeros where no path)."""
+    tiles = _TILES[mode]
+    in_irreps, out_irreps = ((problem.irreps_out, problem.irreps_in) if transpose
+                             else (problem.irreps_in, problem.irreps_out))
+    in_off, out_off = irreps_offsets(in_irreps), irreps_offsets(out_irreps)
+    in_stride, out_stride = sum(m.dim for m in in_irreps), sum(m.dim for m in out_irreps)
+    branch = _Branches(code, "")
+    for d, paths, biases, bj, blocks in _apply_branches(problem, transpose, tiles):
+        if not blocks:
+            continue
+        m = out_irreps[d]
+        with branch(blocks):
+            code(f"j = block * {bj} + tl.arange(0, {bj})")
+            code(f"for comp in range({m.ir_dim}):")
+            with code.indent():
+                code(f"acc = tl.zeros([{tiles.rows}, {bj}], DT)")
+                for p in paths:
+                    k_dim, i_from = (p.mul_out, p.i_out) if transpose else (p.mul_in, p.i_in)
+                    k_stride, j_stride = (1, p.mul_out) if transpose else (p.mul_out, 1)
+                    code(f"acc += {consts(p.path_weight)} * path_tile({inp}, weight, rows, row_ok, j, comp, DT=DT, "
+                         f"IN_STRIDE={in_stride}, IN_OFF={in_off[i_from]}, D={m.ir_dim}, K={k_dim}, J={m.mul}, "
+                         f"W_OFF={p.weight_offset}, K_STRIDE={k_stride}, J_STRIDE={j_stride}, BN={tiles.rows}, "
+                         f"BK={tiles.k(k_dim)}, BJ={bj}, USE_DOT={mode == 'dot'})")
+                for b in biases:
+                    code("if HAS_BIAS:")
+                    code(f"    acc += {consts(b.path_weight)} * tl.load(bias + {b.bias_offset} + j, "
+                         f"mask=j < {b.dim}, other=0.0)[None, :]")
+                code(f"tl.store({out} + rows[:, None] * {out_stride} + {out_off[d]} + j[None, :] * {m.ir_dim} + "
+                     f"comp, acc, mask=row_ok[:, None] & (j[None, :] < {m.mul}))")
+
+
+def _emit_weight_grads(code, consts, problem: LinearProblem, mode: str) -> None:
+    tiles = _TILES[mode]
+    off_in, off_out = irreps_offsets(problem.irreps_in), irreps_offsets(problem.irreps_out)
+    branch = _Branches(code, "w_base + ")
+    for p, bk, bj, j_blocks, blocks in _weight_branches(problem, tiles):
+        with branch(blocks):
+            code(f"k = (block // {j_blocks}) * {bk} + tl.arange(0, {bk})")
+            code(f"j = (block % {j_blocks}) * {bj} + tl.arange(0, {bj})")
+            code(f"acc = weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT=DT, X_STRIDE={problem.dim_in}, "
+                 f"X_OFF={off_in[p.i_in]}, G_STRIDE={problem.dim_out}, G_OFF={off_out[p.i_out]}, "
+                 f"D={problem.irreps_in[p.i_in].ir_dim}, K={p.mul_in}, J={p.mul_out}, BR={tiles.rows}, BK={bk}, "
+                 f"BJ={bj}, USE_DOT={mode == 'dot'})")
+            code(f"tl.store(grad_w + split * {problem.weight_numel} + {p.weight_offset} + k[:, None] * {p.mul_out} "
+                 f"+ j[None, :], {consts(p.path_weight)} * acc, mask=(k[:, None] < {p.mul_in} * live) & "
+                 f"(j[None, :] < {p.mul_out}))")
+
+
+def _emit_bias_grads(code, consts, problem: LinearProblem, mode: str) -> None:
+    tiles = _TILES[mode]
+    off_out = irreps_offsets(problem.irreps_out)
+    branch = _Branches(code, "b_base + ")
+    for b, bj, blocks in _bias_branches(problem, tiles):
+        with branch(blocks):
+            code(f"j = block * {bj} + tl.arange(0, {bj})")
+            code(f"acc = column_sum_tile(grad_out, row_start, row_end, j, DT=DT, G_STRIDE={problem.dim_out}, "
+                 f"G_OFF={off_out[b.i_out]}, J={b.dim}, BR={tiles.rows}, BJ={bj})")
+            code(f"tl.store(grad_b + split * {problem.bias_numel} + {b.bias_offset} + j, {consts(b.path_weight)} "
+                 f"* acc, mask=j < {b.dim} * live)")
+
+
+_FORWARD_ARGS = ["x", "weight", "bias", "out", "num_rows", "DT: tl.constexpr", "HAS_BIAS: tl.constexpr"]
+_BACKWARD_ARGS = ["grad_out", "x", "weight", "grad_x", "grad_w", "grad_b", "num_rows", "rows_per_split",
+                  "num_splits", "w_base", "b_base", "DT: tl.constexpr", "WANT_X: tl.constexpr",
+                  "WANT_W: tl.constexpr", "WANT_B: tl.constexpr"]
+
+
+def _source(problem: LinearProblem, kind: str, mode: str) -> str:
+    """Module text of the ``forward`` or ``backward`` kernel of ``problem`` with products of ``mode``."""
+    rows = _TILES[mode].rows
+    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
+    code(f"from {__name__} import column_sum_tile, path_tile, weight_grad_tile  # noqa: F401")
+    codegen.jit_header(code, "linear", _FORWARD_ARGS if kind == "forward" else _BACKWARD_ARGS)
+    code.depth = body.depth = 1
+    body("task = tl.program_id(1)")
+    body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
+    body("row_ok = rows < num_rows")
+    body("rows = rows.to(tl.int64)")
+    if kind == "forward":
+        _emit_apply(body, consts, problem, False, mode, "x", "out")
+    else:
+        body("split = tl.program_id(0)")
+        body("live = tl.where(split < num_splits, 1, 0)  # programs past the last split store nothing")
+        body("row_start = split * rows_per_split")
+        body("row_end = tl.minimum(row_start + rows_per_split, num_rows)")
+        body("split = split.to(tl.int64)")
+        sections = (("WANT_X", lambda c: _emit_apply(c, consts, problem, True, mode, "grad_out", "grad_x")),
+                    ("WANT_W", lambda c: _emit_weight_grads(c, consts, problem, mode)),
+                    ("WANT_B", lambda c: _emit_bias_grads(c, consts, problem, mode)))
+        for flag, emit in sections:
+            section = codegen.Source()
+            section.depth = 2
+            emit(section)
+            if section.lines:
+                body(f"if {flag}:")
+                body.lines.extend(section.lines)
+    consts.emit(code)
+    code.lines.extend(body.lines)
+    return code.text()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Launch shape of one problem and mode: rows per program and task counts of each kind."""
+
+    rows: int
+    forward: int
+    grad_x: int
+    grad_w: int
+    grad_b: int
+
+
+_PLANS: dict = {}
+
+
+def _plan(problem: LinearProblem, mode: str) -> _Plan:
+    key = (problem.key, mode)
+    if key not in _PLANS:
+        tiles = _TILES[mode]
+        tasks = [sum(branch[-1] for branch in branches) for branches in (
+            _apply_branches(problem, False, tiles), _apply_branches(problem, True, tiles),
+            _weight_branches(problem, tiles), _bias_branches(problem, tiles))]
+        _PLANS[key] = _Plan(tiles.rows, *tasks)
+    return _PLANS[key]
+
+
+def _kernel(problem: LinearProblem, kind: str, mode: str):
+    return codegen.load_module(f"{problem.key}_{kind}_{mode}", lambda: _source(problem, kind, mode)).linear
+
+
+def _mode(dtype) -> str:
+    tl_dtype(dtype)
+    return "dot" if dtype == torch.float32 else "fma"
+
+
+def _empty(shape, like):
+    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
+
+
+def forward(problem: LinearProblem, x, weight, bias=None):
+    """x [N, dim_in] -> [N, dim_out] (plus the bias on its scalar outputs when ``bias`` is given): one launch."""
+    mode = _mode(x.dtype)
+    plan = _plan(problem, mode)
+    x, weight = x.contiguous(), weight.contiguous()
+    n = x.shape[0]
+    out = _empty((n, problem.dim_out), x)
+    if n and plan.forward:
+        _kernel(problem, "forward", mode)[(triton.cdiv(n, plan.rows), plan.forward)](
+            x, weight, weight if bias is None else bias.contiguous(), out, n, DT=tl_dtype(x.dtype),
+            HAS_BIAS=bias is not None, num_warps=4)
+    return out
+
+
+def backward(problem: LinearProblem, grad_out, x, weight, want_x: bool, want_w: bool, want_b: bool):
+    """(grad_x, grad_weight, grad_bias) of <grad_out, forward(x, weight, bias)>, each empty unless wanted: the
+    wanted ones come from one launch (plus torch's sum over splits beyond ``ROWS_PER_SPLIT`` rows)."""
+    mode = _mode(x.dtype)
+    plan = _plan(problem, mode)
+    grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
+    n = x.shape[0]
+    splits = triton.cdiv(n, ROWS_PER_SPLIT)
+    grad_x = _empty((n, problem.dim_in), x) if want_x else x.new_empty(0)
+    partial = [(_empty((splits, size) if splits > 1 else (size,), x) if n else x.new_zeros(size)) if wanted
+               else x.new_empty(0) for wanted, size in ((want_w, problem.weight_numel), (want_b, problem.bias_numel))]
+    tasks = [plan.grad_x * want_x, plan.grad_w * want_w, plan.grad_b * want_b]
+    if n and sum(tasks):
+        grid = (max(triton.cdiv(n, plan.rows), splits) if want_x else splits, sum(tasks))
+        _kernel(problem, "backward", mode)[grid](
+            grad_out, x, weight, grad_x, *partial, n, ROWS_PER_SPLIT, splits, tasks[0], tasks[0] + tasks[1],
+            DT=tl_dtype(x.dtype), WANT_X=want_x, WANT_W=want_w, WANT_B=want_b, num_warps=4)
+    grad_w, grad_b = (p.sum(0) if p.dim() == 2 else p for p in partial)
+    return grad_x, grad_w, grad_b

@@ -19,6 +19,8 @@ from torch import nn
 from fastmlip.descriptors import tensor_product_problem
 from fastmlip.graph import sort_edges
 from fastmlip.ops.conv import check_conv_problem, fused_conv
+from fastmlip.ops.gate import gate
+from fastmlip.reference.gate import gate_problem
 
 from . import common
 
@@ -424,7 +426,29 @@ class FastIrrepsConvolution(nn.Module):
         return data
 
 
-_FAST_MODULES = (FastIrrepsConvolution, common.FastLinear, common.FastSphericalHarmonics)
+class FastEquivariantGate(nn.Module):
+    """``sevenn.nn.equivariant_gate.EquivariantGate`` through ``fastmlip.ops.gate`` (one kernel per direction
+    instead of e3nn's extract, activations, elementwise product and concatenation).
+
+    Holds the original e3nn ``Gate``: its activation objects are the ones the problem calls on the reference
+    backend, and its buffers stay, so the state_dict is unchanged. Reads and writes the same data key.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.problem = gate_problem(original.gate)
+        self.gate = original.gate
+        self.key_x = original.key_x
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, data):
+        data[self.key_x] = gate(self.problem, data[self.key_x])
+        return data
+
+
+_FAST_MODULES = (FastIrrepsConvolution, FastEquivariantGate, common.FastLinear, common.FastSphericalHarmonics)
 
 
 def _convolution_obstacle(module) -> Optional[str]:
@@ -442,15 +466,26 @@ def _convolution_obstacle(module) -> Optional[str]:
     return None
 
 
+def _gate_obstacle(module) -> Optional[str]:
+    """Why an EquivariantGate cannot go through fastmlip's gate op (None if it can)."""
+    try:
+        gate_problem(module.gate)
+    except (ValueError, AttributeError) as exc:
+        return common.one_line(exc)
+    return None
+
+
 def plan(model) -> tuple:
     """([(qualified name, factory)], {qualified name: reason}) for what can and cannot be accelerated.
 
-    Convolutions are fused; e3nn linears and spherical harmonics go through fastmlip's node ops. Gates (and their weightless elementwise products) and radial MLPs stay e3nn by design; any other e3nn tensor product (e.g. the
-    'nequip' self-connection) or a convolution built for another
-    backend (cuEquivariance, FlashTP, OpenEquivariance, LAMMPS parallel) is reported as not accelerated.
+    Convolutions are fused; e3nn linears, spherical harmonics and gates go through fastmlip's node ops. Radial
+    MLPs stay torch by design; any other e3nn tensor product (e.g. the 'nequip' self-connection), a gate the gate
+    op cannot describe, or a convolution built for another backend (cuEquivariance, FlashTP, OpenEquivariance,
+    LAMMPS parallel) is reported as not accelerated.
     """
     from e3nn.o3 import ElementwiseTensorProduct, TensorProduct
     from sevenn.nn.convolution import IrrepsConvolution
+    from sevenn.nn.equivariant_gate import EquivariantGate
 
     swaps, skipped = [], {}
     covered = set()
@@ -466,6 +501,13 @@ def plan(model) -> tuple:
                 swaps.append((name, FastIrrepsConvolution))
             else:
                 skipped[name] = reason
+        elif type(module) is EquivariantGate:
+            covered.add(name)
+            reason = _gate_obstacle(module)
+            if reason is None:
+                swaps.append((name, FastEquivariantGate))
+            else:
+                skipped[name] = reason
         elif common.fast_replacement(module, node_factories) is not None:
             covered.add(name)
             swaps.append((name, common.fast_replacement(module, node_factories)))
@@ -479,7 +521,8 @@ def plan(model) -> tuple:
 
 
 def accelerate(model, *, strict: bool = False) -> list:
-    """Swap SevenNet convolutions for fused fastmlip ones in place; returns the names left as they were."""
+    """Swap SevenNet convolutions, linears, spherical harmonics and gates for fastmlip's in place; returns the
+    names left as they were."""
     return common.apply_plan(model, *plan(model), strict=strict)
 
 

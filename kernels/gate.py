@@ -1,0 +1,165 @@
+"""Triton kernels for e3nn's Gate: one launch forward, one backward, generated per problem.
+
+e3nn runs a Gate as an extract (three copies), one activation per irrep block, an elementwise tensor product and
+a concatenation: a dozen small launches on [N, dim] node features. Here one program owns a block of rows and
+walks every run of the problem (offsets, widths, activation constants baked in as literals), so x is read once
+and the output written once. Gated runs load a [rows, channels, 2l+1] tile (2l+1 padded to a power of two), so
+the backward sums each gate's 2l+1 products in registers: every input column is written by exactly one program,
+no atomics, deterministic. Activations are the normalize2mom-scaled silu, sigmoid, tanh, abs or identity
+(:data:`fastmlip.reference.gate.KNOWN_ACTIVATIONS`); problems with any other never reach these kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..reference.gate import GateActivation, GateProblem
+from . import codegen
+from .symmetric_contraction import tl_dtype
+
+POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN
+_TILE = 128  # columns (scalars) or channels x padded components (gated) per tile
+
+
+def _rows_per_program() -> int:
+    return int(os.environ.get("FASTMLIP_GATE_ROWS", "16"))
+
+
+def _pow2(n: int) -> int:
+    return max(2, triton.next_power_of_2(n))
+
+
+def _activation(body, act: GateActivation, v: str, consts, derivative: bool) -> str:
+    """Emit what ``act`` (or its derivative) needs; returns the expression, scaled by e3nn's constant."""
+    if act.name in ("silu", "sigmoid"):
+        body(f"s = 1.0 / (1.0 + tl.exp(-{v}))")
+    if act.name == "tanh":
+        body(f"t = 1.0 - 2.0 / (tl.exp(2.0 * {v}) + 1.0)")
+    value, slope = {
+        "identity": (v, "1.0"),
+        "silu": (f"{v} * s", f"s * (1.0 + {v} * (1.0 - s))"),
+        "sigmoid": ("s", "s * (1.0 - s)"),
+        "tanh": ("t", "1.0 - t * t"),
+        "abs": (f"tl.abs({v})", f"tl.where({v} > 0, 1.0, tl.where({v} < 0, -1.0, 0.0))"),
+    }[act.name]
+    return _times(slope if derivative else value, act.scale, consts)
+
+
+def _times(expr: str, factor: float, consts) -> str:
+    return expr if factor == 1.0 else f"({expr}) * {consts(factor)}"
+
+
+def _chunks(total: int, size: int):
+    return [(start, min(size, total - start)) for start in range(0, total, size)]
+
+
+def _scalar_tiles(body, run, width: int):
+    """Per chunk of a scalar run: (input offset, output offset) after emitting ``k``/``mask`` for it."""
+    for start, count in _chunks(run.width, width):
+        body(f"k = tl.arange(0, {width})[None, :]")
+        body(f"mask = row_ok[:, None] & (k < {count})")
+        yield run.src + start, run.dst + start
+
+
+def _gated_tiles(body, run):
+    """Per chunk of gated channels: (gate offset, gated offset, output offset) after emitting the index tiles."""
+    d, dp = run.ir_dim, _pow2(run.ir_dim)
+    channels = min(_pow2(run.mul), max(2, _TILE // dp))
+    for start, count in _chunks(run.mul, channels):
+        body(f"u = tl.arange(0, {channels})[None, :]")
+        body(f"gmask = row_ok[:, None] & (u < {count})")
+        body(f"m = tl.arange(0, {dp})[None, None, :]")
+        body(f"comp = u[:, :, None] * {d} + m")
+        body(f"cmask = gmask[:, :, None] & (m < {d})")
+        yield run.gate_src + start, run.src + start * d, run.dst + start * d
+
+
+def _kernel_source(problem: GateProblem, kind: str, rows: int) -> str:
+    src, consts = codegen.Source(), codegen.Constants()
+    args = ["x", "out", "num_rows", "DT: tl.constexpr"] if kind == "forward" else [
+        "x", "grad_out", "grad_x", "num_rows", "DT: tl.constexpr"]
+    codegen.jit_header(src, f"gate_{kind}", args)
+    body = codegen.Source()
+    body.depth = 1
+    body(f"rows = tl.program_id(0).to(tl.int64) * {rows} + tl.arange(0, {rows})")
+    body("row_ok = rows < num_rows")
+    body(f"x_row = x + rows * {problem.dim_in}")
+    if kind == "forward":
+        body(f"out_row = out + rows * {problem.dim_out}")
+        _forward_body(body, problem, consts)
+    else:
+        body(f"go_row = grad_out + rows * {problem.dim_out}")
+        body(f"gx_row = grad_x + rows * {problem.dim_in}")
+        _backward_body(body, problem, consts)
+    with src.indent():
+        consts.emit(src)
+    src.lines.extend(body.lines)
+    return src.text()
+
+
+def _forward_body(body, problem: GateProblem, consts) -> None:
+    for run in problem.scalar_runs:
+        for src_off, dst_off in _scalar_tiles(body, run, min(_TILE, _pow2(run.width))):
+            body(f"v = tl.load(x_row[:, None] + ({src_off} + k), mask=mask, other=0.0)")
+            value = _activation(body, run.act, "v", consts, False)
+            body(f"tl.store(out_row[:, None] + ({dst_off} + k), {value}, mask=mask)")
+    for run in problem.gated_runs:
+        for gate_off, src_off, dst_off in _gated_tiles(body, run):
+            body(f"v = tl.load(x_row[:, None] + ({gate_off} + u), mask=gmask, other=0.0)")
+            body(f"a = {_activation(body, run.act, 'v', consts, False)}")
+            body(f"y = tl.load(x_row[:, None, None] + ({src_off} + comp), mask=cmask, other=0.0)")
+            body(f"tl.store(out_row[:, None, None] + ({dst_off} + comp), "
+                 f"{_times('y * a[:, :, None]', run.coefficient, consts)}, mask=cmask)")
+
+
+def _backward_body(body, problem: GateProblem, consts) -> None:
+    for run in problem.scalar_runs:
+        for src_off, dst_off in _scalar_tiles(body, run, min(_TILE, _pow2(run.width))):
+            body(f"v = tl.load(x_row[:, None] + ({src_off} + k), mask=mask, other=0.0)")
+            body(f"g = tl.load(go_row[:, None] + ({dst_off} + k), mask=mask, other=0.0)")
+            slope = _activation(body, run.act, "v", consts, True)
+            body(f"tl.store(gx_row[:, None] + ({src_off} + k), g * ({slope}), mask=mask)")
+    for run in problem.gated_runs:
+        for gate_off, src_off, dst_off in _gated_tiles(body, run):
+            body(f"v = tl.load(x_row[:, None] + ({gate_off} + u), mask=gmask, other=0.0)")
+            body(f"a = {_activation(body, run.act, 'v', consts, False)}")
+            body(f"slope = {_activation(body, run.act, 'v', consts, True)}")
+            body(f"g = tl.load(go_row[:, None, None] + ({dst_off} + comp), mask=cmask, other=0.0)")
+            body(f"g = {_times('g', run.coefficient, consts)}")
+            body(f"y = tl.load(x_row[:, None, None] + ({src_off} + comp), mask=cmask, other=0.0)")
+            body(f"tl.store(gx_row[:, None, None] + ({src_off} + comp), g * a[:, :, None], mask=cmask)")
+            body(f"tl.store(gx_row[:, None] + ({gate_off} + u), tl.sum(g * y, axis=2) * slope, mask=gmask)")
+
+
+def _launch(problem: GateProblem, kind: str, args, num_rows: int, dtype) -> None:
+    rows = _rows_per_program()
+    module = codegen.load_module(f"gate_{kind}_{problem.key}_r{rows}",
+                                 lambda: _kernel_source(problem, kind, rows))
+    getattr(module, f"gate_{kind}")[(triton.cdiv(num_rows, rows),)](*args, num_rows, DT=tl_dtype(dtype),
+                                                                     num_warps=4)
+
+
+def _alloc(shape, like):
+    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
+
+
+def forward(problem: GateProblem, x: torch.Tensor) -> torch.Tensor:
+    """Gate(x) for x [N, dim_in] -> [N, dim_out]."""
+    tl_dtype(x.dtype)
+    x = x.contiguous()
+    out = _alloc((x.shape[0], problem.dim_out), x)
+    if x.shape[0]:
+        _launch(problem, "forward", (x, out), x.shape[0], x.dtype)
+    return out
+
+
+def backward(problem: GateProblem, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d <grad_out, forward(problem, x)> / d x -> [N, dim_in]."""
+    tl_dtype(x.dtype)
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    grad_x = _alloc(tuple(x.shape), x)
+    if x.shape[0]:
+        _launch(problem, "backward", (x, grad_out, grad_x), x.shape[0], x.dtype)
+    return grad_x

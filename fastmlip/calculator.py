@@ -94,6 +94,8 @@ class Calculator(AseCalculator):
         else:
             model = api.load(model, device=self.device, dtype=dtype)
             self.framework = api.framework_of(model)
+            for parameter in model.parameters():  # the calculator's own model: no weight gradients per step
+                parameter.requires_grad_(False)
         model.eval()
         if accelerate and not self.framework.is_accelerated(model):
             api.accelerate(model, check=check)

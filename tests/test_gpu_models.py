@@ -40,26 +40,19 @@ def test_sevenn_on_gpu(name, dtype):
     assert any(label.endswith(str(dtype).split(".")[-1]) for label in conv.compile_report())
 
 
+@pytest.mark.parametrize("config", ["mp0_small", "mp0_medium", "mp0_large", "off_like"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_mace_on_gpu(dtype):
+def test_mace_on_gpu(config, dtype):
+    """Full-width MACE-MP-0 / OFF hyperparameters (tests/test_mace_patch.py), forces scaled to O(1) eV/A."""
     import fastmlip
-    from mace import modules
-    from e3nn import o3
 
-    torch.manual_seed(0)
-    model = modules.ScaleShiftMACE(
-        r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3,
-        interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-        interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-        num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps("32x0e+32x1o"), MLP_irreps=o3.Irreps("16x0e"),
-        atomic_energies=np.array([-1.0, -2.0]), avg_num_neighbors=30.0, atomic_numbers=[14, 29], correlation=3,
-        gate=torch.nn.functional.silu, radial_MLP=[32, 32], atomic_inter_scale=1.0, atomic_inter_shift=0.0,
-    ).to(device="cuda", dtype=dtype).eval()
-    with torch.no_grad():
-        for readout in model.readouts:
-            (readout.linear if hasattr(readout, "linear") else readout.linear_2).weight.mul_(30.0)
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
-    atoms.numbers[::3] = 14
-    atoms.rattle(0.05, seed=2)
+    mace_models = pytest.importorskip("test_mace_patch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = mace_models.build_model(config).to(device="cuda", dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    atoms = mace_models.periodic_structure(seed=3).repeat(2)
     accelerated = fastmlip.accelerate(copy.deepcopy(model))
     _assert_close(_evaluate(model, atoms), _evaluate(accelerated, atoms), len(atoms), dtype)

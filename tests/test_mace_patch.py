@@ -1,8 +1,9 @@
 """MACE patch: accelerated vs original, compute() vs MACECalculator, heads, restore, strict mode, e3nn-0.4.4 files.
 
-Models use the published MACE-MP-0 / MACE-OFF hyperparameters (max_ell 3, correlation 3, 2 interactions,
-residual interaction blocks; OFF-like with a plain first block) with channel counts cut for a 2-core CPU; readout
-weights are scaled so forces are O(1) eV/A, so agreement is checked on real numbers, not on rounding noise.
+Models use the published MACE-MP-0 small/medium/large and MACE-OFF23-medium hyperparameters at full width
+(128 channels, max_ell 3, correlation 3, 2 interactions, radial MLP [64, 64, 64], 16x0e readout MLP; residual
+interaction blocks, OFF with a plain first block) for three elements; readout weights are scaled so forces are
+O(1) eV/A, so agreement is checked on real numbers, not on rounding noise.
 """
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ FIXTURE_REFERENCE = FIXTURES / "mace_e3nn044_reference.json"
 
 # name: (model class, hidden irreps, first interaction, interaction, use_reduced_cg)
 CONFIGS = {
-    "mp0_small": (ScaleShiftMACE, "16x0e", RealAgnosticResidualInteractionBlock,
+    "mp0_small": (ScaleShiftMACE, "128x0e", RealAgnosticResidualInteractionBlock,
                   RealAgnosticResidualInteractionBlock, True),
-    "mp0_medium": (ScaleShiftMACE, "8x0e+8x1o", RealAgnosticResidualInteractionBlock,
+    "mp0_medium": (ScaleShiftMACE, "128x0e+128x1o", RealAgnosticResidualInteractionBlock,
                    RealAgnosticResidualInteractionBlock, False),
-    "mp0_large": (ScaleShiftMACE, "4x0e+4x1o+4x2e", RealAgnosticResidualInteractionBlock,
+    "mp0_large": (ScaleShiftMACE, "128x0e+128x1o+128x2e", RealAgnosticResidualInteractionBlock,
                   RealAgnosticResidualInteractionBlock, True),
-    "off_like": (MACE, "8x0e+8x1o", RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock, False),
+    "off_like": (MACE, "128x0e+128x1o", RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock, False),
 }
 R_MAX = 4.5
 ELEMENTS = [1, 6, 8]
@@ -66,11 +67,11 @@ def _cached_model(config: str, heads, interaction, seed: int = 0):
     n_heads = len(heads) if heads else 1
     kwargs = dict(r_max=R_MAX, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, interaction_cls=interaction or inter,
                   interaction_cls_first=first, num_interactions=2, num_elements=len(ELEMENTS),
-                  hidden_irreps=o3.Irreps(hidden), MLP_irreps=o3.Irreps("8x0e"),
+                  hidden_irreps=o3.Irreps(hidden), MLP_irreps=o3.Irreps("16x0e"),
                   atomic_energies=np.linspace(-3.0, -1.0, len(ELEMENTS) * n_heads).reshape(
                       (n_heads, len(ELEMENTS)) if heads else (len(ELEMENTS),)),
                   avg_num_neighbors=10.0, atomic_numbers=ELEMENTS, correlation=3, gate=torch.nn.functional.silu,
-                  radial_MLP=[16, 16], use_reduced_cg=reduced, heads=heads)
+                  radial_MLP=[64, 64, 64], use_reduced_cg=reduced, heads=heads)
     if model_cls is ScaleShiftMACE:
         kwargs.update(atomic_inter_scale=[1.0] * n_heads if heads else 1.0,
                       atomic_inter_shift=[0.1] * n_heads if heads else 0.1)

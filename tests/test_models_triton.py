@@ -1,0 +1,109 @@
+"""Whole accelerated models on the Triton backend against the same models on the reference backend.
+
+Without CUDA every kernel (fused convolution, o3.Linear, gate, symmetric contraction, species linear, spherical
+harmonics) runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) with its outputs poisoned with NaN,
+so an element a kernel forgets to write shows up. Energies, per-atom energies, forces and stress must agree to
+the accelerated-model tolerances; edges come in a shuffled order, so the atomic (unsorted) paths run where a
+model does not sort its edges itself. Small structures keep the interpreter at a few seconds per model.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from fastmlip.kernels import conv as conv_kernels
+from fastmlip.kernels import gate as gate_kernels
+from fastmlip.kernels import linear as linear_kernels
+from fastmlip.kernels import species_linear, spherical_harmonics, symmetric_contraction
+from fastmlip.patches import common
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+KERNEL_MODULES = (conv_kernels, gate_kernels, linear_kernels, species_linear, spherical_harmonics,
+                  symmetric_contraction)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch, tmp_path_factory):
+    """Poisoned outputs, and a record of which kernel families ran: {"conv.forward", "gate.backward", ...}."""
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
+    calls = set()
+    for module in KERNEL_MODULES:
+        if hasattr(module, "POISON_OUTPUTS"):
+            monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+        family = module.__name__.rpartition(".")[2]
+        for entry in ("forward", "backward"):
+            monkeypatch.setattr(module, entry, _recorded(getattr(module, entry), f"{family}.{entry}", calls))
+    return calls
+
+
+def _recorded(function, name, calls):
+    def wrapper(*args, **kwargs):
+        calls.add(name)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def ran_forward_and_backward(calls, families):
+    return {f"{family}.{entry}" for family in families for entry in ("forward", "backward")} <= calls
+
+
+def backends_agree(patch, model, atoms, monkeypatch, cutoff):
+    """Evaluate the accelerated ``model`` on both backends; returns the deviation (asserted within tolerance)."""
+    edges = common.neighbor_edges(atoms, cutoff)
+    order = torch.randperm(edges[0].numel(), generator=torch.Generator().manual_seed(11))
+    edges = tuple(t[order] for t in edges)
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTMLIP_BACKEND", backend)
+        results[backend] = common.compute_on_atoms(patch, model, atoms, edges)
+    dtype = results["reference"]["forces"].dtype
+    e_tol, f_tol = common.tolerances(dtype)
+    dev = common.deviation(results["reference"], results["triton"], len(atoms))
+    assert dev["energy_per_atom"] <= e_tol and dev["forces"] <= f_tol, dev
+    if results["reference"]["stress"] is not None:
+        assert dev["stress"] <= f_tol, dev
+    assert torch.isfinite(results["triton"]["forces"]).all()
+    return dev
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_sevennet0_triton_matches_reference(dtype, kernel_calls, monkeypatch):
+    pytest.importorskip("sevenn")
+    from ase.build import bulk
+
+    from fastmlip.patches import sevenn as patch
+
+    if "7net-0" not in patch.pretrained_checkpoints():
+        pytest.skip("7net-0 is not installed with sevenn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = patch.load("7net-0", device=DEVICE, dtype=dtype)
+    assert patch.accelerate(model) == []
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=3)
+    print(backends_agree(patch, model, atoms, monkeypatch, model.cutoff))
+    assert ran_forward_and_backward(kernel_calls, ("conv", "gate", "linear", "spherical_harmonics")), kernel_calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_mace_triton_matches_reference(dtype, kernel_calls, monkeypatch):
+    pytest.importorskip("mace.modules")
+    import test_mace_patch as mace_models
+
+    from fastmlip.patches import mace as patch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = copy.deepcopy(mace_models.build_model("mp0_medium")).to(device=DEVICE, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    assert patch.accelerate(model) == []
+    atoms = mace_models.periodic_structure(seed=5)[:4]
+    print(backends_agree(patch, model, atoms, monkeypatch, mace_models.R_MAX))
+    assert ran_forward_and_backward(kernel_calls, ("conv", "linear", "species_linear", "spherical_harmonics",
+                                                   "symmetric_contraction")), kernel_calls

@@ -111,3 +111,25 @@ def load_module(name: str, build):
         spec.loader.exec_module(module)
         _MODULES[name] = (text, module)
         return module
+
+
+def activation(body: "Source", act, v: str, consts: Constants, derivative: bool) -> str:
+    """Emit what ``act`` (a :class:`fastmlip.reference.activations.Activation`) or its derivative needs at ``v``;
+    returns the expression, scaled by e3nn's normalisation constant."""
+    if act.name in ("silu", "sigmoid"):
+        body(f"s = 1.0 / (1.0 + tl.exp(-{v}))")
+    if act.name == "tanh":
+        body(f"t = 1.0 - 2.0 / (tl.exp(2.0 * {v}) + 1.0)")
+    value, slope = {
+        "identity": (v, "1.0"),
+        "silu": (f"{v} * s", f"s * (1.0 + {v} * (1.0 - s))"),
+        "sigmoid": ("s", "s * (1.0 - s)"),
+        "tanh": ("t", "1.0 - t * t"),
+        "abs": (f"tl.abs({v})", f"tl.where({v} > 0, 1.0, tl.where({v} < 0, -1.0, 0.0))"),
+    }[act.name]
+    return times(slope if derivative else value, act.scale, consts)
+
+
+def times(expr: str, factor: float, consts: Constants) -> str:
+    """``expr`` times a baked constant (nothing when it is 1)."""
+    return expr if factor == 1.0 else f"({expr}) * {consts(factor)}"

@@ -6,7 +6,7 @@ walks every run of the problem (offsets, widths, activation constants baked in a
 and the output written once. Gated runs load a [rows, channels, 2l+1] tile (2l+1 padded to a power of two), so
 the backward sums each gate's 2l+1 products in registers: every input column is written by exactly one program,
 no atomics, deterministic. Activations are the normalize2mom-scaled silu, sigmoid, tanh, abs or identity
-(:data:`fastmlip.reference.gate.KNOWN_ACTIVATIONS`); problems with any other never reach these kernels.
+(:data:`fastmlip.reference.activations.KNOWN_ACTIVATIONS`); problems with any other never reach these kernels.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 import torch
 import triton
 
-from ..reference.gate import GateActivation, GateProblem
+from ..reference.gate import GateProblem
 from . import codegen
 from .symmetric_contraction import tl_dtype
 
@@ -29,26 +29,6 @@ def _rows_per_program() -> int:
 
 def _pow2(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
-
-
-def _activation(body, act: GateActivation, v: str, consts, derivative: bool) -> str:
-    """Emit what ``act`` (or its derivative) needs; returns the expression, scaled by e3nn's constant."""
-    if act.name in ("silu", "sigmoid"):
-        body(f"s = 1.0 / (1.0 + tl.exp(-{v}))")
-    if act.name == "tanh":
-        body(f"t = 1.0 - 2.0 / (tl.exp(2.0 * {v}) + 1.0)")
-    value, slope = {
-        "identity": (v, "1.0"),
-        "silu": (f"{v} * s", f"s * (1.0 + {v} * (1.0 - s))"),
-        "sigmoid": ("s", "s * (1.0 - s)"),
-        "tanh": ("t", "1.0 - t * t"),
-        "abs": (f"tl.abs({v})", f"tl.where({v} > 0, 1.0, tl.where({v} < 0, -1.0, 0.0))"),
-    }[act.name]
-    return _times(slope if derivative else value, act.scale, consts)
-
-
-def _times(expr: str, factor: float, consts) -> str:
-    return expr if factor == 1.0 else f"({expr}) * {consts(factor)}"
 
 
 def _chunks(total: int, size: int):
@@ -103,15 +83,15 @@ def _forward_body(body, problem: GateProblem, consts) -> None:
     for run in problem.scalar_runs:
         for src_off, dst_off in _scalar_tiles(body, run, min(_TILE, _pow2(run.width))):
             body(f"v = tl.load(x_row[:, None] + ({src_off} + k), mask=mask, other=0.0)")
-            value = _activation(body, run.act, "v", consts, False)
+            value = codegen.activation(body, run.act, "v", consts, False)
             body(f"tl.store(out_row[:, None] + ({dst_off} + k), {value}, mask=mask)")
     for run in problem.gated_runs:
         for gate_off, src_off, dst_off in _gated_tiles(body, run):
             body(f"v = tl.load(x_row[:, None] + ({gate_off} + u), mask=gmask, other=0.0)")
-            body(f"a = {_activation(body, run.act, 'v', consts, False)}")
+            body(f"a = {codegen.activation(body, run.act, 'v', consts, False)}")
             body(f"y = tl.load(x_row[:, None, None] + ({src_off} + comp), mask=cmask, other=0.0)")
             body(f"tl.store(out_row[:, None, None] + ({dst_off} + comp), "
-                 f"{_times('y * a[:, :, None]', run.coefficient, consts)}, mask=cmask)")
+                 f"{codegen.times('y * a[:, :, None]', run.coefficient, consts)}, mask=cmask)")
 
 
 def _backward_body(body, problem: GateProblem, consts) -> None:
@@ -119,15 +99,15 @@ def _backward_body(body, problem: GateProblem, consts) -> None:
         for src_off, dst_off in _scalar_tiles(body, run, min(_TILE, _pow2(run.width))):
             body(f"v = tl.load(x_row[:, None] + ({src_off} + k), mask=mask, other=0.0)")
             body(f"g = tl.load(go_row[:, None] + ({dst_off} + k), mask=mask, other=0.0)")
-            slope = _activation(body, run.act, "v", consts, True)
+            slope = codegen.activation(body, run.act, "v", consts, True)
             body(f"tl.store(gx_row[:, None] + ({src_off} + k), g * ({slope}), mask=mask)")
     for run in problem.gated_runs:
         for gate_off, src_off, dst_off in _gated_tiles(body, run):
             body(f"v = tl.load(x_row[:, None] + ({gate_off} + u), mask=gmask, other=0.0)")
-            body(f"a = {_activation(body, run.act, 'v', consts, False)}")
-            body(f"slope = {_activation(body, run.act, 'v', consts, True)}")
+            body(f"a = {codegen.activation(body, run.act, 'v', consts, False)}")
+            body(f"slope = {codegen.activation(body, run.act, 'v', consts, True)}")
             body(f"g = tl.load(go_row[:, None, None] + ({dst_off} + comp), mask=cmask, other=0.0)")
-            body(f"g = {_times('g', run.coefficient, consts)}")
+            body(f"g = {codegen.times('g', run.coefficient, consts)}")
             body(f"y = tl.load(x_row[:, None, None] + ({src_off} + comp), mask=cmask, other=0.0)")
             body(f"tl.store(gx_row[:, None, None] + ({src_off} + comp), g * a[:, :, None], mask=cmask)")
             body(f"tl.store(gx_row[:, None] + ({gate_off} + u), tl.sum(g * y, axis=2) * slope, mask=gmask)")

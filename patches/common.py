@@ -297,6 +297,41 @@ class FastSphericalHarmonics(nn.Module):
         return spherical_harmonics(list(self.problem.ls), vectors, self.problem.normalize, self.problem.normalization)
 
 
+class FastFullyConnectedNet(nn.Module):
+    """e3nn ``nn.FullyConnectedNet`` (a radial MLP) through ``fastmlip.ops.radial_mlp``.
+
+    Holds the original layers under their own names, so parameters and state_dict keys are unchanged. Takes an
+    optional per-row scale (cutoff envelope, padding mask) that the kernels multiply in at no extra launch.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        from fastmlip.reference.radial_mlp import radial_mlp_problem
+
+        self.problem = radial_mlp_problem(original)
+        if not self.problem.has_kernel:
+            raise ValueError(f"{self.problem}: an activation the kernels do not know")
+        for name, layer in original.named_children():
+            self.add_module(name, layer)
+        self.hs = original.hs
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, x, row_scale=None):
+        from fastmlip.ops.radial_mlp import radial_mlp
+
+        return radial_mlp(self.problem, x, [layer.weight for layer in self.children()], row_scale)
+
+
+def radial_weights(net: nn.Module, x: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``net(x)`` times ``row_scale`` [E] per row, fused when ``net`` is fastmlip's radial MLP."""
+    if isinstance(net, FastFullyConnectedNet):
+        return net(x, row_scale)
+    out = net(x)
+    return out if row_scale is None else out * row_scale.reshape(-1, 1)
+
+
 def fast_replacement(module: nn.Module, factories: dict) -> Optional[type]:
     """The class in ``factories`` (keyed by exact module type) that can describe ``module``, else None."""
     factory = factories.get(type(module))
@@ -314,3 +349,15 @@ def e3nn_factories() -> dict:
     from e3nn.o3 import Linear, SphericalHarmonics
 
     return {Linear: FastLinear, SphericalHarmonics: FastSphericalHarmonics}
+
+
+def fast_radial_mlp(net: nn.Module) -> nn.Module:
+    """The fastmlip radial MLP for an e3nn FullyConnectedNet, or ``net`` itself when it cannot be described."""
+    from e3nn.nn import FullyConnectedNet
+
+    if type(net) is not FullyConnectedNet:
+        return net
+    try:
+        return FastFullyConnectedNet(net)
+    except ValueError:
+        return net

@@ -384,12 +384,12 @@ class _EdgeLayout:
     def mask_edges(self, edge_index: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
         self.masked_index, self.mask, self.sorted_mask = edge_index, mask, None
 
-    def weight_mask(self, edge_index: torch.Tensor) -> Optional[torch.Tensor]:
-        """[E, 1] mask in receiver order for ``edge_index``'s edges, None when all of them exist."""
+    def weight_mask(self, edge_index: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """[E] 1/0 mask in receiver order for ``edge_index``'s edges, None when all of them exist."""
         if self.mask is None or self.masked_index is not edge_index:
             return None
-        if self.sorted_mask is None:
-            self.sorted_mask = self.mask.index_select(0, self.sorted.order).unsqueeze(1)
+        if self.sorted_mask is None or self.sorted_mask.dtype != dtype:
+            self.sorted_mask = self.mask.index_select(0, self.sorted.order).to(dtype)
         return self.sorted_mask
 
 
@@ -460,7 +460,7 @@ class FastInteraction(nn.Module):
                 setattr(self, key, value)
         self.linear_up = _maybe_fast(original.linear_up, common.FastLinear)
         self.conv_tp = original.conv_tp
-        self.conv_tp_weights = original.conv_tp_weights
+        self.conv_tp_weights = common.fast_radial_mlp(original.conv_tp_weights)
         self.linear = _maybe_fast(original.linear, common.FastLinear)
         self.skip_tp = _maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
@@ -477,12 +477,11 @@ class FastInteraction(nn.Module):
         sc = self.skip_tp(node_feats, node_attrs) if self.residual else None
         node_feats = self.linear_up(node_feats)
         edges = self._layout.get(edge_index, node_feats.shape[0])
-        tp_weights = self.conv_tp_weights(edge_feats.index_select(0, edges.order))
-        if cutoff is not None:
-            tp_weights = tp_weights * cutoff.index_select(0, edges.order)
-        mask = self._layout.weight_mask(edge_index)
+        row_scale = None if cutoff is None else cutoff.index_select(0, edges.order).reshape(-1)
+        mask = self._layout.weight_mask(edge_index, node_feats.dtype)
         if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
-            tp_weights = tp_weights * mask
+            row_scale = mask if row_scale is None else row_scale * mask
+        tp_weights = common.radial_weights(self.conv_tp_weights, edge_feats.index_select(0, edges.order), row_scale)
         message = fused_conv(self.problem, node_feats, edge_attrs.index_select(0, edges.order), tp_weights,
                              edges.src, edges.dst, node_feats.shape[0], dst_ptr=edges.dst_ptr,
                              src_perm=edges.src_perm, src_ptr=edges.src_ptr)

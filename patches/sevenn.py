@@ -373,7 +373,8 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
 class FastIrrepsConvolution(nn.Module):
     """``sevenn.nn.convolution.IrrepsConvolution`` with the gather-TP-scatter fused into one fastmlip op.
 
-    Shares ``weight_nn`` and ``denominator`` with the module it replaces (same parameter objects), reads and
+    Shares ``denominator`` and the radial MLP's layers with the module it replaces (same parameter objects; the
+    MLP runs as fastmlip's fused radial MLP when it can be described), reads and
     writes the same data keys, and uses the tensor product's own coupling blocks and path weights. Edges go to
     the op sorted by receiver with CSR offsets, so GPU kernels take their deterministic, atomic-free path.
     """
@@ -382,7 +383,7 @@ class FastIrrepsConvolution(nn.Module):
         super().__init__()
         self.problem = tensor_product_problem(original.convolution)
         check_conv_problem(self.problem)
-        self.weight_nn = original.weight_nn
+        self.weight_nn = common.fast_radial_mlp(original.weight_nn)
         self.denominator = original.denominator
         self.key_x = original.key_x
         self.key_filter = original.key_filter
@@ -405,7 +406,7 @@ class FastIrrepsConvolution(nn.Module):
             edges = sort_edges(edge_index[1], edge_index[0], num_nodes)
             cached = {"inputs": inputs, "edges": edges, "filter": inputs[1][edges.order],
                       "weight_input": inputs[2][edges.order],
-                      "mask": None if mask is None else mask[edges.order].unsqueeze(1)}
+                      "mask": None if mask is None else mask[edges.order].to(inputs[2].dtype)}
             data[SORTED_EDGES_KEY] = cached
         return cached
 
@@ -417,9 +418,8 @@ class FastIrrepsConvolution(nn.Module):
         else:
             cached = self._sorted_edges(data, x.shape[0])
             edges = cached["edges"]
-            weight = self.weight_nn(cached["weight_input"])
-            if cached["mask"] is not None:  # placeholder edges weigh zero: their messages and gradients vanish
-                weight = weight * cached["mask"]
+            # placeholder edges (mask 0) weigh zero: their messages and gradients vanish
+            weight = common.radial_weights(self.weight_nn, cached["weight_input"], cached["mask"])
             out = fused_conv(self.problem, x, cached["filter"], weight, edges.src, edges.dst, x.shape[0],
                              dst_ptr=edges.dst_ptr, src_perm=edges.src_perm, src_ptr=edges.src_ptr)
         data[self.key_x] = out.div(self.denominator)

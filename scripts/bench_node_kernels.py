@@ -2,7 +2,8 @@
 
 Ops: MACE's symmetric contraction (128x(0e+1o+2e+3o) -> small 128x0e / medium +128x1o / large +128x2e,
 correlation 3, 89 elements), the species-indexed linear (skip_tp: hidden x 89x0e -> hidden), o3.Linear on
-128x(0e+1o+2e+3o) (torch matmuls in fastmlip), and spherical harmonics l <= 3 of 40 edges per node. First every
+128x(0e+1o+2e+3o), spherical harmonics l <= 3 of 40 edges per node, and the radial MLP of each size's
+convolution (e3nn FullyConnectedNet 8 -> 64 -> 64 -> 64 -> weights, times the per-edge cutoff) on those edges. First every
 fastmlip op is checked against the mace/e3nn module at the smallest node count (value and input gradient,
 PASS/FAIL per case), then each
 importable implementation is timed (forward; forward + input gradient, the MD path). Prints a table with
@@ -146,12 +147,26 @@ def sh_impls(lmax, device):
     return impls
 
 
+MLP_OUTPUTS = {"small": 512, "medium": 1024, "large": 2176}  # conv_tp.weight_numel of MACE-MP-0 at 128 channels
+
+
+def radial_mlp_impls(net, problem, scale):
+    from fastmlip.ops.radial_mlp import radial_mlp
+
+    weights = [layer.weight.detach() for layer in net.children()]
+    return {"fastmlip": lambda x: radial_mlp(problem, x, weights, scale),
+            "e3nn": lambda x: net(x) * scale.unsqueeze(1)}
+
+
 def build_cases(args, dtype, device):
     """Yield Case objects; modules are built once per size (mace's U matrices take seconds) and cast."""
     from e3nn import o3
     from mace.modules.symmetric_contraction import SymmetricContraction
 
+    from e3nn.nn import FullyConnectedNet
+
     from fastmlip.descriptors import linear_problem, species_linear_problem, symmetric_contraction_problem
+    from fastmlip.reference.radial_mlp import radial_mlp_problem
 
     sizes, irreps_in = (QUICK_SIZES, QUICK_INPUT) if args.quick else (SIZES, SC_INPUT)
     num_elements = 5 if args.quick else 89
@@ -164,8 +179,11 @@ def build_cases(args, dtype, device):
                                   num_elements=num_elements).to(device=device, dtype=dtype)
         fctp = o3.FullyConnectedTensorProduct(hidden, f"{num_elements}x0e", hidden).to(device=device, dtype=dtype)
         lin = o3.Linear(irreps_in, irreps_in).to(device=device, dtype=dtype)
-        for m in (sc, fctp, lin):
+        net = FullyConnectedNet([8, 64, 64, 64, 16 if args.quick else MLP_OUTPUTS[size]],
+                                torch.nn.functional.silu).to(device=device, dtype=dtype)
+        for m in (sc, fctp, lin, net):
             m.requires_grad_(False)
+        mlp_problem = radial_mlp_problem(net)
         sc_problem, sl_problem = symmetric_contraction_problem(sc), species_linear_problem(fctp)
         lin_problem = linear_problem(lin)
         for n in [int(v) for v in args.nodes.split(",")]:
@@ -178,10 +196,14 @@ def build_cases(args, dtype, device):
             yield Case("species_linear", size, n, dtype, device,
                        species_linear_impls(fctp, sl_problem, species, dtype, device, num_elements, hidden),
                        lambda n=n, d=sl_problem.dim_in: torch.randn(n, d, dtype=dtype, device=device))
+            edges = n * args.degree
+            scale = torch.rand(edges, dtype=dtype, device=device)
+            yield Case("radial_mlp", f"{size} x{args.degree} edges", n, dtype, device,
+                       radial_mlp_impls(net, mlp_problem, scale),
+                       lambda e=edges: torch.randn(e, 8, dtype=dtype, device=device))
             if size == "small":  # o3.Linear and the harmonics do not depend on the model size
                 yield Case("linear", "any", n, dtype, device, linear_impls(lin, lin_problem, dtype, device, irreps_in),
                            lambda n=n, d=lin_problem.dim_in: torch.randn(n, d, dtype=dtype, device=device))
-                edges = n * args.degree
                 yield Case("spherical_harmonics", f"l3 x{args.degree} edges", n, dtype, device, sh_impls(3, device),
                            lambda e=edges: torch.randn(e, 3, dtype=dtype, device=device))
 

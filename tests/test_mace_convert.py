@@ -266,7 +266,7 @@ def test_pickled_accelerated_model_is_refused(work, tmp_path):
     model = patch.load(path / "small.model")
     patch.accelerate(model)
     torch.save(model, tmp_path / "accelerated.model")
-    with pytest.raises(ValueError, match=r"an accelerated model was pickled \(FastInteraction.*fastmlip.restore"):
+    with pytest.raises(ValueError, match=r"an accelerated model was pickled \(.*FastInteraction.*fastmlip.restore"):
         patch.load(tmp_path / "accelerated.model")
     patch.restore(model)
     with pytest.raises(ValueError, match="the written file needs fastmlip to open"):

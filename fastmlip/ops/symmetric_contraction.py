@@ -61,9 +61,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, species, *weights = ctx.saved_tensors
-    want_x, _, want_w, _ = ctx.needs_input_grad
-    grad_x, *grad_ws = symmetric_contraction_bwd(grad, x, species, weights, ctx.key, want_x, bool(want_w))
-    return grad_x if want_x else None, None, grad_ws if want_w else None, None
+    want_x, _, want_ws, _ = ctx.needs_input_grad
+    want_w = any(want_ws)  # a list input's entry is a list of flags, truthy even when all are False
+    grad_x, *grad_ws = symmetric_contraction_bwd(grad, x, species, weights, ctx.key, want_x, want_w)
+    return grad_x if want_x else None, None, grad_ws if want_w else [None] * len(weights), None
 
 
 symmetric_contraction_fwd.register_autograd(_backward, setup_context=_setup)

@@ -11,28 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ..descriptors import _with_key
-
-# Activations the kernels and the backward formulas know; anything else is "other" (plain torch autograd only).
-KNOWN_ACTIVATIONS = ("identity", "silu", "sigmoid", "tanh", "abs")
-
-
-@dataclass(frozen=True)
-class GateActivation:
-    """``scale * f(v)``, ``f`` named by ``name``; ``function`` is the module's own object (None: identity)."""
-
-    name: str
-    scale: float
-    function: Optional[Callable] = field(default=None, compare=False, repr=False)
-
-    def __call__(self, v: Tensor) -> Tensor:
-        return v if self.function is None else self.function(v)
-
+from .activations import Activation, activation_derivative, activation_of
 
 @dataclass(frozen=True)
 class ScalarRun:
@@ -41,7 +25,7 @@ class ScalarRun:
     src: int
     dst: int
     width: int
-    act: GateActivation
+    act: Activation
 
 
 @dataclass(frozen=True)
@@ -54,7 +38,7 @@ class GatedRun:
     mul: int
     ir_dim: int
     coefficient: float
-    act: GateActivation
+    act: Activation
 
 
 @dataclass(frozen=True)
@@ -73,33 +57,11 @@ class GateProblem:
 
     @property
     def has_kernel(self) -> bool:
-        return all(act.name in KNOWN_ACTIVATIONS for act in self.activations)
+        return all(act.known for act in self.activations)
 
     def __str__(self) -> str:
         names = sorted({act.name for act in self.activations})
         return f"Gate({self.dim_in} -> {self.dim_out}, {'/'.join(names) or 'empty'})"
-
-
-def _function_name(f) -> str:
-    import torch.nn.functional as F
-
-    by_function = {F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
-                   F.tanh: "tanh", torch.abs: "abs"}
-    by_module = {torch.nn.SiLU: "silu", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh"}
-    if type(f) in by_module and not getattr(f, "inplace", False):
-        return by_module[type(f)]
-    return by_function.get(f, "other")
-
-
-def _activation(act) -> GateActivation:
-    """The module's activation object, named; e3nn's normalize2mom skips its constant when it is within 1e-4 of 1."""
-    from e3nn.math import normalize2mom
-
-    if act is None:
-        return GateActivation("identity", 1.0, None)
-    if type(act) is not normalize2mom:
-        return GateActivation("other", 1.0, act)
-    return GateActivation(_function_name(act.f), 1.0 if act._is_id else float(act.cst), act)
 
 
 def _offsets(irreps) -> list:
@@ -125,12 +87,12 @@ def _extracted_columns(extract) -> list:
 
 
 def _column_activations(activation) -> list:
-    """One GateActivation per scalar column of an e3nn ``Activation`` (the same object for a whole path)."""
+    """One :class:`Activation` per scalar column of an e3nn ``nn.Activation`` (the same object for a whole path)."""
     acts = []
     for mul, (l, _), act in activation.paths:
         if act is not None and l != 0:
             raise ValueError("activation on a non-scalar irrep")
-        acts.extend([_activation(act)] * (mul * (2 * l + 1)))
+        acts.extend([activation_of(act)] * (mul * (2 * l + 1)))
     return acts
 
 
@@ -174,10 +136,11 @@ def _merged(items: list, follows) -> list:
 
 def gate_problem(gate) -> GateProblem:
     """Describe an e3nn ``nn.Gate``; ValueError for anything the runs cannot express exactly."""
-    from e3nn.nn import Activation, Extract, Gate
+    from e3nn.nn import Activation as E3nnActivation
+    from e3nn.nn import Extract, Gate
 
     if type(gate) is not Gate or type(gate.sc.cut) is not Extract or not all(
-            type(a) is Activation for a in (gate.act_scalars, gate.act_gates)):
+            type(a) is E3nnActivation for a in (gate.act_scalars, gate.act_gates)):
         raise ValueError(f"{type(gate).__name__} is not an e3nn Gate built from Extract and Activation")
     scalar_cols, gate_cols, gated_cols = _extracted_columns(gate.sc.cut)
     scalar_acts, gate_acts = _column_activations(gate.act_scalars), _column_activations(gate.act_gates)
@@ -225,22 +188,6 @@ def gate(problem: GateProblem, x: Tensor) -> Tensor:
         gated = _block(x, r.src, r.mul, r.ir_dim) * gates
         parts.append((r.dst, (gated if r.coefficient == 1.0 else gated * r.coefficient).reshape(n, -1)))
     return _by_offset(parts, x)
-
-
-_DERIVATIVES = {
-    "identity": lambda v: torch.ones_like(v),
-    "silu": lambda v: torch.sigmoid(v) * (1 + v * (1 - torch.sigmoid(v))),
-    "sigmoid": lambda v: torch.sigmoid(v) * (1 - torch.sigmoid(v)),
-    "tanh": lambda v: 1 - torch.tanh(v) ** 2,
-    "abs": torch.sign,
-}
-
-
-def activation_derivative(act: GateActivation, v: Tensor) -> Tensor:
-    """d act / d v for a known activation."""
-    if act.name not in _DERIVATIVES:
-        raise ValueError(f"no derivative formula for activation {act.name!r}")
-    return _DERIVATIVES[act.name](v) * act.scale
 
 
 def gate_backward(problem: GateProblem, grad_out: Tensor, x: Tensor) -> Tensor:

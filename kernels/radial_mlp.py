@@ -1,0 +1,189 @@
+"""Triton kernels for e3nn's FullyConnectedNet (the radial MLP): one launch forward, one backward.
+
+Why: as e3nn modules every layer is a weight divide, a matmul, an activation and a scale (twice that backward),
+on [edges, 64] tiles so small in an MD step that launches cost the time. Here one program owns a block of edges
+and runs every layer: hidden activations stay in registers, widths padded to powers of two (at least 16, tl.dot's
+minimum) with masked weight loads, the last layer in column blocks stored once each. Layer scales, the
+activation and e3nn's normalisation constants are baked in per problem (:mod:`.codegen`).
+
+The backward recomputes the forward's pre-activations (cheaper than storing [E, 64] per layer), walks the last
+layer's column blocks once for G = grad_out @ W^T, takes the per-edge row-scale gradient as <h, G> (no second
+pass over the output; with an activated last layer, from the recomputed outputs) and propagates G back to the
+input. float32 products stay IEEE (never TF32).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from ..reference.radial_mlp import RadialMLPProblem
+from . import codegen
+from .symmetric_contraction import tl_dtype
+
+POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN
+_COLUMNS = 64  # last-layer columns per block
+
+
+def _rows_per_program() -> int:
+    return int(os.environ.get("FASTMLIP_MLP_ROWS", "32"))
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _weight_args(problem: RadialMLPProblem) -> list:
+    return [f"w{i}" for i in range(len(problem.layers))]
+
+
+def _emit_weight(code, i: int, layer, transpose: bool) -> None:
+    """``W{i}`` [padded in, padded out] (or its transpose) with zeros outside the real widths."""
+    p_in, p_out = _pad(layer.dim_in), _pad(layer.dim_out)
+    if transpose:
+        code(f"W{i} = tl.load(w{i} + tl.arange(0, {p_in})[None, :] * {layer.dim_out} + tl.arange(0, {p_out})[:, None], "
+             f"mask=(tl.arange(0, {p_in})[None, :] < {layer.dim_in}) & (tl.arange(0, {p_out})[:, None] < "
+             f"{layer.dim_out}), other=0.0)")
+    else:
+        code(f"W{i} = tl.load(w{i} + tl.arange(0, {p_in})[:, None] * {layer.dim_out} + tl.arange(0, {p_out})[None, :], "
+             f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (tl.arange(0, {p_out})[None, :] < "
+             f"{layer.dim_out}), other=0.0)")
+
+
+def _emit_hidden(code, consts, problem: RadialMLPProblem) -> None:
+    """h0 = x tile, then a{i} (pre-activation) and h{i+1} for every layer but the last."""
+    p0 = _pad(problem.dim_in)
+    code(f"k0 = tl.arange(0, {p0})")
+    code(f"h0 = tl.load(x + rows[:, None] * {problem.dim_in} + k0[None, :], "
+         f"mask=row_ok[:, None] & (k0[None, :] < {problem.dim_in}), other=0.0)")
+    for i, layer in enumerate(problem.layers[:-1]):
+        _emit_weight(code, i, layer, transpose=False)
+        code(f"a{i} = tl.dot(h{i}, W{i}, input_precision=\"ieee\") * {consts(layer.scale)}")
+        value = codegen.activation(code, layer.act, f"a{i}", consts, False) if layer.act is not None else f"a{i}"
+        code(f"h{i + 1} = {codegen.times(value, layer.out_scale, consts)}")
+
+
+def _forward_source(problem: RadialMLPProblem, rows: int) -> str:
+    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
+    codegen.jit_header(code, "radial_mlp_forward", ["x", *_weight_args(problem), "row_scale", "out", "num_rows",
+                                                    "DT: tl.constexpr", "HAS_SCALE: tl.constexpr"])
+    code.depth = body.depth = 1
+    last, n = len(problem.layers) - 1, problem.dim_out
+    layer = problem.layers[-1]
+    body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
+    body("row_ok = rows < num_rows")
+    body("rows = rows.to(tl.int64)")
+    _emit_hidden(body, consts, problem)
+    body("if HAS_SCALE:")
+    body("    factor = tl.load(row_scale + rows, mask=row_ok, other=0.0)")
+    p_in = _pad(layer.dim_in)
+    body(f"for col0 in range(0, {n}, {_COLUMNS}):")
+    with body.indent():
+        body(f"cols = col0 + tl.arange(0, {_COLUMNS})")
+        body(f"W = tl.load(w{last} + tl.arange(0, {p_in})[:, None] * {n} + cols[None, :], "
+             f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
+        body(f"y = tl.dot(h{last}, W, input_precision=\"ieee\") * {consts(layer.scale)}")
+        if layer.act is not None:
+            body(f"y = {codegen.times(codegen.activation(body, layer.act, 'y', consts, False), layer.out_scale, consts)}")
+        body("if HAS_SCALE:")
+        body("    y = y * factor[:, None]")
+        body(f"tl.store(out + rows[:, None] * {n} + cols[None, :], y, mask=row_ok[:, None] & (cols[None, :] < {n}))")
+    consts.emit(code)
+    code.lines.extend(body.lines)
+    return code.text()
+
+
+def _backward_source(problem: RadialMLPProblem, rows: int) -> str:
+    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
+    codegen.jit_header(code, "radial_mlp_backward", [
+        "grad_out", "x", *_weight_args(problem), "row_scale", "grad_x", "grad_scale", "num_rows", "DT: tl.constexpr",
+        "HAS_SCALE: tl.constexpr", "WANT_X: tl.constexpr", "WANT_SCALE: tl.constexpr"])
+    code.depth = body.depth = 1
+    last, n = len(problem.layers) - 1, problem.dim_out
+    layer = problem.layers[-1]
+    p_in = _pad(layer.dim_in)
+    body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
+    body("row_ok = rows < num_rows")
+    body("rows = rows.to(tl.int64)")
+    _emit_hidden(body, consts, problem)
+    body(f"G = tl.zeros([{rows}, {p_in}], DT)")
+    if layer.act is not None:
+        body(f"scale_acc = tl.zeros([{rows}], DT)")
+    body(f"for col0 in range(0, {n}, {_COLUMNS}):")
+    with body.indent():
+        body(f"cols = col0 + tl.arange(0, {_COLUMNS})")
+        body(f"g = tl.load(grad_out + rows[:, None] * {n} + cols[None, :], "
+             f"mask=row_ok[:, None] & (cols[None, :] < {n}), other=0.0)")
+        body(f"Wt = tl.load(w{last} + tl.arange(0, {p_in})[None, :] * {n} + cols[:, None], "
+             f"mask=(tl.arange(0, {p_in})[None, :] < {layer.dim_in}) & (cols[:, None] < {n}), other=0.0)")
+        if layer.act is not None:  # the output is act(pre): recompute pre for act' and the row-scale gradient
+            body(f"W = tl.load(w{last} + tl.arange(0, {p_in})[:, None] * {n} + cols[None, :], "
+                 f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
+            body(f"pre = tl.dot(h{last}, W, input_precision=\"ieee\") * {consts(layer.scale)}")
+            value = codegen.activation(body, layer.act, "pre", consts, False)
+            body(f"scale_acc += tl.sum(g * {codegen.times(value, layer.out_scale, consts)}, axis=1)")
+            slope = codegen.activation(body, layer.act, "pre", consts, True)
+            body(f"g = g * {codegen.times(slope, layer.out_scale, consts)}")
+        body("G += tl.dot(g, Wt, input_precision=\"ieee\")")
+    body(f"G = G * {consts(layer.scale)}")
+    body("if HAS_SCALE:")
+    with body.indent():
+        body("if WANT_SCALE:")
+        scale_grad = "scale_acc" if layer.act is not None else f"tl.sum(h{last} * G, axis=1)"
+        body(f"    tl.store(grad_scale + rows, {scale_grad}, mask=row_ok)")
+        body("G = G * tl.load(row_scale + rows, mask=row_ok, other=0.0)[:, None]")
+    body("if WANT_X:")
+    with body.indent():
+        for i in reversed(range(last)):
+            hidden = problem.layers[i]
+            if hidden.act is not None:
+                slope = codegen.activation(body, hidden.act, f"a{i}", consts, True)
+                body(f"G = G * {codegen.times(slope, hidden.out_scale, consts)}")
+            _emit_weight(body, i, hidden, transpose=True)
+            body(f"G = tl.dot(G, W{i}, input_precision=\"ieee\") * {consts(hidden.scale)}")
+        body(f"tl.store(grad_x + rows[:, None] * {problem.dim_in} + k0[None, :], G, "
+             f"mask=row_ok[:, None] & (k0[None, :] < {problem.dim_in}))")
+    consts.emit(code)
+    code.lines.extend(body.lines)
+    return code.text()
+
+
+def _kernel(problem: RadialMLPProblem, kind: str, rows: int):
+    build = _forward_source if kind == "forward" else _backward_source
+    module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}", lambda: build(problem, rows))
+    return getattr(module, f"radial_mlp_{kind}")
+
+
+def _empty(shape, like):
+    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
+
+
+def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
+    """FullyConnectedNet(x) [E, dim_out], times ``row_scale`` [E] per row if given: one launch."""
+    dt = tl_dtype(x.dtype)
+    rows = _rows_per_program()
+    x = x.contiguous()
+    weights = [w.contiguous() for w in weights]
+    out = _empty((x.shape[0], problem.dim_out), x)
+    if x.shape[0]:
+        _kernel(problem, "forward", rows)[(triton.cdiv(x.shape[0], rows),)](
+            x, *weights, x if row_scale is None else row_scale.contiguous(), out, x.shape[0], DT=dt,
+            HAS_SCALE=row_scale is not None, num_warps=4)
+    return out
+
+
+def backward(problem: RadialMLPProblem, grad_out, x, weights, row_scale, want_x: bool, want_scale: bool):
+    """(grad_x, grad_row_scale) of <grad_out, forward(x, weights, row_scale)>, each empty unless wanted."""
+    dt = tl_dtype(x.dtype)
+    rows = _rows_per_program()
+    want_scale = want_scale and row_scale is not None
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    weights = [w.contiguous() for w in weights]
+    grad_x = _empty(tuple(x.shape), x) if want_x else x.new_empty(0)
+    grad_scale = _empty((x.shape[0],), x) if want_scale else x.new_empty(0)
+    if x.shape[0] and (want_x or want_scale):
+        _kernel(problem, "backward", rows)[(triton.cdiv(x.shape[0], rows),)](
+            grad_out, x, *weights, x if row_scale is None else row_scale.contiguous(), grad_x, grad_scale,
+            x.shape[0], DT=dt, HAS_SCALE=row_scale is not None, WANT_X=want_x, WANT_SCALE=want_scale, num_warps=4)
+    return grad_x, grad_scale
+

@@ -1,10 +1,12 @@
-"""Triton kernels for real spherical harmonics Y^0..Y^lmax (component-normalised polynomials of raw vectors).
+"""Triton kernels for real spherical harmonics Y^0..Y^lmax (component-normalised polynomials of the vectors,
+normalised first when asked, exactly as ``torch.nn.functional.normalize``: v / max(|v|, 1e-12)).
 
 Generated per lmax with every polynomial coefficient baked in (from
 :func:`fastmlip.reference.spherical_harmonics.monomial_coefficients`, the same exact coefficients the reference
 uses). One program per block of edges, edges across lanes; powers of x, y, z once, each monomial once, each
 output a fixed linear combination of monomials. The backward contracts the incoming gradient with the
-coefficients per monomial first, then spreads it over the monomial's derivative (one pass, no Y^(l-1) buffer).
+coefficients per monomial first, then spreads it over the monomial's derivative (one pass, no Y^(l-1) buffer),
+and through the normalisation: (g - u (u.g)) / |v| (g / eps where the norm is clamped).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import os
 
 import torch
 
-from ..reference.spherical_harmonics import monomial_coefficients
+from ..reference.spherical_harmonics import NORMALIZE_EPS, monomial_coefficients
 from . import codegen
 from .symmetric_contraction import tl_dtype
 
@@ -51,21 +53,29 @@ class _Monomials:
         return name
 
 
-def _start(src, name, args, block):
+def _start(src, name, args, block, normalize: bool, consts):
+    """Kernel header and the loads; with ``normalize`` the vx, vy, vz the polynomials see are the unit vector
+    (raw components in rx, ry, rz, 1 / max(|v|, eps) in inv_norm)."""
     codegen.jit_header(src, name, args)
     body = codegen.Source()
     body.depth = 1
     body(f"e = tl.program_id(0).to(tl.int64) * {block} + tl.arange(0, {block})")
     body("mask = e < num_edges")
+    prefix = "r" if normalize else "v"
     for k, axis in enumerate("xyz"):
-        body(f"v{axis} = tl.load(vectors + e * 3 + {k}, mask=mask, other=0.0)")
+        body(f"{prefix}{axis} = tl.load(vectors + e * 3 + {k}, mask=mask, other=0.0)")
+    if normalize:
+        body("norm = tl.sqrt(rx * rx + ry * ry + rz * rz)")
+        body(f"inv_norm = 1.0 / tl.maximum(norm, {consts(NORMALIZE_EPS)})")
+        for axis in "xyz":
+            body(f"v{axis} = r{axis} * inv_norm")
     body(f"one = tl.full([{block}], 1.0, DT)")
     return body
 
 
-def forward_source(lmax: int, block: int) -> str:
+def forward_source(lmax: int, block: int, normalize: bool) -> str:
     src, consts = codegen.Source(), codegen.Constants()
-    body = _start(src, "sh_forward", ["vectors", "out", "num_edges", "DT: tl.constexpr"], block)
+    body = _start(src, "sh_forward", ["vectors", "out", "num_edges", "DT: tl.constexpr"], block, normalize, consts)
     monos = _Monomials(body)
     dim = (lmax + 1) ** 2
     for l in range(lmax + 1):
@@ -80,11 +90,12 @@ def forward_source(lmax: int, block: int) -> str:
     return src.text()
 
 
-def backward_source(lmax: int, block: int) -> str:
-    """grad_v[k] = sum_l sum_monomials (sum_i coeff[r, i] g[l, i]) * d(monomial_r)/d v_k."""
+def backward_source(lmax: int, block: int, normalize: bool) -> str:
+    """grad_v[k] = sum_l sum_monomials (sum_i coeff[r, i] g[l, i]) * d(monomial_r)/d v_k (then through the
+    normalisation)."""
     src, consts = codegen.Source(), codegen.Constants()
-    body = _start(src, "sh_backward", ["vectors", "grad_out", "grad_vectors", "num_edges",
-                                               "DT: tl.constexpr"], block)
+    body = _start(src, "sh_backward", ["vectors", "grad_out", "grad_vectors", "num_edges", "DT: tl.constexpr"],
+                  block, normalize, consts)
     monos = _Monomials(body)
     dim = (lmax + 1) ** 2
     for axis in "xyz":
@@ -105,6 +116,11 @@ def backward_source(lmax: int, block: int) -> str:
                     lowered[k] -= 1
                     scaled = "t" if power == 1 else f"{consts(float(power))} * t"
                     body(f"g{axis} += {scaled} * {monos(lowered)}")
+    if normalize:
+        body("radial = vx * gx + vy * gy + vz * gz")
+        body(f"tangential = norm > {consts(NORMALIZE_EPS)}")
+        for axis in "xyz":
+            body(f"g{axis} = tl.where(tangential, g{axis} - v{axis} * radial, g{axis}) * inv_norm")
     for k, axis in enumerate("xyz"):
         body(f"tl.store(grad_vectors + e * 3 + {k}, g{axis}, mask=mask)")
     with src.indent():
@@ -113,34 +129,36 @@ def backward_source(lmax: int, block: int) -> str:
     return src.text()
 
 
-def _kernel(kind: str, lmax: int, block: int):
+def _kernel(kind: str, lmax: int, block: int, normalize: bool):
     build = forward_source if kind == "forward" else backward_source
-    module = codegen.load_module(f"spherical_harmonics_{kind}_l{lmax}_b{block}", lambda: build(lmax, block))
+    name = f"spherical_harmonics_{kind}_l{lmax}_b{block}{'_unit' if normalize else ''}"
+    module = codegen.load_module(name, lambda: build(lmax, block, normalize))
     return getattr(module, f"sh_{kind}")
 
 
-def _launch(kind, lmax, args, num_edges, dtype):
+def _launch(kind, lmax, normalize, args, num_edges, dtype):
     block = _block()
     grid = (-(-num_edges // block),)
-    _kernel(kind, lmax, block)[grid](*args, num_edges, DT=tl_dtype(dtype), num_warps=max(1, min(4, block // 32)))
+    _kernel(kind, lmax, block, normalize)[grid](*args, num_edges, DT=tl_dtype(dtype),
+                                                num_warps=max(1, min(4, block // 32)))
 
 
-def forward(lmax: int, vectors: torch.Tensor) -> torch.Tensor:
-    """Component-normalised Y^0..Y^lmax of raw vectors [E, 3] -> [E, (lmax + 1)^2]."""
+def forward(lmax: int, vectors: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """Component-normalised Y^0..Y^lmax of vectors [E, 3] (normalised first if asked) -> [E, (lmax + 1)^2]."""
     tl_dtype(vectors.dtype)
     vectors = vectors.contiguous()
     shape = (vectors.shape[0], (lmax + 1) ** 2)
     out = vectors.new_full(shape, float("nan")) if POISON_OUTPUTS else vectors.new_empty(shape)
     if vectors.shape[0]:
-        _launch("forward", lmax, (vectors, out), vectors.shape[0], vectors.dtype)
+        _launch("forward", lmax, normalize, (vectors, out), vectors.shape[0], vectors.dtype)
     return out
 
 
-def backward(lmax: int, grad_out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """d <grad_out, forward(lmax, vectors)> / d vectors -> [E, 3]."""
+def backward(lmax: int, grad_out: torch.Tensor, vectors: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """d <grad_out, forward(lmax, vectors, normalize)> / d vectors -> [E, 3]."""
     tl_dtype(vectors.dtype)
     vectors, grad_out = vectors.contiguous(), grad_out.contiguous()
     out = torch.full_like(vectors, float("nan")) if POISON_OUTPUTS else torch.empty_like(vectors)
     if vectors.shape[0]:
-        _launch("backward", lmax, (vectors, grad_out, out), vectors.shape[0], vectors.dtype)
+        _launch("backward", lmax, normalize, (vectors, grad_out, out), vectors.shape[0], vectors.dtype)
     return out

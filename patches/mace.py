@@ -39,7 +39,9 @@ from fastmlip.descriptors import species_linear_problem, symmetric_contraction_p
 from fastmlip.graph import sort_edges
 from fastmlip.ops.conv import check_conv_problem, fused_conv
 from fastmlip.ops.linear import species_linear
+from fastmlip.ops.radial_basis import radial_basis
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
+from fastmlip.reference.radial_basis import Envelope, radial_basis_problem
 
 from . import common, e3nn_compat
 
@@ -427,11 +429,42 @@ class FastSymmetricContraction(nn.Module):
         return symmetric_contraction(self.problem, x, node_attrs.argmax(-1), module_weights(self.problem, self))
 
 
+class FastRadialEmbedding(nn.Module):
+    """mace ``RadialEmbeddingBlock`` (Bessel basis x polynomial cutoff, zero beyond r_max) through
+    ``fastmlip.ops.radial_basis``: one launch each way instead of ~30. Holds the block's own basis and cutoff
+    modules (the Bessel frequencies are passed to the op), so the state_dict is unchanged.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        from mace.modules.radial import BesselBasis, PolynomialCutoff
+
+        basis, cutoff = original.bessel_fn, original.cutoff_fn
+        if type(basis) is not BesselBasis or type(cutoff) is not PolynomialCutoff:
+            raise ValueError(f"radial embedding with {type(basis).__name__} x {type(cutoff).__name__}")
+        if hasattr(original, "distance_transform"):
+            raise ValueError("radial embedding with a distance transform")
+        if not getattr(original, "apply_cutoff", True):
+            raise ValueError("radial embedding that returns its cutoff separately")
+        envelope = Envelope("polynomial", float(cutoff.r_max), p=int(cutoff.p), hard=True)
+        self.problem = radial_basis_problem(basis.bessel_weights.numel(), float(basis.prefactor), envelope)
+        self.bessel_fn, self.cutoff_fn = basis, cutoff
+        self.out_dim = original.out_dim
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}"
+
+    def forward(self, edge_lengths, node_attrs=None, edge_index=None, atomic_numbers=None):
+        return radial_basis(self.problem, edge_lengths.reshape(-1), self.bessel_fn.bessel_weights), None
+
+
 def _fast_node_module(module) -> Optional[type]:
     """The fastmlip replacement class for an e3nn/mace node module, None when it has none or cannot describe it."""
+    from mace.modules.blocks import RadialEmbeddingBlock
     from mace.modules.symmetric_contraction import SymmetricContraction
 
-    return common.fast_replacement(module, {**common.e3nn_factories(), SymmetricContraction: FastSymmetricContraction})
+    return common.fast_replacement(module, {**common.e3nn_factories(), SymmetricContraction: FastSymmetricContraction,
+                                            RadialEmbeddingBlock: FastRadialEmbedding})
 
 
 def _maybe_fast(module: nn.Module, factory) -> nn.Module:
@@ -509,15 +542,17 @@ def _interaction_obstacle(module) -> Optional[str]:
     return None
 
 
-_FAST_MODULES = (FastInteraction, FastSpeciesLinear, FastSymmetricContraction, common.FastLinear,
-                 common.FastSphericalHarmonics)
+_FAST_MODULES = (FastInteraction, FastSpeciesLinear, FastSymmetricContraction, FastRadialEmbedding,
+                 common.FastLinear, common.FastSphericalHarmonics)
 
 
 def plan(model) -> tuple:
     """([(qualified name, factory)], {qualified name: reason}): what is swapped and what stays e3nn.
 
-    Radial MLPs, activations and reshapes stay torch/e3nn by design; an interaction block of another kind, any
-    other e3nn tensor product, or a module fastmlip cannot describe is reported.
+    Activations and reshapes stay torch by design (radial MLPs go inside the fused interactions, the radial
+    embedding through fastmlip's radial basis when it is a Bessel basis with MACE's polynomial cutoff); an
+    interaction block of another kind, any other e3nn tensor product, or a module fastmlip cannot describe is
+    reported.
     """
     from e3nn.o3 import TensorProduct
     from mace.modules.blocks import InteractionBlock

@@ -19,8 +19,12 @@ from torch import nn
 from fastmlip.descriptors import tensor_product_problem
 from fastmlip.graph import sort_edges
 from fastmlip.ops.conv import check_conv_problem, fused_conv
+from fastmlip.descriptors import spherical_harmonics_problem
 from fastmlip.ops.gate import gate
+from fastmlip.ops.radial_basis import radial_basis
+from fastmlip.ops.spherical_harmonics import spherical_harmonics
 from fastmlip.reference.gate import gate_problem
+from fastmlip.reference.radial_basis import Envelope, radial_basis_problem
 
 from . import common
 
@@ -448,7 +452,48 @@ class FastEquivariantGate(nn.Module):
         return data
 
 
-_FAST_MODULES = (FastIrrepsConvolution, FastEquivariantGate, common.FastLinear, common.FastSphericalHarmonics)
+class FastEdgeEmbedding(nn.Module):
+    """``sevenn.nn.edge_embedding.EdgeEmbedding`` (Bessel basis x cutoff, spherical harmonics of the edge vector)
+    through ``fastmlip.ops.radial_basis`` and ``spherical_harmonics``: two launches each way instead of ~30.
+
+    Holds the original basis, cutoff and spherical modules under their names (the trainable Bessel frequencies
+    are the basis module's own parameter, passed to the op), so the state_dict is unchanged.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        from sevenn.nn.edge_embedding import BesselBasis, PolynomialCutoff, SphericalEncoding, XPLORCutoff
+
+        basis, cutoff, spherical = original.basis_function, original.cutoff_function, original.spherical
+        if type(basis) is not BesselBasis or type(spherical) is not SphericalEncoding:
+            raise ValueError(f"edge embedding with a {type(basis).__name__} basis and {type(spherical).__name__}")
+        if type(cutoff) is PolynomialCutoff and float(cutoff.p) == int(cutoff.p):
+            envelope = Envelope("polynomial", float(cutoff.cutoff_length), p=int(cutoff.p))
+        elif type(cutoff) is XPLORCutoff:
+            envelope = Envelope("xplor", float(cutoff.r_cut), r_on=float(cutoff.r_on))
+        else:
+            raise ValueError(f"edge embedding with a {type(cutoff).__name__} cutoff")
+        self.problem = radial_basis_problem(basis.num_basis, basis.prefactor, envelope)
+        self.sh_problem = spherical_harmonics_problem(spherical.sph)
+        self.basis_function, self.cutoff_function, self.spherical = basis, cutoff, spherical
+
+    def extra_repr(self) -> str:
+        return f"problem={self.problem}, harmonics={self.sh_problem}"
+
+    def forward(self, data):
+        from sevenn._keys import EDGE_ATTR, EDGE_EMBEDDING, EDGE_LENGTH, EDGE_VEC
+
+        vectors = data[EDGE_VEC]
+        lengths = torch.linalg.norm(vectors, dim=-1)
+        data[EDGE_LENGTH] = lengths
+        data[EDGE_EMBEDDING] = radial_basis(self.problem, lengths, self.basis_function.coeffs)
+        sh = self.sh_problem
+        data[EDGE_ATTR] = spherical_harmonics(list(sh.ls), vectors, sh.normalize, sh.normalization)
+        return data
+
+
+_FAST_MODULES = (FastIrrepsConvolution, FastEquivariantGate, FastEdgeEmbedding, common.FastLinear,
+                 common.FastSphericalHarmonics)
 
 
 def _convolution_obstacle(module) -> Optional[str]:
@@ -478,13 +523,15 @@ def _gate_obstacle(module) -> Optional[str]:
 def plan(model) -> tuple:
     """([(qualified name, factory)], {qualified name: reason}) for what can and cannot be accelerated.
 
-    Convolutions are fused; e3nn linears, spherical harmonics and gates go through fastmlip's node ops. Radial
-    MLPs stay torch by design; any other e3nn tensor product (e.g. the 'nequip' self-connection), a gate the gate
-    op cannot describe, or a convolution built for another backend (cuEquivariance, FlashTP, OpenEquivariance,
-    LAMMPS parallel) is reported as not accelerated.
+    Convolutions are fused (with their radial MLPs); the edge embedding, e3nn linears, spherical harmonics and
+    gates go through fastmlip's ops. Any other e3nn tensor product (e.g. the 'nequip' self-connection), a gate
+    the gate op cannot describe, or a convolution built for another backend (cuEquivariance, FlashTP,
+    OpenEquivariance, LAMMPS parallel) is reported as not accelerated; an edge embedding fastmlip cannot
+    describe stays as it is (plain torch, with its harmonics swapped).
     """
     from e3nn.o3 import ElementwiseTensorProduct, TensorProduct
     from sevenn.nn.convolution import IrrepsConvolution
+    from sevenn.nn.edge_embedding import EdgeEmbedding
     from sevenn.nn.equivariant_gate import EquivariantGate
 
     swaps, skipped = [], {}
@@ -508,6 +555,10 @@ def plan(model) -> tuple:
                 swaps.append((name, FastEquivariantGate))
             else:
                 skipped[name] = reason
+        elif type(module) is EdgeEmbedding and common.fast_replacement(
+                module, {EdgeEmbedding: FastEdgeEmbedding}) is not None:
+            covered.add(name)
+            swaps.append((name, FastEdgeEmbedding))
         elif common.fast_replacement(module, node_factories) is not None:
             covered.add(name)
             swaps.append((name, common.fast_replacement(module, node_factories)))
@@ -521,8 +572,8 @@ def plan(model) -> tuple:
 
 
 def accelerate(model, *, strict: bool = False) -> list:
-    """Swap SevenNet convolutions, linears, spherical harmonics and gates for fastmlip's in place; returns the
-    names left as they were."""
+    """Swap SevenNet convolutions, the edge embedding, linears, spherical harmonics and gates for fastmlip's in
+    place; returns the names left as they were."""
     return common.apply_plan(model, *plan(model), strict=strict)
 
 

@@ -1,7 +1,7 @@
 """Whole accelerated models on the Triton backend against the same models on the reference backend.
 
-Without CUDA every kernel (fused convolution, o3.Linear, gate, radial MLP, symmetric contraction, species
-linear, spherical harmonics) runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) with its outputs
+Without CUDA every kernel (fused convolution, o3.Linear, gate, radial basis and MLP, symmetric contraction,
+species linear, spherical harmonics) runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) with its outputs
 poisoned with NaN, so an element a kernel forgets to write shows up. Energies, per-atom energies, forces and stress must agree to
 the accelerated-model tolerances; edges come in a shuffled order, so the atomic (unsorted) paths run where a
 model does not sort its edges itself. Small structures keep the interpreter at a few seconds per model.
@@ -15,14 +15,14 @@ import torch
 from fastmlip.kernels import conv as conv_kernels
 from fastmlip.kernels import gate as gate_kernels
 from fastmlip.kernels import linear as linear_kernels
-from fastmlip.kernels import radial_mlp, species_linear, spherical_harmonics, symmetric_contraction
+from fastmlip.kernels import radial_basis, radial_mlp, species_linear, spherical_harmonics, symmetric_contraction
 from fastmlip.patches import common
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-KERNEL_MODULES = (conv_kernels, gate_kernels, linear_kernels, radial_mlp, species_linear, spherical_harmonics,
-                  symmetric_contraction)
+KERNEL_MODULES = (conv_kernels, gate_kernels, linear_kernels, radial_basis, radial_mlp, species_linear,
+                  spherical_harmonics, symmetric_contraction)
 
 
 @pytest.fixture
@@ -86,8 +86,8 @@ def test_sevennet0_triton_matches_reference(dtype, kernel_calls, monkeypatch):
     atoms = bulk("Si", "diamond", a=5.43)
     atoms.rattle(0.05, seed=3)
     print(backends_agree(patch, model, atoms, monkeypatch, model.cutoff))
-    assert ran_forward_and_backward(kernel_calls, ("conv", "gate", "linear", "radial_mlp",
-                                                   "spherical_harmonics")), kernel_calls
+    assert ran_forward_and_backward(kernel_calls, ("conv", "gate", "linear", "radial_basis",
+                                                   "radial_mlp", "spherical_harmonics")), kernel_calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -106,5 +106,6 @@ def test_mace_triton_matches_reference(dtype, kernel_calls, monkeypatch):
     assert patch.accelerate(model) == []
     atoms = mace_models.periodic_structure(seed=5)[:4]
     print(backends_agree(patch, model, atoms, monkeypatch, mace_models.R_MAX))
-    assert ran_forward_and_backward(kernel_calls, ("conv", "linear", "radial_mlp", "species_linear",
-                                                   "spherical_harmonics", "symmetric_contraction")), kernel_calls
+    assert ran_forward_and_backward(kernel_calls, ("conv", "linear", "radial_basis", "radial_mlp",
+                                                   "species_linear", "spherical_harmonics",
+                                                   "symmetric_contraction")), kernel_calls

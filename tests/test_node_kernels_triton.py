@@ -180,6 +180,21 @@ def test_spherical_harmonics_kernel_degree_zero_and_empty_input():
     assert out.shape == (0, 16)
 
 
+def test_spherical_harmonics_kernel_normalises_zero_and_tiny_vectors_like_e3nn():
+    """The kernel normalises inside: at |v| <= 1e-12 F.normalize clamps the norm, so the gradient is g / eps."""
+    vectors = torch.tensor([[0.0, 0.0, 0.0], [1e-14, -2e-14, 0.0], [0.3, -1.2, 2.0]], dtype=torch.float64,
+                           device=DEVICE)
+    ours = vectors.clone().requires_grad_(True)
+    theirs = vectors.clone().requires_grad_(True)
+    a = spherical_harmonics([0, 1, 2], ours, True, "component")
+    b = o3.spherical_harmonics([0, 1, 2], theirs, True, "component")
+    assert_close(a, b, 1e-14, "value")
+    probe = torch.linspace(-1, 1, a.numel(), dtype=a.dtype, device=DEVICE).reshape(a.shape)
+    (ga,) = torch.autograd.grad(a, ours, probe)
+    (gb,) = torch.autograd.grad(b, theirs, probe)
+    assert_close(ga, gb, 1e-14, "gradient")
+
+
 # --- MACE-MP-0 sizes on the GPU ---------------------------------------------------------------------------------
 
 MACE_MP0_OUTPUTS = {"small": "128x0e", "medium": "128x0e+128x1o", "large": "128x0e+128x1o+128x2e"}

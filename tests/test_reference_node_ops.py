@@ -399,7 +399,7 @@ def test_ops_pass_torch_opcheck():
     cases = [
         (linear_fwd, (x, lin.weight, registry.register(linear_problem(lin)))),
         (species_linear_fwd, (x, species, fctp.weight, registry.register(species_linear_problem(fctp)))),
-        (spherical_harmonics_fwd, (torch.randn(5, 3, requires_grad=True), 4)),
+        (spherical_harmonics_fwd, (torch.randn(5, 3, requires_grad=True), 4, True)),
         (symmetric_contraction_fwd, (torch.randn(4, 2, 4, requires_grad=True), species, module_weights(sc, module),
                                      registry.register(sc))),
     ]

@@ -115,6 +115,17 @@ def polynomials_backward(lmax: int, grad_out: Tensor, low: Tensor | None) -> Ten
     return grad
 
 
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default: v / max(|v|, eps)
+
+
+def normalize_backward(grad_unit: Tensor, vectors: Tensor) -> Tensor:
+    """d <grad_unit, F.normalize(v)> / d v: (g - u (u.g)) / |v|, or g / eps where |v| <= eps (clamped)."""
+    norm = vectors.norm(dim=1, keepdim=True)
+    unit = vectors / norm.clamp_min(NORMALIZE_EPS)
+    tangent = grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True)
+    return torch.where(norm > NORMALIZE_EPS, tangent, grad_unit) / norm.clamp_min(NORMALIZE_EPS)
+
+
 def degrees(ls, input_parity: int | None = None) -> tuple:
     """e3nn's reading of ``l``: an int is one degree, a list its degrees, irreps their degrees (parity-checked).
 

@@ -395,6 +395,17 @@ class _EdgeLayout:
         return self.sorted_mask
 
 
+_LAST_SPECIES: list = [None, -1, None]  # node_attrs tensor, its version, its argmax
+
+
+def species_of(node_attrs: torch.Tensor) -> torch.Tensor:
+    """MACE's species index ``node_attrs.argmax(-1)``, one tensor per forward pass: every block receives the same
+    node_attrs, and the kernels keep their species sorting for the same index tensor."""
+    if _LAST_SPECIES[0] is not node_attrs or _LAST_SPECIES[1] != node_attrs._version:
+        _LAST_SPECIES[:] = [node_attrs, node_attrs._version, node_attrs.argmax(-1)]
+    return _LAST_SPECIES[2]
+
+
 class FastSpeciesLinear(nn.Module):
     """MACE's ``skip_tp`` = ``FullyConnectedTensorProduct(x, one_hot(species))`` as a species-indexed linear."""
 
@@ -410,7 +421,7 @@ class FastSpeciesLinear(nn.Module):
         return f"problem={self.problem}"
 
     def forward(self, x, node_attrs):
-        return species_linear(self.problem, x, node_attrs.argmax(-1), self.weight)
+        return species_linear(self.problem, x, species_of(node_attrs), self.weight)
 
 
 class FastSymmetricContraction(nn.Module):
@@ -426,7 +437,7 @@ class FastSymmetricContraction(nn.Module):
         return f"problem={self.problem}"
 
     def forward(self, x, node_attrs):
-        return symmetric_contraction(self.problem, x, node_attrs.argmax(-1), module_weights(self.problem, self))
+        return symmetric_contraction(self.problem, x, species_of(node_attrs), module_weights(self.problem, self))
 
 
 class FastRadialEmbedding(nn.Module):

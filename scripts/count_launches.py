@@ -91,6 +91,8 @@ class LaunchCounter:
                         return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
                 if name in HOST_READS:
                     counter.host_reads[name] += 1
+                    if counter.sites is not None:
+                        counter.sites[f"host read {name}", _call_site()] += 1
                 if name not in NO_KERNEL:
                     counter.counts[name] += 1
                     if counter.sites is not None:
@@ -132,7 +134,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", default=None, help="write the full counts here")
-    ap.add_argument("--sites", action="store_true", help="also list launches by calling line (slower)")
+    ap.add_argument("--sites", action="store_true", help="also list launches and host reads by calling line")
     args = ap.parse_args()
     counter = LaunchCounter(sites=args.sites)
     counter.install()

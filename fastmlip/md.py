@@ -118,15 +118,23 @@ class TrajectoryWriter:
         (self._traj or self._handle).close()
 
 
+def thermalize(atoms, temperature_K: float, rng) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature_K``, centre of mass at rest (ASE >= 3.29 renamed the function)."""
+    from ase.md import velocitydistribution
+
+    draw = getattr(velocitydistribution, "thermalize_momenta", None) or \
+        velocitydistribution.MaxwellBoltzmannDistribution
+    draw(atoms, temperature_K=temperature_K, rng=rng)
+    velocitydistribution.Stationary(atoms)
+
+
 def make_dynamics(atoms, args):
     from ase import units
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from ase.md.verlet import VelocityVerlet
 
     rng = np.random.default_rng(args.seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
-    Stationary(atoms)
+    thermalize(atoms, args.temperature, rng)
     if args.ensemble == "nve":
         return VelocityVerlet(atoms, timestep=args.timestep * units.fs)
     return Langevin(atoms, timestep=args.timestep * units.fs, temperature_K=args.temperature,

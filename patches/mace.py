@@ -5,11 +5,11 @@ MACE's conventions (mace/data/neighborhood.py, mace/modules/utils.py): ``edge_in
 ``vectors = pos[receiver] - pos[sender] + unit_shifts @ cell``; an interaction gathers from the sender and
 scatter-sums into the receiver, then divides by ``avg_num_neighbors``. Stress is ``(1/V) dE/d(strain)``.
 
-Acceleration swaps, keeping every parameter and buffer object (and so the state_dict keys and values):
-interaction blocks (``RealAgnosticInteractionBlock``, ``RealAgnosticResidualInteractionBlock``) for
-:class:`FastInteraction` (conv_tp + scatter_sum fused; linears and the one-hot ``skip_tp`` through fastmlip's
-node ops), ``SymmetricContraction`` (the model's own U buffers), ``o3.Linear`` and the spherical harmonics.
-Constants always come from the loaded modules (see :mod:`fastmlip.descriptors`).
+Acceleration (:mod:`.mace_modules`) swaps, keeping every parameter and buffer object (and so the state_dict keys
+and values): interaction blocks (``RealAgnosticInteractionBlock``, ``RealAgnosticResidualInteractionBlock``) for
+``FastInteraction`` (radial MLP and conv_tp + scatter_sum fused; linears and the one-hot ``skip_tp`` through
+fastmlip's node ops), ``SymmetricContraction`` (the model's own U buffers), the radial embedding, ``o3.Linear``
+and the spherical harmonics. Constants always come from the loaded modules (see :mod:`fastmlip.descriptors`).
 
 Files written by ``fastmlip convert`` (:func:`save_converted`) are ordinary mace files: the whole model pickled
 with ``torch.save`` under the installed e3nn, holding only torch/e3nn/mace classes, so a plain
@@ -33,17 +33,10 @@ import zipfile
 from typing import Optional
 
 import torch
-from torch import nn
-
-from fastmlip.descriptors import species_linear_problem, symmetric_contraction_problem, tensor_product_problem
-from fastmlip.graph import sort_edges
-from fastmlip.ops.conv import check_conv_problem, fused_conv
-from fastmlip.ops.linear import species_linear
-from fastmlip.ops.radial_basis import radial_basis
-from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
-from fastmlip.reference.radial_basis import Envelope, radial_basis_problem
 
 from . import common, e3nn_compat
+from .mace_modules import (SUPPORTED_INTERACTIONS, FastInteraction, FastRadialEmbedding,  # noqa: F401 (API)
+                           FastSpeciesLinear, FastSymmetricContraction, accelerate, plan, species_of)
 
 FRAMEWORK = "mace"
 # Attribute of a pickled model written by ``fastmlip convert --to fast`` (and of every model :func:`load` returns).
@@ -52,7 +45,6 @@ FILE_FORMATS = ("fast", "e3nn")
 # Buffers torch.fx adds when it re-traces an e3nn GraphModule on unpickling: arithmetic on constant buffers (an
 # e3nn coupling block times its path weight) is folded into one new buffer, in the dtype the file stores.
 _FOLDED_CONSTANT = re.compile(r"(^|\.)_tensor_constant\d+$")
-SUPPORTED_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
 
 
 def _mace_available() -> bool:
@@ -309,7 +301,7 @@ def _has_volume(cell, pbc) -> bool:
     return abs(float(torch.linalg.det(cell.double()))) > 1e-12
 
 
-def _layout_of(model) -> Optional["_EdgeLayout"]:
+def _layout_of(model):
     for module in model.modules():
         if isinstance(module, FastInteraction):
             return module._layout
@@ -364,238 +356,6 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
         "forces": out["forces"].detach(),
         "stress": out["stress"].reshape(3, 3).detach() if want_stress else None,
     }
-
-
-class _EdgeLayout:
-    """Receiver-sorted edge order, computed once per forward (keyed on the edge_index tensor) for every layer,
-    and the mask of placeholder edges that belongs to that edge_index (see :func:`compute`)."""
-
-    def __init__(self):
-        self.edge_index = None
-        self.num_nodes = -1
-        self.sorted = None
-        self.masked_index, self.mask, self.sorted_mask = None, None, None
-
-    def get(self, edge_index: torch.Tensor, num_nodes: int):
-        if self.edge_index is not edge_index or self.num_nodes != num_nodes:
-            self.sorted = sort_edges(edge_index[0], edge_index[1], num_nodes)
-            self.edge_index, self.num_nodes = edge_index, num_nodes
-            self.sorted_mask = None
-        return self.sorted
-
-    def mask_edges(self, edge_index: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
-        self.masked_index, self.mask, self.sorted_mask = edge_index, mask, None
-
-    def weight_mask(self, edge_index: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """[E] 1/0 mask in receiver order for ``edge_index``'s edges, None when all of them exist."""
-        if self.mask is None or self.masked_index is not edge_index:
-            return None
-        if self.sorted_mask is None or self.sorted_mask.dtype != dtype:
-            self.sorted_mask = self.mask.index_select(0, self.sorted.order).to(dtype)
-        return self.sorted_mask
-
-
-_LAST_SPECIES: list = [None, -1, None]  # node_attrs tensor, its version, its argmax
-
-
-def species_of(node_attrs: torch.Tensor) -> torch.Tensor:
-    """MACE's species index ``node_attrs.argmax(-1)``, one tensor per forward pass: every block receives the same
-    node_attrs, and the kernels keep their species sorting for the same index tensor."""
-    if _LAST_SPECIES[0] is not node_attrs or _LAST_SPECIES[1] != node_attrs._version:
-        _LAST_SPECIES[:] = [node_attrs, node_attrs._version, node_attrs.argmax(-1)]
-    return _LAST_SPECIES[2]
-
-
-class FastSpeciesLinear(nn.Module):
-    """MACE's ``skip_tp`` = ``FullyConnectedTensorProduct(x, one_hot(species))`` as a species-indexed linear."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.problem = species_linear_problem(original)
-        self.weight = original.weight
-        common.share_tensors(self, original)
-        self.irreps_in1, self.irreps_in2 = original.irreps_in1, original.irreps_in2
-        self.irreps_out = original.irreps_out
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}"
-
-    def forward(self, x, node_attrs):
-        return species_linear(self.problem, x, species_of(node_attrs), self.weight)
-
-
-class FastSymmetricContraction(nn.Module):
-    """mace ``SymmetricContraction`` through ``fastmlip.ops.symmetric_contraction`` (U from the module's buffers)."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.problem = symmetric_contraction_problem(original)
-        self.contractions = original.contractions
-        self.irreps_in, self.irreps_out = original.irreps_in, original.irreps_out
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}"
-
-    def forward(self, x, node_attrs):
-        return symmetric_contraction(self.problem, x, species_of(node_attrs), module_weights(self.problem, self))
-
-
-class FastRadialEmbedding(nn.Module):
-    """mace ``RadialEmbeddingBlock`` (Bessel basis x polynomial cutoff, zero beyond r_max) through
-    ``fastmlip.ops.radial_basis``: one launch each way instead of ~30. Holds the block's own basis and cutoff
-    modules (the Bessel frequencies are passed to the op), so the state_dict is unchanged.
-    """
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        from mace.modules.radial import BesselBasis, PolynomialCutoff
-
-        basis, cutoff = original.bessel_fn, original.cutoff_fn
-        if type(basis) is not BesselBasis or type(cutoff) is not PolynomialCutoff:
-            raise ValueError(f"radial embedding with {type(basis).__name__} x {type(cutoff).__name__}")
-        if hasattr(original, "distance_transform"):
-            raise ValueError("radial embedding with a distance transform")
-        if not getattr(original, "apply_cutoff", True):
-            raise ValueError("radial embedding that returns its cutoff separately")
-        envelope = Envelope("polynomial", float(cutoff.r_max), p=int(cutoff.p), hard=True)
-        self.problem = radial_basis_problem(basis.bessel_weights.numel(), float(basis.prefactor), envelope)
-        self.bessel_fn, self.cutoff_fn = basis, cutoff
-        self.out_dim = original.out_dim
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}"
-
-    def forward(self, edge_lengths, node_attrs=None, edge_index=None, atomic_numbers=None):
-        return radial_basis(self.problem, edge_lengths.reshape(-1), self.bessel_fn.bessel_weights), None
-
-
-def _fast_node_module(module) -> Optional[type]:
-    """The fastmlip replacement class for an e3nn/mace node module, None when it has none or cannot describe it."""
-    from mace.modules.blocks import RadialEmbeddingBlock
-    from mace.modules.symmetric_contraction import SymmetricContraction
-
-    return common.fast_replacement(module, {**common.e3nn_factories(), SymmetricContraction: FastSymmetricContraction,
-                                            RadialEmbeddingBlock: FastRadialEmbedding})
-
-
-def _maybe_fast(module: nn.Module, factory) -> nn.Module:
-    try:
-        return factory(module)
-    except ValueError:
-        return module
-
-
-class FastInteraction(nn.Module):
-    """A MACE ``RealAgnostic[Residual]InteractionBlock`` whose conv_tp + scatter_sum is one fused fastmlip op.
-
-    Holds the block's own submodules under the same names (radial MLP, conv_tp kept for its state), with
-    ``linear_up``/``linear`` through fastmlip's linear and ``skip_tp`` through the species-indexed linear, and
-    computes exactly the original forward: linear_up, radial weights x cutoff, fused conv, linear / avg_num_neighbors,
-    skip_tp (before the conv in the residual block, after it otherwise), reshape.
-    """
-
-    def __init__(self, original: nn.Module, layout: Optional[_EdgeLayout] = None):
-        super().__init__()
-        self.problem = tensor_product_problem(original.conv_tp)
-        check_conv_problem(self.problem)
-        self.residual = type(original).__name__ == "RealAgnosticResidualInteractionBlock"
-        for key, value in vars(original).items():
-            if not key.startswith("_") and key != "training":
-                setattr(self, key, value)
-        self.linear_up = _maybe_fast(original.linear_up, common.FastLinear)
-        self.conv_tp = original.conv_tp
-        self.conv_tp_weights = common.fast_radial_mlp(original.conv_tp_weights)
-        self.linear = _maybe_fast(original.linear, common.FastLinear)
-        self.skip_tp = _maybe_fast(original.skip_tp, FastSpeciesLinear)
-        self.reshape = original.reshape
-        self.__dict__["_layout"] = layout or _EdgeLayout()
-
-    def extra_repr(self) -> str:
-        return f"problem={self.problem}, residual={self.residual}"
-
-    def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, edge_index, cutoff=None, lammps_class=None,
-                lammps_natoms=(0, 0), first_layer=False):
-        if lammps_class is not None:
-            raise NotImplementedError("fastmlip's MACE interaction does not run under LAMMPS ghost-atom exchange; "
-                                      "restore the model (fastmlip.restore) for LAMMPS")
-        sc = self.skip_tp(node_feats, node_attrs) if self.residual else None
-        node_feats = self.linear_up(node_feats)
-        edges = self._layout.get(edge_index, node_feats.shape[0])
-        row_scale = None if cutoff is None else cutoff.index_select(0, edges.order).reshape(-1)
-        mask = self._layout.weight_mask(edge_index, node_feats.dtype)
-        if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
-            row_scale = mask if row_scale is None else row_scale * mask
-        tp_weights = common.radial_weights(self.conv_tp_weights, edge_feats.index_select(0, edges.order), row_scale)
-        message = fused_conv(self.problem, node_feats, edge_attrs.index_select(0, edges.order), tp_weights,
-                             edges.src, edges.dst, node_feats.shape[0], dst_ptr=edges.dst_ptr,
-                             src_perm=edges.src_perm, src_ptr=edges.src_ptr)
-        message = self.linear(message) / self.avg_num_neighbors
-        if not self.residual:
-            message = self.skip_tp(message, node_attrs)
-        return self.reshape(message), sc
-
-
-def _interaction_obstacle(module) -> Optional[str]:
-    """Why an interaction block cannot be fused (None if it can)."""
-    from e3nn.o3 import TensorProduct
-
-    kind = type(module).__name__
-    if kind not in SUPPORTED_INTERACTIONS or not type(module).__module__.startswith("mace."):
-        return f"{kind} is not one of {', '.join(SUPPORTED_INTERACTIONS)}"
-    if hasattr(module, "conv_fusion"):
-        return "built with cuEquivariance/OpenEquivariance conv fusion"
-    if type(getattr(module, "conv_tp", None)) is not TensorProduct:
-        return f"its conv_tp is a {type(getattr(module, 'conv_tp', None)).__name__}, not e3nn's TensorProduct"
-    try:
-        check_conv_problem(tensor_product_problem(module.conv_tp))
-    except ValueError as exc:
-        return common.one_line(exc)
-    return None
-
-
-_FAST_MODULES = (FastInteraction, FastSpeciesLinear, FastSymmetricContraction, FastRadialEmbedding,
-                 common.FastLinear, common.FastSphericalHarmonics)
-
-
-def plan(model) -> tuple:
-    """([(qualified name, factory)], {qualified name: reason}): what is swapped and what stays e3nn.
-
-    Activations and reshapes stay torch by design (radial MLPs go inside the fused interactions, the radial
-    embedding through fastmlip's radial basis when it is a Bessel basis with MACE's polynomial cutoff); an
-    interaction block of another kind, any other e3nn tensor product, or a module fastmlip cannot describe is
-    reported.
-    """
-    from e3nn.o3 import TensorProduct
-    from mace.modules.blocks import InteractionBlock
-
-    layout = _EdgeLayout()
-    swaps, skipped, covered = [], {}, set()
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix + ".") for prefix in covered):
-            continue
-        if isinstance(module, _FAST_MODULES):
-            covered.add(name)
-        elif isinstance(module, InteractionBlock):
-            covered.add(name)
-            reason = _interaction_obstacle(module)
-            if reason is None:
-                swaps.append((name, lambda original: FastInteraction(original, layout)))
-            else:
-                skipped[name] = reason
-        elif _fast_node_module(module) is not None:
-            covered.add(name)
-            swaps.append((name, _fast_node_module(module)))
-        elif isinstance(module, TensorProduct) or type(module).__name__ == "SymmetricContraction":
-            covered.add(name)
-            skipped[name] = f"{type(module).__name__} that fastmlip cannot describe"
-    return swaps, skipped
-
-
-def accelerate(model, *, strict: bool = False) -> list:
-    """Swap MACE's e3nn modules for fastmlip ones in place; returns the names left as they were."""
-    if is_accelerated(model):
-        return []
-    return common.apply_plan(model, *plan(model), strict=strict)
 
 
 restore = common.restore_swaps

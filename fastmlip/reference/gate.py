@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..descriptors import _with_key
+from ..descriptors import with_key
 from .activations import Activation, activation_derivative, activation_of
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def gate_problem(gate) -> GateProblem:
                      + [c for r in gated_runs for c in range(r.dst, r.dst + r.mul * r.ir_dim)])
     if read != list(range(dim_in)) or written != list(range(dim_out)):
         raise ValueError("gate layout does not read every input and write every output column exactly once")
-    return _with_key(GateProblem(dim_in, dim_out, scalar_runs, gated_runs))
+    return with_key(GateProblem(dim_in, dim_out, scalar_runs, gated_runs))
 
 
 def _block(t: Tensor, offset: int, mul: int, ir_dim: int) -> Tensor:

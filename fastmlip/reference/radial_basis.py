@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..descriptors import _with_key
+from ..descriptors import with_key
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def radial_basis_problem(num_basis: int, prefactor: float, envelope: Envelope) -
         raise ValueError(f"polynomial envelope needs an integer p >= 1, got {envelope.p}")
     if envelope.kind == "xplor" and not 0.0 <= envelope.r_on < envelope.cutoff:
         raise ValueError(f"XPLOR envelope needs 0 <= r_on < cutoff, got {envelope.r_on}, {envelope.cutoff}")
-    return _with_key(RadialBasisProblem(int(num_basis), float(prefactor), envelope))
+    return with_key(RadialBasisProblem(int(num_basis), float(prefactor), envelope))
 
 
 def envelope(env: Envelope, r: Tensor) -> Tensor:

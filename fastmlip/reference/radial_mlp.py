@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
-from ..descriptors import _with_key
+from ..descriptors import with_key
 from .activations import Activation, activation_derivative, activation_of
 
 
@@ -79,7 +78,7 @@ def radial_mlp_problem(net) -> RadialMLPProblem:
             layers.append(MLPLayer(h_in, h_out, 1.0 / divisor, divisor, None, 1.0))
     if not layers or any(a.dim_out != b.dim_in for a, b in zip(layers, layers[1:])):
         raise ValueError("FullyConnectedNet layers do not chain")
-    return _with_key(RadialMLPProblem(tuple(layers)))
+    return with_key(RadialMLPProblem(tuple(layers)))
 
 
 def _layer(layer: MLPLayer, h: Tensor, weight: Tensor) -> tuple:

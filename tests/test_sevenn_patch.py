@@ -235,7 +235,7 @@ def test_strict_refuses_unsupported_module_and_changes_nothing():
 def _perturbed(problem):
     first = dataclasses.replace(problem.paths[-1], path_weight=problem.paths[-1].path_weight * 1.01)
     broken = dataclasses.replace(problem, paths=problem.paths[:-1] + (first,), key="")
-    return descriptors._with_key(broken)
+    return descriptors.with_key(broken)
 
 
 def test_check_catches_broken_module_and_restores(monkeypatch):

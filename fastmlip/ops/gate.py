@@ -13,7 +13,7 @@ from torch import Tensor
 from ..reference import gate as ref
 from ..reference.gate import GateProblem
 from . import dispatch, registry
-from .symmetric_contraction import vjp_of_reference
+from .derivatives import vjp_of_reference
 
 
 def _kernels():

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..reference import radial_basis as ref
 from ..reference.radial_basis import RadialBasisProblem
 from . import dispatch, registry
-from .symmetric_contraction import vjp_of_reference
+from .derivatives import vjp_of_reference
 
 
 def _kernels():

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..reference import radial_mlp as ref
 from ..reference.radial_mlp import RadialMLPProblem
 from . import dispatch, registry
-from .symmetric_contraction import vjp_of_reference
+from .derivatives import vjp_of_reference
 
 
 def _kernels():

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..reference import spherical_harmonics as ref
 from . import dispatch
-from .symmetric_contraction import vjp_of_reference
+from .derivatives import vjp_of_reference
 
 
 def _kernels():

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..descriptors import SymmetricContractionProblem
 from ..reference import symmetric_contraction as ref
 from . import dispatch, registry
+from .derivatives import vjp_of_reference
 
 
 def _kernels():
@@ -68,26 +69,6 @@ def _backward(ctx, grad):
 
 
 symmetric_contraction_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def vjp_of_reference(function, primals: list, cotangents) -> tuple:
-    """Derivatives of a backward op: the vector-Jacobian product of its plain-torch reference formula.
-
-    Plain autograd (not torch.func, whose wrapped tensors would leak into the references' constant caches).
-    Second derivatives are exact; third and higher orders are not supported.
-    """
-    higher_order = torch.is_grad_enabled()  # true exactly when the caller asked for create_graph
-    with torch.enable_grad():
-        leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in primals]
-        outputs = function(*leaves)
-        if isinstance(outputs, Tensor):
-            outputs, cotangents = (outputs,), (cotangents,)
-        pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.requires_grad]
-        if not pairs:
-            return tuple(None for _ in primals)
-        grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs],
-                                    create_graph=higher_order, allow_unused=True)
-    return tuple(grads)
 
 
 def _bwd_setup(ctx, inputs, output):

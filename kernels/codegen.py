@@ -71,6 +71,24 @@ class Constants:
             src(f"{name} = tl.full([], {value!r}, DT)")
 
 
+DOT_PRECISIONS = ("ieee", "tf32x3")
+
+
+def dot_precision(dtype) -> str:
+    """``input_precision`` of float32 ``tl.dot`` in generated kernels (``FASTMLIP_DOT_PRECISION``, default ieee).
+
+    ieee: exact float32 products on CUDA cores. tf32x3: three TF32 tensor-core products per fp32 product, about
+    float32 accuracy at several times the throughput on Hopper; to be validated against the tolerances on the
+    GPU before it becomes a default (the interpreter computes either exactly). float64 is always ieee.
+    """
+    import torch
+
+    name = os.environ.get("FASTMLIP_DOT_PRECISION", "ieee").strip().lower() or "ieee"
+    if name not in DOT_PRECISIONS:
+        raise ValueError(f"FASTMLIP_DOT_PRECISION={name!r}: expected one of {', '.join(DOT_PRECISIONS)}")
+    return name if dtype == torch.float32 else "ieee"
+
+
 def jit_header(src: "Source", name: str, args) -> None:
     """The imports and ``@triton.jit`` signature every generated kernel module starts with."""
     src("import triton")

@@ -3,13 +3,14 @@
 Why: as e3nn modules every layer is a weight divide, a matmul, an activation and a scale (twice that backward),
 on [edges, 64] tiles so small in an MD step that launches cost the time. Here one program owns a block of edges
 and runs every layer: hidden activations stay in registers, widths padded to powers of two (at least 16, tl.dot's
-minimum) with masked weight loads, the last layer in column blocks stored once each. Layer scales, the
+minimum) with masked weight loads, the last layer in column blocks stored once each. float32 products are
+IEEE by default (``FASTMLIP_DOT_PRECISION``, see :func:`.codegen.dot_precision`). Layer scales, the
 activation and e3nn's normalisation constants are baked in per problem (:mod:`.codegen`).
 
 The backward recomputes the forward's pre-activations (cheaper than storing [E, 64] per layer), walks the last
 layer's column blocks once for G = grad_out @ W^T, takes the per-edge row-scale gradient as <h, G> (no second
 pass over the output; with an activated last layer, from the recomputed outputs) and propagates G back to the
-input. float32 products stay IEEE (never TF32).
+input.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _emit_weight(code, i: int, layer, transpose: bool) -> None:
              f"{layer.dim_out}), other=0.0)")
 
 
-def _emit_hidden(code, consts, problem: RadialMLPProblem) -> None:
+def _emit_hidden(code, consts, problem: RadialMLPProblem, precision: str) -> None:
     """h0 = x tile, then a{i} (pre-activation) and h{i+1} for every layer but the last."""
     p0 = _pad(problem.dim_in)
     code(f"k0 = tl.arange(0, {p0})")
@@ -58,12 +59,12 @@ def _emit_hidden(code, consts, problem: RadialMLPProblem) -> None:
          f"mask=row_ok[:, None] & (k0[None, :] < {problem.dim_in}), other=0.0)")
     for i, layer in enumerate(problem.layers[:-1]):
         _emit_weight(code, i, layer, transpose=False)
-        code(f"a{i} = tl.dot(h{i}, W{i}, input_precision=\"ieee\") * {consts(layer.scale)}")
+        code(f"a{i} = tl.dot(h{i}, W{i}, input_precision=\"{precision}\") * {consts(layer.scale)}")
         value = codegen.activation(code, layer.act, f"a{i}", consts, False) if layer.act is not None else f"a{i}"
         code(f"h{i + 1} = {codegen.times(value, layer.out_scale, consts)}")
 
 
-def _forward_source(problem: RadialMLPProblem, rows: int) -> str:
+def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     codegen.jit_header(code, "radial_mlp_forward", ["x", *_weight_args(problem), "row_scale", "out", "num_rows",
                                                     "DT: tl.constexpr", "HAS_SCALE: tl.constexpr"])
@@ -73,7 +74,7 @@ def _forward_source(problem: RadialMLPProblem, rows: int) -> str:
     body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
     body("row_ok = rows < num_rows")
     body("rows = rows.to(tl.int64)")
-    _emit_hidden(body, consts, problem)
+    _emit_hidden(body, consts, problem, precision)
     body("if HAS_SCALE:")
     body("    factor = tl.load(row_scale + rows, mask=row_ok, other=0.0)")
     p_in = _pad(layer.dim_in)
@@ -82,7 +83,7 @@ def _forward_source(problem: RadialMLPProblem, rows: int) -> str:
         body(f"cols = col0 + tl.arange(0, {_COLUMNS})")
         body(f"W = tl.load(w{last} + tl.arange(0, {p_in})[:, None] * {n} + cols[None, :], "
              f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
-        body(f"y = tl.dot(h{last}, W, input_precision=\"ieee\") * {consts(layer.scale)}")
+        body(f"y = tl.dot(h{last}, W, input_precision=\"{precision}\") * {consts(layer.scale)}")
         if layer.act is not None:
             body(f"y = {codegen.times(codegen.activation(body, layer.act, 'y', consts, False), layer.out_scale, consts)}")
         body("if HAS_SCALE:")
@@ -93,7 +94,7 @@ def _forward_source(problem: RadialMLPProblem, rows: int) -> str:
     return code.text()
 
 
-def _backward_source(problem: RadialMLPProblem, rows: int) -> str:
+def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     codegen.jit_header(code, "radial_mlp_backward", [
         "grad_out", "x", *_weight_args(problem), "row_scale", "grad_x", "grad_scale", "num_rows", "DT: tl.constexpr",
@@ -105,7 +106,7 @@ def _backward_source(problem: RadialMLPProblem, rows: int) -> str:
     body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
     body("row_ok = rows < num_rows")
     body("rows = rows.to(tl.int64)")
-    _emit_hidden(body, consts, problem)
+    _emit_hidden(body, consts, problem, precision)
     body(f"G = tl.zeros([{rows}, {p_in}], DT)")
     if layer.act is not None:
         body(f"scale_acc = tl.zeros([{rows}], DT)")
@@ -119,12 +120,12 @@ def _backward_source(problem: RadialMLPProblem, rows: int) -> str:
         if layer.act is not None:  # the output is act(pre): recompute pre for act' and the row-scale gradient
             body(f"W = tl.load(w{last} + tl.arange(0, {p_in})[:, None] * {n} + cols[None, :], "
                  f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
-            body(f"pre = tl.dot(h{last}, W, input_precision=\"ieee\") * {consts(layer.scale)}")
+            body(f"pre = tl.dot(h{last}, W, input_precision=\"{precision}\") * {consts(layer.scale)}")
             value = codegen.activation(body, layer.act, "pre", consts, False)
             body(f"scale_acc += tl.sum(g * {codegen.times(value, layer.out_scale, consts)}, axis=1)")
             slope = codegen.activation(body, layer.act, "pre", consts, True)
             body(f"g = g * {codegen.times(slope, layer.out_scale, consts)}")
-        body("G += tl.dot(g, Wt, input_precision=\"ieee\")")
+        body(f"G += tl.dot(g, Wt, input_precision=\"{precision}\")")
     body(f"G = G * {consts(layer.scale)}")
     body("if HAS_SCALE:")
     with body.indent():
@@ -140,7 +141,7 @@ def _backward_source(problem: RadialMLPProblem, rows: int) -> str:
                 slope = codegen.activation(body, hidden.act, f"a{i}", consts, True)
                 body(f"G = G * {codegen.times(slope, hidden.out_scale, consts)}")
             _emit_weight(body, i, hidden, transpose=True)
-            body(f"G = tl.dot(G, W{i}, input_precision=\"ieee\") * {consts(hidden.scale)}")
+            body(f"G = tl.dot(G, W{i}, input_precision=\"{precision}\") * {consts(hidden.scale)}")
         body(f"tl.store(grad_x + rows[:, None] * {problem.dim_in} + k0[None, :], G, "
              f"mask=row_ok[:, None] & (k0[None, :] < {problem.dim_in}))")
     consts.emit(code)
@@ -148,9 +149,10 @@ def _backward_source(problem: RadialMLPProblem, rows: int) -> str:
     return code.text()
 
 
-def _kernel(problem: RadialMLPProblem, kind: str, rows: int):
+def _kernel(problem: RadialMLPProblem, kind: str, rows: int, precision: str):
     build = _forward_source if kind == "forward" else _backward_source
-    module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}", lambda: build(problem, rows))
+    module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}_{precision}",
+                                 lambda: build(problem, rows, precision))
     return getattr(module, f"radial_mlp_{kind}")
 
 
@@ -166,7 +168,7 @@ def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
     weights = [w.contiguous() for w in weights]
     out = _empty((x.shape[0], problem.dim_out), x)
     if x.shape[0]:
-        _kernel(problem, "forward", rows)[(triton.cdiv(x.shape[0], rows),)](
+        _kernel(problem, "forward", rows, codegen.dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
             x, *weights, x if row_scale is None else row_scale.contiguous(), out, x.shape[0], DT=dt,
             HAS_SCALE=row_scale is not None, num_warps=4)
     return out
@@ -182,7 +184,7 @@ def backward(problem: RadialMLPProblem, grad_out, x, weights, row_scale, want_x:
     grad_x = _empty(tuple(x.shape), x) if want_x else x.new_empty(0)
     grad_scale = _empty((x.shape[0],), x) if want_scale else x.new_empty(0)
     if x.shape[0] and (want_x or want_scale):
-        _kernel(problem, "backward", rows)[(triton.cdiv(x.shape[0], rows),)](
+        _kernel(problem, "backward", rows, codegen.dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
             grad_out, x, *weights, x if row_scale is None else row_scale.contiguous(), grad_x, grad_scale,
             x.shape[0], DT=dt, HAS_SCALE=row_scale is not None, WANT_X=want_x, WANT_SCALE=want_scale, num_warps=4)
     return grad_x, grad_scale

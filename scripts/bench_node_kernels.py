@@ -154,8 +154,16 @@ def radial_mlp_impls(net, problem, scale):
     from fastmlip.ops.radial_mlp import radial_mlp
 
     weights = [layer.weight.detach() for layer in net.children()]
+
+    def tf32x3(x):  # the same kernels with three TF32 tensor-core products per float32 product
+        os.environ["FASTMLIP_DOT_PRECISION"] = "tf32x3"
+        try:
+            return radial_mlp(problem, x, weights, scale)
+        finally:
+            del os.environ["FASTMLIP_DOT_PRECISION"]
+
     return {"fastmlip": lambda x: radial_mlp(problem, x, weights, scale),
-            "e3nn": lambda x: net(x) * scale.unsqueeze(1)}
+            "e3nn": lambda x: net(x) * scale.unsqueeze(1), "fastmlip-tf32x3": tf32x3}
 
 
 def build_cases(args, dtype, device):
@@ -208,10 +216,11 @@ def build_cases(args, dtype, device):
                            lambda e=edges: torch.randn(e, 3, dtype=dtype, device=device))
 
 
-def check(case):
-    """fastmlip (Triton backend) vs the mace/e3nn implementation: value and input gradient."""
+def check(case, impl="fastmlip"):
+    """A fastmlip implementation (Triton backend) vs the mace/e3nn one: value and input gradient."""
     _set_backend("triton")
-    fast, slow = case.impls["fastmlip"], case.impls[[k for k in case.impls if k != "fastmlip"][0]]
+    fast = case.impls[impl]
+    slow = case.impls[[k for k in case.impls if not k.startswith("fastmlip")][0]]
     x = case.make_input().requires_grad_(True)
     outs = []
     for fn in (fast, slow):
@@ -291,16 +300,19 @@ def main():
         dtype = getattr(torch, dtype_name)
         for case in build_cases(args, dtype, device):
             tag = f"{case.op:22s} {case.size:16s} {case.n_nodes:6d} {dtype_name}"
-            if case.n_nodes == min(int(v) for v in args.nodes.split(",")):
+            for impl in [k for k in case.impls if k.startswith("fastmlip")]:
+                if case.n_nodes != min(int(v) for v in args.nodes.split(",")):
+                    break
                 try:
-                    ok, errs = check(case)
+                    ok, errs = check(case, impl)
                     failures += not ok
-                    checks.append(dict(op=case.op, size=case.size, dtype=dtype_name, ok=ok, errors=errs))
-                    print(f"{'PASS' if ok else 'FAIL'} {tag} rel err value {errs[0]:.2e} grad {errs[1]:.2e}")
+                    checks.append(dict(op=case.op, size=case.size, dtype=dtype_name, impl=impl, ok=ok, errors=errs))
+                    print(f"{'PASS' if ok else 'FAIL'} {tag} {impl} rel err value {errs[0]:.2e} grad {errs[1]:.2e}")
                 except Exception as exc:  # noqa: BLE001
                     failures += 1
-                    checks.append(dict(op=case.op, size=case.size, dtype=dtype_name, ok=False, error=repr(exc)))
-                    print(f"FAIL {tag} {type(exc).__name__}: {exc}")
+                    checks.append(dict(op=case.op, size=case.size, dtype=dtype_name, impl=impl, ok=False,
+                                       error=repr(exc)))
+                    print(f"FAIL {tag} {impl} {type(exc).__name__}: {exc}")
                     traceback.print_exc()
             base = None
             for impl in case.impls:

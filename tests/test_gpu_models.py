@@ -56,3 +56,17 @@ def test_mace_on_gpu(config, dtype):
     atoms = mace_models.periodic_structure(seed=3).repeat(2)
     accelerated = fastmlip.accelerate(copy.deepcopy(model))
     _assert_close(_evaluate(model, atoms), _evaluate(accelerated, atoms), len(atoms), dtype)
+
+
+@pytest.mark.parametrize("name", ["7net-0", "7net-l3i5"])
+def test_sevenn_tf32x3_dots_on_gpu(name, monkeypatch):
+    """FASTMLIP_DOT_PRECISION=tf32x3 (tensor-core float32 emulation in the radial MLP) must keep the fp32
+    tolerances on a whole model before it can become a default."""
+    import fastmlip
+
+    monkeypatch.setenv("FASTMLIP_DOT_PRECISION", "tf32x3")
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=1)
+    original = fastmlip.load(name, device="cuda", dtype=torch.float32)
+    accelerated = fastmlip.accelerate(copy.deepcopy(original))
+    _assert_close(_evaluate(original, atoms), _evaluate(accelerated, atoms), len(atoms), torch.float32)

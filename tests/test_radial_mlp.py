@@ -268,3 +268,21 @@ def test_frozen_symmetric_contraction_weights_skip_their_gradient(monkeypatch):
     out = sc_ops.symmetric_contraction(problem, x, torch.tensor([0, 1, 1, 0, 1]), sc_ops.module_weights(problem, module))
     torch.autograd.grad(out.sum(), [x])
     assert seen == [False]
+
+
+def test_dot_precision_knob(triton_poisoned, monkeypatch):
+    """tf32x3 (tensor-core float32 emulation on the GPU) builds its own kernels; the interpreter computes them
+    exactly, so here they must agree with the reference; float64 ignores the knob; a bad name is refused."""
+    from fastmlip.kernels import codegen
+
+    net = build("sevennet0", torch.float32)
+    problem = ref.radial_mlp_problem(net)
+    x, scale, _ = data(net, torch.float32)
+    monkeypatch.setenv("FASTMLIP_DOT_PRECISION", "tf32x3")
+    assert codegen.dot_precision(torch.float32) == "tf32x3" and codegen.dot_precision(torch.float64) == "ieee"
+    with torch.no_grad():
+        assert_close(mlp_ops.radial_mlp(problem, x, weights_of(net), scale), net(x) * scale[:, None],
+                     torch.float32, "tf32x3")
+    monkeypatch.setenv("FASTMLIP_DOT_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="FASTMLIP_DOT_PRECISION='bf16'"):
+        mlp_ops.radial_mlp(problem, x, weights_of(net), scale)

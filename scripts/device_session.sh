@@ -1,14 +1,19 @@
 #!/bin/bash
-# One phase of the GPU work on the lent machine, each phase one device call (< 10 min), results under $OUT.
+# The GPU work on the lent machine, in phases; several phases per device call (keep a call under 10 minutes),
+# results and logs under $OUT (at most 8 files come back per call).
 #
 # Before the first call, here:  bash ../shared/device/pack_baselines.sh .devbundle
 #                               echo /.devbundle/ >> .git/info/exclude
-# Device calls (carry [".devbundle"]):   bash scripts/device_session.sh tests     (GPU tests + launch profile)
-#                                        bash scripts/device_session.sh md        (MD steps vs the anchors)
-#                                        bash scripts/device_session.sh kernels   (conv and node kernels)
-# Every step runs under its own time limit and the next runs even if one fails; each writes a log in $OUT.
+# Device calls (carry [".devbundle"]), e.g.:
+#   bash scripts/device_session.sh tests profile md-sevenn     (~9 min)
+#   bash scripts/device_session.sh md-mace node                (~9 min)
+#   bash scripts/device_session.sh conv                        (~6 min)
+# Phases: tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
+# kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
+# OpenEquivariance), node (node kernels + radial MLP vs e3nn/cuEquivariance), conv (fused convolution).
+# Every step runs under its own time limit and the next runs even if one fails.
 set -uo pipefail
-phase=${1:?usage: device_session.sh tests|md|kernels}
+[ $# -gt 0 ] || { echo "usage: device_session.sh PHASE..." >&2; exit 2; }
 repo=$(pwd)
 out=${OUT:-$repo/out}
 mkdir -p "$out"
@@ -29,25 +34,36 @@ step() {  # step NAME SECONDS COMMAND...: run from /tmp (so the checkout's fastm
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-case "$phase" in
-  tests)
-    step gpu_tests 330 python3 -m pytest -q -m gpu -x -p no:cacheprovider "$repo/tests"
-    step profile_md 200 python3 "$repo/scripts/profile_md.py" --cases sevenn:Si:3,mace-medium:Cu:3 --steps 5 \
-      --out "$out"
-    ;;
-  md)
-    step bench_md 560 python3 "$repo/scripts/bench_md.py" --steps 8 --warmup 2 --models sevenn,mace-medium,mace-large \
-      --backends fastmlip,fastmlip-eager,cueq,oeq --no-sweep --out "$out/bench_md"
-    ;;
-  kernels)
-    step bench_node_kernels 250 python3 "$repo/scripts/bench_node_kernels.py" --dtypes float32 --nodes 4000 \
-      --out "$out"
-    step bench_kernels 300 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 \
-      --impls fastmlip,cueq-ir_mul,oeq-det --precompile 14 --out "$out"
-    ;;
-  *)
-    echo "unknown phase $phase" >&2
-    exit 2
-    ;;
-esac
+for phase in "$@"; do
+  case "$phase" in
+    tests)
+      step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/test_gpu_models.py" \
+        "$repo/tests/test_radial_mlp.py" "$repo/tests/test_radial_basis.py" "$repo/tests/test_gate.py" \
+        "$repo/tests/test_linear_triton.py" "$repo/tests/test_cuda_graph.py"
+      ;;
+    profile)
+      step profile_md 120 python3 "$repo/scripts/profile_md.py" --cases sevenn:Si:3 --steps 5 --top 15 --out "$out"
+      ;;
+    md-sevenn)
+      step bench_md_sevenn 300 python3 "$repo/scripts/bench_md.py" --steps 8 --warmup 2 --models sevenn \
+        --backends fastmlip,fastmlip-eager,cueq,oeq --no-sweep --out "$out/bench_md_sevenn"
+      ;;
+    md-mace)
+      step bench_md_mace 380 python3 "$repo/scripts/bench_md.py" --steps 8 --warmup 2 \
+        --models mace-medium,mace-large --backends fastmlip,fastmlip-eager,cueq,oeq --no-sweep \
+        --out "$out/bench_md_mace"
+      ;;
+    node)
+      step bench_node_kernels 200 python3 "$repo/scripts/bench_node_kernels.py" --dtypes float32 --nodes 4000 \
+        --out "$out"
+      ;;
+    conv)
+      step bench_kernels 330 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 \
+        --impls fastmlip,cueq-ir_mul,oeq-det --precompile 14 --out "$out"
+      ;;
+    *)
+      echo "unknown phase $phase" >&2
+      ;;
+  esac
+done
 ls -la "$out"

@@ -134,15 +134,16 @@ def load_module(name: str, build):
 def activation(body: "Source", act, v: str, consts: Constants, derivative: bool) -> str:
     """Emit what ``act`` (a :class:`fastmlip.reference.activations.Activation`) or its derivative needs at ``v``;
     returns the expression, scaled by e3nn's normalisation constant."""
+    s, t = f"sig_{v}", f"tanh_{v}"  # temporaries named after v: a Triton loop needs one shape per name
     if act.name in ("silu", "sigmoid"):
-        body(f"s = 1.0 / (1.0 + tl.exp(-{v}))")
+        body(f"{s} = 1.0 / (1.0 + tl.exp(-{v}))")
     if act.name == "tanh":
-        body(f"t = 1.0 - 2.0 / (tl.exp(2.0 * {v}) + 1.0)")
+        body(f"{t} = 1.0 - 2.0 / (tl.exp(2.0 * {v}) + 1.0)")
     value, slope = {
         "identity": (v, "1.0"),
-        "silu": (f"{v} * s", f"s * (1.0 + {v} * (1.0 - s))"),
-        "sigmoid": ("s", "s * (1.0 - s)"),
-        "tanh": ("t", "1.0 - t * t"),
+        "silu": (f"{v} * {s}", f"{s} * (1.0 + {v} * (1.0 - {s}))"),
+        "sigmoid": (s, f"{s} * (1.0 - {s})"),
+        "tanh": (t, f"1.0 - {t} * {t}"),
         "abs": (f"tl.abs({v})", f"tl.where({v} > 0, 1.0, tl.where({v} < 0, -1.0, 0.0))"),
     }[act.name]
     return times(slope if derivative else value, act.scale, consts)

@@ -3,7 +3,9 @@
 Ops: MACE's symmetric contraction (128x(0e+1o+2e+3o) -> small 128x0e / medium +128x1o / large +128x2e,
 correlation 3, 89 elements), the species-indexed linear (skip_tp: hidden x 89x0e -> hidden), o3.Linear on
 128x(0e+1o+2e+3o), spherical harmonics l <= 3 of 40 edges per node, and the radial MLP of each size's
-convolution (e3nn FullyConnectedNet 8 -> 64 -> 64 -> 64 -> weights, times the per-edge cutoff) on those edges. First every
+convolution (e3nn FullyConnectedNet 8 -> 64 -> 64 -> 64 -> weights, times the per-edge cutoff) on those edges.
+Kernel knobs (FASTMLIP_DOT_PRECISION, FASTMLIP_MLP_TRANSPOSE, ...) apply to the whole run: compare variants by
+running it again with them set (``--ops radial_mlp`` keeps such a run short). First every
 fastmlip op is checked against the mace/e3nn module at the smallest node count (value and input gradient,
 PASS/FAIL per case), then each
 importable implementation is timed (forward; forward + input gradient, the MD path). Prints a table with
@@ -155,15 +157,8 @@ def radial_mlp_impls(net, problem, scale):
 
     weights = [layer.weight.detach() for layer in net.children()]
 
-    def tf32x3(x):  # the same kernels with three TF32 tensor-core products per float32 product
-        os.environ["FASTMLIP_DOT_PRECISION"] = "tf32x3"
-        try:
-            return radial_mlp(problem, x, weights, scale)
-        finally:
-            del os.environ["FASTMLIP_DOT_PRECISION"]
-
     return {"fastmlip": lambda x: radial_mlp(problem, x, weights, scale),
-            "e3nn": lambda x: net(x) * scale.unsqueeze(1), "fastmlip-tf32x3": tf32x3}
+            "e3nn": lambda x: net(x) * scale.unsqueeze(1)}
 
 
 def build_cases(args, dtype, device):
@@ -282,6 +277,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU smoke test: Triton interpreter, tiny sizes")
     ap.add_argument("--sizes", default="small,medium,large")
+    ap.add_argument("--ops", default=None, help="comma-separated op names to run (default: all)")
     ap.add_argument("--nodes", default=None, help="comma-separated node counts (default 4000,40000)")
     ap.add_argument("--degree", type=int, default=40, help="edges per node for the spherical harmonics")
     ap.add_argument("--dtypes", default="float32,float64")
@@ -299,6 +295,8 @@ def main():
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for case in build_cases(args, dtype, device):
+            if args.ops and case.op not in args.ops.split(","):
+                continue
             tag = f"{case.op:22s} {case.size:16s} {case.n_nodes:6d} {dtype_name}"
             for impl in [k for k in case.impls if k.startswith("fastmlip")]:
                 if case.n_nodes != min(int(v) for v in args.nodes.split(",")):

@@ -205,15 +205,16 @@ def test_bad_input():
     problem = ref.radial_mlp_problem(net)
     ws = weights_of(net)
     with pytest.raises(ValueError, match=r"x must be a floating tensor \[E, 8\]"):
-        mlp_ops.radial_mlp(problem, torch.zeros(3, 7, dtype=torch.float64), ws)
+        mlp_ops.radial_mlp(problem, torch.zeros(3, 7, dtype=torch.float64, device=DEVICE), ws)
     with pytest.raises(ValueError, match="expected 3 weights, got 2"):
-        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float64), ws[:2])
+        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float64, device=DEVICE), ws[:2])
     with pytest.raises(ValueError, match=r"weight 1 must have shape \(64, 64\)"):
-        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float64), [ws[0], ws[0], ws[2]])
+        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float64, device=DEVICE), [ws[0], ws[0], ws[2]])
     with pytest.raises(ValueError, match="weight 0 is torch.float64"):
-        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float32), ws)
+        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float32, device=DEVICE), ws)
     with pytest.raises(ValueError, match=r"row_scale must be \[3\]"):
-        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float64), ws, torch.ones(4, dtype=torch.float64))
+        mlp_ops.radial_mlp(problem, torch.zeros(3, 8, dtype=torch.float64, device=DEVICE), ws,
+                           torch.ones(4, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.gpu
@@ -286,3 +287,15 @@ def test_dot_precision_knob(triton_poisoned, monkeypatch):
     monkeypatch.setenv("FASTMLIP_DOT_PRECISION", "bf16")
     with pytest.raises(ValueError, match="FASTMLIP_DOT_PRECISION='bf16'"):
         mlp_ops.radial_mlp(problem, x, weights_of(net), scale)
+
+
+@pytest.mark.gpu
+def test_many_edges_take_the_matmul_path_on_gpu(monkeypatch):
+    """Above FASTMLIP_MLP_FUSED_MAX_ROWS edges the swapped module runs e3nn's own layers (cuBLAS), same values."""
+    net = build("mace-mp0")
+    fast = common.fast_radial_mlp(net)
+    x, scale, _ = data(net, torch.float64, n=300)
+    monkeypatch.setenv("FASTMLIP_MLP_FUSED_MAX_ROWS", "100")
+    monkeypatch.setattr(mlp_ops, "radial_mlp_fwd", lambda *args: pytest.fail("fused kernel used"))
+    with torch.no_grad():
+        assert torch.equal(fast(x, scale), net(x) * scale[:, None])

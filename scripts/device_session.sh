@@ -5,7 +5,8 @@
 # Before the first call, here:  bash ../shared/device/pack_baselines.sh .devbundle
 #                               echo /.devbundle/ >> .git/info/exclude
 # Device calls (carry [".devbundle"]), e.g.:
-#   bash scripts/device_session.sh tests profile md-sevenn     (~9 min)
+#   bash scripts/device_session.sh tests                       (~9 min: cold kernel compiles on a fresh machine)
+#   bash scripts/device_session.sh profile md-sevenn           (~7 min)
 #   bash scripts/device_session.sh md-mace node                (~9 min)
 #   bash scripts/device_session.sh conv                        (~6 min)
 # Phases: tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
@@ -37,7 +38,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for phase in "$@"; do
   case "$phase" in
     tests)
-      step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/test_gpu_models.py" \
+      step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/test_gpu_models.py" \
         "$repo/tests/test_radial_mlp.py" "$repo/tests/test_radial_basis.py" "$repo/tests/test_gate.py" \
         "$repo/tests/test_linear_triton.py" "$repo/tests/test_cuda_graph.py"
       ;;

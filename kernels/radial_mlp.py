@@ -7,11 +7,11 @@ minimum) with masked weight loads, the last layer in column blocks stored once e
 IEEE by default (``FASTMLIP_DOT_PRECISION``, see :func:`.codegen.dot_precision`). Layer scales, the
 activation and e3nn's normalisation constants are baked in per problem (:mod:`.codegen`).
 
-The backward walks the last layer's column blocks once for G = grad_out @ W^T (first, with nothing else live:
-measured on an H200, keeping the recomputed hidden layers live through that loop made the backward ~7x the
-forward), recomputes the forward's pre-activations (cheaper than storing [E, 64] per layer), takes the per-edge row-scale gradient as <h, G> (no second
-pass over the output; with an activated last layer, from the recomputed outputs) and propagates G back to the
-input.
+The backward walks the last layer's column blocks once for G = grad_out @ W^T (first, so only G and its tiles
+are live in that loop; on an H200 this order did not change its time, ~4x the forward with IEEE dots), then
+recomputes the forward's pre-activations (cheaper than storing [E, 64] per layer), takes the per-edge row-scale
+gradient as <h, G> (no second pass over the output; with an activated last layer, from the recomputed outputs)
+and propagates G back to the input.
 """
 from __future__ import annotations
 
@@ -39,29 +39,15 @@ def _weight_args(problem: RadialMLPProblem) -> list:
     return [f"w{i}" for i in range(len(problem.layers))]
 
 
-def _transposed_loads() -> bool:
-    """How the backward gets W^T tiles: ``trans`` (default) loads W row-major and transposes in registers with
-    tl.trans; ``load`` reads W^T through transposed pointers (strided, uncoalesced). FASTMLIP_MLP_TRANSPOSE."""
-    mode = os.environ.get("FASTMLIP_MLP_TRANSPOSE", "trans")
-    if mode not in ("trans", "load"):
-        raise ValueError(f"FASTMLIP_MLP_TRANSPOSE={mode!r}: expected trans or load")
-    return mode == "load"
-
-
 def _emit_weight(code, i: int, layer, transpose: bool) -> None:
-    """``W{i}`` [padded in, padded out] (or its transpose) with zeros outside the real widths."""
+    """``W{i}`` [padded in, padded out] with zeros outside the real widths; ``transpose``: then ``tl.trans`` it (on
+    an H200 as fast as loading W^T through strided pointers)."""
     p_in, p_out = _pad(layer.dim_in), _pad(layer.dim_out)
-    if transpose and not _transposed_loads():
-        _emit_weight(code, i, layer, transpose=False)
+    code(f"W{i} = tl.load(w{i} + tl.arange(0, {p_in})[:, None] * {layer.dim_out} + tl.arange(0, {p_out})[None, :], "
+         f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (tl.arange(0, {p_out})[None, :] < "
+         f"{layer.dim_out}), other=0.0)")
+    if transpose:
         code(f"W{i} = tl.trans(W{i})")
-    elif transpose:
-        code(f"W{i} = tl.load(w{i} + tl.arange(0, {p_in})[None, :] * {layer.dim_out} + tl.arange(0, {p_out})[:, None], "
-             f"mask=(tl.arange(0, {p_in})[None, :] < {layer.dim_in}) & (tl.arange(0, {p_out})[:, None] < "
-             f"{layer.dim_out}), other=0.0)")
-    else:
-        code(f"W{i} = tl.load(w{i} + tl.arange(0, {p_in})[:, None] * {layer.dim_out} + tl.arange(0, {p_out})[None, :], "
-             f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (tl.arange(0, {p_out})[None, :] < "
-             f"{layer.dim_out}), other=0.0)")
 
 
 def _emit_hidden(code, consts, problem: RadialMLPProblem, precision: str) -> None:
@@ -98,7 +84,8 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str
              f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
         body(f"y = tl.dot(h{last}, W, input_precision=\"{precision}\") * {consts(layer.scale)}")
         if layer.act is not None:
-            body(f"y = {codegen.times(codegen.activation(body, layer.act, 'y', consts, False), layer.out_scale, consts)}")
+            value = codegen.activation(body, layer.act, "y", consts, False)
+            body(f"y = {codegen.times(value, layer.out_scale, consts)}")
         body("if HAS_SCALE:")
         body("    y = y * factor[:, None]")
         body(f"tl.store(out + rows[:, None] * {n} + cols[None, :], y, mask=row_ok[:, None] & (cols[None, :] < {n}))")
@@ -131,11 +118,7 @@ def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> st
              f"mask=row_ok[:, None] & (cols[None, :] < {n}), other=0.0)")
         body(f"W = tl.load(w{last} + tl.arange(0, {p_in})[:, None] * {n} + cols[None, :], "
              f"mask=(tl.arange(0, {p_in})[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
-        if _transposed_loads():
-            body(f"Wt = tl.load(w{last} + tl.arange(0, {p_in})[None, :] * {n} + cols[:, None], "
-                 f"mask=(tl.arange(0, {p_in})[None, :] < {layer.dim_in}) & (cols[:, None] < {n}), other=0.0)")
-        else:
-            body("Wt = tl.trans(W)")
+        body("Wt = tl.trans(W)")
         if layer.act is not None:  # the output is act(pre): recompute pre for act' and the row-scale gradient
             body(f"pre = tl.dot(h{last}, W, input_precision=\"{precision}\") * {consts(layer.scale)}")
             value = codegen.activation(body, layer.act, "pre", consts, False)
@@ -170,8 +153,7 @@ def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> st
 
 def _kernel(problem: RadialMLPProblem, kind: str, rows: int, precision: str):
     build = _forward_source if kind == "forward" else _backward_source
-    transpose = "load" if _transposed_loads() else "trans"
-    module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}_{precision}_{transpose}",
+    module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}_{precision}",
                                  lambda: build(problem, rows, precision))
     return getattr(module, f"radial_mlp_{kind}")
 

@@ -366,13 +366,9 @@ def e3nn_factories() -> dict:
     return {Linear: FastLinear, SphericalHarmonics: FastSphericalHarmonics}
 
 
-def fast_radial_mlp(net: nn.Module) -> nn.Module:
-    """The fastmlip radial MLP for an e3nn FullyConnectedNet, or ``net`` itself when it cannot be described."""
-    from e3nn.nn import FullyConnectedNet
-
-    if type(net) is not FullyConnectedNet:
-        return net
+def maybe_fast(module: nn.Module, factory) -> nn.Module:
+    """``factory(module)``, or ``module`` itself when the factory cannot describe it (ValueError)."""
     try:
-        return FastFullyConnectedNet(net)
+        return factory(module)
     except ValueError:
-        return net
+        return module

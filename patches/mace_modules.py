@@ -137,13 +137,6 @@ def _fast_node_module(module) -> Optional[type]:
                                             RadialEmbeddingBlock: FastRadialEmbedding})
 
 
-def _maybe_fast(module: nn.Module, factory) -> nn.Module:
-    try:
-        return factory(module)
-    except ValueError:
-        return module
-
-
 class FastInteraction(nn.Module):
     """A MACE ``RealAgnostic[Residual]InteractionBlock`` whose conv_tp + scatter_sum is one fused fastmlip op.
 
@@ -161,11 +154,11 @@ class FastInteraction(nn.Module):
         for key, value in vars(original).items():
             if not key.startswith("_") and key != "training":
                 setattr(self, key, value)
-        self.linear_up = _maybe_fast(original.linear_up, common.FastLinear)
+        self.linear_up = common.maybe_fast(original.linear_up, common.FastLinear)
         self.conv_tp = original.conv_tp
-        self.conv_tp_weights = common.fast_radial_mlp(original.conv_tp_weights)
-        self.linear = _maybe_fast(original.linear, common.FastLinear)
-        self.skip_tp = _maybe_fast(original.skip_tp, FastSpeciesLinear)
+        self.conv_tp_weights = common.maybe_fast(original.conv_tp_weights, common.FastFullyConnectedNet)
+        self.linear = common.maybe_fast(original.linear, common.FastLinear)
+        self.skip_tp = common.maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
         self.__dict__["_layout"] = layout or _EdgeLayout()
 
@@ -241,9 +234,9 @@ def plan(model) -> tuple:
                 swaps.append((name, lambda original: FastInteraction(original, layout)))
             else:
                 skipped[name] = reason
-        elif _fast_node_module(module) is not None:
+        elif (factory := _fast_node_module(module)) is not None:
             covered.add(name)
-            swaps.append((name, _fast_node_module(module)))
+            swaps.append((name, factory))
         elif isinstance(module, TensorProduct) or type(module).__name__ == "SymmetricContraction":
             covered.add(name)
             skipped[name] = f"{type(module).__name__} that fastmlip cannot describe"

@@ -387,7 +387,7 @@ class FastIrrepsConvolution(nn.Module):
         super().__init__()
         self.problem = tensor_product_problem(original.convolution)
         check_conv_problem(self.problem)
-        self.weight_nn = common.fast_radial_mlp(original.weight_nn)
+        self.weight_nn = common.maybe_fast(original.weight_nn, common.FastFullyConnectedNet)
         self.denominator = original.denominator
         self.key_x = original.key_x
         self.key_filter = original.key_filter
@@ -536,7 +536,7 @@ def plan(model) -> tuple:
 
     swaps, skipped = [], {}
     covered = set()
-    node_factories = common.e3nn_factories()
+    node_factories = {**common.e3nn_factories(), EdgeEmbedding: FastEdgeEmbedding}
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in covered) or isinstance(module, _FAST_MODULES):
             covered.add(name)
@@ -555,13 +555,9 @@ def plan(model) -> tuple:
                 swaps.append((name, FastEquivariantGate))
             else:
                 skipped[name] = reason
-        elif type(module) is EdgeEmbedding and common.fast_replacement(
-                module, {EdgeEmbedding: FastEdgeEmbedding}) is not None:
+        elif (factory := common.fast_replacement(module, node_factories)) is not None:
             covered.add(name)
-            swaps.append((name, FastEdgeEmbedding))
-        elif common.fast_replacement(module, node_factories) is not None:
-            covered.add(name)
-            swaps.append((name, common.fast_replacement(module, node_factories)))
+            swaps.append((name, factory))
         elif "convolution" in type(module).__name__.lower() and name:
             covered.add(name)
             skipped[name] = f"{type(module).__name__} is not an e3nn IrrepsConvolution"

@@ -4,7 +4,7 @@ Ops: MACE's symmetric contraction (128x(0e+1o+2e+3o) -> small 128x0e / medium +1
 correlation 3, 89 elements), the species-indexed linear (skip_tp: hidden x 89x0e -> hidden), o3.Linear on
 128x(0e+1o+2e+3o), spherical harmonics l <= 3 of 40 edges per node, and the radial MLP of each size's
 convolution (e3nn FullyConnectedNet 8 -> 64 -> 64 -> 64 -> weights, times the per-edge cutoff) on those edges.
-Kernel knobs (FASTMLIP_DOT_PRECISION, FASTMLIP_MLP_TRANSPOSE, ...) apply to the whole run: compare variants by
+Kernel knobs (FASTMLIP_DOT_PRECISION, FASTMLIP_MLP_ROWS, ...) apply to the whole run: compare variants by
 running it again with them set (``--ops radial_mlp`` keeps such a run short). First every
 fastmlip op is checked against the mace/e3nn module at the smallest node count (value and input gradient,
 PASS/FAIL per case), then each

@@ -40,7 +40,8 @@ NO_KERNEL = {
     "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::chunk", "aten::unflatten", "aten::flatten",
     "aten::view_as", "aten::expand_as", "aten::_unsafe_view", "aten::set_", "aten::is_same_size", "aten::sym_size",
     "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset", "aten::diagonal", "aten::unfold",
-    "aten::movedim", "aten::lift_fresh_copy", "aten::_local_scalar_dense", "prim::device", "aten::_has_same_storage_numel",
+    "aten::movedim", "aten::lift_fresh_copy", "aten::_local_scalar_dense", "prim::device",
+    "aten::_has_same_storage_numel",
 }
 # ...and these read a result back to the host: in a CUDA graph they are impossible, in eager steps each is a sync.
 HOST_READS = {"aten::_local_scalar_dense", "aten::equal", "aten::nonzero", "aten::_unique2", "aten::item"}

@@ -23,7 +23,7 @@ from ase import units
 from ase.build import bulk
 from ase.md.verlet import VelocityVerlet
 
-from fastmlip.md import thermalize
+from fastmlip.md import energy_drift, thermalize
 
 BACKENDS = ("fastmlip", "fastmlip-e3nn", "sevenn")
 
@@ -56,11 +56,10 @@ def run_nve(backend: str, args) -> dict:
             print(f"  {backend}: step {step}/{args.steps}, E_total - E_0 = {total[-1] - total[0]:+.3e} eV/atom",
                   file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
-    times_ps = np.arange(len(total)) * args.timestep / 1000.0
     total = np.array(total)
-    slope = float(np.polyfit(times_ps, total, 1)[0]) if len(total) > 1 else 0.0
+    slope, excursion = energy_drift(np.arange(len(total)) * args.timestep / 1000.0, total)
     return {"backend": backend, "atoms": n, "steps": args.steps, "timestep_fs": args.timestep,
-            "drift_eV_per_atom_per_ps": slope, "max_excursion_eV_per_atom": float(np.abs(total - total[0]).max()),
+            "drift_eV_per_atom_per_ps": slope, "max_excursion_eV_per_atom": excursion,
             "seconds": seconds, "total_energy_per_atom": total.tolist()}
 
 

@@ -1,10 +1,11 @@
 """Whole accelerated models on the Triton backend against the same models on the reference backend.
 
 Without CUDA every kernel (fused convolution, o3.Linear, gate, radial basis and MLP, symmetric contraction,
-species linear, spherical harmonics) runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) with its outputs
-poisoned with NaN, so an element a kernel forgets to write shows up. Energies, per-atom energies, forces and stress must agree to
-the accelerated-model tolerances; edges come in a shuffled order, so the atomic (unsorted) paths run where a
-model does not sort its edges itself. Small structures keep the interpreter at a few seconds per model.
+species linear, spherical harmonics) runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) with its
+outputs poisoned with NaN, so an element a kernel forgets to write shows up. Energies, per-atom energies, forces and
+stress must agree to the accelerated-model tolerances; edges come in a shuffled order, so the atomic (unsorted)
+paths run where a model does not sort its edges itself. Small structures keep the interpreter at about a minute
+per model.
 """
 import copy
 import warnings

@@ -186,7 +186,7 @@ def test_ops_pass_torch_opcheck():
 
 def test_module_swap_keeps_parameters_and_falls_back_for_unknown_activations():
     net = build("mace-mp0")
-    fast = common.fast_radial_mlp(net)
+    fast = common.maybe_fast(net, common.FastFullyConnectedNet)
     assert isinstance(fast, common.FastFullyConnectedNet)
     assert list(fast.state_dict()) == list(net.state_dict())
     assert all(a is b for a, b in zip(fast.parameters(), net.parameters()))
@@ -195,9 +195,9 @@ def test_module_swap_keeps_parameters_and_falls_back_for_unknown_activations():
         assert_close(common.radial_weights(fast, x, scale), net(x) * scale[:, None], torch.float64, "fast")
         assert torch.equal(common.radial_weights(net, x, scale), net(x) * scale[:, None])
     odd = e3nn_nn.FullyConnectedNet([4, 8, 3], F.softplus).to(DEVICE, torch.float64)
-    assert common.fast_radial_mlp(odd) is odd
+    assert common.maybe_fast(odd, common.FastFullyConnectedNet) is odd
     linear = torch.nn.Linear(3, 3)
-    assert common.fast_radial_mlp(linear) is linear
+    assert common.maybe_fast(linear, common.FastFullyConnectedNet) is linear
 
 
 def test_bad_input():
@@ -266,7 +266,8 @@ def test_frozen_symmetric_contraction_weights_skip_their_gradient(monkeypatch):
 
     monkeypatch.setattr(sc_ops, "symmetric_contraction_bwd", recording)
     x = torch.randn(5, problem.num_features, problem.coupling_dim, dtype=torch.float64, requires_grad=True)
-    out = sc_ops.symmetric_contraction(problem, x, torch.tensor([0, 1, 1, 0, 1]), sc_ops.module_weights(problem, module))
+    species = torch.tensor([0, 1, 1, 0, 1])
+    out = sc_ops.symmetric_contraction(problem, x, species, sc_ops.module_weights(problem, module))
     torch.autograd.grad(out.sum(), [x])
     assert seen == [False]
 
@@ -293,7 +294,7 @@ def test_dot_precision_knob(triton_poisoned, monkeypatch):
 def test_many_edges_take_the_matmul_path_on_gpu(monkeypatch):
     """Above FASTMLIP_MLP_FUSED_MAX_ROWS edges the swapped module runs e3nn's own layers (cuBLAS), same values."""
     net = build("mace-mp0")
-    fast = common.fast_radial_mlp(net)
+    fast = common.maybe_fast(net, common.FastFullyConnectedNet)
     x, scale, _ = data(net, torch.float64, n=300)
     monkeypatch.setenv("FASTMLIP_MLP_FUSED_MAX_ROWS", "100")
     monkeypatch.setattr(mlp_ops, "radial_mlp_fwd", lambda *args: pytest.fail("fused kernel used"))

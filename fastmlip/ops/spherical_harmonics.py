@@ -3,9 +3,9 @@ polynomials Y^0..Y^lmax of the vectors, optionally normalised first (``torch.nn.
 does it) inside the op, so an edge's harmonics cost one launch each way instead of four more for the norm.
 
 The choice of degrees and the output normalisation are plain torch around the op (nothing to do for e3nn's
-"component" normalisation of all degrees 0..lmax, the MACE and SevenNet case). On the Triton backend forward and backward are kernels generated per
-lmax (:mod:`fastmlip.kernels.spherical_harmonics`); second derivatives differentiate the reference backward
-d Y^l = D^l . Y^(l-1) in plain torch.
+"component" normalisation of all degrees 0..lmax, the MACE and SevenNet case). On the Triton backend forward and
+backward are kernels generated per lmax (:mod:`fastmlip.kernels.spherical_harmonics`); second derivatives
+differentiate the reference backward d Y^l = D^l . Y^(l-1) in plain torch.
 """
 from __future__ import annotations
 

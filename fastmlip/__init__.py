@@ -1,12 +1,12 @@
 """fastmlip: fast, exact GPU kernels for equivariant interatomic potentials, applied to models in place."""
 import importlib
 
-from .descriptors import make_tensor_product_problem, tensor_product_problem
-from .ops.conv import fused_conv
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "fused_conv": "fastmlip.ops.conv",
+    "make_tensor_product_problem": "fastmlip.descriptors",
+    "tensor_product_problem": "fastmlip.descriptors",
     "load": "fastmlip.api",
     "accelerate": "fastmlip.api",
     "restore": "fastmlip.api",
@@ -14,11 +14,12 @@ _LAZY = {
     "neighbor_list": "fastmlip.neighbors",
 }
 
-__all__ = ["fused_conv", "make_tensor_product_problem", "tensor_product_problem", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):
-    """The faces import ASE and the frameworks: load them on first use, not on ``import fastmlip``."""
+    """Everything loads on first use, not on ``import fastmlip``: the faces import ASE and the frameworks, the
+    ops torch, and kernel compile workers (``fastmlip.kernels.precompile``) need neither."""
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastmlip' has no attribute {name!r}")

@@ -1,11 +1,13 @@
 """Shared helpers for generating Triton kernel source per problem: emit text, bake constants, cache, import.
 
 Kernels are written out as Python source with every problem constant (offsets, multiplicities, CG values)
-baked in as literals, so the compiler sees a fixed, fully unrolled body. Source files live in a cache folder
-(``$FASTMLIP_CACHE/kernels`` or ``~/.cache/fastmlip/kernels``); Triton caches the compiled binaries itself.
+baked in as literals, so the compiler sees a fixed, fully unrolled body. Source files live in the cache folder
+(:func:`cache_root`), named by their content; :mod:`fastmlip.kernels.precompile` keeps the compiled binaries
+beside them.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import sys
@@ -17,9 +19,19 @@ _IMPORT_LOCK = threading.Lock()
 _MODULES: dict = {}
 
 
+def cache_root() -> Path:
+    """Where fastmlip keeps generated kernel sources and compiled kernels: ``$FASTMLIP_CACHE``, else
+    ``$XDG_CACHE_HOME/fastmlip``, else ``~/.cache/fastmlip``."""
+    root = os.environ.get("FASTMLIP_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "fastmlip")
+    return Path(root)
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("FASTMLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastmlip")
-    path = Path(root) / "kernels"
+    """The folder of generated kernel sources."""
+    path = cache_root() / "generated"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -89,13 +101,20 @@ def dot_precision(dtype) -> str:
     return name if dtype == torch.float32 else "ieee"
 
 
-def jit_header(src: "Source", name: str, args) -> None:
-    """The imports and ``@triton.jit`` signature every generated kernel module starts with."""
+def jit_header(src: "Source", name: str, args, flags=()) -> None:
+    """The imports and ``@triton.jit`` signature every generated kernel module starts with.
+
+    Arguments named ``num_*`` are sizes (edges, rows, nodes): Triton would otherwise compile one variant per
+    size that is, or is not, a multiple of 16 (or is 1), and an MD run whose edge count changes would compile
+    again mid-run. They only bound loops and masks, so the specialisation buys nothing. ``flags`` are integer
+    switches read at run time (0 or 1), likewise one variant for both values.
+    """
+    sizes = [a for a in args if a.startswith("num_")] + list(flags)
     src("import triton")
     src("import triton.language as tl")
     src("")
     src("")
-    src("@triton.jit")
+    src(f"@triton.jit(do_not_specialize={sizes!r})" if sizes else "@triton.jit")
     src(f"def {name}({', '.join(args)}):")
 
 
@@ -109,14 +128,15 @@ def load_module(name: str, build):
 
     ``name`` must determine the source (problem key, variant and every knob), because launches are hot paths:
     regenerating the text per call cost more than the kernels themselves. The text is written to the cache
-    (only if changed) so Triton and a reader can see it.
+    under a name that includes its hash (processes of other fastmlip versions never overwrite each other's
+    files), atomically, so Triton, the compile workers and a reader can see it.
     """
     with _IMPORT_LOCK:
         cached = _MODULES.get(name)
         if cached is not None:
             return cached[1]
         text = build()
-        path = cache_dir() / f"{name}.py"
+        path = cache_dir() / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.py"
         if not path.exists() or path.read_text() != text:
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(fd, "w") as fh:

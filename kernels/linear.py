@@ -24,71 +24,14 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
 from ..descriptors import LinearProblem, irreps_offsets
 from . import codegen
+from . import tiles as shared_tiles
 from .symmetric_contraction import tl_dtype
 
 ROWS_PER_SPLIT = 256  # rows each weight/bias-gradient program sums
 POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
-
-
-@triton.jit
-def tile_product(a, b, USE_DOT: tl.constexpr):
-    if USE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-
-
-@triton.jit
-def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: tl.constexpr,
-              IN_OFF: tl.constexpr, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, W_OFF: tl.constexpr,
-              K_STRIDE: tl.constexpr, J_STRIDE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              BJ: tl.constexpr, USE_DOT: tl.constexpr):
-    """[BN, BJ]: sum_k inp[row, IN_OFF + k*D + comp] * W[k, j], W[k, j] at W_OFF + k*K_STRIDE + j*J_STRIDE."""
-    acc = tl.zeros([BN, BJ], DT)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        a = tl.load(inp + rows[:, None] * IN_STRIDE + IN_OFF + k[None, :] * D + comp,
-                    mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
-        b = tl.load(weight + W_OFF + k[:, None] * K_STRIDE + j[None, :] * J_STRIDE,
-                    mask=(k[:, None] < K) & (j[None, :] < J), other=0.0)
-        acc += tile_product(a, b, USE_DOT)
-    return acc
-
-
-@triton.jit
-def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_STRIDE: tl.constexpr,
-                     X_OFF: tl.constexpr, G_STRIDE: tl.constexpr, G_OFF: tl.constexpr, D: tl.constexpr,
-                     K: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
-                     USE_DOT: tl.constexpr):
-    """[BK, BJ]: sum over rows in [row_start, row_end) and components of x[row, k, comp] * g[row, j, comp]."""
-    acc = tl.zeros([BK, BJ], DT)
-    for r0 in range(row_start, row_end, BR):
-        r = r0 + tl.arange(0, BR)
-        r_ok = r < row_end
-        r = r.to(tl.int64)
-        for comp in range(D):
-            a = tl.load(x + r[None, :] * X_STRIDE + X_OFF + k[:, None] * D + comp,
-                        mask=r_ok[None, :] & (k[:, None] < K), other=0.0)
-            b = tl.load(grad_out + r[:, None] * G_STRIDE + G_OFF + j[None, :] * D + comp,
-                        mask=r_ok[:, None] & (j[None, :] < J), other=0.0)
-            acc += tile_product(a, b, USE_DOT)
-    return acc
-
-
-@triton.jit
-def column_sum_tile(grad_out, row_start, row_end, j, DT: tl.constexpr, G_STRIDE: tl.constexpr,
-                    G_OFF: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr):
-    """[BJ]: sum over rows in [row_start, row_end) of g[row, G_OFF + j] (a scalar output's bias gradient)."""
-    acc = tl.zeros([BJ], DT)
-    for r0 in range(row_start, row_end, BR):
-        r = r0 + tl.arange(0, BR)
-        g = tl.load(grad_out + r.to(tl.int64)[:, None] * G_STRIDE + G_OFF + j[None, :],
-                    mask=(r[:, None] < row_end) & (j[None, :] < J), other=0.0)
-        acc += tl.sum(g, axis=0)
-    return acc
 
 
 @dataclass(frozen=True)
@@ -221,7 +164,7 @@ def _source(problem: LinearProblem, kind: str, mode: str) -> str:
     """Module text of the ``forward`` or ``backward`` kernel of ``problem`` with products of ``mode``."""
     rows = _TILES[mode].rows
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
-    code(f"from {__name__} import column_sum_tile, path_tile, weight_grad_tile  # noqa: F401")
+    code(f"from {shared_tiles.__name__} import column_sum_tile, path_tile, weight_grad_tile  # noqa: F401")
     codegen.jit_header(code, "linear", _FORWARD_ARGS if kind == "forward" else _BACKWARD_ARGS)
     code.depth = body.depth = 1
     body("task = tl.program_id(1)")

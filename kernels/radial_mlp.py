@@ -65,8 +65,8 @@ def _emit_hidden(code, consts, problem: RadialMLPProblem, precision: str) -> Non
 
 def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
-    codegen.jit_header(code, "radial_mlp_forward", ["x", *_weight_args(problem), "row_scale", "out", "num_rows",
-                                                    "DT: tl.constexpr", "HAS_SCALE: tl.constexpr"])
+    codegen.jit_header(code, "radial_mlp_forward", ["x", *_weight_args(problem), "row_scale", "has_scale", "out",
+                                                    "num_rows", "DT: tl.constexpr"], flags=["has_scale"])
     code.depth = body.depth = 1
     last, n = len(problem.layers) - 1, problem.dim_out
     layer = problem.layers[-1]
@@ -74,8 +74,8 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str
     body("row_ok = rows < num_rows")
     body("rows = rows.to(tl.int64)")
     _emit_hidden(body, consts, problem, precision)
-    body("if HAS_SCALE:")
-    body("    factor = tl.load(row_scale + rows, mask=row_ok, other=0.0)")
+    body("scaled = row_ok & (rows * 0 + has_scale != 0)  # a vector mask: the interpreter rejects a scalar one")
+    body("factor = tl.load(row_scale + rows, mask=scaled, other=1.0)  # 1 without a scale")
     p_in = _pad(layer.dim_in)
     body(f"for col0 in range(0, {n}, {_COLUMNS}):")
     with body.indent():
@@ -86,8 +86,7 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str
         if layer.act is not None:
             value = codegen.activation(body, layer.act, "y", consts, False)
             body(f"y = {codegen.times(value, layer.out_scale, consts)}")
-        body("if HAS_SCALE:")
-        body("    y = y * factor[:, None]")
+        body("y = y * factor[:, None]")
         body(f"tl.store(out + rows[:, None] * {n} + cols[None, :], y, mask=row_ok[:, None] & (cols[None, :] < {n}))")
     consts.emit(code)
     code.lines.extend(body.lines)
@@ -97,8 +96,8 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str
 def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     codegen.jit_header(code, "radial_mlp_backward", [
-        "grad_out", "x", *_weight_args(problem), "row_scale", "grad_x", "grad_scale", "num_rows", "DT: tl.constexpr",
-        "HAS_SCALE: tl.constexpr", "WANT_X: tl.constexpr", "WANT_SCALE: tl.constexpr"])
+        "grad_out", "x", *_weight_args(problem), "row_scale", "has_scale", "grad_x", "grad_scale", "num_rows",
+        "DT: tl.constexpr", "WANT_X: tl.constexpr", "WANT_SCALE: tl.constexpr"], flags=["has_scale"])
     code.depth = body.depth = 1
     last, n = len(problem.layers) - 1, problem.dim_out
     layer = problem.layers[-1]
@@ -129,12 +128,11 @@ def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> st
     body(f"G = G * {consts(layer.scale)}")
     if layer.act is None:  # recomputed after the loop, so the loop keeps only G and its tiles in registers
         _emit_hidden(body, consts, problem, precision)
-    body("if HAS_SCALE:")
-    with body.indent():
-        body("if WANT_SCALE:")
-        scale_grad = "scale_acc" if layer.act is not None else f"tl.sum(h{last} * G, axis=1)"
-        body(f"    tl.store(grad_scale + rows, {scale_grad}, mask=row_ok)")
-        body("G = G * tl.load(row_scale + rows, mask=row_ok, other=0.0)[:, None]")
+    body("if WANT_SCALE:")
+    scale_grad = "scale_acc" if layer.act is not None else f"tl.sum(h{last} * G, axis=1)"
+    body(f"    tl.store(grad_scale + rows, {scale_grad}, mask=row_ok)")
+    body("scaled = row_ok & (rows * 0 + has_scale != 0)  # a vector mask: the interpreter rejects a scalar one")
+    body("G = G * tl.load(row_scale + rows, mask=scaled, other=1.0)[:, None]  # 1 without a scale")
     body("if WANT_X:")
     with body.indent():
         for i in reversed(range(last)):
@@ -171,8 +169,8 @@ def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
     out = _empty((x.shape[0], problem.dim_out), x)
     if x.shape[0]:
         _kernel(problem, "forward", rows, codegen.dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
-            x, *weights, x if row_scale is None else row_scale.contiguous(), out, x.shape[0], DT=dt,
-            HAS_SCALE=row_scale is not None, num_warps=4)
+            x, *weights, x if row_scale is None else row_scale.contiguous(), int(row_scale is not None), out,
+            x.shape[0], DT=dt, num_warps=4)
     return out
 
 
@@ -187,7 +185,7 @@ def backward(problem: RadialMLPProblem, grad_out, x, weights, row_scale, want_x:
     grad_scale = _empty((x.shape[0],), x) if want_scale else x.new_empty(0)
     if x.shape[0] and (want_x or want_scale):
         _kernel(problem, "backward", rows, codegen.dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
-            grad_out, x, *weights, x if row_scale is None else row_scale.contiguous(), grad_x, grad_scale,
-            x.shape[0], DT=dt, HAS_SCALE=row_scale is not None, WANT_X=want_x, WANT_SCALE=want_scale, num_warps=4)
+            grad_out, x, *weights, x if row_scale is None else row_scale.contiguous(), int(row_scale is not None),
+            grad_x, grad_scale, x.shape[0], DT=dt, WANT_X=want_x, WANT_SCALE=want_scale, num_warps=4)
     return grad_x, grad_scale
 

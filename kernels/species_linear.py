@@ -16,89 +16,16 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
 from ..descriptors import SpeciesLinearProblem, irreps_offsets
 from .symmetric_contraction import species_chunks, tl_dtype
+from .tiles import gathered_matmul, weight_gradient
 
 POISON_OUTPUTS = False
 
 
 def _chunk_size() -> int:
     return int(os.environ.get("FASTMLIP_SPECIES_LINEAR_NODES", "16"))
-
-
-@triton.jit
-def _tile_product(a, b, USE_DOT: tl.constexpr):
-    if USE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-
-
-@triton.jit
-def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out, num_nodes, in_off, out_off,
-                    w_off, species_start, path_species, stride_k, stride_s, stride_j,
-                    K: tl.constexpr, J: tl.constexpr, D: tl.constexpr, IN_STRIDE: tl.constexpr,
-                    OUT_STRIDE: tl.constexpr, ACCUMULATE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
-    """out[n, out_off + j*D + i] (+)= coef * sum_k inp[n, in_off + k*D + i] * W[k, s_local, j], nodes of a chunk."""
-    start = tl.load(starts + tl.program_id(0))
-    end = tl.load(starts + tl.program_id(0) + 1)
-    rows = start + tl.arange(0, BN)
-    row_ok = rows < end
-    nodes = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
-    local = tl.load(species + tl.minimum(start, num_nodes - 1)) - species_start
-    inside = (local >= 0) & (local < path_species)
-    k_limit = tl.where(inside, K, 0)
-    local = tl.where(inside, local, 0).to(tl.int64)
-    coef = tl.load(coefficients + path)
-    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    j_ok = j < J
-    w_base = weight + w_off + local * stride_s
-    for i in tl.static_range(D):
-        acc = tl.zeros([BN, BJ], DT)
-        for k0 in range(0, K, BK):
-            k = k0 + tl.arange(0, BK)
-            a = tl.load(inp + nodes[:, None] * IN_STRIDE + in_off + k[None, :] * D + i,
-                        mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
-            b = tl.load(w_base + k[:, None] * stride_k + j[None, :] * stride_j,
-                        mask=(k[:, None] < k_limit) & j_ok[None, :], other=0.0)
-            acc += _tile_product(a, b, USE_DOT)
-        target = out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i
-        mask = row_ok[:, None] & j_ok[None, :]
-        acc = acc * coef
-        if ACCUMULATE:
-            acc += tl.load(target, mask=mask, other=0.0)
-        tl.store(target, acc, mask=mask)
-
-
-@triton.jit
-def weight_gradient(x, grad_out, coefficients, path, species, order, starts, grad_w, num_nodes, in_off, out_off,
-                    w_off, species_start, path_species, K: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
-                    IN_STRIDE: tl.constexpr, OUT_STRIDE: tl.constexpr, S_STRIDE: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
-    """grad_w[k, s, j] += coef * sum over the chunk's nodes and components i of x[n, k, i] grad_out[n, j, i]."""
-    start = tl.load(starts + tl.program_id(0))
-    end = tl.load(starts + tl.program_id(0) + 1)
-    rows = start + tl.arange(0, BN)
-    row_ok = rows < end
-    nodes = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
-    local = tl.load(species + tl.minimum(start, num_nodes - 1)) - species_start
-    inside = (local >= 0) & (local < path_species) & (start < end)
-    k_limit = tl.where(inside, K, 0)
-    local = tl.where(inside, local, 0).to(tl.int64)
-    coef = tl.load(coefficients + path)
-    k = tl.program_id(1) * BK + tl.arange(0, BK)
-    j = tl.program_id(2) * BJ + tl.arange(0, BJ)
-    acc = tl.zeros([BK, BJ], DT)
-    for i in tl.static_range(D):
-        a = tl.load(x + nodes[None, :] * IN_STRIDE + in_off + k[:, None] * D + i,
-                    mask=row_ok[None, :] & (k[:, None] < K), other=0.0)
-        b = tl.load(grad_out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i,
-                    mask=row_ok[:, None] & (j[None, :] < J), other=0.0)
-        acc += _tile_product(a, b, USE_DOT)
-    target = grad_w + w_off + k[:, None] * S_STRIDE * J + local * J + j[None, :]
-    tl.atomic_add(target, acc * coef, mask=(k[:, None] < k_limit) & (j[None, :] < J))
 
 
 def _tiles(k: int, j: int) -> tuple:

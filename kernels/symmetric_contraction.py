@@ -7,9 +7,13 @@ halves the work for correlation 3. The kernels never build MACE's [N, C, M, L, L
 owns a chunk of nodes of ONE species (nodes sorted by species, see :func:`species_chunks`) and a block of channels
 (across lanes), loads that species' weights once, and evaluates the polynomial in registers node by node:
 
-* forward: grid (chunk, channel block, contraction); out written once, no atomics.
-* x-gradient: grid (chunk, channel block); contractions in turn, each node's gradient written by its owner.
-* weight gradient: grid (chunk, channel block, contraction); per-chunk sums in registers, one atomic add each.
+* forward: grid (chunk, channel block); out written by its owner, no atomics.
+* x-gradient: grid (chunk, channel block); each node's gradient written by its owner.
+* weight gradient: grid (chunk, channel block); per-chunk sums in registers, one atomic add each.
+
+Each contraction's polynomial is cut into pieces (:func:`pieces`), one kernel each, launched in order; a piece
+after the first adds to what the earlier ones stored. Small kernels compile in parallel (a whole MACE
+contraction as one kernel took 21 s to compile) and the extra passes over x cost microseconds.
 """
 from __future__ import annotations
 
@@ -155,97 +159,112 @@ def _out_offsets(problem):
     return offs
 
 
-def forward_source(problem, block) -> str:
+# NOTE: MACE-MP-0-medium's 1o contraction has 1638 terms; as one kernel its x-gradient took 21 s to compile (one
+# core, Triton 3.9), longer than a whole cold start may take. Pieces of at most this many terms compile in parallel
+# in 2-4 s each; each extra piece re-reads x and read-modify-writes its output, a few microseconds at 4000 atoms.
+PIECE_TERMS = 400
+
+_PIECES: dict = {}
+
+
+def pieces(problem, index: int) -> list:
+    """Contraction ``index``'s polynomial cut into consecutive runs of monomials of at most ``PIECE_TERMS``
+    terms each (at least one piece, possibly empty): each piece is a kernel of its own."""
+    key = (problem.key, index, PIECE_TERMS)
+    if key not in _PIECES:
+        runs, run, size = [], {}, 0
+        for mono, terms in polynomial(problem, index).items():
+            if run and size + len(terms) > PIECE_TERMS:
+                runs.append(run)
+                run, size = {}, 0
+            run[mono] = terms
+            size += len(terms)
+        _PIECES[key] = runs + [run] if run or not runs else runs
+    return _PIECES[key]
+
+
+def forward_source(problem, block, index: int, piece: int) -> str:
+    """out[:, contraction index] = its polynomial, or += this piece of it (piece > 0)."""
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
     codegen.jit_header(src, "sc_forward", ["x", "species", "order", "starts", *_weight_ptrs(problem), "out",
                                            "num_nodes", "DT: tl.constexpr"])
     body.depth = 1
     _prologue(body, problem, block)
-    body("which = tl.program_id(2)")
-    for index, (spec, off) in enumerate(zip(problem.contractions, _out_offsets(problem))):
-        poly = polynomial(problem, index)
-        body(f"{'if' if index == 0 else 'elif'} which == {index}:")
-        with body.indent():
-            _load_weights(body, problem, index, poly)
-            body("for i in range(start, end):")
-            with body.indent():
-                _load_x(body, problem, poly)
-                monos = _Monomials(body)
-                for m in range(spec.ir_dim):
-                    body(f"acc{m} = tl.zeros([{block}], DT)")
-                for (nu, mono), terms in poly.items():
-                    value = monos(mono)
-                    by_m = defaultdict(list)
-                    for (m, p), v in terms.items():
-                        by_m[m].append((consts(v), f"W{nu}_{p}"))
-                    for m, pairs in sorted(by_m.items()):
-                        body(f"acc{m} += ({codegen.linear_combination(pairs)}) * {value}")
-                row = f"out + node * {problem.dim_out} + {off} + c * {spec.ir_dim}"
-                for m in range(spec.ir_dim):
-                    body(f"tl.store({row} + {m}, acc{m}, mask=cm)")
+    spec, poly = problem.contractions[index], pieces(problem, index)[piece]
+    _load_weights(body, problem, index, poly)
+    body("for i in range(start, end):")
+    with body.indent():
+        _load_x(body, problem, poly)
+        row = f"out + node * {problem.dim_out} + {_out_offsets(problem)[index]} + c * {spec.ir_dim}"
+        for m in range(spec.ir_dim):
+            body(f"acc{m} = tl.zeros([{block}], DT)" if piece == 0 else
+                 f"acc{m} = tl.load({row} + {m}, mask=cm, other=0.0)")
+        monos = _Monomials(body)
+        for (nu, mono), terms in poly.items():
+            value = monos(mono)
+            by_m = defaultdict(list)
+            for (m, p), v in terms.items():
+                by_m[m].append((consts(v), f"W{nu}_{p}"))
+            for m, pairs in sorted(by_m.items()):
+                body(f"acc{m} += ({codegen.linear_combination(pairs)}) * {value}")
+        for m in range(spec.ir_dim):
+            body(f"tl.store({row} + {m}, acc{m}, mask=cm)")
     with src.indent():
         consts.emit(src)
     src.lines.extend(body.lines)
     return src.text()
 
 
-def grad_x_source(problem, block) -> str:
-    """d out / d x: per monomial, t = sum_m g_m sum_p U W_p, spread over its factors by the product rule."""
+def grad_x_source(problem, block, index: int, piece: int) -> str:
+    """d out / d x of one piece: per monomial, t = sum_m g_m sum_p U W_p, spread over its factors by the
+    product rule. The first piece of the first contraction writes every component of grad_x, later pieces add
+    to the components they touch."""
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
     big_l = problem.coupling_dim
     codegen.jit_header(src, "sc_grad_x", ["x", "species", "order", "starts", *_weight_ptrs(problem), "grad_out",
                                           "grad_x", "num_nodes", "DT: tl.constexpr"])
     body.depth = 1
     _prologue(body, problem, block)
-    written = False
-    for index, (spec, off) in enumerate(zip(problem.contractions, _out_offsets(problem))):
-        poly = polynomial(problem, index)
-        if not poly:
-            continue
-        _load_weights(body, problem, index, poly)
-        body("for i in range(start, end):")
-        with body.indent():
+    first = index == 0 and piece == 0
+    spec, poly = problem.contractions[index], pieces(problem, index)[piece]
+    touched = sorted({k for (_, mono) in poly for k in mono})
+    _load_weights(body, problem, index, poly)
+    body("for i in range(start, end):")
+    with body.indent():
+        if poly:
             _load_x(body, problem, poly)
-            body(f"g_row = grad_out + node * {problem.dim_out} + {off} + c * {spec.ir_dim}")
-            for m in range(spec.ir_dim):
-                body(f"g{m} = tl.load(g_row + {m}, mask=cm, other=0.0)")
-            gx_row = f"grad_x + node * {problem.num_features * big_l} + c * {big_l}"
-            for k in range(big_l):
-                if written:
-                    body(f"gx{k} = tl.load({gx_row} + {k}, mask=cm, other=0.0)")
-                else:
-                    body(f"gx{k} = tl.zeros([{block}], DT)")
-            monos = _Monomials(body)
-            for (nu, mono), terms in poly.items():
-                by_m = defaultdict(list)
-                for (m, p), v in terms.items():
-                    by_m[m].append((consts(v), f"W{nu}_{p}"))
-                parts = [f"g{m} * ({codegen.linear_combination(pairs)})" for m, pairs in sorted(by_m.items())]
-                body(f"t = {' + '.join(parts)}")
-                factors = defaultdict(int)
-                for a in range(len(mono)):
-                    factors[(mono[a], mono[:a] + mono[a + 1:])] += 1
-                for (k, rest), count in sorted(factors.items()):
-                    scaled = "t" if count == 1 else f"{consts(float(count))} * t"
-                    body(f"gx{k} += {scaled}" if not rest else f"gx{k} += {scaled} * {monos(rest)}")
-            for k in range(big_l):
-                body(f"tl.store({gx_row} + {k}, gx{k}, mask=cm)")
-        written = True
-    if not written:
-        body("for i in range(start, end):")
-        with body.indent():
+        else:
             body("node = tl.load(order + i).to(tl.int64)")
-            for k in range(big_l):
-                body(f"tl.store(grad_x + node * {problem.num_features * big_l} + c * {big_l} + {k}, "
-                     f"tl.zeros([{block}], DT), mask=cm)")
+        body(f"g_row = grad_out + node * {problem.dim_out} + {_out_offsets(problem)[index]} + c * {spec.ir_dim}")
+        for m in sorted({m for terms in poly.values() for m, _ in terms}):
+            body(f"g{m} = tl.load(g_row + {m}, mask=cm, other=0.0)")
+        gx_row = f"grad_x + node * {problem.num_features * big_l} + c * {big_l}"
+        for k in range(big_l) if first else touched:
+            body(f"gx{k} = tl.zeros([{block}], DT)" if first else f"gx{k} = tl.load({gx_row} + {k}, mask=cm, other=0.0)")
+        monos = _Monomials(body)
+        for (nu, mono), terms in poly.items():
+            by_m = defaultdict(list)
+            for (m, p), v in terms.items():
+                by_m[m].append((consts(v), f"W{nu}_{p}"))
+            parts = [f"g{m} * ({codegen.linear_combination(pairs)})" for m, pairs in sorted(by_m.items())]
+            body(f"t = {' + '.join(parts)}")
+            factors = defaultdict(int)
+            for a in range(len(mono)):
+                factors[(mono[a], mono[:a] + mono[a + 1:])] += 1
+            for (k, rest), count in sorted(factors.items()):
+                scaled = "t" if count == 1 else f"{consts(float(count))} * t"
+                body(f"gx{k} += {scaled}" if not rest else f"gx{k} += {scaled} * {monos(rest)}")
+        for k in range(big_l) if first else touched:
+            body(f"tl.store({gx_row} + {k}, gx{k}, mask=cm)")
     with src.indent():
         consts.emit(src)
     src.lines.extend(body.lines)
     return src.text()
 
 
-def grad_w_source(problem, block) -> str:
-    """d out / d W_nu[s, p]: per chunk, sum over its nodes of sum_{m, monomial} g_m U x^monomial; one atomic add."""
+def grad_w_source(problem, block, index: int, piece: int) -> str:
+    """d out / d W_nu[s, p] of one piece: per chunk, sum over its nodes of sum_{m, monomial} g_m U x^monomial;
+    one atomic add per weight (pieces add to the same zero-initialised gradient)."""
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
     c_dim = problem.num_features
     grads = [f"gw{t}" for t in range(len(problem.weight_names))]
@@ -253,35 +272,29 @@ def grad_w_source(problem, block) -> str:
                                           "DT: tl.constexpr"])
     body.depth = 1
     _prologue(body, problem, block)
-    body("which = tl.program_id(2)")
     body(f"live = c < tl.where(start < end, {problem.num_features}, 0)")
-    for index, (spec, off) in enumerate(zip(problem.contractions, _out_offsets(problem))):
-        poly = polynomial(problem, index)
-        used = sorted({(nu, p) for (nu, _), terms in poly.items() for _, p in terms})
-        body(f"{'if' if index == 0 else 'elif'} which == {index}:")
-        with body.indent():
-            for nu, p in used:
-                body(f"A{nu}_{p} = tl.zeros([{block}], DT)")
-            body("for i in range(start, end):")
-            with body.indent():
-                _load_x(body, problem, poly)
-                body(f"g_row = grad_out + node * {problem.dim_out} + {off} + c * {spec.ir_dim}")
-                for m in range(spec.ir_dim):
-                    body(f"g{m} = tl.load(g_row + {m}, mask=cm, other=0.0)")
-                monos = _Monomials(body)
-                for (nu, mono), terms in poly.items():
-                    value = monos(mono)
-                    by_p = defaultdict(list)
-                    for (m, p), v in terms.items():
-                        by_p[p].append((consts(v), f"g{m}"))
-                    for p, pairs in sorted(by_p.items()):
-                        body(f"A{nu}_{p} += ({codegen.linear_combination(pairs)}) * {value}")
-            for nu, p in used:
-                t = _weight_index(problem, index, nu)
-                params = spec.num_params(nu)
-                body(f"tl.atomic_add(gw{t} + s * {params * c_dim} + {p * c_dim} + c, A{nu}_{p}, mask=live)")
-            if not used:
-                body("pass")
+    spec, poly = problem.contractions[index], pieces(problem, index)[piece]
+    used = sorted({(nu, p) for (nu, _), terms in poly.items() for _, p in terms})
+    for nu, p in used:
+        body(f"A{nu}_{p} = tl.zeros([{block}], DT)")
+    body("for i in range(start, end):")
+    with body.indent():
+        _load_x(body, problem, poly)
+        body(f"g_row = grad_out + node * {problem.dim_out} + {_out_offsets(problem)[index]} + c * {spec.ir_dim}")
+        for m in range(spec.ir_dim):
+            body(f"g{m} = tl.load(g_row + {m}, mask=cm, other=0.0)")
+        monos = _Monomials(body)
+        for (nu, mono), terms in poly.items():
+            value = monos(mono)
+            by_p = defaultdict(list)
+            for (m, p), v in terms.items():
+                by_p[p].append((consts(v), f"g{m}"))
+            for p, pairs in sorted(by_p.items()):
+                body(f"A{nu}_{p} += ({codegen.linear_combination(pairs)}) * {value}")
+    for nu, p in used:
+        t = _weight_index(problem, index, nu)
+        params = spec.num_params(nu)
+        body(f"tl.atomic_add(gw{t} + s * {params * c_dim} + {p * c_dim} + c, A{nu}_{p}, mask=live)")
     with src.indent():
         consts.emit(src)
     src.lines.extend(body.lines)
@@ -292,13 +305,23 @@ _SOURCES = {"forward": (forward_source, "sc_forward"), "grad_x": (grad_x_source,
             "grad_w": (grad_w_source, "sc_grad_w")}
 
 
-def _kernel(problem, variant, block):
+def _kernel(problem, variant, block, index, piece):
     build, name = _SOURCES[variant]
-    return getattr(codegen.load_module(f"{problem.key}_sc_{variant}_b{block}", lambda: build(problem, block)), name)
+    module = codegen.load_module(f"{problem.key}_sc_{variant}_c{index}_p{piece}of{PIECE_TERMS}_b{block}",
+                                 lambda: build(problem, block, index, piece))
+    return getattr(module, name)
 
 
-def _launch(problem, variant, grid, args, dtype, block):
-    _kernel(problem, variant, block)[grid](*args, DT=tl_dtype(dtype), num_warps=max(1, min(4, block // 32)))
+def _launch_pieces(problem, variant, grid, args, dtype, block):
+    """One launch per (contraction, piece), in order: later pieces add to what earlier ones wrote. Empty pieces
+    only launch where they must write zeros (an empty contraction's output, the first x-gradient piece)."""
+    for index in range(len(problem.contractions)):
+        for piece, poly in enumerate(pieces(problem, index)):
+            writes_zeros = variant == "forward" or (variant == "grad_x" and index == piece == 0)
+            if not poly and not writes_zeros:
+                continue
+            _kernel(problem, variant, block, index, piece)[grid](*args, DT=tl_dtype(dtype),
+                                                                 num_warps=max(1, min(4, block // 32)))
 
 
 def _prepared(problem, x, species):
@@ -317,8 +340,7 @@ def forward(problem: SymmetricContractionProblem, x, species, weights):
     if n == 0:
         return out
     order, sorted_species, starts, block, grid = _prepared(problem, x, species)
-    _launch(problem, "forward", grid + (len(problem.contractions),),
-            (x, sorted_species, order, starts, *weights, out, n), x.dtype, block)
+    _launch_pieces(problem, "forward", grid, (x, sorted_species, order, starts, *weights, out, n), x.dtype, block)
     return out
 
 
@@ -337,9 +359,9 @@ def backward(problem: SymmetricContractionProblem, grad_out, x, species, weights
         return grad_x.zero_() if want_x else grad_x, grad_ws
     order, sorted_species, starts, block, grid = _prepared(problem, x, species)
     if want_x:
-        _launch(problem, "grad_x", grid, (x, sorted_species, order, starts, *weights, grad_out, grad_x, n),
-                x.dtype, block)
+        _launch_pieces(problem, "grad_x", grid, (x, sorted_species, order, starts, *weights, grad_out, grad_x, n),
+                       x.dtype, block)
     if want_w:
-        _launch(problem, "grad_w", grid + (len(problem.contractions),),
-                (x, sorted_species, order, starts, grad_out, *grad_ws, n), x.dtype, block)
+        _launch_pieces(problem, "grad_w", grid, (x, sorted_species, order, starts, grad_out, *grad_ws, n),
+                       x.dtype, block)
     return grad_x, grad_ws

@@ -109,6 +109,29 @@ def test_symmetric_contraction_kernels_match_mace(case, dtype):
     compare_to_second_order(fast, slow, [x, *weights], dtype)
 
 
+@pytest.mark.parametrize("piece_terms", [1, 5])
+def test_symmetric_contraction_in_pieces_matches_mace(piece_terms, monkeypatch):
+    """Polynomials cut into many kernels (each piece adds to what earlier pieces stored) give the same values
+    and derivatives as one kernel per contraction."""
+    monkeypatch.setattr(sc_kernels, "PIECE_TERMS", piece_terms)
+    module = mace_module(*SC_CASES["corr3"], torch.float64, seed=5)
+    problem = symmetric_contraction_problem(module)
+    assert all(len(sc_kernels.pieces(problem, i)) > 1 for i in range(len(problem.contractions)))
+    n = 7
+    species = species_out_of_order(n, problem.num_elements, seed=4)
+    one_hot = torch.nn.functional.one_hot(species, problem.num_elements).to(torch.float64)
+    x = torch.randn(n, problem.num_features, problem.coupling_dim, dtype=torch.float64).to(DEVICE)
+    weights = [w.detach() for w in module_weights(problem, module)]
+
+    def fast(t, *ws):
+        return symmetric_contraction(problem, t, species, ws)
+
+    def slow(t, *ws):
+        return torch.func.functional_call(module, dict(zip(problem.weight_names, ws)), (t, one_hot))
+
+    compare_to_second_order(fast, slow, [x, *weights], torch.float64)
+
+
 def test_symmetric_contraction_kernel_empty_and_single_species():
     module = mace_module(2, "2x0e+2x1o", "2x0e", False, torch.float64)
     problem = symmetric_contraction_problem(module)

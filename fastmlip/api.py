@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import warnings
 
 FRAMEWORK_MODULES = ("fastmlip.patches.sevenn", "fastmlip.patches.mace")
@@ -71,35 +72,61 @@ def patch_for_file(path_or_name):
     raise ValueError(f"{text}: not a model fastmlip can load ({detail})")
 
 
+def resolve_dtype(dtype):
+    """Accept torch dtypes and the strings "float32"/"float64" (also "fp32"/"fp64")."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+             "fp64": torch.float64, "float": torch.float32, "double": torch.float64}
+    if str(dtype) not in names:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return names[str(dtype)]
+
+
 def load(path_or_name, device=None, dtype=None):
     """The framework's own model from a checkpoint, a pretrained name, or a file ``fastmlip convert`` wrote.
 
-    Files converted ``--to fast`` come back accelerated (and checked against the original).
+    ``dtype``: a torch dtype or "float32"/"float64". Files converted ``--to fast`` come back accelerated (and
+    checked against the original).
     """
     patch = patch_for_file(path_or_name)
-    model = patch.load(os.fspath(path_or_name), device=device, dtype=dtype)
+    model = patch.load(os.fspath(path_or_name), device=device, dtype=resolve_dtype(dtype))
     stored = model.__dict__.get("_fastmlip_file") or {}
     if stored.get("format") == "fast":
         accelerate(model, check=True)
     return model
 
 
-def accelerate(model, *, check: bool = True, strict: bool = False):
+def accelerate(model, *, check: bool = True, strict: bool = False, progress=None):
     """Swap the model's e3nn modules for fastmlip ones in place and return the same object.
 
     Modules that cannot be accelerated stay as they are and are named in one warning (strict=True: ValueError
-    and the model untouched). With ``check`` the accelerated model is compared with its originals on a probe
-    structure; beyond tolerance it is restored exactly and ``AccelerationCheckError`` says by how much.
+    and the model untouched). On a GPU every kernel the model will launch is then compiled in parallel (or
+    loaded from the cache) before anything runs; :func:`kernel_report` says what was done (``progress``: a
+    progress bar, None: when stderr is a terminal). With ``check`` the accelerated model is compared with its
+    originals on a probe structure; beyond tolerance it is restored exactly and ``AccelerationCheckError`` says
+    by how much.
     """
     patch = framework_of(model)
+    start = time.perf_counter()
     left = patch.accelerate(model, strict=strict)
     if left:
         described = ", ".join(f"{name} ({type(model.get_submodule(name)).__name__})" for name in left)
         warnings.warn(f"fastmlip left {len(left)} module(s) as e3nn: {described}", stacklevel=2)
-    if check and patch.is_accelerated(model):
+    timing = {"surgery": time.perf_counter() - start}
+    if patch.is_accelerated(model):
         from fastmlip.patches import common
 
-        model.__dict__["_fastmlip_check"] = common.check(model, patch)
+        start = time.perf_counter()
+        model.__dict__["_fastmlip_kernels"] = common.prepare_kernels(model, patch, progress=progress)
+        timing["kernels"] = time.perf_counter() - start
+        if check:
+            start = time.perf_counter()
+            model.__dict__["_fastmlip_check"] = common.check(model, patch)
+            timing["check"] = time.perf_counter() - start
+    model.__dict__["_fastmlip_timing"] = timing
     return model
 
 
@@ -107,9 +134,23 @@ def restore(model):
     """Put the original modules back (state_dict bit-identical to before acceleration); returns the model."""
     framework_of(model).restore(model)
     model.__dict__.pop("_fastmlip_check", None)
+    model.__dict__.pop("_fastmlip_kernels", None)
+    model.__dict__.pop("_fastmlip_timing", None)
     return model
 
 
 def last_check(model):
     """The report of the self-check run by the last :func:`accelerate` (None if it did not run)."""
     return model.__dict__.get("_fastmlip_check")
+
+
+def setup_timing(model) -> dict:
+    """Seconds the last :func:`accelerate` spent on the surgery, the kernels (dry run and compile or cache) and
+    the self-check."""
+    return dict(model.__dict__.get("_fastmlip_timing") or {})
+
+
+def kernel_report(model):
+    """What the last :func:`accelerate` did to make the model's kernels ready
+    (:class:`fastmlip.kernels.precompile.Report`; None where the model runs no Triton kernels)."""
+    return model.__dict__.get("_fastmlip_kernels")

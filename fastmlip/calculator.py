@@ -40,17 +40,6 @@ def resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype):
-    """Accept torch dtypes and the strings "float32"/"float64" (also "fp32"/"fp64")."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
-             "fp64": torch.float64, "float": torch.float32, "double": torch.float64}
-    if str(dtype) not in names:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return names[str(dtype)]
-
-
 def _describe_failure(exc: BaseException) -> str:
     """The error's first line and the innermost frame outside torch, which names the code that cannot be captured."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
@@ -87,7 +76,8 @@ class Calculator(AseCalculator):
         from . import api  # the face above patches; imported late to keep `import fastmlip` light
 
         self.device = resolve_device(device)
-        dtype = resolve_dtype(dtype)
+        dtype = api.resolve_dtype(dtype)
+        start = time.perf_counter()
         if isinstance(model, torch.nn.Module):
             self.framework = api.framework_of(model)
             model = model.to(device=self.device, dtype=dtype) if dtype else model.to(self.device)
@@ -97,8 +87,11 @@ class Calculator(AseCalculator):
             for parameter in model.parameters():  # the calculator's own model: no weight gradients per step
                 parameter.requires_grad_(False)
         model.eval()
+        self.setup_seconds = {"load": time.perf_counter() - start}  # and "accelerate" when this one did
         if accelerate and not self.framework.is_accelerated(model):
+            start = time.perf_counter()
             api.accelerate(model, check=check)
+            self.setup_seconds["accelerate"] = time.perf_counter() - start
         self.model = model
 
         info = self.framework.model_info(model)

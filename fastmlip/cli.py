@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "info": ("fastmlip.info", "versions, devices and backends available here"),
     "convert": ("fastmlip.convert", "convert a MACE/SevenNet checkpoint to fastmlip (or back to e3nn)"),
     "md": ("fastmlip.md", "molecular dynamics with a model, on GPU if present"),
+    "warmup": ("fastmlip.warmup", "compile a model's GPU kernels into the cache ahead of a run"),
 }
 
 

@@ -25,7 +25,19 @@ def collect() -> dict:
         **{name: _version(name) for name in ("e3nn", "triton", "ase", "sevenn", "mace")},
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
         "backends": available_backends(),
+        "cache": _kernel_cache(),
     }
+
+
+def _kernel_cache() -> dict:
+    try:
+        from .kernels.precompile import cache_summary
+    except ImportError as exc:  # the kernels need triton
+        return {"unavailable": str(exc)}
+    summary = cache_summary()
+    entries = ", ".join(f"{n} for {t}" for t, n in summary["compiled"].items()) or "none"
+    return {"location": summary["location"], "size_MB": round(summary["bytes"] / 2**20, 1),
+            "compiled_kernels": entries, "generated_sources": summary["generated_sources"]}
 
 
 def add_arguments(parser) -> None:

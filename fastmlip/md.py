@@ -169,6 +169,23 @@ def plot(path, times_ps, potential, total, temperature):
     plt.close(figure)
 
 
+def describe_setup(calculator, first_step_seconds: float) -> str:
+    """Where the time before the first MD step went: loading, the surgery, the kernels (dry run, compiled or
+    cached), the self-check and the first step."""
+    from .api import kernel_report, setup_timing
+
+    parts = [f"model {calculator.setup_seconds['load']:.1f} s"]
+    if "accelerate" in calculator.setup_seconds:
+        timing, report = setup_timing(calculator.model), kernel_report(calculator.model)
+        parts.append(f"surgery {timing['surgery']:.1f} s")
+        if report is not None:
+            parts.append(f"kernels {timing['kernels']:.1f} s ({report.summary()})")
+        if "check" in timing:
+            parts.append(f"self-check {timing['check']:.1f} s")
+    parts.append(f"first step {first_step_seconds:.1f} s")
+    return "; ".join(parts)
+
+
 def simulate(args):
     from tqdm import tqdm
 
@@ -189,7 +206,9 @@ def simulate(args):
                             cuda_graph={"auto": "auto", "yes": True, "no": False}[args.cuda_graph])
     atoms.calc = calculator
     dynamics = make_dynamics(atoms, args)
-    atoms.get_forces()  # first step compiles/warms up; timed separately
+    first_step = time.perf_counter()
+    atoms.get_forces()  # first step: neighbour list, CUDA graph capture; timed separately
+    first_step_seconds = time.perf_counter() - first_step
     load_seconds = time.perf_counter() - load_start
     modules = "fastmlip modules" if calculator.framework.is_accelerated(calculator.model) else "e3nn modules"
     framework = calculator.framework.__name__.rsplit(".", 1)[-1]
@@ -197,8 +216,8 @@ def simulate(args):
     steps_as = "CUDA graph replays" if calculator.cuda_graph else f"eager steps: {calculator.cuda_graph_obstacle}"
     print(f"{len(atoms)} atoms {atoms.get_chemical_formula()}, model {args.model} ({framework}, {modules}, "
           f"{dtype}, {calculator.device}{f', {threads} thread(s)' if threads else ''}; {steps_as}), "
-          f"{args.ensemble.upper()} at {args.temperature:g} K, dt {args.timestep:g} fs; "
-          f"setup {load_seconds:.1f} s", flush=True)
+          f"{args.ensemble.upper()} at {args.temperature:g} K, dt {args.timestep:g} fs", flush=True)
+    print(f"setup {load_seconds:.1f} s: {describe_setup(calculator, first_step_seconds)}", flush=True)
 
     writer = TrajectoryWriter(args.traj) if args.traj else None
     n_atoms = len(atoms)

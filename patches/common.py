@@ -168,8 +168,9 @@ def neighbor_edges(atoms, cutoff: float) -> tuple:
         shifts, dtype=torch.float64)
 
 
-def compute_on_atoms(patch, model, atoms, edges, *, modal=None, compute_stress=True) -> dict:
-    """Run ``patch.compute`` on an ASE structure with given edges, in the model's dtype and device."""
+def compute_on_atoms(patch, model, atoms, edges, *, modal=None, compute_stress=True, **options) -> dict:
+    """Run ``patch.compute`` on an ASE structure with given edges, in the model's dtype and device
+    (``options``: ``edge_mask``, ``validated``)."""
     info = patch.model_info(model)
     dtype, device = info["dtype"], info["device"]
     i, j, shifts = (t.to(device) for t in edges)
@@ -177,7 +178,46 @@ def compute_on_atoms(patch, model, atoms, edges, *, modal=None, compute_stress=T
                          torch.as_tensor(atoms.cell.array, dtype=dtype, device=device),
                          torch.as_tensor(atoms.pbc, device=device),
                          torch.as_tensor(atoms.numbers, dtype=torch.long, device=device), i, j,
-                         shifts.to(dtype=dtype), modal=modal, compute_stress=compute_stress)
+                         shifts.to(dtype=dtype), modal=modal, compute_stress=compute_stress, **options)
+
+
+def record_kernels(model, patch) -> list:
+    """Every Triton kernel the accelerated model launches in a step, recorded by a dry run (nothing compiles).
+
+    The dry run evaluates the probe structure the way the calculator does: with and without stress, and with
+    an edge mask as a captured CUDA-graph step does (when the model allows masks), for every modal/head.
+    Kernels are specialised on types and alignment, never on sizes, so these are every structure's kernels.
+    """
+    from fastmlip.kernels import precompile
+
+    info = patch.model_info(model)
+    atoms = probe_structure(info["atomic_numbers"], info["cutoff"])
+    edges = neighbor_edges(atoms, info["cutoff"])
+    mask = torch.ones(edges[0].numel(), dtype=torch.bool, device=info["device"])
+    masked = patch.mask_obstacle(model) is None
+    with precompile.recording(info["device"]) as specs:
+        for modal in info["modals"] or [None]:
+            for stress in (True, False):
+                compute_on_atoms(patch, model, atoms, edges, modal=modal, compute_stress=stress)
+            if masked:
+                compute_on_atoms(patch, model, atoms, edges, modal=modal, edge_mask=mask, validated=True)
+    return specs
+
+
+def prepare_kernels(model, patch, *, progress=None):
+    """Compile (or load from the cache) every kernel the accelerated model will launch, before its first step.
+
+    Returns :class:`fastmlip.kernels.precompile.Report`, or None where the model runs no Triton kernels
+    (CPU, the reference backend, the interpreter).
+    """
+    from fastmlip.ops import dispatch
+
+    device = patch.model_info(model)["device"]
+    if device.type != "cuda" or dispatch.backend_for(torch.empty(0, device=device)) != "triton":
+        return None
+    from fastmlip.kernels import precompile
+
+    return precompile.prepare(record_kernels(model, patch), progress=progress)
 
 
 def deviation(reference: dict, candidate: dict, num_atoms: int) -> dict:

@@ -4,12 +4,17 @@
 #
 # Before the first call, here:  bash ../shared/device/pack_baselines.sh .devbundle
 #                               echo /.devbundle/ >> .git/info/exclude
+# (phases that need no cuEquivariance can carry a lighter .devlite: .devbundle/site.tar.xz and an unpack.sh
+#  that extracts only it)
 # Device calls (carry [".devbundle"]), e.g.:
+#   bash scripts/device_session.sh coldstart gpu-tests         (~6 min)
 #   bash scripts/device_session.sh tests                       (~9 min: cold kernel compiles on a fresh machine)
 #   bash scripts/device_session.sh profile md-sevenn           (~7 min)
 #   bash scripts/device_session.sh md-mace node                (~9 min)
 #   bash scripts/device_session.sh conv                        (~6 min)
-# Phases: tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
+# Phases: coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
+# GPU_TESTS_K selects with pytest -k),
+# tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
 # kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
 # OpenEquivariance), node (node kernels + radial MLP vs e3nn/cuEquivariance), conv (fused convolution).
 # Every step runs under its own time limit and the next runs even if one fails.
@@ -18,7 +23,7 @@ set -uo pipefail
 repo=$(pwd)
 out=${OUT:-$repo/out}
 mkdir -p "$out"
-[ -f .devbundle/unpack.sh ] && source .devbundle/unpack.sh
+if [ -f .devbundle/unpack.sh ]; then source .devbundle/unpack.sh; elif [ -f .devlite/unpack.sh ]; then source .devlite/unpack.sh; fi
 # The editable install's package_dir mapping does not work offline there: put the package together in /tmp.
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg/fastmlip
 cp -r fastmlip/* /tmp/pkg/fastmlip/ && cp -r kernels /tmp/pkg/fastmlip/kernels && cp -r patches /tmp/pkg/fastmlip/patches
@@ -37,6 +42,19 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for phase in "$@"; do
   case "$phase" in
+    coldstart)
+      # bytecode of the unpacked packages, as pip writes it at install time (else the first run compiles it);
+      # openequivariance off the path meanwhile: sevenn and mace import it when present, and the packed copy (an
+      # sdist, no prebuilt extension) JIT-builds its CUDA extension at its first import (~35 s in one process)
+      python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
+      mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null
+      step cold_start 240 python3 "$repo/scripts/bench_cold_start.py" --out "$out"
+      mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
+      ;;
+    gpu-tests)
+      step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -m gpu --durations 15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
+        "$repo/tests"
+      ;;
     tests)
       step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/test_gpu_models.py" \
         "$repo/tests/test_radial_mlp.py" "$repo/tests/test_radial_basis.py" "$repo/tests/test_gate.py" \

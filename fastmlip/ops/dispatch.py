@@ -7,12 +7,29 @@ that have no kernel keep using the reference, so a whole model still runs with t
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
 import torch
 
 BACKENDS = ("reference", "triton", "auto")
+_KERNELS_ON_CPU = contextvars.ContextVar("fastmlip_kernels_on_cpu", default=False)
+
+
+@contextlib.contextmanager
+def kernels_on_cpu():
+    """Within the block (this thread), ops with a kernel take the Triton backend for CPU tensors too.
+
+    For dry runs that only record which kernels a model launches (:mod:`fastmlip.kernels.precompile`), e.g. to
+    compile them for a GPU this machine does not have; such a run must never launch them.
+    """
+    token = _KERNELS_ON_CPU.set(True)
+    try:
+        yield
+    finally:
+        _KERNELS_ON_CPU.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,6 +57,8 @@ def backend_for(tensor: torch.Tensor, has_kernel: bool = True) -> str:
     name = requested_backend()
     if name == "reference" or not has_kernel:
         return "reference"
+    if _KERNELS_ON_CPU.get() and triton_available():
+        return "triton"
     usable = tensor.is_cuda and triton_available()
     if name == "triton":
         if not triton_available():

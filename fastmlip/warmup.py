@@ -1,0 +1,87 @@
+"""``fastmlip warmup``: fill the kernel cache for a model before a run needs it.
+
+On a machine with a GPU it compiles for that GPU (what ``accelerate`` does before a first step, without the
+self-check). With ``--arch`` (or without a GPU, e.g. on a cluster's login node) it compiles for the named
+architecture on the CPU: the model's step runs as a dry run that records its kernels and launches nothing.
+Jobs that start later on GPUs of that architecture then find every kernel in the cache.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="model name or path (e.g. 7net-0, a MACE .model file)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32, float64, or both comma-separated (default: float32)")
+    parser.add_argument("--arch", default=None,
+                        help="compile for this GPU architecture without using a GPU (e.g. sm_90 for H100/H200); "
+                        "default: the GPU here")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _frozen_model(name: str, device: str, dtype):
+    """The model as the calculator holds it: loaded, no weight gradients (they change which kernels run)."""
+    from . import api
+
+    model = api.load(name, device=device, dtype=dtype)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def warm(name: str, dtype, *, arch=None, workers=None, progress=None):
+    """Compile (or find in the cache) every kernel of the accelerated ``name`` for ``arch`` (default: this GPU).
+
+    Returns the :class:`fastmlip.kernels.precompile.Report`.
+    """
+    import torch
+
+    from . import api
+    from .kernels import precompile
+    from .ops import dispatch
+    from .patches import common
+
+    if arch is None and not torch.cuda.is_available():
+        raise ValueError("no CUDA GPU here: name the GPU architecture to compile for with --arch (e.g. sm_90)")
+    if arch is None:
+        model = _frozen_model(name, "cuda", dtype)
+        patch = api.framework_of(model)
+        patch.accelerate(model)
+        return precompile.prepare(common.record_kernels(model, patch), workers=workers, progress=progress)
+    target = precompile.Target.parse(arch)
+    model = _frozen_model(name, "cpu", dtype)
+    patch = api.framework_of(model)
+    patch.accelerate(model)
+    with precompile.target_only(target), dispatch.kernels_on_cpu():
+        specs = common.record_kernels(model, patch)
+    return precompile.prepare(specs, target=target, install=False, workers=workers, progress=progress)
+
+
+def run(args) -> int:
+    from .api import resolve_dtype
+    from .kernels import precompile
+
+    try:
+        dtypes = [resolve_dtype(d.strip()) for d in args.dtype.split(",") if d.strip()]
+        if args.arch is not None:
+            precompile.Target.parse(args.arch)
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        for dtype in dtypes:
+            start = time.perf_counter()
+            report = warm(args.model, dtype, arch=args.arch, workers=args.workers,
+                          progress=False if args.no_progress else None)
+            for label, seconds in sorted(report.compiled, key=lambda item: -item[1]):
+                print(f"  compiled {label} ({seconds:.1f} s)")
+            for label, reason in report.failed:
+                print(f"  not compiled {label}: {reason}")
+            print(f"{args.model} {str(dtype).replace('torch.', '')}: {report.summary()} "
+                  f"({time.perf_counter() - start:.1f} s in all)")
+        print(f"cache: {precompile.cache_summary()['location']}")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fastmlip warmup: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 1 if report.failed else 0

@@ -1,0 +1,116 @@
+"""Time to the first MD step, as a new user meets it: ``fastmlip md`` in a fresh process, cold and warm.
+
+cold: an empty fastmlip cache and an empty Triton cache, so every kernel is generated and compiled.
+warm: the fastmlip cache the cold run filled, and again an empty Triton cache (fastmlip's cache alone must do;
+      Triton 3.6's C launch stubs are built again).
+warm+triton: both caches as the warm run left them (a second run on the same machine).
+Each run is a fresh ``python`` process; "to first step" is measured from just before the process starts to the
+moment it prints its ``setup`` line, which comes right after the first step (so it includes Python's start, the
+imports, loading the model, preparing kernels, the self-check and the first step with its CUDA graph capture);
+``setup`` is what ``fastmlip md`` itself reports (the same without Python's start and the imports).
+
+    python scripts/bench_cold_start.py --out docs/cold_start            # SevenNet-0 and MACE-medium-like, Si 216
+    python scripts/bench_cold_start.py --cases sevenn --repeat 2 --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+MODELS = {"sevenn": "7net-0", "mace-medium": None}  # None: bench_md's MACE-MP-0-medium-like model file
+
+
+def model_argument(case: str, model_dir: str) -> str:
+    if MODELS[case] is not None:
+        return MODELS[case]
+    from bench_md import mace_model_path
+
+    return mace_model_path(case, model_dir)
+
+
+def run_md(model: str, cache: str, triton_cache: str, repeat: int, steps: int, extra_env: dict,
+           profile: str = None) -> dict:
+    """One fresh ``fastmlip md`` process; the time to its ``setup`` line and what it printed (``profile``: run it
+    under cProfile, writing the statistics there)."""
+    command = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "fastmlip.cli", "md",
+               "--model", model, "--demo", "si", "--repeat", str(repeat), "--steps", str(steps), "--no-progress"]
+    env = dict(os.environ, FASTMLIP_CACHE=cache, TRITON_CACHE_DIR=triton_cache, PYTHONUNBUFFERED="1", **extra_env)
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, first_step = [], None
+    for line in process.stdout:
+        lines.append(line.rstrip())
+        if first_step is None and line.startswith("setup"):
+            first_step = time.perf_counter() - start
+    stderr = process.stderr.read()
+    code = process.wait()
+    total = time.perf_counter() - start
+    text = "\n".join(lines)
+    setup = re.search(r"^setup ([\d.]+) s", text, re.M)
+    median = re.search(r"median ([\d.]+) ms/step", text)
+    return {"returncode": code, "to_first_step_s": first_step, "setup_s": float(setup.group(1)) if setup else None,
+            "ms_per_step": float(median.group(1)) if median else None, "wall_s": total, "stdout": text,
+            "stderr_tail": stderr[-3000:]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="sevenn,mace-medium", help=f"comma-separated, from {list(MODELS)}")
+    ap.add_argument("--repeat", type=int, default=3, help="Si cubic cells per axis (3: 216 atoms)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=None, help="write cold_start.json here")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more warm run per case under cProfile: the top functions, and the .prof under --out")
+    args = ap.parse_args()
+    import torch
+
+    workdir = tempfile.mkdtemp(prefix="fastmlip_cold_")
+    results = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "python": platform.python_version(),
+               "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "runs": []}
+    try:
+        import triton
+
+        results["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for case in args.cases.split(","):
+        model = model_argument(case, workdir)
+        cache = os.path.join(workdir, f"cache-{case}")
+        for state in ("cold", "warm", "warm+triton"):
+            triton_cache = os.path.join(workdir, f"triton-{case}-{state.replace('+triton', '')}")
+            run = run_md(model, cache, triton_cache, args.repeat, args.steps, {})
+            run.update(case=case, state=state)
+            results["runs"].append(run)
+            print(f"--- {case} {state}: rc {run['returncode']}, to first step {run['to_first_step_s']} s\n"
+                  f"{run['stdout']}\n{run['stderr_tail'][-1500:] if run['returncode'] else ''}", flush=True)
+        if args.profile:
+            import pstats
+
+            path = os.path.join(args.out or workdir, f"setup_{case}.prof")
+            run_md(model, cache, os.path.join(workdir, f"triton-{case}-profile"), args.repeat, args.steps, {}, path)
+            print(f"--- {case} warm, profiled ({path}):")
+            pstats.Stats(path).sort_stats("cumulative").print_stats(40)
+    print(f"\n{'case':12s} {'state':11s} {'to first step s':>16s} {'setup s':>8s} {'ms/step':>8s}")
+    for run in results["runs"]:
+        first = f"{run['to_first_step_s']:.1f}" if run["to_first_step_s"] is not None else "failed"
+        setup = f"{run['setup_s']:.1f}" if run["setup_s"] is not None else "-"
+        step = f"{run['ms_per_step']:.2f}" if run["ms_per_step"] is not None else "-"
+        print(f"{run['case']:12s} {run['state']:11s} {first:>16s} {setup:>8s} {step:>8s}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "cold_start.json"), "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Kernels compiled before the first step (fastmlip.kernels.precompile), checked on the CPU.
+
+Triton kernels are only *specialised* (and compiled) where the interpreter is off, so the checks that need real
+specialisations run in a child process with ``TRITON_INTERPRET=0`` and Triton's driver replaced by a stand-in
+for an sm_90 GPU (:func:`precompile.target_only`): dry runs record what would compile, and a few small kernels
+really are compiled for sm_90 by the worker processes (Triton ships ptxas). The child is this file run as a
+script; it prints one JSON line the tests read.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.abspath(__file__)
+
+
+def child(mode: str, cache, *args, timeout=600) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="0", FASTMLIP_CACHE=str(cache), FASTMLIP_BACKEND="auto",
+               FASTMLIP_COMPILE_WORKERS="2")
+    done = subprocess.run([sys.executable, HERE, mode, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- what the child runs ---------------------------------------------------------------------------------------
+
+def _keys(specs) -> list:
+    return sorted({f"{s.function.module}:{s.function.__name__}:{s.specialization}" for s in specs})
+
+
+def steps_against_dry_run() -> dict:
+    """Kernels that a Calculator's steps would compile (first step, later steps with other edge counts, a
+    Verlet rebuild, a masked CUDA-graph-style step) against those accelerate's dry run records."""
+    import numpy as np
+    import torch
+    from ase.build import bulk
+
+    import fastmlip
+    from fastmlip.cuda_graph import CapturedStep
+    from fastmlip.kernels import precompile
+    from fastmlip.ops import dispatch
+    from fastmlip.patches import common
+    from fastmlip.warmup import _frozen_model
+
+    model = _frozen_model("7net-0", "cpu", "float32")
+    patch = fastmlip.api.framework_of(model)
+    patch.accelerate(model)
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 1, 1))
+    rng = np.random.default_rng(0)
+    steps = []
+    with precompile.target_only(precompile.Target.parse("sm_90")), dispatch.kernels_on_cpu():
+        dry = common.record_kernels(model, patch)
+        calc = fastmlip.Calculator(model, device="cpu")
+        for step in range(4):
+            atoms.positions += rng.normal(scale=0.15 if step == 2 else 0.02, size=atoms.positions.shape)
+            with precompile.recording() as launched:
+                calc.calculate(atoms.copy(), ["energy", "forces", "stress"])
+            steps.append((launched, calc.neighbors.rebuilds))
+        positions = torch.as_tensor(atoms.positions)
+        cell = torch.as_tensor(atoms.cell.array)
+        i, j, shifts, _ = calc.neighbors.candidates(positions, cell, (True,) * 3)
+        captured = CapturedStep(patch, model, calc._numbers, cell, (True,) * 3, calc.cutoff, None, True, i.numel())
+        captured.load_pairs(i, j, shifts)
+        captured.positions.copy_(positions)
+        with precompile.recording() as masked:
+            captured.evaluate()
+    return {"dry": _keys(dry), "steps": [_keys(s) for s, _ in steps], "rebuilds": [r for _, r in steps],
+            "masked": _keys(masked), "edges": [len(s) for s, _ in steps]}
+
+
+def small_specs():
+    """Specs of two small kernels (spherical harmonics forward and backward), by a dry run of the op."""
+    import torch
+
+    from fastmlip.kernels import precompile
+    from fastmlip.ops import dispatch
+    from fastmlip.ops.spherical_harmonics import spherical_harmonics
+
+    vectors = torch.randn(10, 3, requires_grad=True)
+    with precompile.target_only(precompile.Target.parse("sm_90")), dispatch.kernels_on_cpu():
+        with precompile.recording() as specs:
+            out = spherical_harmonics([0, 1, 2], vectors, True, "component")
+            torch.autograd.grad(out.sum(), vectors)
+    return specs
+
+
+def compile_small(install: str) -> dict:
+    from fastmlip.kernels import precompile
+
+    specs = precompile.unique(small_specs())
+    target = precompile.Target.parse("sm_90")
+    report = precompile.prepare(specs, target=target, install=install == "install", progress=False)
+    installed = []
+    if install == "install":
+        installed = [type(spec.function.device_caches[spec.device][0].get(spec.key)).__name__ for spec in specs]
+    entries = [str(precompile.entry_path(spec, target)) for spec in specs]
+    return {"kernels": report.kernels, "cached": report.cached, "compiled": len(report.compiled),
+            "failed": report.failed, "entries": entries, "installed": installed}
+
+
+# --- the tests -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_no_kernel_compiles_after_the_dry_run(tmp_path):
+    """Every kernel a step launches was recorded by accelerate's dry run on its 4-atom probe, and no step after
+    the first needs a kernel the first did not: sizes are never specialised."""
+    result = child("steps", tmp_path / "cache")
+    assert result["dry"] and all(result["steps"])
+    assert result["rebuilds"][-1] > result["rebuilds"][0]  # the list was rebuilt: edge counts changed
+    first = set(result["steps"][0])
+    for later in result["steps"][1:]:
+        assert set(later) <= first
+    assert first <= set(result["dry"])
+    assert set(result["masked"]) <= set(result["dry"])
+
+
+def test_compiled_kernels_are_cached_checked_and_rebuilt(tmp_path):
+    cache = tmp_path / "cache"
+    cold = child("compile", cache, "store")
+    assert cold["kernels"] == 2 and cold["compiled"] == 2 and cold["cached"] == 0 and not cold["failed"]
+    for entry in cold["entries"]:
+        names = sorted(os.listdir(entry))
+        assert names[0] == "manifest.json" and any(n.endswith(".cubin") for n in names), names
+
+    warm = child("compile", cache, "install")
+    assert warm["cached"] == 2 and warm["compiled"] == 0
+    assert warm["installed"] == ["CompiledKernel", "CompiledKernel"]  # in Triton's in-memory cache: no compile
+
+    cubin = next(os.path.join(cold["entries"][0], n) for n in os.listdir(cold["entries"][0]) if n.endswith(".cubin"))
+    with open(cubin, "r+b") as handle:  # a truncated binary must be noticed and rebuilt, not loaded
+        handle.truncate(100)
+    rebuilt = child("compile", cache, "store")
+    assert rebuilt["cached"] == 1 and rebuilt["compiled"] == 1 and not rebuilt["failed"]
+    os.remove(os.path.join(cold["entries"][1], "manifest.json"))  # an entry without its manifest too
+    again = child("compile", cache, "store")
+    assert again["cached"] == 1 and again["compiled"] == 1
+
+
+def test_processes_starting_at_once_share_the_cache(tmp_path):
+    """Several processes (an MPI job's ranks) filling one cache together all end with every kernel."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, TRITON_INTERPRET="0", FASTMLIP_CACHE=str(cache), FASTMLIP_COMPILE_WORKERS="1")
+    ranks = [subprocess.Popen([sys.executable, HERE, "compile", "store"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = []
+    for rank in ranks:
+        out, err = rank.communicate(timeout=600)
+        assert rank.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["kernels"] == 2 and not r["failed"] for r in results)
+    assert sum(r["compiled"] for r in results) >= 2  # each kernel compiled at least once...
+    leftovers = [n for n in os.listdir(results[0]["entries"][0] + "/..") if ".tmp" in n or "damaged" in n]
+    assert not leftovers
+    final = child("compile", cache, "store")
+    assert final["cached"] == 2 and final["compiled"] == 0  # ...and every entry whole afterwards
+
+
+def test_target_names():
+    from fastmlip.kernels.precompile import Target
+
+    assert Target.parse("sm_90") == Target.parse("90") == Target("cuda", 90, 32)
+    assert str(Target.parse("sm_80")) == "sm_80"
+    with pytest.raises(ValueError, match="compute capability"):
+        Target.parse("hopper")
+
+
+def test_warmup_command_errors(capsys, monkeypatch):
+    from fastmlip.cli import main
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["warmup", "7net-0"]) == 2
+    assert "--arch" in capsys.readouterr().err
+    assert main(["warmup", "7net-0", "--arch", "hopper"]) == 2
+    assert main(["warmup", "7net-0", "--arch", "sm_90", "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err
+
+
+def test_info_shows_the_cache(tmp_path, monkeypatch, capsys):
+    from fastmlip.cli import main
+
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path / "somewhere"))
+    assert main(["info"]) == 0
+    assert str(tmp_path / "somewhere") in capsys.readouterr().out
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    result = steps_against_dry_run() if mode == "steps" else compile_small(sys.argv[2])
+    print(json.dumps(result))

@@ -12,6 +12,8 @@ _LAZY = {
     "restore": "fastmlip.api",
     "Calculator": "fastmlip.calculator",
     "neighbor_list": "fastmlip.neighbors",
+    "UntrustedFileError": "fastmlip.patches.common",
+    "StructureError": "fastmlip.calculator",
 }
 
 __all__ = ["__version__", *_LAZY]

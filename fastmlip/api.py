@@ -85,14 +85,34 @@ def resolve_dtype(dtype):
     return names[str(dtype)]
 
 
-def load(path_or_name, device=None, dtype=None):
+def trust(path, trusted: bool, sha256=None) -> bool:
+    """Whether the caller trusts ``path``: ``trusted``, or a pinned ``sha256`` that the file matches
+    (:class:`fastmlip.UntrustedFileError` when it does not)."""
+    from fastmlip.patches.common import UntrustedFileError, file_sha256
+
+    if sha256 is None:
+        return bool(trusted)
+    actual = file_sha256(path) if os.path.isfile(path) else None
+    if actual != str(sha256).strip().lower():
+        raise UntrustedFileError(f"{path}: its SHA-256 is {actual}, not the {sha256} you pinned; not loaded")
+    return True
+
+
+def load(path_or_name, device=None, dtype=None, *, trusted: bool = False, sha256=None):
     """The framework's own model from a checkpoint, a pretrained name, or a file ``fastmlip convert`` wrote.
 
     ``dtype``: a torch dtype or "float32"/"float64". Files converted ``--to fast`` come back accelerated (and
     checked against the original).
+
+    No code from the file runs unless you trust it. SevenNet checkpoints hold tensors and arrays and are read
+    without running code. A MACE ``.model`` file is a whole pickled model: it is opened only with ``trusted=True``,
+    or with ``sha256`` equal to the file's SHA-256 (pin a file you checked once); otherwise
+    :class:`fastmlip.UntrustedFileError` says so in one line. Checkpoints shipped inside installed packages are
+    trusted.
     """
     patch = patch_for_file(path_or_name)
-    model = patch.load(os.fspath(path_or_name), device=device, dtype=resolve_dtype(dtype))
+    path = os.fspath(path_or_name)
+    model = patch.load(path, device=device, dtype=resolve_dtype(dtype), trusted=trust(path, trusted, sha256))
     stored = model.__dict__.get("_fastmlip_file") or {}
     if stored.get("format") == "fast":
         accelerate(model, check=True)

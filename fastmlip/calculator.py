@@ -66,12 +66,13 @@ class Calculator(AseCalculator):
     CUDA graph (see :mod:`fastmlip.cuda_graph`); "auto" does so on CUDA when the model allows it, True insists
     (ValueError when it cannot), False never does. "auto" also times a replay against an eager step after the
     first capture and keeps the faster; a capture that fails falls back to eager steps with a warning.
+    ``trusted``/``sha256``: for model files that only load by running code they hold (see :func:`fastmlip.load`).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model="7net-0", device="auto", dtype=None, accelerate=True, modal=None,
-                 head=None, skin=DEFAULT_SKIN, check=True, cuda_graph="auto", **kwargs):
+                 head=None, skin=DEFAULT_SKIN, check=True, cuda_graph="auto", trusted=False, sha256=None, **kwargs):
         super().__init__(**kwargs)
         from . import api  # the face above patches; imported late to keep `import fastmlip` light
 
@@ -82,7 +83,7 @@ class Calculator(AseCalculator):
             self.framework = api.framework_of(model)
             model = model.to(device=self.device, dtype=dtype) if dtype else model.to(self.device)
         else:
-            model = api.load(model, device=self.device, dtype=dtype)
+            model = api.load(model, device=self.device, dtype=dtype, trusted=trusted, sha256=sha256)
             self.framework = api.framework_of(model)
             for parameter in model.parameters():  # the calculator's own model: no weight gradients per step
                 parameter.requires_grad_(False)

@@ -13,6 +13,15 @@ SUBCOMMANDS = {
 }
 
 
+def add_trust_arguments(parser) -> None:
+    """--trust / --sha256, for model files that load only by running code they hold (MACE .model files)."""
+    parser.add_argument("--trust", action="store_true",
+                        help="load a model file that is a whole pickle (MACE .model): it can run code, so only "
+                        "for files whose source you trust")
+    parser.add_argument("--sha256", default=None, metavar="HEX",
+                        help="trust the model file only if its SHA-256 is this (pin a file you checked once)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastmlip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,6 +12,8 @@ import os
 import sys
 import tempfile
 
+from .cli import add_trust_arguments
+
 FORMATS = ("fast", "e3nn")
 DTYPES = ("float32", "float64")
 EXIT_BAD_INPUT = 2
@@ -30,6 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype the check runs in and fastmlip.load defaults to (default: the model's)")
     parser.add_argument("--device", default="cpu", help="device for the check, e.g. cpu or cuda (default: cpu)")
+    add_trust_arguments(parser)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -72,8 +75,11 @@ def _write_atomically(output: str, write) -> None:
         raise
 
 
-def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", progress=None) -> dict:
-    """Convert and return {"check": report or None, "framework": name}; ConvertError/ValueError on bad input."""
+def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", progress=None, trusted=False,
+            sha256=None) -> dict:
+    """Convert and return {"check": report or None, "framework": name}; ConvertError/ValueError on bad input.
+
+    ``trusted``/``sha256``: as for :func:`fastmlip.load`; the input is read once."""
     import torch
 
     from . import api
@@ -88,7 +94,8 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     if save is None:
         raise ConvertError(f"{patch.__name__} cannot write converted files (it has no save_converted)")
     torch_dtype = getattr(torch, dtype) if dtype else None
-    model = patch.load(input_path, device=device, dtype=torch_dtype)
+    trusted = api.trust(input_path, trusted, sha256)
+    model = patch.load(input_path, device=device, dtype=torch_dtype, trusted=trusted)
     step()
     api.accelerate(model, check=True)
     report = api.last_check(model)
@@ -96,7 +103,7 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     step()
     fmt_dtype = dtype or str(common.first_tensor_placement(model)[1]).replace("torch.", "")
     _write_atomically(output, lambda temp: save(input_path, temp, to=to, dtype=fmt_dtype, check=report,
-                                                reference=model))
+                                                reference=model, trusted=trusted))
     step()
     return {"check": report, "framework": patch.__name__.rsplit(".", 1)[-1]}
 
@@ -107,7 +114,8 @@ def run(args) -> int:
     try:
         with tqdm(total=3, desc="convert", unit="step", file=sys.stderr, leave=False,
                   disable=not sys.stderr.isatty()) as progress:
-            result = convert(args.input, args.output, args.to, args.dtype, args.device, progress)
+            result = convert(args.input, args.output, args.to, args.dtype, args.device, progress, args.trust,
+                             args.sha256)
     except ValueError as exc:  # bad input, refused output, or a failed self-check (AccelerationCheckError)
         from .patches.common import AccelerationCheckError, one_line
 

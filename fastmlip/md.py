@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"CPU threads for torch (default: 1 for up to {SMALL_SYSTEM_ATOMS} atoms on CPU, "
                         "else torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .cli import add_trust_arguments
+
+    add_trust_arguments(parser)
 
 
 def build_structure(args, device):
@@ -203,7 +206,8 @@ def simulate(args):
     load_start = time.perf_counter()
     calculator = Calculator(args.model, device=device, dtype=args.dtype, accelerate=accelerate, modal=args.modal,
                             skin=DEFAULT_SKIN if args.skin is None else args.skin,
-                            cuda_graph={"auto": "auto", "yes": True, "no": False}[args.cuda_graph])
+                            cuda_graph={"auto": "auto", "yes": True, "no": False}[args.cuda_graph],
+                            trusted=args.trust, sha256=args.sha256)
     atoms.calc = calculator
     dynamics = make_dynamics(atoms, args)
     first_step = time.perf_counter()

@@ -20,19 +20,22 @@ def add_arguments(parser) -> None:
                         "default: the GPU here")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .cli import add_trust_arguments
+
+    add_trust_arguments(parser)
 
 
-def _frozen_model(name: str, device: str, dtype):
+def _frozen_model(name: str, device: str, dtype, trusted=False, sha256=None):
     """The model as the calculator holds it: loaded, no weight gradients (they change which kernels run)."""
     from . import api
 
-    model = api.load(name, device=device, dtype=dtype)
+    model = api.load(name, device=device, dtype=dtype, trusted=trusted, sha256=sha256)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
 
 
-def warm(name: str, dtype, *, arch=None, workers=None, progress=None):
+def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=False, sha256=None):
     """Compile (or find in the cache) every kernel of the accelerated ``name`` for ``arch`` (default: this GPU).
 
     Returns the :class:`fastmlip.kernels.precompile.Report`.
@@ -47,12 +50,12 @@ def warm(name: str, dtype, *, arch=None, workers=None, progress=None):
     if arch is None and not torch.cuda.is_available():
         raise ValueError("no CUDA GPU here: name the GPU architecture to compile for with --arch (e.g. sm_90)")
     if arch is None:
-        model = _frozen_model(name, "cuda", dtype)
+        model = _frozen_model(name, "cuda", dtype, trusted, sha256)
         patch = api.framework_of(model)
         patch.accelerate(model)
         return precompile.prepare(common.record_kernels(model, patch), workers=workers, progress=progress)
     target = precompile.Target.parse(arch)
-    model = _frozen_model(name, "cpu", dtype)
+    model = _frozen_model(name, "cpu", dtype, trusted, sha256)
     patch = api.framework_of(model)
     patch.accelerate(model)
     with precompile.target_only(target), dispatch.kernels_on_cpu():
@@ -73,7 +76,7 @@ def run(args) -> int:
         for dtype in dtypes:
             start = time.perf_counter()
             report = warm(args.model, dtype, arch=args.arch, workers=args.workers,
-                          progress=False if args.no_progress else None)
+                          progress=False if args.no_progress else None, trusted=args.trust, sha256=args.sha256)
             for label, seconds in sorted(report.compiled, key=lambda item: -item[1]):
                 print(f"  compiled {label} ({seconds:.1f} s)")
             for label, reason in report.failed:

@@ -7,7 +7,9 @@ modules share their trainable submodules (radial MLPs, denominators) with the or
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -33,6 +35,35 @@ def tolerances(dtype: torch.dtype) -> tuple:
 
 class AccelerationCheckError(ValueError):
     """The accelerated model disagreed with the original; the model has been restored."""
+
+
+class UntrustedFileError(ValueError):
+    """Loading the file would run code it holds (a full unpickle), and the caller did not say it trusts it."""
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def refuse_untrusted(path, what: str) -> None:
+    """Raise the one-line :class:`UntrustedFileError` that says how to trust ``path``."""
+    raise UntrustedFileError(
+        f"{path}: {what}, and loading it runs any code it holds; if you trust where it came from, pass "
+        f"trusted=True (fastmlip.load, Calculator) or --trust (fastmlip md/convert/warmup), or pin this file with "
+        f"sha256={file_sha256(path)!r} (--sha256)")
+
+
+def pickle_names(path, marker: bytes) -> bool:
+    """Whether ``path`` is a ``torch.save`` zip archive whose pickle mentions ``marker``; nothing is unpickled."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        return bool(names) and marker in archive.read(names[0])
 
 
 @dataclass

@@ -56,8 +56,8 @@ def _mace_available() -> bool:
 
 
 def handles(model) -> bool:
-    if not _mace_available():
-        return False
+    if not any(c.__module__.startswith("mace.") for c in type(model).__mro__) or not _mace_available():
+        return False  # checked before importing mace, which is slow to import
     from mace.modules.models import MACE
 
     return isinstance(model, MACE)
@@ -70,12 +70,8 @@ def read_checkpoint(path) -> None:
         raise ValueError(f"{text}: no such file")
     if not zipfile.is_zipfile(text):
         raise ValueError(f"{text}: not a torch.save archive, so not a MACE model file")
-    with zipfile.ZipFile(text) as archive:
-        names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-        if not names:
-            raise ValueError(f"{text}: a zip archive without a pickled object, so not a MACE model file")
-        if b"mace.modules.models" not in archive.read(names[0]):
-            raise ValueError(f"{text}: its pickle names no mace model class")
+    if not common.pickle_names(text, b"mace.modules.models"):
+        raise ValueError(f"{text}: its pickle names no mace model class")
 
 
 def can_load(path) -> bool:
@@ -103,14 +99,18 @@ def _unpickle(path: str):
     return model
 
 
-def load(path, device=None, dtype=None):
+def load(path, device=None, dtype=None, trusted: bool = False):
     """The MACE model in eval mode, parameters frozen (as MACECalculator uses it); e3nn-0.4 pickles upgraded.
 
-    The file's fastmlip marker (if ``fastmlip convert --to fast`` wrote it) moves to
-    ``model.__dict__["_fastmlip_file"]`` with the path added; its dtype is the default for ``dtype``.
+    A MACE ``.model`` file is the whole model pickled, so it is unpickled (once) only when ``trusted``; else
+    :class:`common.UntrustedFileError` says how to trust it. The file's fastmlip marker (if ``fastmlip convert
+    --to fast`` wrote it) moves to ``model.__dict__["_fastmlip_file"]`` with the path added; its dtype is the
+    default for ``dtype``.
     """
     text = os.fspath(path)
     read_checkpoint(text)
+    if not trusted:
+        common.refuse_untrusted(text, "a MACE model file is a whole pickled model")
     model = _unpickle(text)
     stored = model.__dict__.pop(FILE_FORMAT_ATTRIBUTE, None)
     marker = {k: v for k, v in stored.items() if k != "path"} if isinstance(stored, dict) else {}
@@ -123,24 +123,33 @@ def load(path, device=None, dtype=None):
     return model.eval()
 
 
-def save_converted(source_path, target_path, *, to: str, dtype: str, check: Optional[dict], reference) -> dict:
-    """Write ``source_path``'s model, in ``dtype``, as a plain mace file (to="fast": with the fastmlip marker).
+def save_converted(source_path, target_path, *, to: str, dtype: str, check: Optional[dict], reference,
+                   trusted: bool = False) -> dict:
+    """Write ``reference`` (the model loaded from ``source_path`` and checked, with its original modules), in
+    ``dtype``, as a plain mace file (to="fast": with the fastmlip marker).
 
-    The model is pickled whole (``torch.save``) under the installed e3nn, exactly as it was saved apart from the
-    dtype; e3nn-0.4 pickles are upgraded on the way with their original coupling constants. The written file is
-    then opened with a plain ``torch.load`` (no fastmlip shims) and must hold no fastmlip class, the same weights
-    and buffers as ``reference`` (the checked model) and give the same energies and forces on a probe structure,
-    for every head. Returns that comparison in the form of :func:`common.check`'s report.
+    The model is pickled whole (``torch.save``) under the installed e3nn; e3nn-0.4 pickles were upgraded when
+    they were loaded, with their original coupling constants. The written file is then opened with a plain
+    ``torch.load`` (no fastmlip shims) and must hold no fastmlip class, the same weights and buffers as
+    ``reference`` and give the same energies and forces on a probe structure, for every head. Returns that
+    comparison in the form of :func:`common.check`'s report. The source is not read again (``trusted`` is
+    unused here: it was decided when ``reference`` was loaded).
     """
     if to not in FILE_FORMATS:
         raise ValueError(f"unknown target format {to!r}; expected 'fast' or 'e3nn'")
+    import copy
+
     import e3nn
 
     import fastmlip
 
-    model = _unpickle(os.fspath(source_path))
-    model.__dict__.pop(FILE_FORMAT_ATTRIBUTE, None)
-    model.to(dtype=getattr(torch, dtype))
+    if common.is_accelerated(reference):
+        raise ValueError("save_converted needs the model with its original modules (fastmlip.restore it)")
+    model = copy.deepcopy(reference).to(device="cpu", dtype=getattr(torch, dtype))
+    for name in [key for key in model.__dict__ if key.startswith("_fastmlip")]:
+        model.__dict__.pop(name)
+    for parameter in model.parameters():  # as mace saves models; load() froze them for evaluation
+        parameter.requires_grad_(True)
     marker = None
     if to == "fast":
         marker = {"format": "fast", "dtype": dtype, "fastmlip_version": fastmlip.__version__,

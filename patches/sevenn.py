@@ -11,6 +11,7 @@ SevenNet's conventions (sevenn/train/dataload.py, sevenn/nn/convolution.py): ``e
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Optional
 
 import torch
@@ -82,35 +83,98 @@ def resolve(path_or_name) -> Optional[str]:
     return lowered.get(text.lower().replace("sevennet-", "7net-"))
 
 
-def read_checkpoint(path) -> dict:
-    """The raw checkpoint dict; ValueError with a one-line reason for anything that is not a SevenNet checkpoint."""
+def _safe_globals() -> list:
+    """What a SevenNet checkpoint may hold besides tensors: numpy arrays (its config's shift/scale tables)."""
+    import codecs
+
+    import numpy as np
+
+    reconstruct = getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct
+    dtypes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, codecs.encode,
+            *dtypes]  # numpy 2 writes numpy._core, numpy 1 numpy.core
+
+
+def looks_like_checkpoint(path) -> bool:
+    """A ``torch.save`` archive whose pickle names a config and a model state dict (nothing is unpickled)."""
+    return os.path.isfile(path) and common.pickle_names(path, b"model_state_dict") and \
+        common.pickle_names(path, b"config")
+
+
+def read_checkpoint(path, trusted: bool = False) -> dict:
+    """The raw checkpoint dict; ValueError with a one-line reason for anything that is not a SevenNet checkpoint.
+
+    Read with ``weights_only=True`` and numpy arrays allowed, which runs no code from the file; a checkpoint that
+    needs more is unpickled in full only when ``trusted`` (else :class:`common.UntrustedFileError`).
+    """
+    text = os.fspath(path)
+    if not looks_like_checkpoint(text):
+        raise ValueError(f"{text}: not a SevenNet checkpoint (no torch.save archive with a config and a "
+                         f"model_state_dict)")
     try:
-        raw = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_safe_globals()):
+            raw = torch.load(text, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trusted:
+            common.refuse_untrusted(text, "this checkpoint holds Python objects beyond tensors and arrays")
+        raw = _load_in_full(text)
     except Exception as exc:  # torch raises many types for corrupt files; all mean "not a checkpoint"
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
+        raise ValueError(f"{text}: not a readable torch checkpoint ({type(exc).__name__}: "
                          f"{common.one_line(exc)[:200]})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: holds a {type(raw).__name__}, not a SevenNet checkpoint dict")
+        raise ValueError(f"{text}: holds a {type(raw).__name__}, not a SevenNet checkpoint dict")
     missing = [key for key in ("config", "model_state_dict") if key not in raw]
     if missing:
-        raise ValueError(f"{path}: not a SevenNet checkpoint (no {', '.join(missing)} entry)")
+        raise ValueError(f"{text}: not a SevenNet checkpoint (no {', '.join(missing)} entry)")
     if not isinstance(raw["config"], dict) or "version" not in raw["config"]:
-        raise ValueError(f"{path}: SevenNet checkpoint config without a version")
+        raise ValueError(f"{text}: SevenNet checkpoint config without a version")
     return raw
 
 
-def save_converted(source_path, target_path, *, to: str, dtype: str, check: Optional[dict], reference) -> None:
+def _load_in_full(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
+                         f"{common.one_line(exc)[:200]})") from None
+
+
+def _build(path: str, raw: dict):
+    """The model sevenn's own loader builds from the checkpoint dict ``raw`` (read from ``path``), so sevenn's
+    compatibility fixes for old checkpoints apply; sevenn itself would unpickle the file in full."""
+    from sevenn.checkpoint import SevenNetCheckpoint, _config_cp_routine
+
+    class Checkpoint(SevenNetCheckpoint):
+        def _load(self) -> None:  # sevenn's _load, on the dict read safely above
+            self._config_original = raw.get("config", {})
+            self._model_state_dict = raw.get("model_state_dict", {})
+            self._optimizer_state_dict = raw.get("optimizer_state_dict", {})
+            self._scheduler_state_dict = raw.get("scheduler_state_dict", {})
+            self._epoch = raw.get("epoch")
+            self._time = raw.get("time", "Not found")
+            self._hash = raw.get("hash", "Not found")
+            self._config = _config_cp_routine(self._config_original)
+            self._loaded = True
+
+    return Checkpoint(path).build_model()
+
+
+def is_shipped(path) -> bool:
+    """A checkpoint that came with the installed sevenn package (trusted like the package itself)."""
+    return os.path.realpath(os.fspath(path)) in {os.path.realpath(p) for p in pretrained_checkpoints().values()}
+
+
+def save_converted(source_path, target_path, *, to: str, dtype: str, check: Optional[dict], reference,
+                   trusted: bool = False) -> None:
     """Write ``source_path``'s checkpoint dict to ``target_path`` with (to="fast") or without the fastmlip marker.
 
     Weights, config and version stay as they are, so sevenn applies the same compatibility patches when it reads
     the file. The written file is rebuilt with sevenn's own loader (the one SevenNetCalculator uses) and its
     state_dict compared with ``reference``, tensor by tensor.
     """
-    from sevenn.checkpoint import SevenNetCheckpoint
-
     import fastmlip
 
-    raw = read_checkpoint(source_path)
+    raw = read_checkpoint(source_path, trusted=trusted)
     raw.pop(MARKER_KEY, None)
     if to == "fast":
         raw[MARKER_KEY] = {"format": "fast", "dtype": dtype, "fastmlip_version": fastmlip.__version__,
@@ -118,6 +182,8 @@ def save_converted(source_path, target_path, *, to: str, dtype: str, check: Opti
     elif to != "e3nn":
         raise ValueError(f"unknown target format {to!r}; expected 'fast' or 'e3nn'")
     torch.save(raw, os.fspath(target_path))
+    from sevenn.checkpoint import SevenNetCheckpoint  # sevenn's own loader reads back the file just written
+
     rebuilt = SevenNetCheckpoint(os.fspath(target_path)).build_model().state_dict()
     expected = reference.state_dict()
     if list(rebuilt) != list(expected) or not all(
@@ -126,24 +192,19 @@ def save_converted(source_path, target_path, *, to: str, dtype: str, check: Opti
 
 
 def handles(model) -> bool:
-    if not _sevenn_available():
-        return False
+    if not any(c.__module__.startswith("sevenn.") for c in type(model).__mro__) or not _sevenn_available():
+        return False  # checked before importing sevenn, which is slow to import
     from sevenn.nn.sequential import AtomGraphSequential
 
     return isinstance(model, AtomGraphSequential)
 
 
 def can_load(path) -> bool:
+    """A pretrained name or a file that looks like a SevenNet checkpoint (told apart without unpickling)."""
     if not _sevenn_available():
         return False
     resolved = resolve(path)
-    if resolved is None:
-        return False
-    try:
-        read_checkpoint(resolved)
-    except ValueError:
-        return False
-    return True
+    return resolved is not None and looks_like_checkpoint(resolved)
 
 
 def _cast_onehot_to_model_dtype(module, args, data):
@@ -174,17 +235,18 @@ def _make_onehots_follow_dtype(model) -> None:
             module.register_forward_hook(_cast_onehot_to_model_dtype)
 
 
-def load(path, device=None, dtype=None):
-    """A SevenNet model in eval mode, single-structure mode (as SevenNetCalculator uses it), any float dtype."""
-    from sevenn.checkpoint import SevenNetCheckpoint
+def load(path, device=None, dtype=None, trusted: bool = False):
+    """A SevenNet model in eval mode, single-structure mode (as SevenNetCalculator uses it), any float dtype.
 
+    The checkpoint is read once, without running code from it (see :func:`read_checkpoint`)."""
     resolved = resolve(path)
     if resolved is None:
         known = ", ".join(pretrained_checkpoints()) or "none installed"
         raise ValueError(f"{path}: no such file and not a known SevenNet checkpoint name (known: {known})")
-    marker = read_checkpoint(resolved).get(MARKER_KEY) or {}
+    raw = read_checkpoint(resolved, trusted=trusted or is_shipped(resolved))
+    marker = raw.get(MARKER_KEY) or {}
     try:
-        model = SevenNetCheckpoint(resolved).build_model()
+        model = _build(resolved, raw)
     except Exception as exc:  # a checkpoint sevenn cannot build is bad input, reported in one line
         raise ValueError(f"{path}: sevenn could not build a model from it ({type(exc).__name__}: "
                          f"{common.one_line(exc)[:200]})") from None

@@ -42,7 +42,8 @@ def run_md(model: str, cache: str, triton_cache: str, repeat: int, steps: int, e
     """One fresh ``fastmlip md`` process; the time to its ``setup`` line and what it printed (``profile``: run it
     under cProfile, writing the statistics there)."""
     command = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "fastmlip.cli", "md",
-               "--model", model, "--demo", "si", "--repeat", str(repeat), "--steps", str(steps), "--no-progress"]
+               "--model", model, "--trust", "--demo", "si", "--repeat", str(repeat), "--steps", str(steps),
+               "--no-progress"]  # --trust: the MACE file is one this script wrote
     env = dict(os.environ, FASTMLIP_CACHE=cache, TRITON_CACHE_DIR=triton_cache, PYTHONUNBUFFERED="1", **extra_env)
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

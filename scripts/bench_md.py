@@ -86,7 +86,8 @@ def make_calculator(which, backend, device, dtype, model_dir):
         from fastmlip.calculator import Calculator
 
         return Calculator(model, device=device, dtype=dtype, accelerate=backend != "fastmlip-e3nn",
-                          cuda_graph="auto" if backend == "fastmlip" else False)
+                          cuda_graph="auto" if backend == "fastmlip" else False,
+                          trusted=True)  # the MACE file is one this script wrote
     flags = {"enable_cueq": backend == "cueq", "enable_oeq": backend == "oeq"}
     required = {"cueq": "cuequivariance_torch", "oeq": "openequivariance"}.get(backend)
     if required:  # SevenNetCalculator would quietly fall back to e3nn without it

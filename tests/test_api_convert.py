@@ -165,8 +165,8 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
     (tmp_path / "random.pth").write_bytes(os.urandom(4096))
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth")
     (tmp_path / "notes.txt").write_text("not a model\n")
-    cases = {"random.pth": "not a readable torch checkpoint", "foreign.pth": "no config, model_state_dict entry",
-             "notes.txt": "not a readable torch checkpoint"}
+    cases = {"random.pth": "not a torch.save archive", "foreign.pth": "with a config and a model_state_dict",
+             "notes.txt": "not a torch.save archive"}  # told apart without unpickling
     for name, reason in cases.items():
         assert_one_line_failure(cli(name, "-o", "out.pth", "--to", "fast", cwd=tmp_path), name, reason)
     assert not (tmp_path / "out.pth").exists()
@@ -175,7 +175,7 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
 
 def test_api_load_bad_files_raise_one_line(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match=r"list.pth: not a model fastmlip can load \(holds a list"):
+    with pytest.raises(ValueError, match=r"list.pth: not a model fastmlip can load \(not a SevenNet checkpoint"):
         api.load(tmp_path / "list.pth")
     with pytest.raises(ValueError, match="is a directory"):
         api.load(tmp_path)

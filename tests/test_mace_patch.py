@@ -234,7 +234,7 @@ def test_unknown_element_and_bad_files(tmp_path):
     junk.write_bytes(b"not a model")
     assert not patch.can_load(junk)
     with pytest.raises(ValueError, match="not a MACE model file"):
-        patch.load(junk)
+        patch.load(junk, trusted=True)
     other = tmp_path / "other.pt"
     torch.save(torch.nn.Linear(2, 2), other)
     assert not patch.can_load(other)
@@ -264,7 +264,7 @@ def test_e3nn044_model_loads_and_reproduces_its_reference():
     reference = json.loads(FIXTURE_REFERENCE.read_text())
     assert reference["e3nn_version"].startswith("0.4")
     assert patch.can_load(FIXTURE_MODEL)
-    model = patch.load(FIXTURE_MODEL, dtype=torch.float64)
+    model = patch.load(FIXTURE_MODEL, dtype=torch.float64, trusted=True)
     assert patch.handles(model) and type(model.interactions[1].conv_tp).__name__ == "TensorProduct"
     max_force = max(np.abs(np.array(s["forces"])).max() for s in reference["structures"])
     assert 0.3 < max_force < 30.0
@@ -281,11 +281,11 @@ def test_e3nn044_constants_are_what_keeps_predictions(monkeypatch):
     with pytest.raises(ValueError):
         torch.load(FIXTURE_MODEL, weights_only=False)
     reference = json.loads(FIXTURE_REFERENCE.read_text())
-    model = patch.load(FIXTURE_MODEL)
+    model = patch.load(FIXTURE_MODEL, trusted=True)
     saved = dict(model.interactions[1].conv_tp._compiled_main_left_right.named_buffers())
     assert (1, 2, 2) in {tuple(int(s) for s in k.split("_")[2:]) for k in saved}
     monkeypatch.setattr(e3nn_compat, "_transplant_constants", lambda *args: None)
-    rebuilt = patch.load(FIXTURE_MODEL, dtype=torch.float64)
+    rebuilt = patch.load(FIXTURE_MODEL, dtype=torch.float64, trusted=True)
     with pytest.raises(AssertionError):
         _check_reference(rebuilt, reference, 1e-6, 1e-6)
 
@@ -293,7 +293,7 @@ def test_e3nn044_constants_are_what_keeps_predictions(monkeypatch):
 def test_fixture_through_the_api_with_self_check():
     from fastmlip import api
 
-    model = api.load(str(FIXTURE_MODEL), dtype=torch.float64)
+    model = api.load(str(FIXTURE_MODEL), dtype=torch.float64, trusted=True)
     assert api.framework_of(model) is patch and patch.model_info(model)["dtype"] == torch.float64
     api.accelerate(model, check=True, strict=True)
     report = api.last_check(model)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..descriptors import SymmetricContractionProblem
+from ..memo import derived
 from . import codegen
 
 POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN
@@ -47,23 +48,16 @@ def tl_dtype(dtype):
     return getattr(tl, _TL_DTYPES[dtype])
 
 
-_LAST_CHUNKS: dict = {}  # (num_species, chunk) -> (species tensor, its version, result)
-
-
 def species_chunks(species, num_species: int, chunk: int):
     """Nodes sorted by species and cut into chunks of at most ``chunk`` nodes of one species, without a host sync.
 
     Returns (order [N] int64, sorted species [N] int64, starts [G + 1] int64): chunk g is sorted positions
     starts[g]..starts[g+1]; G = ceil(N / chunk) + num_species bounds the count, surplus chunks are empty (start N).
-    A model passes the same species tensor to every layer, forward and backward: the last result is kept for
-    that tensor object (15 launches per call otherwise, seven calls per MACE step).
+    A model passes the same species tensor to every layer, forward and backward: the result is kept on that
+    tensor (15 launches per call otherwise, seven calls per MACE step).
     """
-    cached = _LAST_CHUNKS.get((num_species, chunk))
-    if cached is not None and cached[0] is species and cached[1] == species._version:
-        return cached[2]
-    result = _species_chunks(species, num_species, chunk)
-    _LAST_CHUNKS[num_species, chunk] = (species, species._version, result)
-    return result
+    return derived(species, ("species_chunks", num_species, chunk),
+                   lambda: _species_chunks(species, num_species, chunk))
 
 
 def _species_chunks(species, num_species: int, chunk: int):

@@ -34,9 +34,12 @@ from typing import Optional
 
 import torch
 
+from fastmlip import memo
+
 from . import common, e3nn_compat
-from .mace_modules import (SUPPORTED_INTERACTIONS, FastInteraction, FastRadialEmbedding,  # noqa: F401 (API)
-                           FastSpeciesLinear, FastSymmetricContraction, accelerate, plan, species_of)
+from .mace_modules import (EDGE_MASK, SUPPORTED_INTERACTIONS, FastInteraction,  # noqa: F401 (API)
+                           FastRadialEmbedding, FastSpeciesLinear, FastSymmetricContraction, accelerate, plan,
+                           species_of)
 
 FRAMEWORK = "mace"
 # Attribute of a pickled model written by ``fastmlip convert --to fast`` (and of every model :func:`load` returns).
@@ -310,13 +313,6 @@ def _has_volume(cell, pbc) -> bool:
     return abs(float(torch.linalg.det(cell.double()))) > 1e-12
 
 
-def _layout_of(model):
-    for module in model.modules():
-        if isinstance(module, FastInteraction):
-            return module._layout
-    return None
-
-
 def mask_obstacle(model) -> Optional[str]:
     """Why placeholder edges (``edge_mask``) cannot be used with this model, None if they can.
 
@@ -346,18 +342,13 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     """
     data = build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head=modal, validated=validated)
     want_stress = bool(compute_stress) and (validated or _has_volume(cell, pbc))
-    layout = _layout_of(model)
     if edge_mask is not None:
         obstacle = mask_obstacle(model)
         if obstacle:
             raise ValueError(f"edge_mask needs an accelerated model: {obstacle}")
-        layout.mask_edges(data["edge_index"], edge_mask)
-    try:
-        with torch.enable_grad():
-            out = model(data, training=False, compute_force=True, compute_stress=want_stress)
-    finally:
-        if layout is not None:
-            layout.mask_edges(None, None)
+        memo.attach(data["edge_index"], EDGE_MASK, edge_mask)  # read by every FastInteraction of this call
+    with torch.enable_grad():
+        out = model(data, training=False, compute_force=True, compute_stress=want_stress)
     dtype = data["positions"].dtype
     return {
         "energy": out["energy"].reshape(()).detach(),

@@ -14,6 +14,7 @@ from torch import nn
 
 from fastmlip.descriptors import species_linear_problem, symmetric_contraction_problem, tensor_product_problem
 from fastmlip.graph import sort_edges
+from fastmlip.memo import attached, derived
 from fastmlip.ops.conv import check_conv_problem, fused_conv
 from fastmlip.ops.linear import species_linear
 from fastmlip.ops.radial_basis import radial_basis
@@ -25,44 +26,29 @@ from . import common
 SUPPORTED_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
 
 
-class _EdgeLayout:
-    """Receiver-sorted edge order, computed once per forward (keyed on the edge_index tensor) for every layer,
-    and the mask of placeholder edges that belongs to that edge_index (see :func:`compute`)."""
-
-    def __init__(self):
-        self.edge_index = None
-        self.num_nodes = -1
-        self.sorted = None
-        self.masked_index, self.mask, self.sorted_mask = None, None, None
-
-    def get(self, edge_index: torch.Tensor, num_nodes: int):
-        if self.edge_index is not edge_index or self.num_nodes != num_nodes:
-            self.sorted = sort_edges(edge_index[0], edge_index[1], num_nodes)
-            self.edge_index, self.num_nodes = edge_index, num_nodes
-            self.sorted_mask = None
-        return self.sorted
-
-    def mask_edges(self, edge_index: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> None:
-        self.masked_index, self.mask, self.sorted_mask = edge_index, mask, None
-
-    def weight_mask(self, edge_index: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """[E] 1/0 mask in receiver order for ``edge_index``'s edges, None when all of them exist."""
-        if self.mask is None or self.masked_index is not edge_index:
-            return None
-        if self.sorted_mask is None or self.sorted_mask.dtype != dtype:
-            self.sorted_mask = self.mask.index_select(0, self.sorted.order).to(dtype)
-        return self.sorted_mask
+EDGE_MASK = "edge_mask"  # memo key: the mask of placeholder edges that belongs to an edge_index (see mace.compute)
 
 
-_LAST_SPECIES: list = [None, -1, None]  # node_attrs tensor, its version, its argmax
+def sorted_edges(edge_index: torch.Tensor, num_nodes: int):
+    """Receiver-sorted edges of ``edge_index``, computed once per forward pass for every layer (kept on the
+    edge_index tensor itself: see :mod:`fastmlip.memo`)."""
+    return derived(edge_index, ("sorted_edges", num_nodes),
+                   lambda: sort_edges(edge_index[0], edge_index[1], num_nodes))
+
+
+def weight_mask(edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """[E] 1/0 mask in receiver order of ``edge_index``'s edges, None when all of them exist."""
+    mask = attached(edge_index, EDGE_MASK)
+    if mask is None:
+        return None
+    return derived(edge_index, ("sorted_mask", num_nodes, dtype),
+                   lambda: mask.index_select(0, sorted_edges(edge_index, num_nodes).order).to(dtype))
 
 
 def species_of(node_attrs: torch.Tensor) -> torch.Tensor:
     """MACE's species index ``node_attrs.argmax(-1)``, one tensor per forward pass: every block receives the same
-    node_attrs, and the kernels keep their species sorting for the same index tensor."""
-    if _LAST_SPECIES[0] is not node_attrs or _LAST_SPECIES[1] != node_attrs._version:
-        _LAST_SPECIES[:] = [node_attrs, node_attrs._version, node_attrs.argmax(-1)]
-    return _LAST_SPECIES[2]
+    node_attrs, and the kernels keep their species sorting on that index tensor."""
+    return derived(node_attrs, "species", lambda: node_attrs.argmax(-1))
 
 
 class FastSpeciesLinear(nn.Module):
@@ -146,7 +132,7 @@ class FastInteraction(nn.Module):
     skip_tp (before the conv in the residual block, after it otherwise), reshape.
     """
 
-    def __init__(self, original: nn.Module, layout: Optional[_EdgeLayout] = None):
+    def __init__(self, original: nn.Module):
         super().__init__()
         self.problem = tensor_product_problem(original.conv_tp)
         check_conv_problem(self.problem)
@@ -160,7 +146,6 @@ class FastInteraction(nn.Module):
         self.linear = common.maybe_fast(original.linear, common.FastLinear)
         self.skip_tp = common.maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
-        self.__dict__["_layout"] = layout or _EdgeLayout()
 
     def extra_repr(self) -> str:
         return f"problem={self.problem}, residual={self.residual}"
@@ -172,9 +157,9 @@ class FastInteraction(nn.Module):
                                       "restore the model (fastmlip.restore) for LAMMPS")
         sc = self.skip_tp(node_feats, node_attrs) if self.residual else None
         node_feats = self.linear_up(node_feats)
-        edges = self._layout.get(edge_index, node_feats.shape[0])
+        edges = sorted_edges(edge_index, node_feats.shape[0])
         row_scale = None if cutoff is None else cutoff.index_select(0, edges.order).reshape(-1)
-        mask = self._layout.weight_mask(edge_index, node_feats.dtype)
+        mask = weight_mask(edge_index, node_feats.shape[0], node_feats.dtype)
         if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
             row_scale = mask if row_scale is None else row_scale * mask
         tp_weights = common.radial_weights(self.conv_tp_weights, edge_feats.index_select(0, edges.order), row_scale)
@@ -220,7 +205,6 @@ def plan(model) -> tuple:
     from e3nn.o3 import TensorProduct
     from mace.modules.blocks import InteractionBlock
 
-    layout = _EdgeLayout()
     swaps, skipped, covered = [], {}, set()
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in covered):
@@ -231,7 +215,7 @@ def plan(model) -> tuple:
             covered.add(name)
             reason = _interaction_obstacle(module)
             if reason is None:
-                swaps.append((name, lambda original: FastInteraction(original, layout)))
+                swaps.append((name, FastInteraction))
             else:
                 skipped[name] = reason
         elif (factory := _fast_node_module(module)) is not None:

@@ -300,3 +300,88 @@ def test_fixture_through_the_api_with_self_check():
     assert report["deviation"]["forces"] <= common.FP64_FORCE_TOL
     api.restore(model)
     assert not patch.is_accelerated(model)
+
+
+def test_two_models_in_two_threads_never_mix_their_results():
+    """Accelerated models evaluated from two threads at once, switching threads every microsecond: each result
+    equals the one computed alone (per-step caches live on each call's own tensors, not in module state)."""
+    import sys
+    import threading
+
+    cases = []
+    for seed, repeat in ((0, (1, 1, 1)), (1, (2, 1, 1))):
+        model = build_model("mp0_small")
+        patch.accelerate(model)
+        atoms = periodic_structure(seed).repeat(repeat)  # 8 and 16 atoms: a mixed-up species index shows
+        cases.append((model, atoms, float(run(model, atoms)["energy"])))
+    failures = []
+
+    def evaluate(model, atoms, expected):
+        for _ in range(20):
+            try:
+                energy = float(run(model, atoms)["energy"])
+            except Exception as exc:  # noqa: BLE001 - a mixed-up cache can also fail on shapes
+                failures.append(repr(exc))
+                continue
+            if energy != expected:
+                failures.append(f"{energy} instead of {expected}")
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=evaluate, args=case) for case in cases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert failures == []
+
+
+def test_per_step_caches_belong_to_the_calls_tensors():
+    """Species index, species chunks and sorted edges are kept on the input tensors: racing two threads through
+    them never hands one thread the other's result, and nothing keeps a call's tensors alive after it."""
+    import gc
+    import sys
+    import threading
+    import weakref
+
+    from fastmlip.kernels.symmetric_contraction import species_chunks
+    from fastmlip.patches.mace_modules import sorted_edges, species_of
+
+    def inputs(n, seed):
+        generator = torch.Generator().manual_seed(seed)
+        node_attrs = torch.eye(3)[torch.randint(0, 3, (n,), generator=generator)]
+        edge_index = torch.randint(0, n, (2, 4 * n), generator=generator)
+        return node_attrs, edge_index
+
+    wrong = []
+
+    def race(node_attrs, edge_index):
+        expected = node_attrs.argmax(-1)
+        for _ in range(1000):
+            species = species_of(node_attrs)
+            if not torch.equal(species, expected) or sorted_edges(edge_index, len(node_attrs)).src.numel() != \
+                    edge_index.shape[1] or species_chunks(species, 3, 4)[0].numel() != len(node_attrs):
+                wrong.append(1)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=race, args=inputs(n, n)) for n in (5, 9)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not wrong
+
+    node_attrs, edge_index = inputs(6, 0)
+    species_chunks(species_of(node_attrs), 3, 4)
+    sorted_edges(edge_index, 6)
+    alive = [weakref.ref(node_attrs), weakref.ref(edge_index)]
+    del node_attrs, edge_index
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]

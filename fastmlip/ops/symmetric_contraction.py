@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..descriptors import SymmetricContractionProblem
+from ..memo import attach, attached
 from ..reference import symmetric_contraction as ref
 from . import dispatch, registry
 from .derivatives import vjp_of_reference
@@ -104,9 +105,6 @@ def _fail(problem, msg):
     raise ValueError(f"symmetric_contraction({problem}): {msg}")
 
 
-_LAST_CHECKED: dict = {}  # num_species -> (species tensor, its version) whose range was checked last
-
-
 def check_species(problem, species: Tensor, n: int, num_species: int, device) -> None:
     """Shape, dtype, device and range of a species index.
 
@@ -118,13 +116,12 @@ def check_species(problem, species: Tensor, n: int, num_species: int, device) ->
     if species.device != device:
         _fail(problem, f"devices differ: x is on {device}, species_index on {species.device}")
     if n and not (species.is_cuda and torch.cuda.is_current_stream_capturing()):
-        checked = _LAST_CHECKED.get(num_species)
-        if checked is not None and checked[0] is species and checked[1] == species._version:
+        if attached(species, ("species_checked", num_species)):
             return  # the same tensor every layer of a step passes: one device read per step, not per call
         low, high = (int(v) for v in torch.aminmax(species))
         if low < 0 or high >= num_species:
             _fail(problem, f"species_index values must lie in [0, {num_species}), got [{low}, {high}]")
-        _LAST_CHECKED[num_species] = (species, species._version)
+        attach(species, ("species_checked", num_species), True)
 
 
 def symmetric_contraction(problem: SymmetricContractionProblem, x: Tensor, species_index: Tensor,

@@ -1,0 +1,38 @@
+"""Values derived from a tensor, kept on the tensor itself.
+
+Every layer of a step receives the same species index and edge list, and sorting or chunking them once per step
+instead of once per layer saves dozens of launches. Keeping the result on the input tensor (its ``__dict__``)
+instead of in a module-level cache means it lives exactly as long as that tensor and belongs to the call that
+made it: two models, or two threads, never see each other's (they make their own inputs), and nothing E-sized
+outlives the step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+import torch
+
+_SLOT = "_fastmlip_derived"
+
+
+def derived(tensor: torch.Tensor, key: Hashable, compute: Callable):
+    """``compute()``, once per ``key`` for this tensor object and its current version (an in-place change of the
+    tensor computes it again)."""
+    cache = tensor.__dict__.setdefault(_SLOT, {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == tensor._version:
+        return hit[1]
+    value = compute()
+    cache[key] = (tensor._version, value)
+    return value
+
+
+def attach(tensor: torch.Tensor, key: Hashable, value) -> None:
+    """Give ``tensor`` a value that :func:`attached` returns while the tensor is unchanged (e.g. the edge mask
+    that belongs to an edge list)."""
+    tensor.__dict__.setdefault(_SLOT, {})[key] = (tensor._version, value)
+
+
+def attached(tensor: torch.Tensor, key: Hashable, default=None):
+    hit = tensor.__dict__.get(_SLOT, {}).get(key)
+    return hit[1] if hit is not None and hit[0] == tensor._version else default

@@ -21,7 +21,7 @@ from ase.calculators.calculator import CalculatorError, PropertyNotImplementedEr
 from ase.data import chemical_symbols
 
 from .cuda_graph import CapturedStep, pack_results
-from .neighbors import VerletList
+from .neighbors import VerletList, compact_positions, wrap_basis
 
 # 0.5 A: a rebuild is needed once any atom moved skin/2 = 0.25 A, i.e. every
 # ~10-50 steps of 1 fs MD at room temperature, while the cached list holds only
@@ -102,7 +102,7 @@ class Calculator(AseCalculator):
         self.modal = self._select_modal(modal, head, list(info.get("modals") or []))
         self.neighbors = VerletList(self.cutoff, skin)
         self._numbers = None  # device tensor of the last structure's atomic numbers
-        self._cell = None  # (host array, device float64 tensor) of the last cell
+        self._cell = None  # (host array, device float64 tensor, pbc, wrap basis) of the last cell
         self._cuda_graph_request = cuda_graph
         self.cuda_graph = self._select_cuda_graph(cuda_graph)
         self.cuda_graph_timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
@@ -152,8 +152,9 @@ class Calculator(AseCalculator):
             raise PropertyNotImplementedError(
                 "stress needs a periodic structure with a cell of non-zero volume; "
                 f"this one has pbc={list(pbc)} and cell {cell_host.tolist()}")
-        if self._cell is None or not np.array_equal(self._cell[0], cell_host):
-            self._cell = (cell_host.copy(), torch.as_tensor(cell_host, device=self.device))
+        if self._cell is None or not np.array_equal(self._cell[0], cell_host) or self._cell[2] != pbc:
+            self._cell = (cell_host.copy(), torch.as_tensor(cell_host, device=self.device), pbc,
+                          wrap_basis(cell_host, pbc).to(self.device))
         cell = self._cell[1]
 
         positions = torch.as_tensor(positions, device=self.device)  # the one host->device copy
@@ -164,9 +165,10 @@ class Calculator(AseCalculator):
 
     def _eager(self, positions, cell, pbc, with_stress):
         edge_i, edge_j, shifts = self.neighbors.update(positions, cell, pbc)
-        output = self.framework.compute(
-            self.model, positions.to(self.dtype), cell.to(self.dtype), pbc, self._numbers,
-            edge_i, edge_j, shifts, compute_stress=with_stress, modal=self.modal)
+        positions, shifts = compact_positions(positions, cell, self._cell[3], edge_i, edge_j, shifts)
+        output = self.framework.compute(  # float64 positions: the patch casts after forming edge vectors
+            self.model, positions, cell, pbc, self._numbers, edge_i, edge_j, shifts, compute_stress=with_stress,
+            modal=self.modal)
         with_stress = with_stress and output.get("stress") is not None
         return pack_results(output, with_stress), with_stress
 

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .neighbors import within_cutoff
+from .neighbors import compact_positions, within_cutoff, wrap_basis
 
 GROWTH = 1.05  # capacity = GROWTH x the pairs at capture: room for the list to grow before a new capture
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compiles, autograd state)
@@ -40,8 +40,8 @@ class CapturedStep:
         self.framework, self.model, self.modal = framework, model, modal
         self.pbc, self.cutoff, self.with_stress = pbc, float(cutoff), with_stress
         self.numbers = numbers
-        self.dtype = framework.model_info(model)["dtype"]
         self.cell_source, self.cell = cell, cell.clone()
+        self.basis = wrap_basis(cell, pbc).to(cell.device)
         device = numbers.device
         n = numbers.numel()
         self.capacity = max(1, math.ceil(GROWTH * num_pairs))
@@ -74,13 +74,14 @@ class CapturedStep:
 
     def evaluate(self) -> torch.Tensor:
         """One eager step on the static buffers (what the capture records); also runs on the CPU."""
-        dtype = self.dtype
+        cell = self.cell.to(torch.float64)
         mask = (self.slots < self.num_pairs) & within_cutoff(
-            self.positions, self.cell.to(torch.float64), self.edge_i, self.edge_j, self.shifts, self.cutoff)
+            self.positions, cell, self.edge_i, self.edge_j, self.shifts, self.cutoff)
+        positions, shifts = compact_positions(self.positions, cell, self.basis, self.edge_i, self.edge_j,
+                                              self.shifts)
         out = self.framework.compute(
-            self.model, self.positions.to(dtype), self.cell.to(dtype), self.pbc, self.numbers, self.edge_i,
-            self.edge_j, self.shifts, compute_stress=self.with_stress, modal=self.modal, edge_mask=mask,
-            validated=True)
+            self.model, positions, cell, self.pbc, self.numbers, self.edge_i, self.edge_j, shifts,
+            compute_stress=self.with_stress, modal=self.modal, edge_mask=mask, validated=True)
         return pack_results(out, self.with_stress)
 
     def capture(self, positions) -> None:

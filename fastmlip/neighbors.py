@@ -124,6 +124,29 @@ def within_cutoff(positions, cell, i, j, shift, cutoff):
     return (distance_vector * distance_vector).sum(1).sqrt() < cutoff
 
 
+def wrap_basis(cell, pbc) -> torch.Tensor:
+    """[3, 3] float64 with ``positions @ basis`` = fractional coordinates along the periodic cell vectors (zero
+    along the others), for :func:`compact_positions`. A pseudo-inverse, so a cell with zero vectors on its
+    non-periodic axes works too."""
+    basis = torch.linalg.pinv(torch.as_tensor(cell, dtype=torch.float64).reshape(3, 3).cpu())
+    basis[:, [not periodic for periodic in pbc]] = 0.0
+    return basis
+
+
+def compact_positions(positions, cell, basis, edge_i, edge_j, shifts):
+    """(positions, shifts) moved next to the origin without changing any edge vector.
+
+    Atom 0 goes to the origin and the others are wrapped into the cell along periodic axes, the edges' shifts
+    adjusted to match; all in float64, so a float32 copy of the result keeps full precision however far from the
+    origin the atoms are (unwrapped trajectories, translated crystals). No device->host reads (CUDA graphs).
+    """
+    positions = positions - positions[:1]
+    image = torch.floor(positions @ basis)
+    positions = positions - image @ cell
+    image = image.to(shifts.dtype)
+    return positions, shifts + image[edge_j] - image[edge_i]
+
+
 class VerletList:
     """Neighbour list with a skin: rebuilt only when an atom moved more than skin / 2.
 

@@ -12,7 +12,7 @@ _LAZY = {
     "restore": "fastmlip.api",
     "Calculator": "fastmlip.calculator",
     "neighbor_list": "fastmlip.neighbors",
-    "UntrustedFileError": "fastmlip.patches.common",
+    "UntrustedFileError": "fastmlip.patches.files",
     "StructureError": "fastmlip.calculator",
 }
 

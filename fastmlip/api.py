@@ -72,6 +72,29 @@ def patch_for_file(path_or_name):
     raise ValueError(f"{text}: not a model fastmlip can load ({detail})")
 
 
+def resolve_device(device):
+    """A torch device from "auto" (or None: CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...;
+    ValueError in one line for a name torch does not know or a GPU this machine does not have."""
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU "
+                             f"(torch {torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has {count} CUDA GPU(s)")
+    elif device.type not in ("cpu",):
+        raise ValueError(f"device {str(device)!r}: fastmlip runs on cpu or cuda")
+    return device
+
+
 def resolve_dtype(dtype):
     """Accept torch dtypes and the strings "float32"/"float64" (also "fp32"/"fp64")."""
     import torch
@@ -88,7 +111,7 @@ def resolve_dtype(dtype):
 def trust(path, trusted: bool, sha256=None) -> bool:
     """Whether the caller trusts ``path``: ``trusted``, or a pinned ``sha256`` that the file matches
     (:class:`fastmlip.UntrustedFileError` when it does not)."""
-    from fastmlip.patches.common import UntrustedFileError, file_sha256
+    from fastmlip.patches.files import UntrustedFileError, file_sha256
 
     if sha256 is None:
         return bool(trusted)
@@ -137,14 +160,14 @@ def accelerate(model, *, check: bool = True, strict: bool = False, progress=None
         warnings.warn(f"fastmlip left {len(left)} module(s) as e3nn: {described}", stacklevel=2)
     timing = {"surgery": time.perf_counter() - start}
     if patch.is_accelerated(model):
-        from fastmlip.patches import common
+        from fastmlip.patches import self_check
 
         start = time.perf_counter()
-        model.__dict__["_fastmlip_kernels"] = common.prepare_kernels(model, patch, progress=progress)
+        model.__dict__["_fastmlip_kernels"] = self_check.prepare_kernels(model, patch, progress=progress)
         timing["kernels"] = time.perf_counter() - start
         if check:
             start = time.perf_counter()
-            model.__dict__["_fastmlip_check"] = common.check(model, patch)
+            model.__dict__["_fastmlip_check"] = self_check.check(model, patch)
             timing["check"] = time.perf_counter() - start
     model.__dict__["_fastmlip_timing"] = timing
     return model

@@ -27,17 +27,11 @@ from .neighbors import VerletList, compact_positions, wrap_basis
 # ~10-50 steps of 1 fs MD at room temperature, while the cached list holds only
 # ((r + 0.5) / r)^3 ~ 1.3x the edges at r = 5-6 A, so the per-step filter stays cheap.
 DEFAULT_SKIN = 0.5
+CLOSE_CONTACT = 0.5  # A: pairs closer than this are named when a result is not finite
 
 
 class StructureError(ValueError, CalculatorError):
     """The structure cannot be evaluated (unknown element, non-finite positions, bad cell)."""
-
-
-def resolve_device(device) -> torch.device:
-    """``"auto"`` (or None) means CUDA when available, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -76,7 +70,7 @@ class Calculator(AseCalculator):
         super().__init__(**kwargs)
         from . import api  # the face above patches; imported late to keep `import fastmlip` light
 
-        self.device = resolve_device(device)
+        self.device = api.resolve_device(device)
         dtype = api.resolve_dtype(dtype)
         start = time.perf_counter()
         if isinstance(model, torch.nn.Module):
@@ -142,6 +136,8 @@ class Calculator(AseCalculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
+        if len(atoms) == 0:
+            raise StructureError("the structure has no atoms")
         if "numbers" in system_changes or self._numbers is None:
             self._numbers = self._checked_numbers(atoms.numbers)
         positions = self._checked_positions(atoms.positions)
@@ -161,7 +157,25 @@ class Calculator(AseCalculator):
         flat = self._replay(positions, cell, pbc, with_stress) if self.cuda_graph else None
         if flat is None:
             flat, with_stress = self._eager(positions, cell, pbc, with_stress)
-        self.results = self._to_host(flat, len(atoms), with_stress)
+        results = self._to_host(flat, len(atoms), with_stress)
+        self._check_finite(results, atoms)
+        self.results = results
+
+    def _check_finite(self, results, atoms) -> None:
+        """Raise :class:`StructureError` for NaN or infinite results, naming atoms that sit on top of each other
+        (the usual cause: a model's radial terms divide by the distance)."""
+        if all(np.isfinite(value).all() for value in results.values()):
+            return
+        from ase.neighborlist import neighbor_list
+
+        first, second, distance = neighbor_list("ijd", atoms, CLOSE_CONTACT)
+        pairs = sorted({(min(a, b), max(a, b), round(float(d), 4)) for a, b, d in zip(first, second, distance)},
+                       key=lambda pair: pair[2])
+        if not pairs:
+            raise StructureError("the model returned NaN or infinite energies/forces for this structure")
+        shown = ", ".join(f"{a} and {b} ({d:.3f} A apart)" for a, b, d in pairs[:5])
+        raise StructureError(f"the model returned NaN or infinite energies/forces: atoms too close together: "
+                             f"{shown}{' ...' if len(pairs) > 5 else ''}")
 
     def _eager(self, positions, cell, pbc, with_stress):
         edge_i, edge_j, shifts = self.neighbors.update(positions, cell, pbc)

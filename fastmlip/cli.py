@@ -22,9 +22,16 @@ def add_trust_arguments(parser) -> None:
                         help="trust the model file only if its SHA-256 is this (pin a file you checked once)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2 (argparse prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastmlip", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fastmlip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:

@@ -83,7 +83,7 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     import torch
 
     from . import api
-    from .patches import common
+    from .patches import swaps
 
     step = progress.update if progress is not None else (lambda n=1: None)
     patch = api.patch_for_file(input_name)
@@ -93,6 +93,7 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     save = getattr(patch, "save_converted", None)
     if save is None:
         raise ConvertError(f"{patch.__name__} cannot write converted files (it has no save_converted)")
+    device = api.resolve_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
     trusted = api.trust(input_path, trusted, sha256)
     model = patch.load(input_path, device=device, dtype=torch_dtype, trusted=trusted)
@@ -101,7 +102,7 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     report = api.last_check(model)
     api.restore(model)
     step()
-    fmt_dtype = dtype or str(common.first_tensor_placement(model)[1]).replace("torch.", "")
+    fmt_dtype = dtype or str(swaps.first_tensor_placement(model)[1]).replace("torch.", "")
     _write_atomically(output, lambda temp: save(input_path, temp, to=to, dtype=fmt_dtype, check=report,
                                                 reference=model, trusted=trusted))
     step()
@@ -117,16 +118,17 @@ def run(args) -> int:
             result = convert(args.input, args.output, args.to, args.dtype, args.device, progress, args.trust,
                              args.sha256)
     except ValueError as exc:  # bad input, refused output, or a failed self-check (AccelerationCheckError)
-        from .patches.common import AccelerationCheckError, one_line
+        from .patches.self_check import AccelerationCheckError
+        from .patches.files import one_line
 
         print(f"fastmlip convert: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_CHECK_FAILED if isinstance(exc, AccelerationCheckError) else EXIT_BAD_INPUT
     except (OSError, TypeError) as exc:
-        from .patches.common import one_line
+        from .patches.files import one_line
 
         print(f"fastmlip convert: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from .patches.common import describe
+    from .patches.self_check import describe
 
     if result["check"] is None:
         print(f"check ({result['framework']}): nothing to accelerate in this model, no check needed")

@@ -69,7 +69,16 @@ def build_structure(args, device):
     if args.structure:
         if not os.path.isfile(args.structure):
             raise FileNotFoundError(f"structure file {args.structure!r} not found")
-        return read(args.structure)
+        try:
+            atoms = read(args.structure)
+        except KeyError as exc:  # ASE's lookup of a chemical symbol
+            raise ValueError(f"{args.structure}: unknown chemical symbol {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - ASE raises many types for files it cannot read
+            raise ValueError(f"{args.structure}: cannot read a structure from it ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]})") from None
+        if len(atoms) == 0:
+            raise ValueError(f"{args.structure}: the structure has no atoms")
+        return atoms
     element, lattice, constant = DEMOS[args.demo]
     repeat = args.repeat if args.repeat is not None else DEFAULT_REPEAT.get(device.type, 1)
     if repeat < 1:
@@ -192,7 +201,8 @@ def describe_setup(calculator, first_step_seconds: float) -> str:
 def simulate(args):
     from tqdm import tqdm
 
-    from .calculator import DEFAULT_SKIN, Calculator, resolve_device
+    from .api import resolve_device
+    from .calculator import DEFAULT_SKIN, Calculator
 
     validate(args)
     device = resolve_device(args.device)
@@ -286,8 +296,8 @@ def report(args, atoms, calculator, records, step_seconds):
 def run(args) -> int:
     try:
         atoms, calculator, records, step_seconds = simulate(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"fastmlip md: error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as exc:  # StructureError and UntrustedFileError are ValueErrors
+        print(f"fastmlip md: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     report(args, atoms, calculator, records, step_seconds)
     return 0

@@ -45,7 +45,7 @@ def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=Fa
     from . import api
     from .kernels import precompile
     from .ops import dispatch
-    from .patches import common
+    from .patches import self_check
 
     if arch is None and not torch.cuda.is_available():
         raise ValueError("no CUDA GPU here: name the GPU architecture to compile for with --arch (e.g. sm_90)")
@@ -53,13 +53,13 @@ def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=Fa
         model = _frozen_model(name, "cuda", dtype, trusted, sha256)
         patch = api.framework_of(model)
         patch.accelerate(model)
-        return precompile.prepare(common.record_kernels(model, patch), workers=workers, progress=progress)
+        return precompile.prepare(self_check.record_kernels(model, patch), workers=workers, progress=progress)
     target = precompile.Target.parse(arch)
     model = _frozen_model(name, "cpu", dtype, trusted, sha256)
     patch = api.framework_of(model)
     patch.accelerate(model)
     with precompile.target_only(target), dispatch.kernels_on_cpu():
-        specs = common.record_kernels(model, patch)
+        specs = self_check.record_kernels(model, patch)
     return precompile.prepare(specs, target=target, install=False, workers=workers, progress=progress)
 
 

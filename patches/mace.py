@@ -36,7 +36,7 @@ import torch
 
 from fastmlip import memo
 
-from . import common, e3nn_compat
+from . import e3nn_compat, files, self_check, swaps
 from .mace_modules import (EDGE_MASK, SUPPORTED_INTERACTIONS, FastInteraction,  # noqa: F401 (API)
                            FastRadialEmbedding, FastSpeciesLinear, FastSymmetricContraction, accelerate, plan,
                            species_of)
@@ -73,7 +73,7 @@ def read_checkpoint(path) -> None:
         raise ValueError(f"{text}: no such file")
     if not zipfile.is_zipfile(text):
         raise ValueError(f"{text}: not a torch.save archive, so not a MACE model file")
-    if not common.pickle_names(text, b"mace.modules.models"):
+    if not files.pickle_names(text, b"mace.modules.models"):
         raise ValueError(f"{text}: its pickle names no mace model class")
 
 
@@ -92,7 +92,7 @@ def _unpickle(path: str):
         model = e3nn_compat.load(path, map_location="cpu")
     except Exception as exc:  # corrupt archives, missing classes, old e3nn state: all "cannot open this file"
         raise ValueError(f"{path}: could not unpickle the MACE model ({type(exc).__name__}: "
-                         f"{common.one_line(exc)[:200]})") from None
+                         f"{files.one_line(exc)[:200]})") from None
     if not handles(model):
         raise ValueError(f"{path}: holds a {type(model).__name__}, not a MACE model")
     pickled_fast = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("fastmlip.")})
@@ -106,14 +106,14 @@ def load(path, device=None, dtype=None, trusted: bool = False):
     """The MACE model in eval mode, parameters frozen (as MACECalculator uses it); e3nn-0.4 pickles upgraded.
 
     A MACE ``.model`` file is the whole model pickled, so it is unpickled (once) only when ``trusted``; else
-    :class:`common.UntrustedFileError` says how to trust it. The file's fastmlip marker (if ``fastmlip convert
+    :class:`files.UntrustedFileError` says how to trust it. The file's fastmlip marker (if ``fastmlip convert
     --to fast`` wrote it) moves to ``model.__dict__["_fastmlip_file"]`` with the path added; its dtype is the
     default for ``dtype``.
     """
     text = os.fspath(path)
     read_checkpoint(text)
     if not trusted:
-        common.refuse_untrusted(text, "a MACE model file is a whole pickled model")
+        files.refuse_untrusted(text, "a MACE model file is a whole pickled model")
     model = _unpickle(text)
     stored = model.__dict__.pop(FILE_FORMAT_ATTRIBUTE, None)
     marker = {k: v for k, v in stored.items() if k != "path"} if isinstance(stored, dict) else {}
@@ -135,7 +135,7 @@ def save_converted(source_path, target_path, *, to: str, dtype: str, check: Opti
     they were loaded, with their original coupling constants. The written file is then opened with a plain
     ``torch.load`` (no fastmlip shims) and must hold no fastmlip class, the same weights and buffers as
     ``reference`` and give the same energies and forces on a probe structure, for every head. Returns that
-    comparison in the form of :func:`common.check`'s report. The source is not read again (``trusted`` is
+    comparison in the form of :func:`self_check.check`'s report. The source is not read again (``trusted`` is
     unused here: it was decided when ``reference`` was loaded).
     """
     if to not in FILE_FORMATS:
@@ -146,7 +146,7 @@ def save_converted(source_path, target_path, *, to: str, dtype: str, check: Opti
 
     import fastmlip
 
-    if common.is_accelerated(reference):
+    if swaps.is_accelerated(reference):
         raise ValueError("save_converted needs the model with its original modules (fastmlip.restore it)")
     model = copy.deepcopy(reference).to(device="cpu", dtype=getattr(torch, dtype))
     for name in [key for key in model.__dict__ if key.startswith("_fastmlip")]:
@@ -162,7 +162,7 @@ def save_converted(source_path, target_path, *, to: str, dtype: str, check: Opti
         torch.save(model, os.fspath(target_path))
     except Exception as exc:  # e.g. a module holding TorchScript functions, which pickle cannot store
         raise ValueError(f"cannot pickle this MACE model under e3nn {e3nn.__version__} ({type(exc).__name__}: "
-                         f"{common.one_line(exc)[:200]})") from None
+                         f"{files.one_line(exc)[:200]})") from None
     return verify_written(target_path, marker, reference)
 
 
@@ -182,7 +182,7 @@ def _load_recording_modules(path: str) -> tuple:
         model = torch.load(path, map_location="cpu", weights_only=False, pickle_module=recorder)
     except Exception as exc:
         raise ValueError(f"{path}: the written file does not open with a plain torch.load ({type(exc).__name__}: "
-                         f"{common.one_line(exc)[:200]})") from None
+                         f"{files.one_line(exc)[:200]})") from None
     return model, imported
 
 
@@ -217,25 +217,25 @@ def verify_written(path, marker: Optional[dict], reference) -> dict:
     for param in written.parameters():
         param.requires_grad_(False)
     written.eval()
-    atoms = common.probe_structure(info["atomic_numbers"], info["cutoff"])
-    edges = common.neighbor_edges(atoms, info["cutoff"])
-    e_tol, f_tol = common.tolerances(info["dtype"])
+    atoms = self_check.probe_structure(info["atomic_numbers"], info["cutoff"])
+    edges = self_check.neighbor_edges(atoms, info["cutoff"])
+    tolerance = self_check.tolerances(info["dtype"])
     per_head, worst = {}, {"energy_per_atom": 0.0, "forces": 0.0}
     for head in info["modals"] or [None]:
-        expected = common.compute_on_atoms(sys.modules[__name__], reference, atoms, edges, modal=head)
-        got = common.compute_on_atoms(sys.modules[__name__], written, atoms, edges, modal=head)
-        per_head[head or "default"] = dev = common.deviation(expected, got, len(atoms))
+        expected = self_check.compute_on_atoms(sys.modules[__name__], reference, atoms, edges, modal=head)
+        got = self_check.compute_on_atoms(sys.modules[__name__], written, atoms, edges, modal=head)
+        per_head[head or "default"] = dev = self_check.deviation(expected, got, len(atoms))
         worst = {k: max(worst.get(k, 0.0), v) for k, v in dev.items()}
-    report = {"dtype": str(info["dtype"]).replace("torch.", ""), "tolerance": (e_tol, f_tol), "deviation": worst,
+    report = {"dtype": str(info["dtype"]).replace("torch.", ""), "tolerance": tolerance, "deviation": worst,
               "per_modal": per_head, "num_atoms": len(atoms), "num_edges": int(edges[0].numel())}
-    if not (worst["energy_per_atom"] <= e_tol and worst["forces"] <= f_tol):
+    if not self_check.within(worst, tolerance):
         raise ValueError(f"{text}: the written file predicts differently from the checked model "
-                         f"({common.describe(report)})")
+                         f"({self_check.describe(report)})")
     return report
 
 
 def model_info(model) -> dict:
-    device, dtype = common.first_tensor_placement(model)
+    device, dtype = swaps.first_tensor_placement(model)
     heads = [str(h) for h in getattr(model, "heads", None) or []]
     return {
         "framework": FRAMEWORK,
@@ -283,7 +283,7 @@ def build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, he
 
     ``validated``: the caller checked the species on the host; nothing here then reads from the device.
     """
-    device, dtype = common.first_tensor_placement(model)
+    device, dtype = swaps.first_tensor_placement(model)
     n = positions.shape[0]
     if validated:
         table = model.atomic_numbers.to(device)
@@ -358,5 +358,5 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     }
 
 
-restore = common.restore_swaps
-is_accelerated = common.is_accelerated
+restore = swaps.restore_swaps
+is_accelerated = swaps.is_accelerated

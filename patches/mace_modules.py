@@ -3,7 +3,7 @@
 Each replacement keeps every parameter and buffer object of the module it replaces (state_dict unchanged) and
 computes exactly its forward: :class:`FastInteraction` (radial MLP, fused conv_tp + scatter_sum, linears, the
 one-hot ``skip_tp`` as a species-indexed linear), :class:`FastSymmetricContraction` (the model's own U
-buffers), :class:`FastRadialEmbedding`, and e3nn's ``o3.Linear`` and spherical harmonics (from :mod:`.common`).
+buffers), :class:`FastRadialEmbedding`, and e3nn's ``o3.Linear`` and spherical harmonics (from :mod:`.e3nn_modules`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fastmlip.ops.radial_basis import radial_basis
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
 from fastmlip.reference.radial_basis import Envelope, radial_basis_problem
 
-from . import common
+from . import e3nn_modules, files, swaps
 
 SUPPORTED_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
 
@@ -58,7 +58,7 @@ class FastSpeciesLinear(nn.Module):
         super().__init__()
         self.problem = species_linear_problem(original)
         self.weight = original.weight
-        common.share_tensors(self, original)
+        swaps.share_tensors(self, original)
         self.irreps_in1, self.irreps_in2 = original.irreps_in1, original.irreps_in2
         self.irreps_out = original.irreps_out
 
@@ -119,7 +119,7 @@ def _fast_node_module(module) -> Optional[type]:
     from mace.modules.blocks import RadialEmbeddingBlock
     from mace.modules.symmetric_contraction import SymmetricContraction
 
-    return common.fast_replacement(module, {**common.e3nn_factories(), SymmetricContraction: FastSymmetricContraction,
+    return swaps.fast_replacement(module, {**e3nn_modules.e3nn_factories(), SymmetricContraction: FastSymmetricContraction,
                                             RadialEmbeddingBlock: FastRadialEmbedding})
 
 
@@ -140,11 +140,11 @@ class FastInteraction(nn.Module):
         for key, value in vars(original).items():
             if not key.startswith("_") and key != "training":
                 setattr(self, key, value)
-        self.linear_up = common.maybe_fast(original.linear_up, common.FastLinear)
+        self.linear_up = swaps.maybe_fast(original.linear_up, e3nn_modules.FastLinear)
         self.conv_tp = original.conv_tp
-        self.conv_tp_weights = common.maybe_fast(original.conv_tp_weights, common.FastFullyConnectedNet)
-        self.linear = common.maybe_fast(original.linear, common.FastLinear)
-        self.skip_tp = common.maybe_fast(original.skip_tp, FastSpeciesLinear)
+        self.conv_tp_weights = swaps.maybe_fast(original.conv_tp_weights, e3nn_modules.FastFullyConnectedNet)
+        self.linear = swaps.maybe_fast(original.linear, e3nn_modules.FastLinear)
+        self.skip_tp = swaps.maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
 
     def extra_repr(self) -> str:
@@ -162,7 +162,7 @@ class FastInteraction(nn.Module):
         mask = weight_mask(edge_index, node_feats.shape[0], node_feats.dtype)
         if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
             row_scale = mask if row_scale is None else row_scale * mask
-        tp_weights = common.radial_weights(self.conv_tp_weights, edge_feats.index_select(0, edges.order), row_scale)
+        tp_weights = e3nn_modules.radial_weights(self.conv_tp_weights, edge_feats.index_select(0, edges.order), row_scale)
         message = fused_conv(self.problem, node_feats, edge_attrs.index_select(0, edges.order), tp_weights,
                              edges.src, edges.dst, node_feats.shape[0], dst_ptr=edges.dst_ptr,
                              src_perm=edges.src_perm, src_ptr=edges.src_ptr)
@@ -186,12 +186,12 @@ def _interaction_obstacle(module) -> Optional[str]:
     try:
         check_conv_problem(tensor_product_problem(module.conv_tp))
     except ValueError as exc:
-        return common.one_line(exc)
+        return files.one_line(exc)
     return None
 
 
 _FAST_MODULES = (FastInteraction, FastSpeciesLinear, FastSymmetricContraction, FastRadialEmbedding,
-                 common.FastLinear, common.FastSphericalHarmonics)
+                 e3nn_modules.FastLinear, e3nn_modules.FastSphericalHarmonics)
 
 
 def plan(model) -> tuple:
@@ -205,7 +205,7 @@ def plan(model) -> tuple:
     from e3nn.o3 import TensorProduct
     from mace.modules.blocks import InteractionBlock
 
-    swaps, skipped, covered = [], {}, set()
+    planned, skipped, covered = [], {}, set()
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in covered):
             continue
@@ -215,20 +215,20 @@ def plan(model) -> tuple:
             covered.add(name)
             reason = _interaction_obstacle(module)
             if reason is None:
-                swaps.append((name, FastInteraction))
+                planned.append((name, FastInteraction))
             else:
                 skipped[name] = reason
         elif (factory := _fast_node_module(module)) is not None:
             covered.add(name)
-            swaps.append((name, factory))
+            planned.append((name, factory))
         elif isinstance(module, TensorProduct) or type(module).__name__ == "SymmetricContraction":
             covered.add(name)
             skipped[name] = f"{type(module).__name__} that fastmlip cannot describe"
-    return swaps, skipped
+    return planned, skipped
 
 
 def accelerate(model, *, strict: bool = False) -> list:
     """Swap MACE's e3nn modules for fastmlip ones in place; returns the names left as they were."""
-    if common.is_accelerated(model):
+    if swaps.is_accelerated(model):
         return []
-    return common.apply_plan(model, *plan(model), strict=strict)
+    return swaps.apply_plan(model, *plan(model), strict=strict)

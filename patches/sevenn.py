@@ -27,7 +27,7 @@ from fastmlip.ops.spherical_harmonics import spherical_harmonics
 from fastmlip.reference.gate import gate_problem
 from fastmlip.reference.radial_basis import Envelope, radial_basis_problem
 
-from . import common
+from . import e3nn_modules, files, swaps
 
 FRAMEWORK = "sevenn"
 # Key in a checkpoint dict written by ``fastmlip convert --to fast``; sevenn ignores unknown keys.
@@ -97,15 +97,15 @@ def _safe_globals() -> list:
 
 def looks_like_checkpoint(path) -> bool:
     """A ``torch.save`` archive whose pickle names a config and a model state dict (nothing is unpickled)."""
-    return os.path.isfile(path) and common.pickle_names(path, b"model_state_dict") and \
-        common.pickle_names(path, b"config")
+    return os.path.isfile(path) and files.pickle_names(path, b"model_state_dict") and \
+        files.pickle_names(path, b"config")
 
 
 def read_checkpoint(path, trusted: bool = False) -> dict:
     """The raw checkpoint dict; ValueError with a one-line reason for anything that is not a SevenNet checkpoint.
 
     Read with ``weights_only=True`` and numpy arrays allowed, which runs no code from the file; a checkpoint that
-    needs more is unpickled in full only when ``trusted`` (else :class:`common.UntrustedFileError`).
+    needs more is unpickled in full only when ``trusted`` (else :class:`files.UntrustedFileError`).
     """
     text = os.fspath(path)
     if not looks_like_checkpoint(text):
@@ -116,11 +116,11 @@ def read_checkpoint(path, trusted: bool = False) -> dict:
             raw = torch.load(text, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if not trusted:
-            common.refuse_untrusted(text, "this checkpoint holds Python objects beyond tensors and arrays")
+            files.refuse_untrusted(text, "this checkpoint holds Python objects beyond tensors and arrays")
         raw = _load_in_full(text)
     except Exception as exc:  # torch raises many types for corrupt files; all mean "not a checkpoint"
         raise ValueError(f"{text}: not a readable torch checkpoint ({type(exc).__name__}: "
-                         f"{common.one_line(exc)[:200]})") from None
+                         f"{files.one_line(exc)[:200]})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{text}: holds a {type(raw).__name__}, not a SevenNet checkpoint dict")
     missing = [key for key in ("config", "model_state_dict") if key not in raw]
@@ -136,7 +136,7 @@ def _load_in_full(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
-                         f"{common.one_line(exc)[:200]})") from None
+                         f"{files.one_line(exc)[:200]})") from None
 
 
 def _build(path: str, raw: dict):
@@ -225,7 +225,7 @@ def _make_onehots_follow_dtype(model) -> None:
     leaves it on the CPU) on the model's device: sevenn copies it there on every forward otherwise."""
     from sevenn.nn.node_embedding import OnehotEmbedding
 
-    device, dtype = common.first_tensor_placement(model)
+    device, dtype = swaps.first_tensor_placement(model)
     table = getattr(model, "z_to_onehot_tensor", None)
     if isinstance(table, torch.Tensor) and table.device != device:
         model.z_to_onehot_tensor = table.to(device)
@@ -249,7 +249,7 @@ def load(path, device=None, dtype=None, trusted: bool = False):
         model = _build(resolved, raw)
     except Exception as exc:  # a checkpoint sevenn cannot build is bad input, reported in one line
         raise ValueError(f"{path}: sevenn could not build a model from it ({type(exc).__name__}: "
-                         f"{common.one_line(exc)[:200]})") from None
+                         f"{files.one_line(exc)[:200]})") from None
     model.set_is_batch_data(False)
     model.eval()
     _make_onehots_follow_dtype(model)
@@ -261,7 +261,7 @@ def load(path, device=None, dtype=None, trusted: bool = False):
 
 
 def model_info(model) -> dict:
-    device, dtype = common.first_tensor_placement(model)
+    device, dtype = swaps.first_tensor_placement(model)
     return {
         "framework": FRAMEWORK,
         "cutoff": float(model.cutoff),
@@ -308,7 +308,7 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
     from sevenn.atom_graph_data import AtomGraphData
     import sevenn._keys as KEY
 
-    device, dtype = common.first_tensor_placement(model)
+    device, dtype = swaps.first_tensor_placement(model)
     numbers = torch.as_tensor(numbers, device=device).long()
     positions64 = torch.as_tensor(positions, device=device).detach().to(torch.float64)
     cell64 = torch.as_tensor(cell, device=device).detach().to(torch.float64).reshape(3, 3)
@@ -415,7 +415,7 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
         raise ValueError(f"edge_mask needs an accelerated model: {mask_obstacle(model)}")
     modal = select_modal(model, modal)
     _make_onehots_follow_dtype(model)
-    device, dtype = common.first_tensor_placement(model)
+    device, dtype = swaps.first_tensor_placement(model)
     data = build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal, edge_mask)
     n = numbers.numel()
     output = _run(model, data, n)
@@ -449,7 +449,7 @@ class FastIrrepsConvolution(nn.Module):
         super().__init__()
         self.problem = tensor_product_problem(original.convolution)
         check_conv_problem(self.problem)
-        self.weight_nn = common.maybe_fast(original.weight_nn, common.FastFullyConnectedNet)
+        self.weight_nn = swaps.maybe_fast(original.weight_nn, e3nn_modules.FastFullyConnectedNet)
         self.denominator = original.denominator
         self.key_x = original.key_x
         self.key_filter = original.key_filter
@@ -485,7 +485,7 @@ class FastIrrepsConvolution(nn.Module):
             cached = self._sorted_edges(data, x.shape[0])
             edges = cached["edges"]
             # placeholder edges (mask 0) weigh zero: their messages and gradients vanish
-            weight = common.radial_weights(self.weight_nn, cached["weight_input"], cached["mask"])
+            weight = e3nn_modules.radial_weights(self.weight_nn, cached["weight_input"], cached["mask"])
             out = fused_conv(self.problem, x, cached["filter"], weight, edges.src, edges.dst, x.shape[0],
                              dst_ptr=edges.dst_ptr, src_perm=edges.src_perm, src_ptr=edges.src_ptr)
         data[self.key_x] = out.div(self.denominator)
@@ -554,8 +554,8 @@ class FastEdgeEmbedding(nn.Module):
         return data
 
 
-_FAST_MODULES = (FastIrrepsConvolution, FastEquivariantGate, FastEdgeEmbedding, common.FastLinear,
-                 common.FastSphericalHarmonics)
+_FAST_MODULES = (FastIrrepsConvolution, FastEquivariantGate, FastEdgeEmbedding, e3nn_modules.FastLinear,
+                 e3nn_modules.FastSphericalHarmonics)
 
 
 def _convolution_obstacle(module) -> Optional[str]:
@@ -569,7 +569,7 @@ def _convolution_obstacle(module) -> Optional[str]:
     try:
         check_conv_problem(tensor_product_problem(module.convolution))
     except ValueError as exc:
-        return common.one_line(exc)
+        return files.one_line(exc)
     return None
 
 
@@ -578,7 +578,7 @@ def _gate_obstacle(module) -> Optional[str]:
     try:
         gate_problem(module.gate)
     except (ValueError, AttributeError) as exc:
-        return common.one_line(exc)
+        return files.one_line(exc)
     return None
 
 
@@ -596,9 +596,9 @@ def plan(model) -> tuple:
     from sevenn.nn.edge_embedding import EdgeEmbedding
     from sevenn.nn.equivariant_gate import EquivariantGate
 
-    swaps, skipped = [], {}
+    planned, skipped = [], {}
     covered = set()
-    node_factories = {**common.e3nn_factories(), EdgeEmbedding: FastEdgeEmbedding}
+    node_factories = {**e3nn_modules.e3nn_factories(), EdgeEmbedding: FastEdgeEmbedding}
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in covered) or isinstance(module, _FAST_MODULES):
             covered.add(name)
@@ -607,33 +607,33 @@ def plan(model) -> tuple:
             covered.add(name)
             reason = _convolution_obstacle(module)
             if reason is None:
-                swaps.append((name, FastIrrepsConvolution))
+                planned.append((name, FastIrrepsConvolution))
             else:
                 skipped[name] = reason
         elif type(module) is EquivariantGate:
             covered.add(name)
             reason = _gate_obstacle(module)
             if reason is None:
-                swaps.append((name, FastEquivariantGate))
+                planned.append((name, FastEquivariantGate))
             else:
                 skipped[name] = reason
-        elif (factory := common.fast_replacement(module, node_factories)) is not None:
+        elif (factory := swaps.fast_replacement(module, node_factories)) is not None:
             covered.add(name)
-            swaps.append((name, factory))
+            planned.append((name, factory))
         elif "convolution" in type(module).__name__.lower() and name:
             covered.add(name)
             skipped[name] = f"{type(module).__name__} is not an e3nn IrrepsConvolution"
         elif isinstance(module, TensorProduct) and not isinstance(module, ElementwiseTensorProduct):
             covered.add(name)
             skipped[name] = f"e3nn {type(module).__name__} outside a convolution"
-    return swaps, skipped
+    return planned, skipped
 
 
 def accelerate(model, *, strict: bool = False) -> list:
     """Swap SevenNet convolutions, the edge embedding, linears, spherical harmonics and gates for fastmlip's in
     place; returns the names left as they were."""
-    return common.apply_plan(model, *plan(model), strict=strict)
+    return swaps.apply_plan(model, *plan(model), strict=strict)
 
 
-restore = common.restore_swaps
-is_accelerated = common.is_accelerated
+restore = swaps.restore_swaps
+is_accelerated = swaps.is_accelerated

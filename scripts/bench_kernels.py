@@ -2,9 +2,11 @@
 
 One GPU run does everything: builds the problems of ANCHORS.md (MACE medium/large, nequip-benzene, SevenNet-0
 layers 0/1/4, SevenNet-l3i5 layer 1), checks fastmlip's forward, backward and double backward (sorted and
-unsorted edges, outputs poisoned with NaN) against the float64 reference, then times every importable
-implementation: forward, forward+backward, forward+backward+double-backward, peak memory. Prints a table;
-writes JSON and a PNG chart to --out (default $OUT or ./out).
+unsorted edges, outputs poisoned with NaN) against the float64 reference, then checks each implementation's forward
+and gradients against that reference on the very inputs it is timed with and times it: forward,
+forward+backward, forward+backward+double-backward, peak memory. A failed check is a failed row, not a time; an
+implementation with another weight count is an error. Prints a table; writes JSON and a PNG chart to --out
+(default $OUT or ./out).
 
     python scripts/bench_kernels.py --dtypes float32,float64 --precompile 12
 """
@@ -173,6 +175,51 @@ def check(problem, graph, n_nodes, dtype, seed):
     return errs
 
 
+CHECK_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # relative (norm) error vs the float64 reference
+
+
+def reference_outputs(problem, graph, n_nodes, x, y, w, g):
+    """Forward and first derivatives of the fused conv in float64 through fastmlip's reference (exact to e3nn)."""
+    backend = os.environ.get("FASTMLIP_BACKEND")
+    os.environ["FASTMLIP_BACKEND"] = "reference"
+    try:
+        x64, y64, w64 = (t.detach().double().requires_grad_() for t in (x, y, w))
+        out = fastmlip_fn(problem, graph, n_nodes, True)(x64, y64, w64)
+        return [out, *torch.autograd.grad(out, (x64, y64, w64), g.double())]
+    finally:
+        os.environ["FASTMLIP_BACKEND"] = backend or "triton"
+
+
+def check_impl(kind, f, problem, graph, n_nodes, dtype, seed):
+    """Worst relative error of an implementation's forward and gradients against the float64 reference, on the
+    inputs it will be timed with; raises when it is beyond CHECK_TOLERANCE (a failed row, not a time)."""
+    x, y, w = inputs(problem, n_nodes, graph.src.numel(), dtype, seed)
+    g = torch.randn(n_nodes, problem.dim_out, device=DEVICE, dtype=dtype)
+    want = reference_outputs(problem, graph, n_nodes, x, y, w, g)
+    out = f(x, y, w)
+    got = [out, *torch.autograd.grad(out, (x, y, w), g)]
+    errors = {name: rel_err(a, b) if a.shape == b.shape else float("inf")
+              for name, a, b in zip(("out", "gx", "gy", "gw"), got, want)}
+    worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
+    if not errors[worst] <= CHECK_TOLERANCE[dtype]:
+        raise ValueError(f"check failed: {kind} {worst} relative error {errors[worst]:.1e} "
+                         f"(tolerance {CHECK_TOLERANCE[dtype]:.0e}); not timed")
+    return errors
+
+
+def _ir_mul(irreps, to: bool):
+    """Reorder the last axis between e3nn's mul_ir layout and cuEquivariance's ir_mul, block by block."""
+    def convert(t):
+        blocks, start = [], 0
+        for m in irreps:
+            block = t[..., start:start + m.dim]
+            shape = (m.mul, m.ir_dim) if to else (m.ir_dim, m.mul)
+            blocks.append(block.reshape(*t.shape[:-1], *shape).transpose(-1, -2).reshape(*t.shape[:-1], m.dim))
+            start += m.dim
+        return torch.cat(blocks, -1)
+    return convert
+
+
 def baseline_fn(kind, problem, graph, n_nodes, dtype):
     from fastmlip.descriptors import irreps_str
 
@@ -189,11 +236,18 @@ def baseline_fn(kind, problem, graph, n_nodes, dtype):
         import cuequivariance as cue
         import cuequivariance_torch as cuet
 
-        layout = cue.ir_mul if kind.endswith("ir_mul") else cue.mul_ir
+        ir_mul = kind.endswith("ir_mul")
         tp = cuet.ChannelWiseTensorProduct(cue.Irreps("O3", i1), cue.Irreps("O3", i2),
-                                           filter_irreps_out=cue.Irreps("O3", io), layout=layout,
+                                           filter_irreps_out=cue.Irreps("O3", io),
+                                           layout=cue.ir_mul if ir_mul else cue.mul_ir,
                                            shared_weights=False, internal_weights=False, device="cuda", dtype=dtype)
-        return (lambda x, y, w: tp(x, y, w, indices_1=src, indices_out=dst, size_out=n_nodes)), tp.weight_numel
+        if not ir_mul:
+            return (lambda x, y, w: tp(x, y, w, indices_1=src, indices_out=dst, size_out=n_nodes)), tp.weight_numel
+        # inputs and outputs in e3nn's layout, converted around the op (the conversions are timed too)
+        to_1, to_2 = _ir_mul(problem.irreps_in1, True), _ir_mul(problem.irreps_in2, True)
+        back = _ir_mul(problem.irreps_out, False)
+        return (lambda x, y, w: back(tp(to_1(x), to_2(y), w, indices_1=src, indices_out=dst, size_out=n_nodes))), \
+            tp.weight_numel
     if kind.startswith("oeq"):
         import numpy as np
         import openequivariance as oeq
@@ -239,14 +293,16 @@ def time_impl(kind, problem, graph, n_nodes, dtype, seed):
         f, n_w = fastmlip_fn(problem, graph, n_nodes, kind == "fastmlip"), problem.weight_numel
     else:
         f, n_w = baseline_fn(kind, problem, graph, n_nodes, dtype)
+    if n_w != problem.weight_numel:
+        raise ValueError(f"{kind} has {n_w} weights per edge, the problem {problem.weight_numel}: not the same "
+                         f"tensor product, not timed")
+    errors = check_impl(kind, f, problem, graph, n_nodes, dtype, seed)
     x, y, w = inputs(problem, n_nodes, n_edges, dtype, seed)
-    if w.shape[1] != n_w:  # a baseline that lays its weights out differently still gets random weights
-        w = torch.randn(n_edges, n_w, device=DEVICE, dtype=dtype, requires_grad=True)
     out = f(x, y, w)
     g = torch.randn_like(out)
     h = torch.randn_like(y)
     fwd, fwd_bwd, fwd_bwd_dbl = passes(f, x, y, w, g, h)
-    res = {"fwd_ms": median_ms(fwd)}
+    res = {"check_max_rel_err": max(errors.values()), "fwd_ms": median_ms(fwd)}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -315,8 +371,12 @@ def smoke(args):
     graph = make_graph(args.nodes, args.degree, DEVICE)
     for dtype_name in args.dtypes.split(","):
         for name, problem in probs.items():
-            errs = check(problem, graph, args.nodes, getattr(torch, dtype_name), seed=2)
+            dtype = getattr(torch, dtype_name)
+            errs = check(problem, graph, args.nodes, dtype, seed=2)
             print(f"CHECK {name} {dtype_name} worst rel err {max(errs.values()):.2e}", flush=True)
+            f = fastmlip_fn(problem, graph, args.nodes, True)
+            errs = check_impl("fastmlip", f, problem, graph, args.nodes, dtype, seed=3)
+            print(f"CHECK-BEFORE-TIMING {name} {dtype_name} worst rel err {max(errs.values()):.2e}", flush=True)
 
 
 def main():

@@ -13,7 +13,9 @@ Then a size sweep (Cu fcc, 108 atoms upwards) per backend until the first out-of
 
 Each step moves the atoms slightly (so nothing is cached) and is timed with the device synchronised; the
 median over --steps after --warmup is reported. Every backend runs in try/except: a failure is a row with an
-error, never the end of the run. ``--quick`` runs tiny systems (works on CPU, for smoke tests).
+error, never the end of the run. Every row's first frame is compared with the framework's plain calculator
+(evaluated once per system, untimed): a row beyond the fp32/fp64 tolerances is a failed row, not a speed.
+``--quick`` runs tiny systems (works on CPU, for smoke tests).
 
     python scripts/bench_md.py --out bench_md            # GPU: anchors + sweep, writes .json and .png
     python scripts/bench_md.py --quick --device cpu      # CPU smoke test
@@ -167,18 +169,56 @@ def run_case(which, atoms, backend, args, model_dir):
     return row
 
 
-def add_parity_and_ratios(rows):
-    """Speed-up over the framework's plain calculator, and |dE|/atom, max|dF| against it."""
+TOLERANCES = {"float32": (1e-5, 1e-4), "float64": (1e-9, 1e-8)}  # |dE|/atom eV, max|dF| eV/A
+
+
+def reference_frame(which, atoms, args, model_dir):
+    """Energy and forces of the first frame from the framework's plain calculator (SevenNetCalculator /
+    MACECalculator with its e3nn modules), untimed; or an error string (e.g. out of memory at sweep sizes)."""
+    calculator = None
+    try:
+        calculator = make_calculator(which, "e3nn", args.device, args.dtype, model_dir)
+        frame = atoms.copy()
+        frame.calc = calculator
+        return float(frame.get_potential_energy()), np.array(frame.get_forces())
+    except Exception as exc:  # noqa: BLE001 - reported in the rows it would have checked
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    finally:
+        del calculator
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def check_parity(row, reference, dtype):
+    """|dE|/atom and max|dF| against the reference on the first frame. A row beyond the tolerances becomes a
+    failed row: its time is kept as ``failed_step_ms``, never reported as a speed. A row whose reference could
+    not run says so in ``parity``."""
+    forces = row.pop("_forces0", None)
+    if "step_ms" not in row:
+        return
+    if isinstance(reference, str):
+        row["parity"] = f"unchecked: reference failed ({reference})"
+        return
+    row["dE_per_atom"] = abs(row["energy0"] - reference[0]) / row["natoms"]
+    row["max_dF"] = float(np.abs(forces - reference[1]).max())
+    e_tol, f_tol = TOLERANCES[dtype]
+    if row["dE_per_atom"] <= e_tol and row["max_dF"] <= f_tol:
+        row["parity"] = "ok"
+        return
+    row["parity"] = "failed"
+    row["failed_step_ms"] = row.pop("step_ms")
+    row["error"] = (f"parity failed: |dE|/atom {row['dE_per_atom']:.1e} eV (tol {e_tol:.0e}), max|dF| "
+                    f"{row['max_dF']:.1e} eV/A (tol {f_tol:.0e})")
+
+
+def add_ratios(rows):
+    """Speed-up over the framework's plain calculator, where its row ran."""
     baselines = {(r["model"], r["natoms"]): r for r in rows if r["backend"] == "e3nn" and "step_ms" in r}
     for row in rows:
         base = baselines.get((row["model"], row["natoms"]))
-        if base is None or "step_ms" not in row:
-            continue
-        row["speedup_vs_e3nn"] = base["step_ms"] / row["step_ms"]
-        row["dE_per_atom_vs_e3nn"] = abs(row["energy0"] - base["energy0"]) / row["natoms"]
-        row["max_dF_vs_e3nn"] = float(np.abs(row["_forces0"] - base["_forces0"]).max())
-    for row in rows:
-        row.pop("_forces0", None)
+        if base is not None and "step_ms" in row:
+            row["speedup_vs_e3nn"] = base["step_ms"] / row["step_ms"]
 
 
 def outcome(row):
@@ -196,8 +236,8 @@ def format_table(rows):
             continue
         peak = f"{r['peak_MiB']:9.0f}" if r.get("peak_MiB") is not None else f"{'-':>9s}"
         ratio = f"{r['speedup_vs_e3nn']:7.2f}" if "speedup_vs_e3nn" in r else f"{'-':>7s}"
-        parity = (f"{r['dE_per_atom_vs_e3nn']:8.1e} {r['max_dF_vs_e3nn']:8.1e}" if "max_dF_vs_e3nn" in r
-                  else f"{'-':>8s} {'-':>8s}")
+        parity = (f"{r['dE_per_atom']:8.1e} {r['max_dF']:8.1e}" if "max_dF" in r
+                  else f"{'unchecked':>17s}")
         lines.append(f"{r['model']:12s} {r['system']:10s} {r['natoms']:7d} {r['backend']:14s} "
                      f"{r['step_ms']:9.2f} {r['us_per_atom']:8.2f} {peak} {ratio} {parity}")
     return "\n".join(lines)
@@ -205,14 +245,17 @@ def format_table(rows):
 
 def sweep(args, model_dir, backends):
     """Cu fcc of growing size per backend; a backend stops at its first error (out of memory, usually)."""
-    rows = []
+    rows, references = [], {}
     repeats = QUICK_SWEEP_REPEATS if args.quick else SWEEP_REPEATS
     for backend in backends:
         for repeat in repeats:
             atoms = crystal("Si" if args.quick else "Cu", repeat)
             if len(atoms) > args.max_atoms:
                 break
+            if repeat not in references:
+                references[repeat] = reference_frame(args.sweep_model, atoms, args, model_dir)
             row = run_case(args.sweep_model, atoms, backend, args, model_dir)
+            check_parity(row, references[repeat], args.dtype)
             rows.append(row)
             print(f"sweep {backend:14s} {len(atoms):8d} atoms: "
                   f"{outcome(row)}", flush=True)
@@ -290,15 +333,17 @@ def main(argv=None):
         if which not in models:
             continue
         atoms = crystal(kind, repeat)
+        reference = reference_frame(which, atoms, args, model_dir)
         for backend in backends:
             row = run_case(which, atoms, backend, args, model_dir)
+            check_parity(row, reference, args.dtype)
             anchors.append(row)
             print(f"{which:12s} {len(atoms):6d} {backend:14s} "
                   f"{outcome(row)}", flush=True)
-    add_parity_and_ratios(anchors)
+    add_ratios(anchors)
     sweep_backends = args.sweep_backends or ("fastmlip,e3nn" if args.quick else "fastmlip,e3nn,cueq,oeq")
     sweep_rows = [] if args.no_sweep else sweep(args, model_dir, [b for b in sweep_backends.split(",") if b])
-    add_parity_and_ratios(sweep_rows)
+    add_ratios(sweep_rows)
 
     print()
     print(format_table(anchors))

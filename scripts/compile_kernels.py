@@ -42,14 +42,14 @@ def compile_case(model: str, dtype: str, target, workers):
     from fastmlip.api import framework_of
     from fastmlip.kernels import precompile
     from fastmlip.ops import dispatch
-    from fastmlip.patches import common
+    from fastmlip.patches import self_check
     from fastmlip.warmup import _frozen_model
 
     model = _frozen_model(model, "cpu", dtype, trusted=True)  # bench_md's own MACE file, or a shipped one
     patch = framework_of(model)
     patch.accelerate(model)
     with precompile.target_only(target), dispatch.kernels_on_cpu():
-        specs = precompile.unique(common.record_kernels(model, patch))
+        specs = precompile.unique(self_check.record_kernels(model, patch))
     report = precompile.prepare(specs, target=target, install=False, workers=workers, progress=False)
     seconds = dict(report.compiled)
     records = []

@@ -19,7 +19,7 @@ from ase.build import bulk  # noqa: E402
 
 import fastmlip.api as api  # noqa: E402
 from fastmlip import convert  # noqa: E402
-from fastmlip.patches import common  # noqa: E402
+from fastmlip.patches import self_check  # noqa: E402
 from fastmlip.patches import sevenn as patch  # noqa: E402
 
 NAME = "7net-0"
@@ -52,7 +52,7 @@ def silicon():
 
 
 def predict(model, atoms):
-    return common.compute_on_atoms(patch, model, atoms, common.neighbor_edges(atoms, model.cutoff))
+    return self_check.compute_on_atoms(patch, model, atoms, self_check.neighbor_edges(atoms, model.cutoff))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_accelerate_returns_same_object_and_restore(reference):
     try:
         assert patch.is_accelerated(model) and api.last_check(model)["deviation"]["forces"] <= 1e-4
         fast = predict(model, silicon())
-        assert common.deviation(expected, fast, 2)["forces"] <= 1e-4
+        assert self_check.deviation(expected, fast, 2)["forces"] <= 1e-4
     finally:
         assert api.restore(model) is model
     assert not patch.is_accelerated(model) and api.last_check(model) is None
@@ -116,7 +116,7 @@ def test_convert_to_fast_reports_check_and_loads_accelerated(converted, referenc
         model = api.load(work / "fast.pth")
     assert patch.is_accelerated(model)
     _, expected = reference
-    dev = common.deviation(expected, predict(model, silicon()), 2)
+    dev = self_check.deviation(expected, predict(model, silicon()), 2)
     assert dev["energy_per_atom"] <= 1e-5 and dev["forces"] <= 1e-4
 
 
@@ -169,6 +169,8 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
              "notes.txt": "not a torch.save archive"}  # told apart without unpickling
     for name, reason in cases.items():
         assert_one_line_failure(cli(name, "-o", "out.pth", "--to", "fast", cwd=tmp_path), name, reason)
+    assert_one_line_failure(cli(NAME, "-o", "out.pth", "--to", "fast", "--device", "bogus", cwd=tmp_path),
+                            "unknown device 'bogus'")
     assert not (tmp_path / "out.pth").exists()
     assert sorted(os.listdir(tmp_path)) == ["foreign.pth", "notes.txt", "random.pth"]
 

@@ -250,3 +250,16 @@ def test_a_crystal_far_from_the_origin_keeps_float32_forces(framework, tmp_path)
     assert 0.05 < np.abs(near[0]).max()
     for before, after in zip(near, far):
         assert np.abs(after - before).max() < 2e-5
+
+
+def test_atoms_on_top_of_each_other_and_empty_structures_raise_clearly():
+    calc = Calculator("7net-0", device="cpu", accelerate=False)
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.positions[3] = atoms.positions[2]
+    atoms.calc = calc
+    with pytest.raises(StructureError, match=r"NaN or infinite .* atoms too close together: 2 and 3 \(0.000 A apart\)"):
+        atoms.get_forces()
+    empty = Atoms()
+    empty.calc = calc
+    with pytest.raises(StructureError, match="the structure has no atoms"):
+        empty.get_potential_energy()

@@ -213,7 +213,7 @@ def test_sevennet0_swaps_every_gate_and_restores(sevennet0):
 
 def test_sevennet0_with_kernel_gates_matches_original(sevennet0, monkeypatch, tmp_path_factory):
     """Only the gates run Triton (interpreted on CPU); energies and forces must match e3nn's model in fp64."""
-    from fastmlip.patches import common
+    from fastmlip.patches import self_check
     from fastmlip.patches import sevenn as patch
 
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
@@ -221,7 +221,7 @@ def test_sevennet0_with_kernel_gates_matches_original(sevennet0, monkeypatch, tm
     monkeypatch.setattr(gate_ops, "dispatch", types.SimpleNamespace(backend_for=lambda tensor: "triton"))
     patch.accelerate(sevennet0)
     try:
-        report = common.check(sevennet0, patch)
+        report = self_check.check(sevennet0, patch)
     finally:
         patch.restore(sevennet0)
     assert report["dtype"] == "float64" and report["num_edges"] > 0

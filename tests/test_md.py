@@ -44,13 +44,25 @@ def test_nvt_langevin_with_traj_format(tmp_path):
     assert "temperature: mean" in result.stdout and "float64" in result.stdout
 
 
+FILES = {"notes.txt": "not a structure\n", "unknown.xyz": "2\n\nSi 0 0 0\nXx 1 1 1\n", "empty.xyz": ""}
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["missing.xyz"], "fastmlip md: error: structure file 'missing.xyz' not found"),
     (["--steps", "-1"], "fastmlip md: error: --steps must be >= 0, got -1"),
     (["--traj", "out.pdb"], "fastmlip md: error: --traj must end in one of .extxyz, .xyz, .traj, got 'out.pdb'"),
+    (["--device", "bogus"], "fastmlip md: error: unknown device 'bogus': use auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:7"], "fastmlip md: error: device 'cuda:7' asked for, but this machine has"),
+    (["notes.txt"], "fastmlip md: error: notes.txt: cannot read a structure from it"),
+    (["unknown.xyz"], "fastmlip md: error: unknown.xyz: unknown chemical symbol 'Xx'"),
+    (["empty.xyz"], "fastmlip md: error: empty.xyz: cannot read a structure from it"),
+    (["--ensemble", "npx"], "fastmlip md: error: argument --ensemble: invalid choice: 'npx'"),
 ])
 def test_errors_exit_nonzero_with_one_line(tmp_path, arguments, message):
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
     result = run_md(*arguments, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == message
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(message), result.stderr
     assert not (tmp_path / "out.pdb").exists()

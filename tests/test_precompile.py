@@ -42,7 +42,7 @@ def steps_against_dry_run() -> dict:
     from fastmlip.cuda_graph import CapturedStep
     from fastmlip.kernels import precompile
     from fastmlip.ops import dispatch
-    from fastmlip.patches import common
+    from fastmlip.patches import self_check
     from fastmlip.warmup import _frozen_model
 
     model = _frozen_model("7net-0", "cpu", "float32")
@@ -52,7 +52,7 @@ def steps_against_dry_run() -> dict:
     rng = np.random.default_rng(0)
     steps = []
     with precompile.target_only(precompile.Target.parse("sm_90")), dispatch.kernels_on_cpu():
-        dry = common.record_kernels(model, patch)
+        dry = self_check.record_kernels(model, patch)
         calc = fastmlip.Calculator(model, device="cpu")
         for step in range(4):
             atoms.positions += rng.normal(scale=0.15 if step == 2 else 0.02, size=atoms.positions.shape)

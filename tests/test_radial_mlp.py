@@ -15,7 +15,7 @@ from e3nn import nn as e3nn_nn  # noqa: E402
 from fastmlip.kernels import radial_mlp as mlp_kernels  # noqa: E402
 from fastmlip.ops import radial_mlp as mlp_ops  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
-from fastmlip.patches import common  # noqa: E402
+from fastmlip.patches import e3nn_modules, swaps  # noqa: E402
 from fastmlip.reference import radial_mlp as ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,18 +186,18 @@ def test_ops_pass_torch_opcheck():
 
 def test_module_swap_keeps_parameters_and_falls_back_for_unknown_activations():
     net = build("mace-mp0")
-    fast = common.maybe_fast(net, common.FastFullyConnectedNet)
-    assert isinstance(fast, common.FastFullyConnectedNet)
+    fast = swaps.maybe_fast(net, e3nn_modules.FastFullyConnectedNet)
+    assert isinstance(fast, e3nn_modules.FastFullyConnectedNet)
     assert list(fast.state_dict()) == list(net.state_dict())
     assert all(a is b for a, b in zip(fast.parameters(), net.parameters()))
     x, scale, _ = data(net, torch.float64)
     with torch.no_grad():
-        assert_close(common.radial_weights(fast, x, scale), net(x) * scale[:, None], torch.float64, "fast")
-        assert torch.equal(common.radial_weights(net, x, scale), net(x) * scale[:, None])
+        assert_close(e3nn_modules.radial_weights(fast, x, scale), net(x) * scale[:, None], torch.float64, "fast")
+        assert torch.equal(e3nn_modules.radial_weights(net, x, scale), net(x) * scale[:, None])
     odd = e3nn_nn.FullyConnectedNet([4, 8, 3], F.softplus).to(DEVICE, torch.float64)
-    assert common.maybe_fast(odd, common.FastFullyConnectedNet) is odd
+    assert swaps.maybe_fast(odd, e3nn_modules.FastFullyConnectedNet) is odd
     linear = torch.nn.Linear(3, 3)
-    assert common.maybe_fast(linear, common.FastFullyConnectedNet) is linear
+    assert swaps.maybe_fast(linear, e3nn_modules.FastFullyConnectedNet) is linear
 
 
 def test_bad_input():
@@ -294,7 +294,7 @@ def test_dot_precision_knob(triton_poisoned, monkeypatch):
 def test_many_edges_take_the_matmul_path_on_gpu(monkeypatch):
     """Above FASTMLIP_MLP_FUSED_MAX_ROWS edges the swapped module runs e3nn's own layers (cuBLAS), same values."""
     net = build("mace-mp0")
-    fast = common.maybe_fast(net, common.FastFullyConnectedNet)
+    fast = swaps.maybe_fast(net, e3nn_modules.FastFullyConnectedNet)
     x, scale, _ = data(net, torch.float64, n=300)
     monkeypatch.setenv("FASTMLIP_MLP_FUSED_MAX_ROWS", "100")
     monkeypatch.setattr(mlp_ops, "radial_mlp_fwd", lambda *args: pytest.fail("fused kernel used"))

@@ -14,7 +14,7 @@ import torch
 
 from fastmlip import api
 from fastmlip.calculator import Calculator
-from fastmlip.patches.common import UntrustedFileError, file_sha256
+from fastmlip.patches.files import UntrustedFileError, file_sha256
 
 pytest.importorskip("sevenn")
 

@@ -11,6 +11,7 @@ _LAZY = {
     "accelerate": "fastmlip.api",
     "restore": "fastmlip.api",
     "Calculator": "fastmlip.calculator",
+    "simulate": "fastmlip.engine",
     "neighbor_list": "fastmlip.neighbors",
     "UntrustedFileError": "fastmlip.patches.files",
     "StructureError": "fastmlip.calculator",

@@ -148,7 +148,8 @@ class Calculator(AseCalculator):
             raise PropertyNotImplementedError(
                 "stress needs a periodic structure with a cell of non-zero volume; "
                 f"this one has pbc={list(pbc)} and cell {cell_host.tolist()}")
-        if self._cell is None or not np.array_equal(self._cell[0], cell_host) or self._cell[2] != pbc:
+        if self._cell is None or self._cell[0] is None or not np.array_equal(self._cell[0], cell_host) or \
+                self._cell[2] != pbc:
             self._cell = (cell_host.copy(), torch.as_tensor(cell_host, device=self.device), pbc,
                           wrap_basis(cell_host, pbc).to(self.device))
         cell = self._cell[1]
@@ -160,6 +161,28 @@ class Calculator(AseCalculator):
         results = self._to_host(flat, len(atoms), with_stress)
         self._check_finite(results, atoms)
         self.results = results
+
+    def bind(self, atoms) -> None:
+        """Check ``atoms``' species, cell and positions once, for a run of :meth:`evaluate` calls on them."""
+        if len(atoms) == 0:
+            raise StructureError("the structure has no atoms")
+        self._numbers = self._checked_numbers(atoms.numbers)
+        self._checked_positions(atoms.positions)
+        self._check_cell(np.asarray(atoms.cell.array, dtype=np.float64), tuple(bool(p) for p in atoms.pbc))
+
+    def evaluate(self, positions, cell, pbc, with_stress: bool) -> tuple:
+        """(energy [], forces [N, 3], stress [3, 3] or None) as device tensors, for float64 ``positions`` and
+        ``cell`` on the device of the structure :meth:`bind` checked: what :meth:`calculate` computes (CUDA graph
+        replays included), without the host. The cell is matched by identity: pass the same tensor while it
+        stays the same."""
+        if self._cell is None or self._cell[1] is not cell or self._cell[2] != pbc:
+            self._cell = (None, cell, pbc, wrap_basis(cell, pbc).to(cell.device))
+        flat = self._replay(positions, cell, pbc, with_stress) if self.cuda_graph else None
+        if flat is None:
+            flat, with_stress = self._eager(positions, cell, pbc, with_stress)
+        n = positions.shape[0]
+        stress = flat[1 + 4 * n:].reshape(3, 3) if with_stress else None
+        return flat[0], flat[1 + n:1 + 4 * n].reshape(n, 3), None if stress is None else 0.5 * (stress + stress.T)
 
     def _check_finite(self, results, atoms) -> None:
         """Raise :class:`StructureError` for NaN or infinite results, naming atoms that sit on top of each other

@@ -37,13 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate", choices=["auto", "yes", "no"], default="auto",
                         help="swap in fastmlip's modules; auto: on CUDA only (on CPU they run the plain-torch "
                         "reference, which is slower than e3nn)")
-    parser.add_argument("--ensemble", choices=["nve", "nvt"], default="nve",
-                        help="nve: velocity Verlet; nvt: Langevin thermostat")
+    parser.add_argument("--engine", choices=["device", "ase"], default="device",
+                        help="device: fastmlip.simulate, the MD state on the model's device (default); ase: ASE's "
+                        "integrators calling fastmlip.Calculator each step")
+    parser.add_argument("--ensemble", choices=["nve", "nvt", "npt"], default="nve",
+                        help="nve: velocity Verlet; nvt: --thermostat; npt: stochastic cell rescaling to "
+                        "--pressure around --thermostat (device engine)")
+    parser.add_argument("--thermostat", choices=["langevin", "csvr"], default="langevin",
+                        help="NVT/NPT: langevin (BAOAB) or csvr (Bussi; the ASE engine has Langevin only)")
+    parser.add_argument("--pressure", type=float, default=None, help="NPT target pressure, GPa")
     parser.add_argument("--temperature", type=float, default=300.0,
-                        help="K: initial Maxwell-Boltzmann velocities, and the NVT target")
+                        help="K: initial Maxwell-Boltzmann velocities, and the NVT/NPT target")
     parser.add_argument("--timestep", type=float, default=1.0, help="fs")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    parser.add_argument("--steps", type=int, default=100, help="the run's length (a resumed run's too)")
+    parser.add_argument("--friction", type=float, default=0.01,
+                        help="Langevin friction, 1/fs (CSVR: time constant 1/friction)")
+    parser.add_argument("--restart", default=None,
+                        help="restart file (device engine): resumed from when it exists, written every 1000 "
+                        "steps and at the end")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--traj", default=None, help="trajectory output: .extxyz/.xyz or .traj")
     parser.add_argument("--interval", type=int, default=10, help="write a frame every this many steps")
@@ -89,6 +100,11 @@ def build_structure(args, device):
 
 
 def validate(args):
+    if args.engine == "ase" and (args.ensemble == "npt" or args.thermostat != "langevin" or args.restart):
+        raise ValueError("--engine ase runs NVE and Langevin NVT without restarts; use --engine device for "
+                         "NPT, --thermostat csvr and --restart")
+    if args.ensemble == "npt" and args.pressure is None:
+        raise ValueError("--ensemble npt needs --pressure (GPa)")
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     if not args.timestep > 0:
@@ -108,14 +124,15 @@ def validate(args):
 class TrajectoryWriter:
     """Appends frames (with energy and forces) to .extxyz/.xyz or .traj."""
 
-    def __init__(self, path):
+    def __init__(self, path, append: bool = False):
         from ase.io import Trajectory
 
         self.path = path
+        mode = "a" if append else "w"
         if path.lower().endswith(".traj"):
-            self._traj, self._handle = Trajectory(path, "w"), None
+            self._traj, self._handle = Trajectory(path, mode), None
         else:
-            self._traj, self._handle = None, open(path, "w")
+            self._traj, self._handle = None, open(path, mode)
 
     def write(self, atoms):
         from ase.io import write
@@ -219,7 +236,9 @@ def simulate(args):
                             cuda_graph={"auto": "auto", "yes": True, "no": False}[args.cuda_graph],
                             trusted=args.trust, sha256=args.sha256)
     atoms.calc = calculator
-    dynamics = make_dynamics(atoms, args)
+    dynamics = make_dynamics(atoms, args) if args.engine == "ase" else None
+    if dynamics is None and not np.any(atoms.get_momenta()):
+        thermalize(atoms, args.temperature, np.random.default_rng(args.seed))
     first_step = time.perf_counter()
     atoms.get_forces()  # first step: neighbour list, CUDA graph capture; timed separately
     first_step_seconds = time.perf_counter() - first_step
@@ -233,6 +252,8 @@ def simulate(args):
           f"{args.ensemble.upper()} at {args.temperature:g} K, dt {args.timestep:g} fs", flush=True)
     print(f"setup {load_seconds:.1f} s: {describe_setup(calculator, first_step_seconds)}", flush=True)
 
+    if args.engine == "device":
+        return atoms, calculator, *_run_engine(args, atoms, calculator)
     writer = TrajectoryWriter(args.traj) if args.traj else None
     n_atoms = len(atoms)
     records = []  # (time ps, potential eV/atom, kinetic eV/atom, temperature K)
@@ -264,13 +285,38 @@ def simulate(args):
     return atoms, calculator, np.array(records).reshape(-1, 4), np.array(step_seconds)
 
 
+def _run_engine(args, atoms, calculator) -> tuple:
+    """MD through fastmlip.simulate; (records, step_seconds) as the ASE loop returns them (every step the same:
+    the engine times the whole loop, it does not wait for each step)."""
+    from tqdm import tqdm
+
+    from .engine import simulate
+
+    with tqdm(total=args.steps, unit="step", disable=args.no_progress, file=sys.stderr) as bar:
+        run = simulate(atoms, calculator, ensemble=args.ensemble, steps=args.steps, timestep=args.timestep,
+                       temperature=args.temperature, thermostat=args.thermostat, friction=args.friction,
+                       pressure=args.pressure, seed=args.seed, trajectory=args.traj, interval=args.interval,
+                       restart=args.restart, progress=lambda step: bar.update(step - bar.n))
+    atoms.set_cell(run.atoms.cell)
+    atoms.set_positions(run.atoms.positions)
+    atoms.set_momenta(run.atoms.get_momenta())
+    n = len(atoms)
+    thermo = run.thermo
+    records = np.stack([thermo["time_fs"] / 1000, thermo["epot"] / n, thermo["ekin"] / n, thermo["temperature"]], 1)
+    if "pressure" in thermo:
+        print(f"pressure: mean {thermo['pressure'].mean():.3f} GPa (target {args.pressure:g} GPa), volume "
+              f"{thermo['volume'][0]:.1f} -> {thermo['volume'][-1]:.1f} A^3")
+    return records, np.full(run.timing["steps"], run.timing["ms_per_step"] / 1e3)
+
+
 def report(args, atoms, calculator, records, step_seconds):
     times_ps, potential, kinetic, temperature = records.T
     total = potential + kinetic
     lines = []
     if len(step_seconds):
         median = float(np.median(step_seconds))
-        lines.append(f"timing: {len(step_seconds)} steps in {step_seconds.sum():.2f} s, median "
+        statistic = "median" if args.engine == "ase" else "mean"
+        lines.append(f"timing: {len(step_seconds)} steps in {step_seconds.sum():.2f} s, {statistic} "
                      f"{median * 1e3:.1f} ms/step ({1 / median:.2f} steps/s, "
                      f"{args.timestep * 86400 / 1e6 / median:.4f} ns/day, "
                      f"{median / len(atoms) * 1e6:.1f} us/atom/step); "
@@ -281,7 +327,7 @@ def report(args, atoms, calculator, records, step_seconds):
                      f"{excursion:.3e} eV/atom over {times_ps[-1]:.3f} ps")
     else:
         lines.append(f"temperature: mean {temperature.mean():.1f} K (target {args.temperature:g} K); "
-                     f"total energy is not conserved under Langevin")
+                     f"total energy is not conserved under a thermostat")
     lines.append(f"final: E_pot {potential[-1]:.6f} eV/atom, T {temperature[-1]:.1f} K")
     if args.traj:
         lines.append(f"trajectory: {args.traj} (every {args.interval} steps)")

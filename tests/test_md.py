@@ -44,6 +44,24 @@ def test_nvt_langevin_with_traj_format(tmp_path):
     assert "temperature: mean" in result.stdout and "float64" in result.stdout
 
 
+def test_npt_with_csvr_and_a_restart_then_the_ase_engine(tmp_path):
+    """The device engine's NPT (stochastic cell rescaling around CSVR) resumed from its restart file; then the
+    ASE loop, which --engine ase keeps."""
+    from ase.io import read
+
+    first = run_md("--demo", "si", "--steps", "4", "--interval", "2", "--ensemble", "npt", "--pressure", "1.0",
+                   "--thermostat", "csvr", "--restart", "run.restart", "--traj", "out.extxyz", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = run_md("--demo", "si", "--steps", "8", "--interval", "2", "--ensemble", "npt", "--pressure", "1.0",
+                     "--thermostat", "csvr", "--restart", "run.restart", "--traj", "out.extxyz", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "pressure: mean" in resumed.stdout and "4 steps" in resumed.stdout
+    frames = read(tmp_path / "out.extxyz", index=":")
+    assert len(frames) == 5 and frames[0].cell.volume != frames[-1].cell.volume  # steps 0..8, the cell moved
+    ase_loop = run_md("--demo", "si", "--steps", "3", "--engine", "ase", cwd=tmp_path)
+    assert ase_loop.returncode == 0 and "median" in ase_loop.stdout, ase_loop.stderr
+
+
 FILES = {"notes.txt": "not a structure\n", "unknown.xyz": "2\n\nSi 0 0 0\nXx 1 1 1\n", "empty.xyz": ""}
 
 
@@ -57,6 +75,8 @@ FILES = {"notes.txt": "not a structure\n", "unknown.xyz": "2\n\nSi 0 0 0\nXx 1 1
     (["unknown.xyz"], "fastmlip md: error: unknown.xyz: unknown chemical symbol 'Xx'"),
     (["empty.xyz"], "fastmlip md: error: empty.xyz: cannot read a structure from it"),
     (["--ensemble", "npx"], "fastmlip md: error: argument --ensemble: invalid choice: 'npx'"),
+    (["--ensemble", "npt"], "fastmlip md: error: --ensemble npt needs --pressure (GPa)"),
+    (["--engine", "ase", "--thermostat", "csvr"], "fastmlip md: error: --engine ase runs NVE and Langevin NVT"),
 ])
 def test_errors_exit_nonzero_with_one_line(tmp_path, arguments, message):
     for name, text in FILES.items():

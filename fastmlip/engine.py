@@ -1,0 +1,221 @@
+"""``fastmlip.simulate``: molecular dynamics whose state lives on the model's device (the engine behind it).
+
+Positions, momenta, cell and the random-number generator stay on the device in float64; each step is the
+integrator's tensor arithmetic (:mod:`fastmlip.integrators`) around one force evaluation of
+``Calculator.evaluate`` (CUDA graph replays where the calculator uses them). The host sees the state only every
+``interval`` steps (thermo, trajectory frames) and when the restart file is written.
+
+Restarts: the file holds positions, momenta, cell, step, the generator's state, the run's settings and the
+thermo so far, written atomically every ``restart_every`` steps and at the end; running again with the same file
+continues where it stopped, and on the same device the trajectory is the one an uninterrupted run makes, bit for
+bit.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import units
+
+from . import integrators
+
+ENSEMBLES = ("nve", "nvt", "npt")
+THERMOSTATS = ("langevin", "csvr")
+THERMO_FIELDS = ("step", "time_fs", "epot", "ekin", "temperature")
+BAROSTAT_TAU_FS = 1000.0
+BULK_MODULUS_GPA = 100.0  # only sets how fast the barostat relaxes the volume, not where it goes
+
+
+@dataclass
+class Run:
+    """The end of a run: ``atoms`` (positions, momenta, cell; energy and forces attached), ``thermo`` (numpy
+    arrays every ``interval`` steps: step, time_fs, epot, ekin (eV), temperature (K), and pressure (GPa) and
+    volume (A^3) under NPT) and ``timing`` (setup_s, ms_per_step, ns_per_day)."""
+
+    atoms: object
+    thermo: dict
+    timing: dict
+
+
+def _settings(ensemble, timestep, temperature, thermostat, friction, pressure, seed) -> dict:
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble!r}")
+    if thermostat not in THERMOSTATS:
+        raise ValueError(f"thermostat must be one of {', '.join(THERMOSTATS)}, got {thermostat!r}")
+    if not timestep > 0:
+        raise ValueError(f"timestep must be > 0 fs, got {timestep}")
+    if ensemble != "nve" and (temperature is None or not temperature > 0):
+        raise ValueError(f"{ensemble.upper()} needs a temperature > 0 K, got {temperature}")
+    if ensemble != "nve" and not friction > 0:
+        raise ValueError(f"friction must be > 0 (1/fs), got {friction}")
+    if ensemble == "npt" and pressure is None:
+        raise ValueError("NPT needs a pressure (GPa)")
+    return {"ensemble": ensemble, "timestep": float(timestep), "temperature": temperature,
+            "thermostat": thermostat, "friction": float(friction), "pressure": pressure, "seed": int(seed)}
+
+
+def _integrator(settings: dict, evaluate):
+    dt = settings["timestep"] * units.fs
+    if settings["ensemble"] == "nve":
+        return integrators.VelocityVerlet(dt, evaluate)
+    if settings["thermostat"] == "langevin":
+        thermostat = integrators.Langevin(dt, evaluate, settings["temperature"], settings["friction"] / units.fs)
+    else:
+        thermostat = integrators.CSVR(dt, evaluate, settings["temperature"], units.fs / settings["friction"])
+    if settings["ensemble"] == "nvt":
+        return thermostat
+    return integrators.CellRescaling(thermostat, settings["temperature"], settings["pressure"] * units.GPa,
+                                     1.0 / (BULK_MODULUS_GPA * units.GPa), BAROSTAT_TAU_FS * units.fs)
+
+
+def _initial_momenta(atoms, settings) -> np.ndarray:
+    """The atoms' momenta; none and a temperature given: Maxwell-Boltzmann from ``seed``, centre of mass at rest."""
+    momenta = atoms.get_momenta()
+    if np.any(momenta) or not settings["temperature"]:
+        return momenta
+    from .md import thermalize
+
+    drawn = atoms.copy()
+    thermalize(drawn, settings["temperature"], np.random.default_rng(settings["seed"]))
+    return drawn.get_momenta()
+
+
+def _thermo_row(state: integrators.State, settings: dict, npt: bool) -> list:
+    ekin = integrators.kinetic_energy(state.momenta, state.masses)
+    row = [state.step, state.step * settings["timestep"], float(state.energy), float(ekin),
+           float(integrators.temperature(state.momenta, state.masses))]
+    if npt:
+        row += [float(integrators.pressure(state)) / units.GPa, float(torch.linalg.det(state.cell).abs())]
+    return row
+
+
+def _frame(atoms, state: integrators.State):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frame = atoms.copy()
+    frame.set_cell(state.cell.detach().cpu().numpy())
+    frame.set_positions(state.positions.detach().cpu().numpy())
+    frame.set_momenta(state.momenta.detach().cpu().numpy())
+    frame.calc = SinglePointCalculator(frame, energy=float(state.energy),
+                                       forces=state.forces.detach().cpu().numpy())
+    return frame
+
+
+def _save_restart(path: str, state: integrators.State, generator, settings: dict, thermo: list) -> None:
+    """Write the restart file aside and rename it into place: a killed run leaves the previous one whole."""
+    payload = {"positions": state.positions.cpu(), "momenta": state.momenta.cpu(), "cell": state.cell.cpu(),
+               "step": state.step, "generator": generator.get_state().cpu(), "settings": settings,
+               "thermo": thermo}
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.remove(temporary)
+        raise
+
+
+def _load_restart(path: str, settings: dict, atoms) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    changed = [k for k in settings if k != "seed" and payload["settings"].get(k) != settings[k]]
+    if changed:
+        raise ValueError(f"{path}: restart file of a run with other settings ({', '.join(changed)})")
+    if payload["positions"].shape != (len(atoms), 3):
+        raise ValueError(f"{path}: restart file of {payload['positions'].shape[0]} atoms, not {len(atoms)}")
+    return payload
+
+
+def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timestep: float = 1.0,
+             temperature=None, thermostat: str = "langevin", friction: float = 0.01, pressure=None, seed: int = 0,
+             device="auto", dtype="float32", trajectory=None, interval: int = 10, restart=None,
+             restart_every: int = 1000, progress=None, **calculator_options) -> Run:
+    """Run ``steps`` MD steps of ``atoms`` (not modified) with ``model`` (anything :class:`Calculator` takes).
+
+    ``ensemble``: "nve" (velocity Verlet), "nvt" (``thermostat`` "langevin": BAOAB, or "csvr": Bussi rescaling;
+    ``friction`` in 1/fs, CSVR's time constant is 1/friction), "npt" (stochastic cell rescaling to ``pressure``
+    GPa around the thermostat). ``timestep`` in fs, ``temperature`` in K. NVE uses the atoms' momenta; without
+    momenta and with a temperature, Maxwell-Boltzmann velocities are drawn from ``seed``. ``trajectory``: a file
+    (.extxyz, .xyz, .traj) that gets a frame every ``interval`` steps. ``restart``: see the module docstring;
+    ``steps`` is the whole run's length, resumed runs included. ``progress(step)`` is called every ``interval``
+    steps. Other keyword arguments go to :class:`Calculator` (``skin``, ``modal``, ``trusted``, ...).
+    """
+    from .calculator import Calculator
+
+    settings = _settings(ensemble, timestep, temperature, thermostat, friction, pressure, seed)
+    if steps < 0 or interval < 1 or restart_every < 1:
+        raise ValueError(f"steps >= 0, interval >= 1 and restart_every >= 1 are needed, got {steps}, {interval}, "
+                         f"{restart_every}")
+    started = time.perf_counter()
+    npt = ensemble == "npt"
+    if npt:
+        calculator_options.setdefault("cuda_graph", False)  # a graph is captured for one cell
+    calculator = model if isinstance(model, Calculator) else Calculator(model, device=device, dtype=dtype,
+                                                                        **calculator_options)
+    calculator.bind(atoms)
+    device = calculator.device
+    pbc = tuple(bool(p) for p in atoms.pbc)
+    with_stress = npt or (any(pbc) and atoms.cell.volume > 0)
+
+    def evaluate(positions, cell):
+        return calculator.evaluate(positions, cell, pbc, with_stress)
+
+    as_device = lambda array: torch.as_tensor(np.asarray(array), dtype=torch.float64, device=device)  # noqa: E731
+    generator = torch.Generator(device=device).manual_seed(seed)
+    thermo = []
+    positions, momenta, cell = as_device(atoms.positions), as_device(_initial_momenta(atoms, settings)), \
+        as_device(atoms.cell.array)
+    step = 0
+    if restart and os.path.exists(restart):
+        payload = _load_restart(restart, settings, atoms)
+        positions, momenta, cell = (as_device(payload[k]) for k in ("positions", "momenta", "cell"))
+        generator.set_state(payload["generator"].to(generator.get_state().device))
+        step, thermo = int(payload["step"]), list(payload["thermo"])
+    masses = as_device(atoms.get_masses()).reshape(-1, 1)
+    energy, forces, stress = evaluate(positions, cell)
+    state = integrators.State(positions, momenta, masses, cell, energy, forces, stress, step)
+    if npt and stress is None:
+        raise ValueError("NPT needs a periodic structure with a cell of non-zero volume")
+    integrator = _integrator(settings, evaluate)
+    writer = _trajectory_writer(trajectory, resume=step > 0)
+    if step == 0:
+        thermo.append(_thermo_row(state, settings, npt))
+        if writer:
+            writer.write(_frame(atoms, state))
+    setup = time.perf_counter() - started
+    loop_start, first_step = time.perf_counter(), state.step
+    try:
+        while state.step < steps:
+            state = integrator.step(state, generator)
+            if state.step % interval == 0 or state.step == steps:
+                thermo.append(_thermo_row(state, settings, npt))
+                if writer:
+                    writer.write(_frame(atoms, state))
+                if progress:
+                    progress(state.step)
+            if restart and (state.step % restart_every == 0 or state.step == steps):
+                _save_restart(restart, state, generator, settings, thermo)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        if writer:
+            writer.close()
+    done = state.step - first_step
+    ms = 1e3 * (time.perf_counter() - loop_start) / done if done else float("nan")
+    names = THERMO_FIELDS + (("pressure", "volume") if npt else ())
+    columns = np.array(thermo, dtype=float).reshape(-1, len(names)).T
+    return Run(atoms=_frame(atoms, state), thermo=dict(zip(names, columns)),
+               timing={"setup_s": setup, "ms_per_step": ms, "ns_per_day": timestep * 86400 / 1e6 / ms * 1e3
+                       if done else float("nan"), "steps": done})
+
+
+def _trajectory_writer(path, resume: bool):
+    if not path:
+        return None
+    from .md import TrajectoryWriter
+
+    return TrajectoryWriter(path, append=resume)

@@ -1,0 +1,152 @@
+"""Molecular-dynamics integrators on device tensors, in ASE's units (Å, eV, amu, ASE time).
+
+Each step is a handful of tensor operations on float64 positions and momenta, with random numbers from a
+``torch.Generator`` on the same device: no host reads, so a run is reproducible from (state, generator state) and
+a step can later be captured whole. Forces come from ``evaluate(positions, cell) -> (energy, forces, stress)``.
+
+- :class:`VelocityVerlet` (NVE), the same arithmetic as ASE's ``VelocityVerlet``.
+- :class:`Langevin` (NVT), BAOAB splitting (Leimkuhler & Matthews 2013), centre-of-mass momentum kept at zero.
+- :class:`CSVR` (NVT), Bussi-Donadio-Parrinello stochastic velocity rescaling before each velocity-Verlet step,
+  as ASE's ``Bussi``.
+- :class:`CellRescaling` (NPT barostat, isotropic), stochastic cell rescaling (Bernetti & Bussi 2020) around any
+  of the above.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+from ase import units
+
+
+@dataclass
+class State:
+    """Everything a step reads and writes; ``forces``, ``energy`` and ``stress`` belong to ``positions``."""
+
+    positions: torch.Tensor  # [N, 3]
+    momenta: torch.Tensor  # [N, 3]
+    masses: torch.Tensor  # [N, 1]
+    cell: torch.Tensor  # [3, 3]
+    energy: torch.Tensor  # []
+    forces: torch.Tensor  # [N, 3]
+    stress: Optional[torch.Tensor]  # [3, 3] eV/A^3, ASE's sign (positive: the cell wants to shrink)
+    step: int = 0
+
+    def tensors(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def kinetic_energy(momenta, masses) -> torch.Tensor:
+    return 0.5 * (momenta * momenta / masses).sum()
+
+
+def degrees_of_freedom(num_atoms: int) -> int:
+    """3N - 3: the integrators keep the centre of mass at rest."""
+    return max(1, 3 * num_atoms - 3)
+
+
+def temperature(momenta, masses) -> torch.Tensor:
+    """Kinetic temperature in K."""
+    return 2.0 * kinetic_energy(momenta, masses) / (degrees_of_freedom(len(masses)) * units.kB)
+
+
+def pressure(state: State) -> torch.Tensor:
+    """Instantaneous pressure in eV/A^3: the virial's (minus the stress trace) plus the kinetic term 2K/(3V)."""
+    volume = torch.linalg.det(state.cell).abs()
+    kinetic = 2.0 * kinetic_energy(state.momenta, state.masses) / (3.0 * volume)
+    return -torch.diagonal(state.stress).sum() / 3.0 + kinetic
+
+
+def _without_drift(momenta, masses):
+    """Momenta with the centre-of-mass momentum removed (each atom loses its mass share)."""
+    return momenta - masses * momenta.sum(0) / masses.sum()
+
+
+Evaluate = Callable[[torch.Tensor, torch.Tensor], tuple]
+
+
+class VelocityVerlet:
+    """NVE: half kick, drift, new forces, half kick."""
+
+    def __init__(self, timestep: float, evaluate: Evaluate):
+        self.dt, self.evaluate = timestep, evaluate
+
+    def drift_and_forces(self, state: State, momenta) -> State:
+        positions = state.positions + self.dt * momenta / state.masses
+        energy, forces, stress = self.evaluate(positions, state.cell)
+        momenta = momenta + 0.5 * self.dt * forces
+        return State(positions, momenta, state.masses, state.cell, energy, forces, stress, state.step + 1)
+
+    def step(self, state: State, generator=None) -> State:
+        return self.drift_and_forces(state, state.momenta + 0.5 * self.dt * state.forces)
+
+
+class Langevin(VelocityVerlet):
+    """NVT, BAOAB: half kick, half drift, exact Ornstein-Uhlenbeck on the momenta, half drift, new forces, half
+    kick. ``friction`` in 1/(ASE time)."""
+
+    def __init__(self, timestep: float, evaluate: Evaluate, temperature_K: float, friction: float):
+        super().__init__(timestep, evaluate)
+        self.kT = units.kB * temperature_K
+        self.c1 = math.exp(-friction * timestep)
+
+    def step(self, state: State, generator=None) -> State:
+        momenta = state.momenta + 0.5 * self.dt * state.forces
+        positions = state.positions + 0.5 * self.dt * momenta / state.masses
+        noise = torch.randn(momenta.shape, generator=generator, dtype=momenta.dtype, device=momenta.device)
+        momenta = self.c1 * momenta + math.sqrt((1.0 - self.c1 ** 2) * self.kT) * torch.sqrt(state.masses) * noise
+        momenta = _without_drift(momenta, state.masses)
+        positions = positions + 0.5 * self.dt * momenta / state.masses
+        energy, forces, stress = self.evaluate(positions, state.cell)
+        momenta = momenta + 0.5 * self.dt * forces
+        return State(positions, momenta, state.masses, state.cell, energy, forces, stress, state.step + 1)
+
+
+class CSVR(VelocityVerlet):
+    """NVT, Bussi stochastic velocity rescaling (time constant ``tau``, ASE time) before each velocity-Verlet
+    step. The kinetic energy's distribution is canonical; the dynamics stay close to NVE."""
+
+    def __init__(self, timestep: float, evaluate: Evaluate, temperature_K: float, tau: float):
+        super().__init__(timestep, evaluate)
+        self.kT = units.kB * temperature_K
+        self.decay = math.exp(-timestep / tau)
+
+    def step(self, state: State, generator=None) -> State:
+        momenta = state.momenta
+        ndof = degrees_of_freedom(len(state.masses))
+        kinetic = kinetic_energy(momenta, state.masses).clamp_min(1e-300)
+        scaling = (1.0 - self.decay) * 0.5 * ndof * self.kT / kinetic / ndof
+        noise = torch.randn(ndof, generator=generator, dtype=momenta.dtype, device=momenta.device)
+        first, rest = noise[0], (noise[1:] ** 2).sum()
+        alpha = torch.sqrt(self.decay + scaling * (rest + first ** 2) + 2.0 * first * torch.sqrt(self.decay * scaling))
+        return super().step(State(state.positions, alpha * momenta, state.masses, state.cell, state.energy,
+                                  state.forces, state.stress, state.step))
+
+
+class CellRescaling:
+    """NPT around any thermostat: isotropic stochastic cell rescaling (Bernetti & Bussi 2020) before each step.
+
+    ``pressure`` in eV/A^3, ``compressibility`` in A^3/eV (an estimate of the system's, which only sets how fast
+    the volume relaxes), ``tau`` in ASE time. Positions and the cell scale by exp(eps/3), momenta by exp(-eps/3),
+    driven by the pressure at the start of the step; the thermostat's step then evaluates forces and stress in
+    the new cell (one evaluation per step; the first half kick uses the forces from before the small rescaling,
+    as barostats that couple between force evaluations do).
+    """
+
+    def __init__(self, thermostat, temperature_K: float, pressure: float, compressibility: float, tau: float):
+        self.thermostat = thermostat
+        self.dt = thermostat.dt
+        self.kT = units.kB * temperature_K
+        self.target, self.beta, self.tau = pressure, compressibility, tau
+
+    def step(self, state: State, generator=None) -> State:
+        volume = torch.linalg.det(state.cell).abs()
+        drive = -(self.beta / self.tau) * (self.target - pressure(state) - self.kT / volume) * self.dt
+        noise = torch.randn((), generator=generator, dtype=volume.dtype, device=volume.device)
+        eps = drive + torch.sqrt(2.0 * self.kT * self.beta * self.dt / (volume * self.tau)) * noise
+        scale = torch.exp(eps / 3.0)
+        scaled = State(state.positions * scale, state.momenta / scale, state.masses, state.cell * scale,
+                       state.energy, state.forces, state.stress, state.step)
+        return self.thermostat.step(scaled, generator)

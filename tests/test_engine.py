@@ -1,0 +1,149 @@
+"""fastmlip.simulate and its integrators (CPU): NVE against ASE, canonical statistics of both thermostats, the
+barostat's mean pressure, bitwise restarts.
+
+Statistics need thousands of steps, so they run the integrators on a Lennard-Jones argon crystal in plain torch
+(the integrators only see an ``evaluate(positions, cell)``); the model-facing parts run SevenNet-0.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from ase import units
+from ase.build import bulk
+from ase.io import read
+from ase.md.verlet import VelocityVerlet
+
+import fastmlip
+from fastmlip import integrators
+from fastmlip.calculator import Calculator
+from fastmlip.md import thermalize
+
+EPSILON, SIGMA, CUTOFF = 0.0104, 3.4, 8.0  # argon, eV and A
+
+
+def lennard_jones(positions, cell):
+    """Energy, forces and stress (ASE's sign) of LJ argon in an orthorhombic periodic cell, all pairs by the
+    minimum image (cutoff < half the box)."""
+    with torch.enable_grad():
+        positions = positions.detach().requires_grad_(True)
+        strain = torch.zeros(3, 3, dtype=positions.dtype, requires_grad=True)
+        deform = torch.eye(3, dtype=positions.dtype) + strain
+        box = torch.diagonal(cell @ deform)
+        delta = (positions @ deform)[None] - (positions @ deform)[:, None]
+        delta = delta - box * torch.round(delta / box)
+        r2 = (delta * delta).sum(-1) + torch.eye(len(positions), dtype=positions.dtype) * 1e6
+        s6 = (SIGMA ** 2 / r2) ** 3
+        shift = (SIGMA / CUTOFF) ** 6
+        pair = 4 * EPSILON * ((s6 * s6 - s6) - (shift * shift - shift)) * (r2 < CUTOFF ** 2)
+        energy = 0.5 * pair.sum()
+        grad_r, grad_strain = torch.autograd.grad(energy, (positions, strain))
+    volume = torch.linalg.det(cell).abs()
+    return energy.detach(), -grad_r, grad_strain / volume
+
+
+def argon(temperature_K=60.0, seed=0):
+    atoms = bulk("Ar", "fcc", a=5.30, cubic=True).repeat(3)  # 108 atoms, box 15.9 A
+    thermalize(atoms, temperature_K, np.random.default_rng(seed))
+    as64 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+    positions, cell = as64(atoms.positions), as64(atoms.cell.array)
+    energy, forces, stress = lennard_jones(positions, cell)
+    masses = as64(atoms.get_masses()).reshape(-1, 1)
+    return integrators.State(positions, as64(atoms.get_momenta()), masses, cell, energy, forces, stress)
+
+
+def run(integrator, state, steps, every=1, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for step in range(steps):
+        state = integrator.step(state, generator)
+        if step % every == 0:
+            samples.append(state)
+    return samples
+
+
+@pytest.mark.parametrize("thermostat", ["langevin", "csvr"])
+def test_thermostats_give_canonical_kinetic_energy(thermostat):
+    temperature_K, dt = 60.0, 5 * units.fs
+    state = argon(temperature_K)
+    if thermostat == "langevin":
+        integrator = integrators.Langevin(dt, lennard_jones, temperature_K, friction=0.02 / units.fs)
+    else:
+        integrator = integrators.CSVR(dt, lennard_jones, temperature_K, tau=50 * units.fs)
+    samples = run(integrator, state, 2000)[400:]
+    kinetic = np.array([float(integrators.kinetic_energy(s.momenta, s.masses)) for s in samples])
+    ndof, kT = integrators.degrees_of_freedom(108), units.kB * temperature_K
+    blocks = kinetic[: len(kinetic) // 10 * 10].reshape(10, -1).mean(1)
+    error = blocks.std(ddof=1) / math.sqrt(len(blocks))
+    assert abs(kinetic.mean() - 0.5 * ndof * kT) < 4 * error + 0.01 * 0.5 * ndof * kT
+    assert kinetic.var() == pytest.approx(0.5 * ndof * kT ** 2, rel=0.25)  # canonical: (Ndf/2) (kT)^2
+    momentum = samples[-1].momenta.sum(0)
+    assert float(momentum.abs().max()) < 1e-9  # no drift of the centre of mass
+
+
+def test_barostat_holds_the_target_pressure():
+    temperature_K, dt, target = 60.0, 5 * units.fs, 0.05 * units.GPa
+    thermostat = integrators.CSVR(dt, lennard_jones, temperature_K, tau=50 * units.fs)
+    barostat = integrators.CellRescaling(thermostat, temperature_K, target, compressibility=1 / (3 * units.GPa),
+                                         tau=500 * units.fs)
+    samples = run(barostat, argon(temperature_K), 3000)[800:]
+    pressure = np.array([float(integrators.pressure(s)) for s in samples]) / units.GPa
+    blocks = pressure[: len(pressure) // 10 * 10].reshape(10, -1).mean(1)
+    error = blocks.std(ddof=1) / math.sqrt(len(blocks))
+    assert abs(pressure.mean() - 0.05) < 4 * error + 0.01, (pressure.mean(), error)
+    volumes = [float(torch.linalg.det(s.cell)) for s in samples]
+    assert max(volumes) > min(volumes)  # the cell did move
+
+
+@pytest.fixture(scope="module")
+def sevenn64():
+    return Calculator("7net-0", device="cpu", dtype="float64", accelerate=False)
+
+
+def silicon():
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    thermalize(atoms, 300, np.random.default_rng(0))
+    return atoms
+
+
+def test_nve_equals_ase_velocity_verlet(sevenn64):
+    """The first 50 steps of the engine and of ASE's VelocityVerlet with fastmlip.Calculator, fp64."""
+    atoms = silicon()
+    result = fastmlip.simulate(atoms, sevenn64, steps=50, timestep=1.0)
+    reference = atoms.copy()
+    reference.calc = Calculator(sevenn64.model, device="cpu")
+    VelocityVerlet(reference, timestep=1.0 * units.fs).run(50)
+    assert np.abs(result.atoms.positions - reference.positions).max() < 1e-8
+    assert np.abs(result.atoms.get_momenta() - reference.get_momenta()).max() < 1e-8
+    assert result.thermo["step"].tolist() == list(range(0, 51, 10))
+
+
+def test_restart_continues_bit_for_bit_and_trajectory_is_readable(sevenn64, tmp_path):
+    atoms = silicon()
+    options = dict(ensemble="nvt", temperature=300, thermostat="langevin", interval=2, seed=3, restart_every=3)
+    whole = fastmlip.simulate(atoms, sevenn64, steps=12, **options)
+    restart, trajectory = tmp_path / "run.restart", tmp_path / "run.extxyz"
+    fastmlip.simulate(atoms, sevenn64, steps=6, restart=str(restart), trajectory=str(trajectory), **options)
+    resumed = fastmlip.simulate(atoms, sevenn64, steps=12, restart=str(restart), trajectory=str(trajectory),
+                                **options)
+    assert np.array_equal(whole.atoms.positions, resumed.atoms.positions)
+    assert np.array_equal(whole.atoms.get_momenta(), resumed.atoms.get_momenta())
+    for key in whole.thermo:
+        assert np.array_equal(whole.thermo[key], resumed.thermo[key])
+    frames = read(trajectory, index=":")
+    assert len(frames) == 7 and np.allclose(frames[-1].positions, resumed.atoms.positions)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []  # written aside, renamed into place
+    with pytest.raises(ValueError, match="other settings .*temperature"):
+        fastmlip.simulate(atoms, sevenn64, steps=14, restart=str(restart), **dict(options, temperature=400))
+
+
+def test_settings_are_checked(sevenn64):
+    atoms = silicon()
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        fastmlip.simulate(atoms, sevenn64, steps=1, ensemble="nvx")
+    with pytest.raises(ValueError, match="needs a temperature"):
+        fastmlip.simulate(atoms, sevenn64, steps=1, ensemble="nvt")
+    with pytest.raises(ValueError, match="needs a pressure"):
+        fastmlip.simulate(atoms, sevenn64, steps=1, ensemble="npt", temperature=300)

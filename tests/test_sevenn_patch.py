@@ -241,8 +241,10 @@ def _perturbed(problem):
 def test_check_catches_broken_module_and_restores(monkeypatch):
     model = model_for("7net-0")
     before = snapshot(model)
-    real = patch.tensor_product_problem
-    monkeypatch.setattr(patch, "tensor_product_problem", lambda tp: _perturbed(real(tp)))
+    from fastmlip.patches import sevenn_modules
+
+    real = sevenn_modules.tensor_product_problem
+    monkeypatch.setattr(sevenn_modules, "tensor_product_problem", lambda tp: _perturbed(real(tp)))
     with pytest.raises(self_check.AccelerationCheckError, match=r"max\|dF\| = [0-9.e+-]+ eV/A \(tol 1e-04\)"):
         api.accelerate(model)
     assert_unchanged(model, before)

@@ -54,14 +54,16 @@ def _float64_default():
     torch.set_default_dtype(previous)
 
 
-def build_model(config: str, *, heads=None, interaction=None):
-    """A fresh copy of a cached model (building MACE's U matrices costs ~10-25 s on CI's CPU)."""
-    return copy.deepcopy(_cached_model(config, tuple(heads) if heads else None, interaction))
+def build_model(config: str, *, heads=None, interaction=None, channels: int = 128):
+    """A fresh copy of a cached model (building MACE's U matrices costs ~10-25 s on CI's CPU); ``channels``
+    narrows the published widths (the interpreter tests use it)."""
+    return copy.deepcopy(_cached_model(config, tuple(heads) if heads else None, interaction, channels))
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_model(config: str, heads, interaction, seed: int = 0):
+def _cached_model(config: str, heads, interaction, channels: int = 128, seed: int = 0):
     model_cls, hidden, first, inter, reduced = CONFIGS[config]
+    hidden = hidden.replace("128x", f"{channels}x")
     heads = list(heads) if heads else None
     torch.manual_seed(seed)
     n_heads = len(heads) if heads else 1

@@ -159,7 +159,7 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     calculator.bind(atoms)
     device = calculator.device
     pbc = tuple(bool(p) for p in atoms.pbc)
-    with_stress = npt or (any(pbc) and atoms.cell.volume > 0)
+    with_stress = npt  # only the barostat and its thermo read the stress
 
     def evaluate(positions, cell):
         return calculator.evaluate(positions, cell, pbc, with_stress)

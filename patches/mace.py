@@ -35,8 +35,9 @@ from typing import Optional
 import torch
 
 from fastmlip import memo
+from fastmlip.ops.derivatives import gradient_or_zeros
 
-from . import e3nn_compat, files, self_check, swaps
+from . import e3nn_compat, files, mace_forward, self_check, swaps
 from .mace_modules import (EDGE_MASK, SUPPORTED_INTERACTIONS, FastInteraction,  # noqa: F401 (API)
                            FastRadialEmbedding, FastSpeciesLinear, FastSymmetricContraction, accelerate, plan,
                            species_of)
@@ -347,8 +348,16 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
         if obstacle:
             raise ValueError(f"edge_mask needs an accelerated model: {obstacle}")
         memo.attach(data["edge_index"], EDGE_MASK, edge_mask)  # read by every FastInteraction of this call
-    with torch.enable_grad():
-        out = model(data, training=False, compute_force=True, compute_stress=want_stress)
+    if swaps.is_accelerated(model) and mace_forward.obstacle(model) is None:
+        device = data["cell"].device
+        exact_cell = data["cell"] if cell is None else torch.as_tensor(cell, device=device).reshape(3, 3)
+        vectors = mace_forward.edge_vectors(torch.as_tensor(positions, device=device), exact_cell,
+                                            data["unit_shifts"], data["edge_index"], data["positions"].dtype)
+        with torch.enable_grad():
+            out = mace_forward.forward(model, data, vectors, select_head(model, modal), want_stress)
+    else:
+        with torch.enable_grad():
+            out = model(data, training=False, compute_force=True, compute_stress=want_stress)
     dtype = data["positions"].dtype
     return {
         "energy": out["energy"].reshape(()).detach(),
@@ -356,6 +365,27 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
         "forces": out["forces"].detach(),
         "stress": out["stress"].reshape(3, 3).detach() if want_stress else None,
     }
+
+
+def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_local=None) -> dict:
+    """Per-atom energies [N] and the gradient [E, 3] of the first ``num_local`` atoms' energy (all atoms by
+    default) by the edge vectors ``vectors`` (``pos[j] - pos[i] + shift`` of edge i -> j, MACE's sender i and
+    receiver j), for callers that hold edges as vectors (LAMMPS ML-IAP: local atoms then ghosts)."""
+    obstacle = mace_forward.obstacle(model)
+    if obstacle:
+        raise ValueError(f"fastmlip cannot evaluate this MACE model from edge vectors: {obstacle}")
+    device, dtype = swaps.first_tensor_placement(model)
+    species = species_indices(model, torch.as_tensor(numbers, device=device))
+    data = {"node_attrs": torch.nn.functional.one_hot(species, model.atomic_numbers.numel()).to(dtype),
+            "edge_index": torch.stack([torch.as_tensor(edge_i, device=device).long(),
+                                       torch.as_tensor(edge_j, device=device).long()])}
+    vectors = torch.as_tensor(vectors, device=device).detach().to(dtype).requires_grad_(True)
+    with torch.enable_grad():
+        node_energy, differentiated = mace_forward.node_energies(model, data, vectors, select_head(model, modal))
+        local = slice(0, species.numel() if num_local is None else num_local)
+        gradient = gradient_or_zeros(differentiated[local].sum(), vectors)
+    return {"energies": node_energy.detach().to(dtype), "energy": node_energy[local].sum().to(dtype).detach(),
+            "edge_gradient": gradient}
 
 
 restore = swaps.restore_swaps

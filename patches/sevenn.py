@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from fastmlip.ops.derivatives import gradient_or_zeros
+
 from . import files, swaps
 from .sevenn_modules import (EDGE_MASK_KEY, FastEdgeEmbedding, FastEquivariantGate,  # noqa: F401 (API)
                              FastIrrepsConvolution, accelerate, plan)
@@ -223,7 +225,9 @@ def _make_onehots_follow_dtype(model) -> None:
 
 
 def load(path, device=None, dtype=None, trusted: bool = False):
-    """A SevenNet model in eval mode, single-structure mode (as SevenNetCalculator uses it), any float dtype.
+    """A SevenNet model in eval mode, single-structure mode (as SevenNetCalculator uses it), any float dtype,
+    parameters frozen (as :func:`fastmlip.patches.mace.load`): a step then differentiates by the edge vectors
+    only, where weights that require grad would make every custom op's backward compute their gradients too.
 
     The checkpoint is read once, without running code from it (see :func:`read_checkpoint`)."""
     resolved = resolve(path)
@@ -243,6 +247,8 @@ def load(path, device=None, dtype=None, trusted: bool = False):
     if dtype is None and marker.get("dtype"):
         dtype = getattr(torch, marker["dtype"])
     model.to(device=device, dtype=dtype)
+    for param in model.parameters():
+        param.requires_grad_(False)
     model.__dict__[FILE_FORMAT_ATTRIBUTE] = dict(marker, path=os.path.abspath(resolved))
     return model
 
@@ -292,9 +298,6 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
     from the device (CUDA graphs). ``edge_mask`` (bool per edge) marks the edges that exist; the others are
     placeholders the fused convolutions weigh with zero (see :func:`compute`).
     """
-    from sevenn.atom_graph_data import AtomGraphData
-    import sevenn._keys as KEY
-
     device, dtype = swaps.first_tensor_placement(model)
     numbers = torch.as_tensor(numbers, device=device).long()
     positions64 = torch.as_tensor(positions, device=device).detach().to(torch.float64)
@@ -302,13 +305,21 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
     edge_i = torch.as_tensor(edge_i, device=device).long()
     edge_j = torch.as_tensor(edge_j, device=device).long()
     shifts64 = torch.as_tensor(shifts, device=device).to(torch.float64).reshape(-1, 3)
-    edge_vec = positions64[edge_j] - positions64[edge_i] + shifts64 @ cell64
+    edge_vec = positions64.index_select(0, edge_j) - positions64.index_select(0, edge_i) + shifts64 @ cell64
     volume = torch.dot(cell64[0], torch.linalg.cross(cell64[1], cell64[2])).abs().to(dtype)
-    num_atoms = torch.full((), numbers.numel(), dtype=torch.long, device=device)
+    return _graph_data(model, numbers, edge_i, edge_j, edge_vec.to(dtype), positions64.to(dtype), volume, modal,
+                       edge_mask)
+
+
+def _graph_data(model, numbers, edge_i, edge_j, edge_vec, positions, volume, modal, edge_mask=None):
+    from sevenn.atom_graph_data import AtomGraphData
+    import sevenn._keys as KEY
+
+    num_atoms = torch.full((), numbers.numel(), dtype=torch.long, device=numbers.device)
     batched = bool(getattr(model, "is_batch_data", False))
     fields = {
         KEY.ATOMIC_NUMBERS: numbers,
-        KEY.EDGE_VEC: edge_vec.to(dtype),
+        KEY.EDGE_VEC: edge_vec,
         KEY.CELL_VOLUME: volume.reshape(1) if batched else volume,
         KEY.NUM_ATOMS: num_atoms.reshape(1) if batched else num_atoms,
     }
@@ -316,8 +327,7 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
         fields[KEY.BATCH] = torch.zeros_like(numbers)
     if modal is not None:
         fields[KEY.DATA_MODALITY] = [modal] if batched else modal
-    data = AtomGraphData(x=numbers.clone(), edge_index=torch.stack([edge_i, edge_j]),
-                         pos=positions64.to(dtype), **fields)
+    data = AtomGraphData(x=numbers.clone(), edge_index=torch.stack([edge_i, edge_j]), pos=positions, **fields)
     if edge_mask is not None:
         data[EDGE_MASK_KEY] = edge_mask
     return data
@@ -421,6 +431,35 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
         "forces": forces.reshape(n, 3),
         "stress": stress,
     }
+
+
+def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_local=None) -> dict:
+    """Per-atom energies [N] and the gradient [E, 3] of the first ``num_local`` atoms' energy (all atoms by
+    default) by the edge vectors ``vectors`` (``pos[j] - pos[i] + shift`` of edge i -> j), for callers that hold
+    edges as vectors (LAMMPS ML-IAP: local atoms then ghosts; forces and virial follow from the gradient)."""
+    import sevenn._keys as KEY
+    from sevenn.nn.force_output import ForceStressOutputFromEdge
+
+    device, dtype = swaps.first_tensor_placement(model)
+    numbers = torch.as_tensor(numbers, device=device).long()
+    _check_species(model, numbers)
+    modules = list(model)
+    if not modules or type(modules[-1]) is not ForceStressOutputFromEdge:
+        raise ValueError("this SevenNet model does not take its forces from edge vectors")
+    _make_onehots_follow_dtype(model)
+    vectors = torch.as_tensor(vectors, device=device).detach().to(dtype).requires_grad_(True)
+    data = _graph_data(model, numbers, torch.as_tensor(edge_i, device=device).long(),
+                       torch.as_tensor(edge_j, device=device).long(), vectors,
+                       torch.zeros(numbers.numel(), 3, dtype=dtype, device=device),
+                       torch.zeros((), dtype=dtype, device=device), select_modal(model, modal))
+    with torch.enable_grad():
+        data = model._preprocess(data)
+        for module in modules[:-1]:
+            data = module(data)
+        energies = data[KEY.ATOMIC_ENERGY].reshape(-1)
+        local = energies[:numbers.numel() if num_local is None else num_local].sum()
+        gradient = gradient_or_zeros(local, vectors)
+    return {"energies": energies.detach(), "energy": local.detach(), "edge_gradient": gradient}
 
 
 restore = swaps.restore_swaps

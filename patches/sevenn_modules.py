@@ -63,9 +63,9 @@ class FastIrrepsConvolution(nn.Module):
         cached = data[SORTED_EDGES_KEY] if SORTED_EDGES_KEY in data else None
         if cached is None or any(a is not b for a, b in zip(cached["inputs"], inputs)):
             edges = sort_edges(edge_index[1], edge_index[0], num_nodes)
-            cached = {"inputs": inputs, "edges": edges, "filter": inputs[1][edges.order],
-                      "weight_input": inputs[2][edges.order],
-                      "mask": None if mask is None else mask[edges.order].to(inputs[2].dtype)}
+            cached = {"inputs": inputs, "edges": edges, "filter": inputs[1].index_select(0, edges.order),
+                      "weight_input": inputs[2].index_select(0, edges.order),
+                      "mask": None if mask is None else mask.index_select(0, edges.order).to(inputs[2].dtype)}
             data[SORTED_EDGES_KEY] = cached
         return cached
 

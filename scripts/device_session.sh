@@ -12,6 +12,9 @@
 #   bash scripts/device_session.sh profile md-sevenn           (~7 min)
 #   bash scripts/device_session.sh md-mace node                (~9 min)
 #   bash scripts/device_session.sh conv                        (~6 min)
+#   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
+#   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
+#   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
 # Phases: coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
@@ -75,6 +78,24 @@ for phase in "$@"; do
     node)
       step bench_node_kernels 200 python3 "$repo/scripts/bench_node_kernels.py" --dtypes float32 --nodes 4000 \
         --out "$out"
+      ;;
+    speed)
+      # energy+forces steps at 4000 atoms (graph replay and eager), then where an eager step's GPU time goes
+      step bench_step_cu4000 300 python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
+        --models sevenn,mace-medium,mace-large --systems Cu4000 --backends fastmlip,fastmlip-eager --no-sweep \
+        --out "$out/bench_step_cu4000"
+      step profile_md 200 python3 "$repo/scripts/profile_md.py" --cases mace-medium:Cu:10,sevenn:Cu:10 --steps 5 \
+        --top 15 --out "$out"
+      ;;
+    mdloop-mace)
+      # whole MD loops side by side: fastmlip.simulate against FastMACE 1.0 on the same model file and crystals
+      step mdloop_mace 560 python3 "$repo/scripts/bench_md.py" --models mace-medium --systems Si216,Cu4000 \
+        --backends fastmlip-md,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 240 --no-sweep \
+        --out "$out/mdloop_mace"
+      ;;
+    mdloop-sevenn)
+      step mdloop_sevenn 300 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Si216,Cu4000 \
+        --backends fastmlip,fastmlip-md,cueq --md-steps 300 --md-warmup 50 --no-sweep --out "$out/mdloop_sevenn"
       ;;
     conv)
       step bench_kernels 330 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 \

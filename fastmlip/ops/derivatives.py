@@ -23,3 +23,11 @@ def vjp_of_reference(function, primals: list, cotangents) -> tuple:
         grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs],
                                     create_graph=higher_order, allow_unused=True)
     return tuple(grads)
+
+
+def gradient_or_zeros(output: Tensor, leaf: Tensor) -> Tensor:
+    """d(output)/d(leaf), zeros where ``output`` does not depend on ``leaf`` (a structure without edges)."""
+    gradient = None
+    if output.requires_grad:
+        (gradient,) = torch.autograd.grad([output], [leaf], allow_unused=True)
+    return torch.zeros_like(leaf) if gradient is None else gradient

@@ -174,15 +174,28 @@ class Calculator(AseCalculator):
         """(energy [], forces [N, 3], stress [3, 3] or None) as device tensors, for float64 ``positions`` and
         ``cell`` on the device of the structure :meth:`bind` checked: what :meth:`calculate` computes (CUDA graph
         replays included), without the host. The cell is matched by identity: pass the same tensor while it
-        stays the same."""
+        stays the same. The results are the caller's (copies where a replay would overwrite them)."""
         if self._cell is None or self._cell[1] is not cell or self._cell[2] != pbc:
             self._cell = (None, cell, pbc, wrap_basis(cell, pbc).to(cell.device))
         flat = self._replay(positions, cell, pbc, with_stress) if self.cuda_graph else None
         if flat is None:
             flat, with_stress = self._eager(positions, cell, pbc, with_stress)
-        n = positions.shape[0]
-        stress = flat[1 + 4 * n:].reshape(3, 3) if with_stress else None
-        return flat[0], flat[1 + n:1 + 4 * n].reshape(n, 3), None if stress is None else 0.5 * (stress + stress.T)
+        else:
+            flat = flat.clone()  # the graph's output buffer is overwritten by the next replay
+        return _unpack(flat, positions.shape[0], with_stress)
+
+    def evaluate_unchecked(self, positions, cell, pbc, with_stress: bool):
+        """:meth:`evaluate` as a replay of the captured step on the current Verlet list, without asking whether
+        the list still holds every pair (that question reads the device): ``(energy, forces, stress, stale)``,
+        ``stale`` a device bool saying the list was out of date, so the result must be discarded and the step
+        redone with :meth:`evaluate`. None when no captured step fits (call :meth:`evaluate`). The results are
+        copies: they survive the next replay."""
+        step = self._step
+        if not self.cuda_graph or step is None or not step.matches(self._numbers, cell, pbc, with_stress):
+            return None
+        stale = self.neighbors.stale(positions)
+        flat = step.replay(positions).clone()
+        return (*_unpack(flat, positions.shape[0], with_stress), stale)
 
     def _check_finite(self, results, atoms) -> None:
         """Raise :class:`StructureError` for NaN or infinite results, naming atoms that sit on top of each other
@@ -305,3 +318,9 @@ class Calculator(AseCalculator):
                 "give a cell for every periodic axis (atoms.cell) or set pbc=False")
         volume = abs(float(np.linalg.det(cell)))
         return math.isfinite(volume) and volume > 1e-12 * max(1.0, float(lengths.max()) ** 3)
+
+
+def _unpack(flat, n: int, with_stress: bool) -> tuple:
+    """(energy, forces [N, 3], symmetric stress [3, 3] or None) from :func:`pack_results`' flat vector."""
+    stress = flat[1 + 4 * n:].reshape(3, 3) if with_stress else None
+    return flat[0], flat[1 + n:1 + 4 * n].reshape(n, 3), None if stress is None else 0.5 * (stress + stress.T)

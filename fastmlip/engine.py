@@ -181,6 +181,7 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     if npt and stress is None:
         raise ValueError("NPT needs a periodic structure with a cell of non-zero volume")
     integrator = _integrator(settings, evaluate)
+    deferred = DeferredChecks(calculator, settings, pbc, with_stress, integrator) if calculator.cuda_graph else None
     writer = _trajectory_writer(trajectory, resume=step > 0)
     if step == 0:
         thermo.append(_thermo_row(state, settings, npt))
@@ -190,7 +191,12 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     loop_start, first_step = time.perf_counter(), state.step
     try:
         while state.step < steps:
-            state = integrator.step(state, generator)
+            boundary = _next_boundary(state.step, steps, interval, restart_every if restart else None)
+            if deferred:
+                state = deferred.advance(state, generator, boundary)
+            else:
+                while state.step < boundary:
+                    state = integrator.step(state, generator)
             if state.step % interval == 0 or state.step == steps:
                 thermo.append(_thermo_row(state, settings, npt))
                 if writer:
@@ -210,7 +216,88 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     columns = np.array(thermo, dtype=float).reshape(-1, len(names)).T
     return Run(atoms=_frame(atoms, state), thermo=dict(zip(names, columns)),
                timing={"setup_s": setup, "ms_per_step": ms, "ns_per_day": timestep * 86400 / 1e6 / ms * 1e3
-                       if done else float("nan"), "steps": done})
+                       if done else float("nan"), "steps": done,
+                       "list_checks": deferred.summary() if deferred else "every step"})
+
+
+def _next_boundary(step: int, steps: int, interval: int, restart_every) -> int:
+    """The next step at which the host needs the state: thermo, frames, a restart file, the end."""
+    boundary = min(steps, (step // interval + 1) * interval)
+    if restart_every:
+        boundary = min(boundary, (step // restart_every + 1) * restart_every)
+    return boundary
+
+
+class DeferredChecks:
+    """Steps of a CUDA-graph run whose Verlet-list check is read back once per chunk of steps, not every step.
+
+    Asking each step whether some atom moved more than skin/2 reads the device, and the GPU idles while the
+    host then prepares the next step. Here a chunk of steps replays on the current list, each step leaving a
+    device flag (:meth:`Calculator.evaluate_unchecked`); one read at the chunk's end says whether all of them
+    were valid. If step k was not, the run goes back to the state and generator state before step k and redoes
+    it with the checked :meth:`Calculator.evaluate`, which rebuilds the list there: exactly the steps, and so the
+    trajectory, of a run that checks every step. Chunks end just before the next rebuild the past rebuilds
+    predict, so few steps are redone.
+    """
+
+    MAX_CHUNK = 64
+
+    def __init__(self, calculator, settings, pbc, with_stress, checked):
+        self.calculator, self.pbc, self.with_stress, self.checked = calculator, pbc, with_stress, checked
+        self.unchecked = _integrator(settings, self._evaluate)
+        self.flags = []
+        self.rebuild_steps = [0]
+        self.chunks = self.redone = 0
+
+    def _evaluate(self, positions, cell):
+        out = self.calculator.evaluate_unchecked(positions, cell, self.pbc, self.with_stress)
+        if out is None:
+            raise _NoCapturedStep
+        energy, forces, stress, stale = out
+        self.flags.append(stale)
+        return energy, forces, stress
+
+    def _chunk_length(self, step: int) -> int:
+        intervals = [b - a for a, b in zip(self.rebuild_steps[-5:], self.rebuild_steps[-4:])]
+        expected = min(intervals) if intervals else 8
+        return max(1, min(self.MAX_CHUNK, expected - (step - self.rebuild_steps[-1]) - 1))
+
+    def advance(self, state, generator, target: int):
+        """Steps from ``state`` to step ``target``."""
+        while state.step < target:
+            state = self._chunk(state, generator, min(target - state.step, self._chunk_length(state.step)))
+        return state
+
+    def _chunk(self, state, generator, length: int):
+        saved = [(state, generator.get_state())]
+        self.flags.clear()
+        self.chunks += 1
+        try:
+            for _ in range(length):
+                state = self.unchecked.step(state, generator)
+                saved.append((state, generator.get_state()))
+        except _NoCapturedStep:  # no captured step fits (yet): the steps flagged so far are still checked
+            pass
+        stale = torch.stack(self.flags).cpu() if self.flags else torch.zeros(0, dtype=torch.bool)
+        valid = int(stale.int().argmax()) if bool(stale.any()) else stale.numel()  # the chunk's one device read
+        if valid == length:
+            return state
+        self.redone += len(saved) - 1 - valid
+        state, generator_state = saved[valid]
+        generator.set_state(generator_state)
+        rebuilds = self.calculator.neighbor_list_rebuilds
+        state = self.checked.step(state, generator)
+        if self.calculator.neighbor_list_rebuilds > rebuilds:
+            self.rebuild_steps.append(state.step)
+        return state
+
+    def summary(self) -> str:
+        return (f"deferred: {self.chunks} device reads, {len(self.rebuild_steps) - 1} list rebuilds, "
+                f"{self.redone} steps redone")
+
+
+class _NoCapturedStep(Exception):
+    pass
 
 
 def _trajectory_writer(path, resume: bool):

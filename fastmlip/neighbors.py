@@ -203,6 +203,14 @@ class VerletList:
         self.rebuilds += 1
         return True
 
+    @torch.no_grad()
+    def stale(self, positions) -> torch.Tensor:
+        """Device bool: whether some atom moved more than skin/2 since the last build (the rebuild test of
+        :meth:`candidates` for an unchanged cell), without reading it back to the host."""
+        reference = self._reference[0]
+        moved = (positions.detach() - reference).norm(dim=1).amax()
+        return ~(moved <= self.skin / 2)  # NaN counts as moved
+
     def _needs_rebuild(self, positions, cell_host, pbc):
         if self._reference is None:
             return True

@@ -147,3 +147,45 @@ def test_settings_are_checked(sevenn64):
         fastmlip.simulate(atoms, sevenn64, steps=1, ensemble="nvt")
     with pytest.raises(ValueError, match="needs a pressure"):
         fastmlip.simulate(atoms, sevenn64, steps=1, ensemble="npt", temperature=300)
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """CUDA-graph steps on the CPU: capture records nothing and a replay runs the captured step eagerly, so the
+    calculator's graph path (masked Verlet candidates, static buffers) and the engine's deferred list checks run
+    here as they do on a GPU."""
+    from fastmlip.cuda_graph import CapturedStep
+
+    def replay(step, positions):
+        step.positions.copy_(positions)
+        return step.evaluate()
+
+    monkeypatch.setattr(CapturedStep, "capture", lambda step, positions: step.positions.copy_(positions))
+    monkeypatch.setattr(CapturedStep, "replay", replay)
+
+    def calculator():
+        calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4)
+        calc.cuda_graph, calc._cuda_graph_request = True, True
+        return calc
+
+    return calculator
+
+
+def test_deferred_list_checks_give_the_trajectory_of_checking_every_step(eager_graphs, monkeypatch):
+    """Chunks of steps on an unchecked list, with the list's validity read once per chunk and invalid steps
+    redone, follow exactly the run that checks the list at every step (hot silicon, small skin: many rebuilds)."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    thermalize(atoms, 1500, np.random.default_rng(0))
+    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=30,
+                   timestep=2.0)
+    deferred = fastmlip.simulate(atoms, eager_graphs(), steps=30, **options)
+    checks = deferred.timing["list_checks"]
+    monkeypatch.setattr(Calculator, "evaluate_unchecked", lambda *args: None)
+    every_step = fastmlip.simulate(atoms, eager_graphs(), steps=30, **options)
+    assert every_step.timing["list_checks"].startswith("deferred: 30 device reads")  # a checked step each
+    rebuilds, redone = (int(s.split()[0]) for s in checks.split(", ")[1:])
+    assert rebuilds >= 2 and redone >= 1, checks
+    assert np.array_equal(deferred.atoms.positions, every_step.atoms.positions)
+    assert np.array_equal(deferred.atoms.get_momenta(), every_step.atoms.get_momenta())
+    assert deferred.atoms.get_potential_energy() == every_step.atoms.get_potential_energy()

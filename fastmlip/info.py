@@ -26,6 +26,7 @@ def collect() -> dict:
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())],
         "backends": available_backends(),
         "cache": _kernel_cache(),
+        "settings": _settings(),
     }
 
 
@@ -40,6 +41,17 @@ def _kernel_cache() -> dict:
             "compiled_kernels": entries, "generated_sources": summary["generated_sources"]}
 
 
+def _settings() -> dict:
+    """The kernel tuning variables: value in force, with the default and what each tunes."""
+    from .kernels.launch import describe_settings
+
+    try:
+        described = describe_settings()
+    except ValueError as exc:  # a variable set to something unusable: say which, as a run would
+        return {"invalid": str(exc)}
+    return {name: {"value": value, "default": default, "tunes": tunes} for name, value, default, tunes in described}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print as JSON")
 
@@ -51,6 +63,15 @@ def run(args) -> int:
 
         print(json.dumps(info, indent=1))
         return 0
+    settings = info.pop("settings")
     for key, value in info.items():
         print(f"{key:10s} {value}")
+    if "invalid" in settings:
+        print(f"settings   invalid: {settings['invalid']}")
+        return 0
+    print("settings   (environment variables, read once per process)")
+    for name, setting in settings.items():
+        value = "unset" if setting["value"] is None else setting["value"]
+        default = "" if setting["value"] == setting["default"] else f" (default {setting['default']})"
+        print(f"  {name}={value}{default}: {setting['tunes']}")
     return 0

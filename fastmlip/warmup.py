@@ -44,7 +44,6 @@ def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=Fa
 
     from . import api
     from .kernels import precompile
-    from .ops import dispatch
     from .patches import self_check
 
     if arch is None and not torch.cuda.is_available():
@@ -55,12 +54,23 @@ def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=Fa
         patch.accelerate(model)
         return precompile.prepare(self_check.record_kernels(model, patch), workers=workers, progress=progress)
     target = precompile.Target.parse(arch)
+    specs = dry_run_kernels(name, dtype, target, trusted=trusted, sha256=sha256)
+    return precompile.prepare(specs, target=target, install=False, workers=workers, progress=progress)
+
+
+def dry_run_kernels(name: str, dtype, target, *, trusted=False, sha256=None) -> list:
+    """The kernels (:class:`fastmlip.kernels.precompile.KernelSpec`) the accelerated ``name`` launches in a step,
+    recorded by a dry run on the CPU specialised for ``target``: it compiles and launches nothing (no GPU needed)."""
+    from . import api
+    from .kernels import precompile
+    from .ops import dispatch
+    from .patches import self_check
+
     model = _frozen_model(name, "cpu", dtype, trusted, sha256)
     patch = api.framework_of(model)
     patch.accelerate(model)
     with precompile.target_only(target), dispatch.kernels_on_cpu():
-        specs = self_check.record_kernels(model, patch)
-    return precompile.prepare(specs, target=target, install=False, workers=workers, progress=progress)
+        return self_check.record_kernels(model, patch)
 
 
 def run(args) -> int:

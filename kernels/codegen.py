@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import textwrap
 import threading
 from pathlib import Path
 
@@ -46,6 +47,11 @@ class Source:
     def __call__(self, line: str = "") -> None:
         self.lines.append("    " * self.depth + line if line else "")
 
+    def comment(self, text: str) -> None:
+        """``# text`` at the current depth, wrapped to fit 110 columns: generated kernels explain their steps."""
+        for line in textwrap.wrap(text, 108 - 4 * self.depth):
+            self(f"# {line}")
+
     def indent(self):
         source = self
 
@@ -79,30 +85,15 @@ class Constants:
         return self.names[value]
 
     def emit(self, src: Source) -> None:
+        if self.names:
+            src.comment("The problem's constants, exact in the kernel's dtype (a bare literal would be float32).")
         for value, name in self.names.items():
             src(f"{name} = tl.full([], {value!r}, DT)")
 
 
-DOT_PRECISIONS = ("ieee", "tf32x3")
-
-
-def dot_precision(dtype) -> str:
-    """``input_precision`` of float32 ``tl.dot`` in generated kernels (``FASTMLIP_DOT_PRECISION``, default ieee).
-
-    ieee: exact float32 products on CUDA cores. tf32x3: three TF32 tensor-core products per fp32 product, about
-    float32 accuracy at several times the throughput on Hopper; to be validated against the tolerances on the
-    GPU before it becomes a default (the interpreter computes either exactly). float64 is always ieee.
-    """
-    import torch
-
-    name = os.environ.get("FASTMLIP_DOT_PRECISION", "ieee").strip().lower() or "ieee"
-    if name not in DOT_PRECISIONS:
-        raise ValueError(f"FASTMLIP_DOT_PRECISION={name!r}: expected one of {', '.join(DOT_PRECISIONS)}")
-    return name if dtype == torch.float32 else "ieee"
-
-
-def jit_header(src: "Source", name: str, args, flags=()) -> None:
-    """The imports and ``@triton.jit`` signature every generated kernel module starts with.
+def jit_header(src: "Source", name: str, args, flags=(), about: str = "") -> None:
+    """The imports and ``@triton.jit`` signature every generated kernel module starts with; ``about`` (what the
+    kernel computes, for a reader of the generated file) goes above it as a comment.
 
     Arguments named ``num_*`` are sizes (edges, rows, nodes): Triton would otherwise compile one variant per
     size that is, or is not, a multiple of 16 (or is 1), and an MD run whose edge count changes would compile
@@ -114,6 +105,8 @@ def jit_header(src: "Source", name: str, args, flags=()) -> None:
     src("import triton.language as tl")
     src("")
     src("")
+    if about:
+        src.comment(about)
     src(f"@triton.jit(do_not_specialize={sizes!r})" if sizes else "@triton.jit")
     src(f"def {name}({', '.join(args)}):")
 
@@ -152,7 +145,7 @@ def load_module(name: str, build):
 
 
 def activation(body: "Source", act, v: str, consts: Constants, derivative: bool) -> str:
-    """Emit what ``act`` (a :class:`fastmlip.reference.activations.Activation`) or its derivative needs at ``v``;
+    """Emit what ``act`` (a :class:`fastmlip.descriptors.Activation`) or its derivative needs at ``v``;
     returns the expression, scaled by e3nn's normalisation constant."""
     s, t = f"sig_{v}", f"tanh_{v}"  # temporaries named after v: a Triton loop needs one shape per name
     if act.name in ("silu", "sigmoid"):

@@ -27,11 +27,10 @@ MAX_WORKERS = 32  # more processes than this only compete for memory and the dis
 
 def default_workers() -> int:
     """One worker per available core, at most ``MAX_WORKERS`` (``FASTMLIP_COMPILE_WORKERS`` overrides)."""
-    setting = os.environ.get("FASTMLIP_COMPILE_WORKERS", "").strip()
-    if setting:
-        if not setting.isdigit() or int(setting) < 1:
-            raise ValueError(f"FASTMLIP_COMPILE_WORKERS={setting!r}: expected a positive integer")
-        return int(setting)
+    from .launch import settings  # here, not at the top: the worker processes run this module without torch
+
+    if settings().compile_workers is not None:
+        return settings().compile_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(MAX_WORKERS, cores))
 

@@ -21,7 +21,6 @@ materialised.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ import torch
 
 from ..descriptors import TensorProductProblem, iter_paths
 from . import codegen
+from .launch import dtype_name, new_output, settings, tl_dtype
 
 MAX_MUL_IN2 = 8
 MAX_FUSED_GATHER = 128  # see _fused_backward_fits
-POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
 COMPILE_SECONDS: dict = {}
 RESOURCES: dict = {}  # kernel label -> (registers per thread, spilled bytes), as the compiler reports them
 
@@ -78,28 +77,12 @@ def _blocks(mul: int, block: int) -> int:
 
 
 def _block_size(problem: TensorProductProblem) -> int:
-    cap = int(os.environ.get("FASTMLIP_CONV_BLOCK", "32"))
     largest = max([p.weight_shape[0] for p in problem.paths] or [1])
-    return max(1, min(cap, 1 << (largest - 1).bit_length()))
-
-
-def _edges_per_program() -> int:
-    """Edges per program of the per-edge kernels (edge gradients, atomic scatter)."""
-    return int(os.environ.get("FASTMLIP_CONV_EDGES_PER_PROGRAM", "4"))
-
-
-def _loop_stages() -> int:
-    """Software-pipelining depth of the row-owned edge loop (0: a plain loop)."""
-    return int(os.environ.get("FASTMLIP_CONV_STAGES", "0"))
+    return max(1, min(settings().conv_block, 1 << (largest - 1).bit_length()))
 
 
 def _warps(block: int) -> int:
-    return int(os.environ.get("FASTMLIP_CONV_WARPS", "0")) or max(1, min(4, block // 32))
-
-
-def _edge_unroll() -> int:
-    """Edges per loop step of the row-owned kernels: independent loads in flight hide DRAM latency."""
-    return int(os.environ.get("FASTMLIP_CONV_UNROLL", "1"))
+    return settings().conv_warps or max(1, min(4, block // 32))
 
 
 class _Loads:
@@ -122,6 +105,9 @@ def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, load_y
     mask = "m" if r == 0 else f"m_{r}"
     if r:  # a vector comparison: the interpreter cannot combine a vector mask with a scalar one
         body(f"m_{r} = m & (lane * 0 + (p + {r}) < end)")
+    if r == 0:
+        body.comment("Per edge: the gathered row's channel vectors, the edge's attributes (one scalar each) and "
+                     "its per-channel weights.")
     index = f"p + {r}" if r else "p"
     body(f"e_{r} = tl.load(perm + {index}{valid}).to(tl.int64)" if mode == "csr_perm" else f"e_{r} = {index}")
     body(f"g_row_{r} = inp + tl.load(gather + e_{r}{valid}).to(tl.int64) * {in_stride}")
@@ -139,6 +125,8 @@ def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, load_y
 
 def _emit_accumulate(body, consts, group, r):
     """acc[b] += w[v] * sum_a (sum_j C[a, j, b] y[v, j]) g[a] for the r-th edge of a loop step."""
+    if r == 0:
+        body.comment("acc[b] += w[v] * sum_a (sum_j C[a, j, b] y[v, j]) g[a], the CG block's nonzeros unrolled.")
     for t in group:
         for v in range(t.mul2):
             by_b = defaultdict(lambda: defaultdict(list))
@@ -156,6 +144,8 @@ def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb):
     gy_partial[e, blk, (v, j)] = sum over the block's u of w[u, v] s_j[u]. Columns no term here touches get 0,
     so every partial is written."""
     _, _, dim_in2, n_w = strides
+    if r == 0:
+        body.comment("This edge's gradients from the loads above: gw per channel, this block's share of gy.")
     mask, valid = ("m", "") if r == 0 else (f"m_{r}", f", mask=p + {r} < end")
     q = set()
     for ti, t in enumerate(group):
@@ -180,7 +170,7 @@ def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb):
             body(f"tl.store(gy + (e_{r} * {n_cb} + blk) * {dim_in2} + {idx}, {value}{valid})")
 
 
-def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="") -> str:
+def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", about="") -> str:
     """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'.
 
     ``edge`` ('y', 'w' or both; transposed terms, mode 'csr_perm': the backward's sender walk) also writes those
@@ -192,13 +182,17 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="") -> 
     src, consts = codegen.Source(), codegen.Constants()
     args = ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out"]
     args += ["node", "gy", "gw"] if mode == "csr_perm" else []
-    codegen.jit_header(src, "aggregate", args + ["num_edges", "EPP: tl.constexpr", "DT: tl.constexpr"])
+    codegen.jit_header(src, "aggregate", args + ["num_edges", "EPP: tl.constexpr", "DT: tl.constexpr"], about=about)
     body = codegen.Source()
     body.depth = 1
     if mode == "atomic":
+        body.comment("Each program owns EPP edges (in any order) and one channel block; each edge's contribution "
+                     "is added atomically to its row.")
         body("start = tl.program_id(0).to(tl.int64) * EPP")
         body("end = tl.minimum(start + EPP, num_edges)")
     else:
+        body.comment("Each program owns one row and one channel block: it walks the row's edges ptr[row] to "
+                     "ptr[row + 1] with the sums in registers and stores once at the end (no atomics).")
         body("row = tl.program_id(0).to(tl.int64)")
         body("start = tl.load(ptr + row).to(tl.int64)")
         body("end = tl.load(ptr + row + 1).to(tl.int64)")
@@ -207,20 +201,26 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="") -> 
         nb = _blocks(mul, block)
         body(f"{'if' if gi == 0 else 'elif'} blk < {first + nb}:")
         with body.indent():
+            body.comment(f"Paths of {mul} channels (channel blocks {first} to {first + nb - 1}): they share each "
+                         "edge's loads.")
             body(f"u = (blk - {first}) * {block} + lane")
             body(f"m = u < {mul}")
             outs = sorted({(t.out_off, t.out_d, b) for t in group for _, _, b, _ in t.nonzeros})
+            if edge:
+                body.comment("The row's own x block, loaded once for every edge's gradients.")
             for off, d, b in outs if edge else ():
                 body(f"n{off + b} = tl.load(node + row * {out_stride} + {off + b} + u * {d}, mask=m, other=0.0)")
             if accumulate and mode != "atomic":
                 for off, _, b in outs:
                     body(f"acc{off + b} = tl.zeros([{block}], DT)")
-            unroll = 1 if mode == "atomic" else _edge_unroll()
-            stages = 0 if mode == "atomic" else _loop_stages()
+            unroll = 1 if mode == "atomic" else settings().conv_unroll
+            stages = 0 if mode == "atomic" else settings().conv_stages
             loop = f"tl.range(start, end, {unroll}, num_stages={stages})" if stages else f"range(start, end, {unroll})"
+            if unroll > 1:
+                body.comment(f"{unroll} edges per step, every load first: their latencies overlap.")
             body(f"for p in {loop}:")
             with body.indent():
-                for r in range(unroll):  # every load of the unrolled edges first: their latencies overlap
+                for r in range(unroll):
                     _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride,
                                      load_y=accumulate or "w" in edge, load_w=accumulate or "y" in edge)
                 if mode == "atomic":
@@ -240,6 +240,8 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="") -> 
                     body(f"tl.store(out + row * {out_stride} + {off + b} + u * {d}, acc{off + b}, mask=m)")
         first += nb
     with src.indent():
+        src.comment(f"Channels across {block} lanes; program axis 1 is the channel block, which picks the "
+                    "group of paths below.")
         src(f"lane = tl.arange(0, {block})")
         src("blk = tl.program_id(1)")
         consts.emit(src)
@@ -247,15 +249,17 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="") -> 
     return src.text()
 
 
-def _edge_source(terms, block, want_y, want_w, dims) -> str:
+def _edge_source(terms, block, want_y, want_w, dims, about="") -> str:
     """Per-edge gradients: gy[e, v, j] = sum_u w[u,v] s_j[u], gw[e, u, v] = sum_j y[v, j] s_j[u], where
     s_j[u] = path_weight * sum_{i,k} C[i,j,k] x[src, u, i] grad_out[dst, u, k]."""
     dim_in1, dim_in2, dim_out, n_w = dims
     src, consts = codegen.Source(), codegen.Constants()
     codegen.jit_header(src, "edge_grads", ["x", "y", "w", "g", "src", "dst", "gy", "gw", "num_edges",
-                                           "EPP: tl.constexpr", "DT: tl.constexpr"])
+                                           "EPP: tl.constexpr", "DT: tl.constexpr"], about=about)
     body = codegen.Source()
     body.depth = 1
+    body.comment("Each program owns EPP edges (in any order); per edge it loops over every channel block, so "
+                 "each edge's gradients are written once, by this program.")
     body("start = tl.program_id(0).to(tl.int64) * EPP")
     body("end = tl.minimum(start + EPP, num_edges)")
     body("for e in range(start, end):")
@@ -270,6 +274,8 @@ def _edge_source(terms, block, want_y, want_w, dims) -> str:
         if want_y:
             for idx in range(dim_in2):
                 body(f"q{idx} = tl.zeros([{block}], DT)")
+        body.comment("s_j[u] = sum C x[src, u] grad_out[dst, u] per path; gy sums w * s over the channels in "
+                     "registers, gw is y . s per channel.")
         for mul, group in _groups(terms):
             body(f"for cb in range(0, {_blocks(mul, block)}):")
             with body.indent():
@@ -295,6 +301,7 @@ def _edge_source(terms, block, want_y, want_w, dims) -> str:
             for idx in range(dim_in2):
                 body(f"tl.store(gy + e * {dim_in2} + {idx}, tl.sum(q{idx}, 0))")
     with src.indent():
+        src.comment(f"Channels across {block} lanes.")
         src(f"lane = tl.arange(0, {block})")
         consts.emit(src)
     src.lines.extend(body.lines)
@@ -310,46 +317,51 @@ def _check_supported(problem: TensorProductProblem) -> None:
                              f"{MAX_MUL_IN2}; {problem} has a path with {p.weight_shape[1]}")
 
 
-_TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-
-
-def _tl_dtype(dtype):
-    import triton.language as tl
-
-    if dtype not in _TL_DTYPES:
-        raise TypeError(f"Triton fused conv supports float32 and float64, got {dtype}")
-    return getattr(tl, _TL_DTYPES[dtype])
-
-
 _PLANS: dict = {}
+
+
+def _edge_loop(variant: str, separator: str) -> str:
+    """The row-owned kernels' edge-loop settings as part of a name ("" for the per-edge and atomic kernels)."""
+    if variant.startswith("edge") or variant.endswith("atomic"):
+        return ""
+    tuning = settings()
+    return f"{separator}u{tuning.conv_unroll}{separator}s{tuning.conv_stages}"
+
+
+_ABOUT = {
+    "fwd_csr": "out[n] = sum over the edges into n of TP(x[src], y, w); rows own their edges (sorted by dst)",
+    "fwd_atomic": "out[dst] += TP(x[src], y, w) per edge, atomically (edges in any order)",
+    "gx_atomic": "grad_x[src] += TP^T(grad_out[dst], y, w) per edge, atomically (edges in any order)",
+    "sender": "the backward walked by source node (edges sorted by src): grad_x, and per edge grad_y / grad_w",
+    "edge": "per-edge gradients grad_y / grad_w (edges in any order)",
+}
 
 
 def _kernel(problem, variant, block):
     """The kernel for (problem, variant): its source is generated once per process and setting."""
     dims = (problem.dim_in1, problem.dim_in2, problem.dim_out, problem.weight_numel)
+    about = f"{problem} [{variant}]: {_ABOUT.get(variant) or _ABOUT[variant.split('_')[0]]}"
     if variant.startswith("edge"):
         return codegen.load_module(f"{problem.key}_{variant}_b{block}", lambda: _edge_source(
-            _terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims)).edge_grads
+            _terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims, about)).edge_grads
     kind, rest = variant.split("_", 1)  # fwd_csr, fwd_atomic, gx_atomic, sender_<wanted subset of "xyw">
     sender = kind == "sender"
     mode = "csr_perm" if sender else rest
-    unroll = "" if mode == "atomic" else f"_u{_edge_unroll()}_s{_loop_stages()}"
     transpose = kind != "fwd"
     in_stride, out_stride = (problem.dim_out, problem.dim_in1) if transpose else (problem.dim_in1, problem.dim_out)
     strides = (in_stride, out_stride, problem.dim_in2, problem.weight_numel)
-    return codegen.load_module(f"{problem.key}_{variant}_b{block}{unroll}", lambda: _aggregate_source(
+    return codegen.load_module(f"{problem.key}_{variant}_b{block}{_edge_loop(variant, '_')}", lambda: _aggregate_source(
         _terms(problem, transpose), block, mode, strides, accumulate=not sender or "x" in rest,
-        edge=rest.replace("x", "") if sender else "")).aggregate
+        edge=rest.replace("x", "") if sender else "", about=about)).aggregate
 
 
 def _launch(problem, variant, grid, args, dtype, block):
     kernel = _kernel(problem, variant, block)
     warps = _warps(block)
-    unroll = "" if variant.startswith("edge") or variant.endswith("atomic") else f"/u{_edge_unroll()}/s{_loop_stages()}"
-    label = f"{problem.key}/{variant}/b{block}{unroll}/w{warps}/{_TL_DTYPES[dtype]}"
+    label = f"{problem.key}/{variant}/b{block}{_edge_loop(variant, '/')}/w{warps}/{dtype_name(dtype)}"
     first = label not in COMPILE_SECONDS
     t0 = time.perf_counter()
-    compiled = kernel[grid](*args, EPP=_edges_per_program(), DT=_tl_dtype(dtype), num_warps=warps)
+    compiled = kernel[grid](*args, EPP=settings().conv_edges_per_program, DT=tl_dtype(dtype), num_warps=warps)
     if first:
         if args[0].is_cuda:
             torch.cuda.synchronize(args[0].device)
@@ -365,14 +377,6 @@ def compile_report() -> dict:
 def resource_report() -> dict:
     """(registers per thread, spilled bytes) of each compiled kernel, by kernel label (None in the interpreter)."""
     return dict(RESOURCES)
-
-
-def _alloc(shape, like, fully_written: bool):
-    if not fully_written:
-        return like.new_zeros(shape)
-    if POISON_OUTPUTS:
-        return like.new_full(shape, float("nan"))
-    return like.new_empty(shape)
 
 
 def _covers(terms, dim: int) -> bool:
@@ -400,14 +404,14 @@ def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, num_rows, out_dim
     n_edges = y.shape[0]
     dummy = gather
     if ptr is not None:
-        out = _alloc((num_rows, out_dim), inp, covers)
+        out = new_output((num_rows, out_dim), inp, written_everywhere=covers)
         if num_rows and n_cb:
             _launch(problem, f"{kind}_csr", (num_rows, n_cb), (inp, y, w, gather, dummy, ptr, dummy, out, n_edges),
                     inp.dtype, block)
         return out
     out = inp.new_zeros(num_rows, out_dim)
     if n_edges and n_cb:
-        grid = (-(-n_edges // _edges_per_program()), n_cb)
+        grid = (-(-n_edges // settings().conv_edges_per_program), n_cb)
         _launch(problem, f"{kind}_atomic", grid, (inp, y, w, gather, scatter, dummy, dummy, out, n_edges),
                 inp.dtype, block)
     return out
@@ -416,7 +420,7 @@ def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, num_rows, out_dim
 def forward(problem, x, edge_attr, w, src, dst, dst_ptr, num_nodes):
     """out[n] = sum over edges into n of TP(x[src], edge_attr, w); deterministic when ``dst_ptr`` is given."""
     _check_supported(problem)
-    _tl_dtype(x.dtype)
+    tl_dtype(x.dtype)
     x, edge_attr, w = x.contiguous(), edge_attr.contiguous(), w.contiguous()
     return _aggregate(problem, "fwd", x, edge_attr, w, src, dst, dst_ptr, num_nodes, problem.dim_out)
 
@@ -427,9 +431,9 @@ def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want):
     atomics). gy comes as one partial sum per channel block, added up here in a fixed order (deterministic)."""
     block, n_cb, covers = _plan(problem, "gx", problem.dim_in1)
     n_nodes, n_edges = x.shape[0], y.shape[0]
-    gx = _alloc(x.shape, x, covers) if want[0] else x.new_empty(0)
-    gy_partial = _alloc((n_edges, n_cb, problem.dim_in2), y, True) if want[1] else y.new_empty(0)
-    gw = _alloc(w.shape, w, True) if want[2] else w.new_empty(0)
+    gx = new_output(x.shape, x, written_everywhere=covers) if want[0] else x.new_empty(0)
+    gy_partial = new_output((n_edges, n_cb, problem.dim_in2), y) if want[1] else y.new_empty(0)
+    gw = new_output(w.shape, w) if want[2] else w.new_empty(0)
     if n_cb and ((want[0] and n_nodes) or (n_edges and (want[1] or want[2]))):
         wanted = "".join(name for name, flag in zip("xyw", want) if flag)
         _launch(problem, f"sender_{wanted}", (n_nodes, n_cb),
@@ -452,12 +456,12 @@ def _fused_backward_fits(problem) -> bool:
 
 def _edge_backward(problem, x, edge_attr, w, grad_out, src, dst, want_y, want_w):
     """gy, gw by a per-edge kernel that gathers x[src] and grad_out[dst] (any edge order)."""
-    gy = _alloc(edge_attr.shape, edge_attr, True) if want_y else x.new_empty(0)
-    gw = _alloc(w.shape, w, True) if want_w else x.new_empty(0)
+    gy = new_output(edge_attr.shape, edge_attr) if want_y else x.new_empty(0)
+    gw = new_output(w.shape, w) if want_w else x.new_empty(0)
     n_edges = edge_attr.shape[0]
     if n_edges and (want_y or want_w):
         variant = "edge_" + ("y" if want_y else "") + ("w" if want_w else "")
-        _launch(problem, variant, (-(-n_edges // _edges_per_program()),),
+        _launch(problem, variant, (-(-n_edges // settings().conv_edges_per_program),),
                 (x, edge_attr, w, grad_out, src, dst, gy if want_y else x, gw if want_w else x, n_edges),
                 x.dtype, _block_size(problem))
     return gy, gw
@@ -468,7 +472,7 @@ def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, sr
     sender-owned kernel, or for very wide problems a sender-owned gx and a per-edge gy/gw kernel), else an atomic
     x-gradient and the per-edge kernel."""
     _check_supported(problem)
-    _tl_dtype(x.dtype)
+    tl_dtype(x.dtype)
     grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
     if src_perm is not None and src_ptr is not None:
         if _fused_backward_fits(problem) or not (want[1] or want[2]):

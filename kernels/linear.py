@@ -28,10 +28,9 @@ import triton
 from ..descriptors import LinearProblem, irreps_offsets
 from . import codegen
 from . import tiles as shared_tiles
-from .symmetric_contraction import tl_dtype
+from .launch import new_output, tl_dtype
 
 ROWS_PER_SPLIT = 256  # rows each weight/bias-gradient program sums
-POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
 
 
 @dataclass(frozen=True)
@@ -105,6 +104,9 @@ def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, mode: str
             continue
         m = out_irreps[d]
         with branch(blocks):
+            into = f"{len(paths)} path{'s' if len(paths) != 1 else ''}{' and a bias' if biases else ''}"
+            code.comment(f"{'grad_x' if transpose else 'out'} irrep {d} ({m}): {into} summed per component into "
+                         f"a [rows, {bj}] tile, stored once")
             code(f"j = block * {bj} + tl.arange(0, {bj})")
             code(f"for comp in range({m.ir_dim}):")
             with code.indent():
@@ -130,6 +132,8 @@ def _emit_weight_grads(code, consts, problem: LinearProblem, mode: str) -> None:
     branch = _Branches(code, "w_base + ")
     for p, bk, bj, j_blocks, blocks in _weight_branches(problem, tiles):
         with branch(blocks):
+            code.comment(f"weight of path {p.i_in} -> {p.i_out}: a [{bk}, {bj}] block of x^T grad_out over this "
+                         "split's rows")
             code(f"k = (block // {j_blocks}) * {bk} + tl.arange(0, {bk})")
             code(f"j = (block % {j_blocks}) * {bj} + tl.arange(0, {bj})")
             code(f"acc = weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT=DT, X_STRIDE={problem.dim_in}, "
@@ -147,6 +151,7 @@ def _emit_bias_grads(code, consts, problem: LinearProblem, mode: str) -> None:
     branch = _Branches(code, "b_base + ")
     for b, bj, blocks in _bias_branches(problem, tiles):
         with branch(blocks):
+            code.comment(f"bias of irrep {b.i_out}: column sums of grad_out over this split's rows")
             code(f"j = block * {bj} + tl.arange(0, {bj})")
             code(f"acc = column_sum_tile(grad_out, row_start, row_end, j, DT=DT, G_STRIDE={problem.dim_out}, "
                  f"G_OFF={off_out[b.i_out]}, J={b.dim}, BR={tiles.rows}, BJ={bj})")
@@ -165,8 +170,12 @@ def _source(problem: LinearProblem, kind: str, mode: str) -> str:
     rows = _TILES[mode].rows
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     code(f"from {shared_tiles.__name__} import column_sum_tile, path_tile, weight_grad_tile  # noqa: F401")
-    codegen.jit_header(code, "linear", _FORWARD_ARGS if kind == "forward" else _BACKWARD_ARGS)
+    about = (f"{problem}: out = x @ W per path (plus the bias), one launch" if kind == "forward" else
+             f"Gradients of {problem}: grad_x = grad_out @ W^T per path, grad_w and grad_b as wanted, one launch")
+    codegen.jit_header(code, "linear", _FORWARD_ARGS if kind == "forward" else _BACKWARD_ARGS, about=about)
     code.depth = body.depth = 1
+    body.comment("Program (row block, task): the task id picks one branch below (a destination irrep, a path or a "
+                 "bias) and one block of its channels.")
     body("task = tl.program_id(1)")
     body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
     body("row_ok = rows < num_rows")
@@ -174,6 +183,8 @@ def _source(problem: LinearProblem, kind: str, mode: str) -> str:
     if kind == "forward":
         _emit_apply(body, consts, problem, False, mode, "x", "out")
     else:
+        body.comment("Weight and bias gradients: program s sums the rows of split s into its own partial (torch "
+                     "adds the partials in a fixed order: deterministic).")
         body("split = tl.program_id(0)")
         body("live = tl.where(split < num_splits, 1, 0)  # programs past the last split store nothing")
         body("row_start = split * rows_per_split")
@@ -228,17 +239,13 @@ def _mode(dtype) -> str:
     return "dot" if dtype == torch.float32 else "fma"
 
 
-def _empty(shape, like):
-    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
-
-
 def forward(problem: LinearProblem, x, weight, bias=None):
     """x [N, dim_in] -> [N, dim_out] (plus the bias on its scalar outputs when ``bias`` is given): one launch."""
     mode = _mode(x.dtype)
     plan = _plan(problem, mode)
     x, weight = x.contiguous(), weight.contiguous()
     n = x.shape[0]
-    out = _empty((n, problem.dim_out), x)
+    out = new_output((n, problem.dim_out), x)
     if n and plan.forward:
         _kernel(problem, "forward", mode)[(triton.cdiv(n, plan.rows), plan.forward)](
             x, weight, weight if bias is None else bias.contiguous(), out, n, DT=tl_dtype(x.dtype),
@@ -254,8 +261,8 @@ def backward(problem: LinearProblem, grad_out, x, weight, want_x: bool, want_w: 
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     n = x.shape[0]
     splits = triton.cdiv(n, ROWS_PER_SPLIT)
-    grad_x = _empty((n, problem.dim_in), x) if want_x else x.new_empty(0)
-    partial = [(_empty((splits, size) if splits > 1 else (size,), x) if n else x.new_zeros(size)) if wanted
+    grad_x = new_output((n, problem.dim_in), x) if want_x else x.new_empty(0)
+    partial = [(new_output((splits, size) if splits > 1 else (size,), x) if n else x.new_zeros(size)) if wanted
                else x.new_empty(0) for wanted, size in ((want_w, problem.weight_numel), (want_b, problem.bias_numel))]
     tasks = [plan.grad_x * want_x, plan.grad_w * want_w, plan.grad_b * want_b]
     if n and sum(tasks):

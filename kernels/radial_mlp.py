@@ -4,7 +4,7 @@ Why: as e3nn modules every layer is a weight divide, a matmul, an activation and
 on [edges, 64] tiles so small in an MD step that launches cost the time. Here one program owns a block of edges
 and runs every layer: hidden activations stay in registers, widths padded to powers of two (at least 16, tl.dot's
 minimum) with masked weight loads, the last layer in column blocks stored once each. float32 products are
-IEEE by default (``FASTMLIP_DOT_PRECISION``, see :func:`.codegen.dot_precision`). Layer scales, the
+IEEE by default (``FASTMLIP_DOT_PRECISION``, see :func:`.launch.dot_precision`). Layer scales, the
 activation and e3nn's normalisation constants are baked in per problem (:mod:`.codegen`).
 
 The backward walks the last layer's column blocks once for G = grad_out @ W^T (first, so only G and its tiles
@@ -15,20 +15,13 @@ and propagates G back to the input.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 
-from ..reference.radial_mlp import RadialMLPProblem
+from ..descriptors import RadialMLPProblem
 from . import codegen
-from .symmetric_contraction import tl_dtype
+from .launch import dot_precision, new_output, settings, tl_dtype
 
-POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN
 _COLUMNS = 64  # last-layer columns per block
-
-
-def _rows_per_program() -> int:
-    return int(os.environ.get("FASTMLIP_MLP_ROWS", "32"))
 
 
 def _pad(n: int) -> int:
@@ -53,6 +46,8 @@ def _emit_weight(code, i: int, layer, transpose: bool) -> None:
 def _emit_hidden(code, consts, problem: RadialMLPProblem, precision: str) -> None:
     """h0 = x tile, then a{i} (pre-activation) and h{i+1} for every layer but the last."""
     p0 = _pad(problem.dim_in)
+    code.comment("The rows' inputs as one tile, then every hidden layer on it: activations stay in registers, "
+                 "widths padded to powers of two (at least 16, tl.dot's minimum) with zeros.")
     code(f"k0 = tl.arange(0, {p0})")
     code(f"h0 = tl.load(x + rows[:, None] * {problem.dim_in} + k0[None, :], "
          f"mask=row_ok[:, None] & (k0[None, :] < {problem.dim_in}), other=0.0)")
@@ -66,10 +61,12 @@ def _emit_hidden(code, consts, problem: RadialMLPProblem, precision: str) -> Non
 def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     codegen.jit_header(code, "radial_mlp_forward", ["x", *_weight_args(problem), "row_scale", "has_scale", "out",
-                                                    "num_rows", "DT: tl.constexpr"], flags=["has_scale"])
+                                                    "num_rows", "DT: tl.constexpr"], flags=["has_scale"],
+                       about=f"{problem}: out [E, {problem.dim_out}] = net(x) * row_scale (when has_scale)")
     code.depth = body.depth = 1
     last, n = len(problem.layers) - 1, problem.dim_out
     layer = problem.layers[-1]
+    body.comment(f"Each program owns {rows} rows (edges) and runs every layer on them.")
     body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
     body("row_ok = rows < num_rows")
     body("rows = rows.to(tl.int64)")
@@ -77,6 +74,7 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str
     body("scaled = row_ok & (rows * 0 + has_scale != 0)  # a vector mask: the interpreter rejects a scalar one")
     body("factor = tl.load(row_scale + rows, mask=scaled, other=1.0)  # 1 without a scale")
     p_in = _pad(layer.dim_in)
+    body.comment(f"The last layer in blocks of {_COLUMNS} output columns, each scaled and stored once.")
     body(f"for col0 in range(0, {n}, {_COLUMNS}):")
     with body.indent():
         body(f"cols = col0 + tl.arange(0, {_COLUMNS})")
@@ -97,16 +95,20 @@ def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> st
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     codegen.jit_header(code, "radial_mlp_backward", [
         "grad_out", "x", *_weight_args(problem), "row_scale", "has_scale", "grad_x", "grad_scale", "num_rows",
-        "DT: tl.constexpr", "WANT_X: tl.constexpr", "WANT_SCALE: tl.constexpr"], flags=["has_scale"])
+        "DT: tl.constexpr", "WANT_X: tl.constexpr", "WANT_SCALE: tl.constexpr"], flags=["has_scale"],
+        about=f"Gradients of <grad_out, {problem}(x) * row_scale> with respect to x and row_scale, as wanted")
     code.depth = body.depth = 1
     last, n = len(problem.layers) - 1, problem.dim_out
     layer = problem.layers[-1]
     p_in = _pad(layer.dim_in)
+    body.comment(f"Each program owns {rows} rows (edges) and walks the layers backwards on them.")
     body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
     body("row_ok = rows < num_rows")
     body("rows = rows.to(tl.int64)")
     if layer.act is not None:  # the loop below needs h{last}
         _emit_hidden(body, consts, problem, precision)
+    body.comment(f"G = grad_out @ W_last^T, over blocks of {_COLUMNS} output columns: only G and one block's tiles "
+                 "are live in this loop.")
     body(f"G = tl.zeros([{rows}, {p_in}], DT)")
     if layer.act is not None:
         body(f"scale_acc = tl.zeros([{rows}], DT)")
@@ -128,11 +130,13 @@ def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> st
     body(f"G = G * {consts(layer.scale)}")
     if layer.act is None:  # recomputed after the loop, so the loop keeps only G and its tiles in registers
         _emit_hidden(body, consts, problem, precision)
+    body.comment("The row-scale gradient is <h, G> per row (or, with an activated last layer, summed in the loop).")
     body("if WANT_SCALE:")
     scale_grad = "scale_acc" if layer.act is not None else f"tl.sum(h{last} * G, axis=1)"
     body(f"    tl.store(grad_scale + rows, {scale_grad}, mask=row_ok)")
     body("scaled = row_ok & (rows * 0 + has_scale != 0)  # a vector mask: the interpreter rejects a scalar one")
     body("G = G * tl.load(row_scale + rows, mask=scaled, other=1.0)[:, None]  # 1 without a scale")
+    body.comment("Back through the hidden layers, with the pre-activations recomputed above, to the input tile.")
     body("if WANT_X:")
     with body.indent():
         for i in reversed(range(last)):
@@ -156,19 +160,15 @@ def _kernel(problem: RadialMLPProblem, kind: str, rows: int, precision: str):
     return getattr(module, f"radial_mlp_{kind}")
 
 
-def _empty(shape, like):
-    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
-
-
 def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
     """FullyConnectedNet(x) [E, dim_out], times ``row_scale`` [E] per row if given: one launch."""
     dt = tl_dtype(x.dtype)
-    rows = _rows_per_program()
+    rows = settings().mlp_rows
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
-    out = _empty((x.shape[0], problem.dim_out), x)
+    out = new_output((x.shape[0], problem.dim_out), x)
     if x.shape[0]:
-        _kernel(problem, "forward", rows, codegen.dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
+        _kernel(problem, "forward", rows, dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
             x, *weights, x if row_scale is None else row_scale.contiguous(), int(row_scale is not None), out,
             x.shape[0], DT=dt, num_warps=4)
     return out
@@ -177,14 +177,14 @@ def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
 def backward(problem: RadialMLPProblem, grad_out, x, weights, row_scale, want_x: bool, want_scale: bool):
     """(grad_x, grad_row_scale) of <grad_out, forward(x, weights, row_scale)>, each empty unless wanted."""
     dt = tl_dtype(x.dtype)
-    rows = _rows_per_program()
+    rows = settings().mlp_rows
     want_scale = want_scale and row_scale is not None
     x, grad_out = x.contiguous(), grad_out.contiguous()
     weights = [w.contiguous() for w in weights]
-    grad_x = _empty(tuple(x.shape), x) if want_x else x.new_empty(0)
-    grad_scale = _empty((x.shape[0],), x) if want_scale else x.new_empty(0)
+    grad_x = new_output(tuple(x.shape), x) if want_x else x.new_empty(0)
+    grad_scale = new_output((x.shape[0],), x) if want_scale else x.new_empty(0)
     if x.shape[0] and (want_x or want_scale):
-        _kernel(problem, "backward", rows, codegen.dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
+        _kernel(problem, "backward", rows, dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
             grad_out, x, *weights, x if row_scale is None else row_scale.contiguous(), int(row_scale is not None),
             grad_x, grad_scale, x.shape[0], DT=dt, WANT_X=want_x, WANT_SCALE=want_scale, num_warps=4)
     return grad_x, grad_scale

@@ -1,7 +1,7 @@
 """Triton kernels for the species-indexed linear map (MACE ``skip_tp``, SevenNet self-connection).
 
 Per path, out[n, j, i] += coefficient * sum_k x[n, k, i] W[k, species[n], j] in the mul_ir layout. Nodes are
-sorted by species and cut into chunks of one species (:func:`..symmetric_contraction.species_chunks`), so each
+sorted by species and cut into chunks of one species (:func:`.launch.species_chunks`), so each
 program multiplies a [chunk, mul_in] tile by ONE [mul_in, mul_out] weight block per irrep component: a grouped
 matmul, never the [N, mul_in, mul_out] gather nor the dense one-hot product e3nn computes. Paths run as
 successive launches (the first into an irrep stores, later ones add), so no output needs atomics; the weight
@@ -12,20 +12,12 @@ float64 uses broadcast products, which every Triton build lowers.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from ..descriptors import SpeciesLinearProblem, irreps_offsets
-from .symmetric_contraction import species_chunks, tl_dtype
+from .launch import new_output, settings, species_chunks, tl_dtype
 from .tiles import gathered_matmul, weight_gradient
-
-POISON_OUTPUTS = False
-
-
-def _chunk_size() -> int:
-    return int(os.environ.get("FASTMLIP_SPECIES_LINEAR_NODES", "16"))
 
 
 def _tiles(k: int, j: int) -> tuple:
@@ -45,12 +37,6 @@ def _coefficients(problem: SpeciesLinearProblem, like: torch.Tensor) -> torch.Te
     return _COEFFICIENTS[key]
 
 
-def _alloc(shape, like, written_everywhere: bool):
-    if not written_everywhere:
-        return like.new_zeros(shape)
-    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
-
-
 def _apply(problem, inp, species, weight, transpose: bool):
     """forward (x -> out) or, with ``transpose``, the x-gradient (grad_out -> grad_x)."""
     irreps_from, irreps_to = ((problem.irreps_out, problem.irreps_in) if transpose
@@ -59,10 +45,11 @@ def _apply(problem, inp, species, weight, transpose: bool):
     dim_from, dim_to = sum(m.dim for m in irreps_from), sum(m.dim for m in irreps_to)
     targets = {p.i_in if transpose else p.i_out for p in problem.paths}
     n = inp.shape[0]
-    out = _alloc((n, dim_to), inp, len(targets) == len(irreps_to))
+    out = new_output((n, dim_to), inp, written_everywhere=len(targets) == len(irreps_to))
     if n == 0 or not problem.paths:
         return out
-    order, sorted_species, starts = species_chunks(species, problem.num_species, _chunk_size())
+    chunk = settings().species_linear_nodes
+    order, sorted_species, starts = species_chunks(species, problem.num_species, chunk)
     coefficients = _coefficients(problem, inp)
     written = set()
     for index, p in enumerate(problem.paths):
@@ -75,7 +62,7 @@ def _apply(problem, inp, species, weight, transpose: bool):
         gathered_matmul[grid](inp, weight, coefficients, index, sorted_species, order, starts, out, n,
                               off_from[src], off_to[dst], p.weight_offset, p.species_start, p.num_species,
                               *strides, K=k_dim, J=j_dim, D=irreps_from[src].ir_dim, IN_STRIDE=dim_from,
-                              OUT_STRIDE=dim_to, ACCUMULATE=dst in written, BN=_chunk_size(), BK=bk, BJ=bj,
+                              OUT_STRIDE=dim_to, ACCUMULATE=dst in written, BN=chunk, BK=bk, BJ=bj,
                               USE_DOT=inp.dtype == torch.float32, DT=tl_dtype(inp.dtype), num_warps=4)
         written.add(dst)
     return out
@@ -96,7 +83,8 @@ def backward(problem: SpeciesLinearProblem, grad_out, x, species, weight, want_x
         grad_w = torch.zeros_like(weight)
         n = x.shape[0]
         if n and problem.paths:
-            order, sorted_species, starts = species_chunks(species, problem.num_species, _chunk_size())
+            chunk = settings().species_linear_nodes
+            order, sorted_species, starts = species_chunks(species, problem.num_species, chunk)
             off_in, off_out = irreps_offsets(problem.irreps_in), irreps_offsets(problem.irreps_out)
             coefficients = _coefficients(problem, x)
             for index, p in enumerate(problem.paths):
@@ -106,6 +94,6 @@ def backward(problem: SpeciesLinearProblem, grad_out, x, species, weight, want_x
                                       off_in[p.i_in], off_out[p.i_out], p.weight_offset, p.species_start,
                                       p.num_species, K=p.mul_in, J=p.mul_out,
                                       D=problem.irreps_in[p.i_in].ir_dim, IN_STRIDE=problem.dim_in,
-                                      OUT_STRIDE=problem.dim_out, S_STRIDE=p.num_species, BN=_chunk_size(), BK=bk,
+                                      OUT_STRIDE=problem.dim_out, S_STRIDE=p.num_species, BN=chunk, BK=bk,
                                       BJ=bj, USE_DOT=x.dtype == torch.float32, DT=tl_dtype(x.dtype), num_warps=4)
     return grad_x, grad_w

@@ -2,7 +2,7 @@
 normalised first when asked, exactly as ``torch.nn.functional.normalize``: v / max(|v|, 1e-12)).
 
 Generated per lmax with every polynomial coefficient baked in (from
-:func:`fastmlip.reference.spherical_harmonics.monomial_coefficients`, the same exact coefficients the reference
+:func:`fastmlip.descriptors.monomial_coefficients`, the same exact coefficients the reference
 uses). One program per block of edges, edges across lanes; powers of x, y, z once, each monomial once, each
 output a fixed linear combination of monomials. The backward contracts the incoming gradient with the
 coefficients per monomial first, then spreads it over the monomial's derivative (one pass, no Y^(l-1) buffer),
@@ -10,19 +10,11 @@ and through the normalisation: (g - u (u.g)) / |v| (g / eps where the norm is cl
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..reference.spherical_harmonics import NORMALIZE_EPS, monomial_coefficients
+from ..descriptors import NORMALIZE_EPS, monomial_coefficients
 from . import codegen
-from .symmetric_contraction import tl_dtype
-
-POISON_OUTPUTS = False
-
-
-def _block() -> int:
-    return int(os.environ.get("FASTMLIP_SH_BLOCK", "128"))
+from .launch import new_output, settings, tl_dtype
 
 
 class _Monomials:
@@ -53,18 +45,22 @@ class _Monomials:
         return name
 
 
-def _start(src, name, args, block, normalize: bool, consts):
+def _start(src, name, args, block, normalize: bool, consts, about: str):
     """Kernel header and the loads; with ``normalize`` the vx, vy, vz the polynomials see are the unit vector
     (raw components in rx, ry, rz, 1 / max(|v|, eps) in inv_norm)."""
-    codegen.jit_header(src, name, args)
+    codegen.jit_header(src, name, args, about=about)
     body = codegen.Source()
     body.depth = 1
+    body.comment(f"Each program owns {block} edges, one per lane; lanes past the last edge load zeros and store "
+                 "nothing.")
     body(f"e = tl.program_id(0).to(tl.int64) * {block} + tl.arange(0, {block})")
     body("mask = e < num_edges")
+    body.comment("The edge vectors' components: three strided loads, kept in registers for the whole kernel.")
     prefix = "r" if normalize else "v"
     for k, axis in enumerate("xyz"):
         body(f"{prefix}{axis} = tl.load(vectors + e * 3 + {k}, mask=mask, other=0.0)")
     if normalize:
+        body.comment("Normalised as torch.nn.functional.normalize does it: v / max(|v|, eps).")
         body("norm = tl.sqrt(rx * rx + ry * ry + rz * rz)")
         body(f"inv_norm = 1.0 / tl.maximum(norm, {consts(NORMALIZE_EPS)})")
         for axis in "xyz":
@@ -74,12 +70,19 @@ def _start(src, name, args, block, normalize: bool, consts):
 
 
 def forward_source(lmax: int, block: int, normalize: bool) -> str:
+    """out[e] = Y^0..Y^lmax of edge e's vector (unit vector with ``normalize``), component-normalised."""
     src, consts = codegen.Source(), codegen.Constants()
-    body = _start(src, "sh_forward", ["vectors", "out", "num_edges", "DT: tl.constexpr"], block, normalize, consts)
+    about = (f"Real spherical harmonics Y^0..Y^{lmax} (component normalisation) of each edge's "
+             f"{'unit ' if normalize else ''}vector: out [E, {(lmax + 1) ** 2}].")
+    body = _start(src, "sh_forward", ["vectors", "out", "num_edges", "DT: tl.constexpr"], block, normalize, consts,
+                  about)
+    body.comment("Each Y^l_m is a fixed combination of monomials x^a y^b z^c: every power and monomial is computed "
+                 "once, at first use, and each output component is stored as soon as it is summed.")
     monos = _Monomials(body)
     dim = (lmax + 1) ** 2
     for l in range(lmax + 1):
         exps, coeffs = monomial_coefficients(l)
+        body.comment(f"Y^{l}: out[:, {l * l}:{(l + 1) ** 2}]")
         for i in range(2 * l + 1):
             pairs = [(consts(coeffs[r, i]), monos(exps[r])) for r in range(len(exps)) if coeffs[r, i] != 0]
             value = codegen.linear_combination(pairs)
@@ -94,14 +97,19 @@ def backward_source(lmax: int, block: int, normalize: bool) -> str:
     """grad_v[k] = sum_l sum_monomials (sum_i coeff[r, i] g[l, i]) * d(monomial_r)/d v_k (then through the
     normalisation)."""
     src, consts = codegen.Source(), codegen.Constants()
+    about = (f"Gradient of sum_i grad_out[e, i] * Y_i (Y^0..Y^{lmax} of the {'unit ' if normalize else ''}vector) "
+             "with respect to each edge's vector: grad_vectors [E, 3].")
     body = _start(src, "sh_backward", ["vectors", "grad_out", "grad_vectors", "num_edges", "DT: tl.constexpr"],
-                  block, normalize, consts)
+                  block, normalize, consts, about)
     monos = _Monomials(body)
     dim = (lmax + 1) ** 2
+    body.comment("The gradient accumulates in registers; Y^0 is constant and contributes nothing.")
     for axis in "xyz":
         body(f"g{axis} = tl.zeros([{block}], DT)")
     for l in range(1, lmax + 1):
         exps, coeffs = monomial_coefficients(l)
+        body.comment(f"Y^{l}: per monomial, first t = sum_i coefficient[i] * grad_out[i] (one value per edge), "
+                     "then t times the monomial's derivative along x, y and z.")
         for i in range(2 * l + 1):
             body(f"go{i} = tl.load(grad_out + e * {dim} + {l * l + i}, mask=mask, other=0.0)")
         for r in range(len(exps)):
@@ -117,6 +125,8 @@ def backward_source(lmax: int, block: int, normalize: bool) -> str:
                     scaled = "t" if power == 1 else f"{consts(float(power))} * t"
                     body(f"g{axis} += {scaled} * {monos(lowered)}")
     if normalize:
+        body.comment("Back through the normalisation: the gradient's tangential part over |v| (g / eps where the "
+                     "norm was clamped).")
         body("radial = vx * gx + vy * gy + vz * gz")
         body(f"tangential = norm > {consts(NORMALIZE_EPS)}")
         for axis in "xyz":
@@ -137,7 +147,7 @@ def _kernel(kind: str, lmax: int, block: int, normalize: bool):
 
 
 def _launch(kind, lmax, normalize, args, num_edges, dtype):
-    block = _block()
+    block = settings().sh_block
     grid = (-(-num_edges // block),)
     _kernel(kind, lmax, block, normalize)[grid](*args, num_edges, DT=tl_dtype(dtype),
                                                 num_warps=max(1, min(4, block // 32)))
@@ -148,7 +158,7 @@ def forward(lmax: int, vectors: torch.Tensor, normalize: bool = False) -> torch.
     tl_dtype(vectors.dtype)
     vectors = vectors.contiguous()
     shape = (vectors.shape[0], (lmax + 1) ** 2)
-    out = vectors.new_full(shape, float("nan")) if POISON_OUTPUTS else vectors.new_empty(shape)
+    out = new_output(shape, vectors)
     if vectors.shape[0]:
         _launch("forward", lmax, normalize, (vectors, out), vectors.shape[0], vectors.dtype)
     return out
@@ -158,7 +168,7 @@ def backward(lmax: int, grad_out: torch.Tensor, vectors: torch.Tensor, normalize
     """d <grad_out, forward(lmax, vectors, normalize)> / d vectors -> [E, 3]."""
     tl_dtype(vectors.dtype)
     vectors, grad_out = vectors.contiguous(), grad_out.contiguous()
-    out = torch.full_like(vectors, float("nan")) if POISON_OUTPUTS else torch.empty_like(vectors)
+    out = new_output(vectors.shape, vectors)
     if vectors.shape[0]:
         _launch("backward", lmax, normalize, (vectors, grad_out, out), vectors.shape[0], vectors.dtype)
     return out

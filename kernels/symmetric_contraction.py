@@ -4,8 +4,8 @@ Per output irrep (a "contraction") and channel, MACE's einsum chain is a polynom
     out[m] = sum_nu sum_{i_1..i_nu, p} U_nu[m, i_1..i_nu, p] W_nu[species, p] x_{i_1} ... x_{i_nu}
 Because x_{i_1} ... x_{i_nu} is symmetric, U's nonzeros are folded onto sorted index tuples (monomials), which
 halves the work for correlation 3. The kernels never build MACE's [N, C, M, L, L] intermediates: one program
-owns a chunk of nodes of ONE species (nodes sorted by species, see :func:`species_chunks`) and a block of channels
-(across lanes), loads that species' weights once, and evaluates the polynomial in registers node by node:
+owns a chunk of nodes of ONE species (nodes sorted by species, see :func:`.launch.species_chunks`) and a block of
+channels (across lanes), loads that species' weights once, and evaluates the polynomial in registers node by node:
 
 * forward: grid (chunk, channel block); out written by its owner, no atomics.
 * x-gradient: grid (chunk, channel block); each node's gradient written by its owner.
@@ -17,60 +17,18 @@ contraction as one kernel took 21 s to compile) and the extra passes over x cost
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import numpy as np
 import torch
 
 from ..descriptors import SymmetricContractionProblem
-from ..memo import derived
 from . import codegen
-
-POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN
-_TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-
-
-def _chunk_size() -> int:
-    return int(os.environ.get("FASTMLIP_SC_NODES_PER_PROGRAM", "16"))
+from .launch import new_output, settings, species_chunks, tl_dtype
 
 
 def _block_size(num_features: int) -> int:
-    cap = int(os.environ.get("FASTMLIP_SC_BLOCK", "32"))
-    return max(1, min(cap, 1 << (num_features - 1).bit_length()))
-
-
-def tl_dtype(dtype):
-    import triton.language as tl
-
-    if dtype not in _TL_DTYPES:
-        raise TypeError(f"Triton node kernels support float32 and float64, got {dtype}")
-    return getattr(tl, _TL_DTYPES[dtype])
-
-
-def species_chunks(species, num_species: int, chunk: int):
-    """Nodes sorted by species and cut into chunks of at most ``chunk`` nodes of one species, without a host sync.
-
-    Returns (order [N] int64, sorted species [N] int64, starts [G + 1] int64): chunk g is sorted positions
-    starts[g]..starts[g+1]; G = ceil(N / chunk) + num_species bounds the count, surplus chunks are empty (start N).
-    A model passes the same species tensor to every layer, forward and backward: the result is kept on that
-    tensor (15 launches per call otherwise, seven calls per MACE step).
-    """
-    return derived(species, ("species_chunks", num_species, chunk),
-                   lambda: _species_chunks(species, num_species, chunk))
-
-
-def _species_chunks(species, num_species: int, chunk: int):
-    n = species.shape[0]
-    sorted_species, order = torch.sort(species.long(), stable=True)
-    position = torch.arange(n, device=species.device)
-    run_first = torch.searchsorted(sorted_species, sorted_species, right=False)
-    opens = ((position - run_first) % chunk) == 0
-    chunk_id = torch.cumsum(opens.long(), 0) - 1
-    num_chunks = -(-n // chunk) + num_species
-    starts = torch.full((num_chunks + 2,), n, dtype=torch.int64, device=species.device)
-    starts.scatter_(0, torch.where(opens, chunk_id, num_chunks + 1), position)
-    return order, sorted_species, starts[:num_chunks + 1].contiguous()
+    return max(1, min(settings().sc_block, 1 << (num_features - 1).bit_length()))
 
 
 def polynomial(problem: SymmetricContractionProblem, index: int) -> dict:
@@ -117,6 +75,8 @@ def _weight_index(problem, index: int, nu: int) -> int:
 
 
 def _prologue(body, problem, block):
+    body.comment(f"Each program owns one chunk of nodes of ONE species (starts[chunk]..starts[chunk+1] in "
+                 f"species order) and {block} channels, one per lane.")
     body(f"lane = tl.arange(0, {block})")
     body("chunk = tl.program_id(0)")
     body(f"c = tl.program_id(1) * {block} + lane")
@@ -130,6 +90,7 @@ def _load_weights(body, problem, index, poly):
     """Load the species' weights this contraction's polynomial uses (once per chunk)."""
     used = sorted({(nu, p) for (nu, _), terms in poly.items() for _, p in terms})
     c_dim = problem.num_features
+    body.comment("The species' weights this polynomial uses: loaded once, kept in registers for every node.")
     for nu, p in used:
         t = _weight_index(problem, index, nu)
         params = problem.contractions[index].num_params(nu)
@@ -140,6 +101,7 @@ def _load_x(body, problem, poly):
     used = sorted({i for (_, mono) in poly for i in mono})
     big_l = problem.coupling_dim
     body("node = tl.load(order + i).to(tl.int64)")
+    body.comment("This node's x components (the ones the polynomial reads), one register each per channel.")
     body(f"x_row = x + node * {problem.num_features * big_l} + c * {big_l}")
     for i in used:
         body(f"x{i} = tl.load(x_row + {i}, mask=cm, other=0.0)")
@@ -181,11 +143,14 @@ def forward_source(problem, block, index: int, piece: int) -> str:
     """out[:, contraction index] = its polynomial, or += this piece of it (piece > 0)."""
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
     codegen.jit_header(src, "sc_forward", ["x", "species", "order", "starts", *_weight_ptrs(problem), "out",
-                                           "num_nodes", "DT: tl.constexpr"])
+                                           "num_nodes", "DT: tl.constexpr"],
+                       about=f"{problem}, output irrep {index}, piece {piece}: "
+                       f"{'out = ' if piece == 0 else 'out += '}its polynomial in x")
     body.depth = 1
     _prologue(body, problem, block)
     spec, poly = problem.contractions[index], pieces(problem, index)[piece]
     _load_weights(body, problem, index, poly)
+    body.comment("Node by node: each monomial of x once, then its terms added to the output components.")
     body("for i in range(start, end):")
     with body.indent():
         _load_x(body, problem, poly)
@@ -216,13 +181,16 @@ def grad_x_source(problem, block, index: int, piece: int) -> str:
     src, consts, body = codegen.Source(), codegen.Constants(), codegen.Source()
     big_l = problem.coupling_dim
     codegen.jit_header(src, "sc_grad_x", ["x", "species", "order", "starts", *_weight_ptrs(problem), "grad_out",
-                                          "grad_x", "num_nodes", "DT: tl.constexpr"])
+                                          "grad_x", "num_nodes", "DT: tl.constexpr"],
+                       about=f"{problem}, output irrep {index}, piece {piece}: its share of d out / d x")
     body.depth = 1
     _prologue(body, problem, block)
     first = index == 0 and piece == 0
     spec, poly = problem.contractions[index], pieces(problem, index)[piece]
     touched = sorted({k for (_, mono) in poly for k in mono})
     _load_weights(body, problem, index, poly)
+    body.comment("Node by node: per monomial t = sum_m g_m sum_p U W_p, spread over its factors by the product "
+                 "rule; the first piece writes every component of grad_x, later ones add.")
     body("for i in range(start, end):")
     with body.indent():
         if poly:
@@ -263,12 +231,14 @@ def grad_w_source(problem, block, index: int, piece: int) -> str:
     c_dim = problem.num_features
     grads = [f"gw{t}" for t in range(len(problem.weight_names))]
     codegen.jit_header(src, "sc_grad_w", ["x", "species", "order", "starts", "grad_out", *grads, "num_nodes",
-                                          "DT: tl.constexpr"])
+                                          "DT: tl.constexpr"],
+                       about=f"{problem}, output irrep {index}, piece {piece}: its share of d out / d W")
     body.depth = 1
     _prologue(body, problem, block)
     body(f"live = c < tl.where(start < end, {problem.num_features}, 0)")
     spec, poly = problem.contractions[index], pieces(problem, index)[piece]
     used = sorted({(nu, p) for (nu, _), terms in poly.items() for _, p in terms})
+    body.comment("One accumulator per weight the piece uses, summed over the chunk's nodes in registers.")
     for nu, p in used:
         body(f"A{nu}_{p} = tl.zeros([{block}], DT)")
     body("for i in range(start, end):")
@@ -285,6 +255,7 @@ def grad_w_source(problem, block, index: int, piece: int) -> str:
                 by_p[p].append((consts(v), f"g{m}"))
             for p, pairs in sorted(by_p.items()):
                 body(f"A{nu}_{p} += ({codegen.linear_combination(pairs)}) * {value}")
+    body.comment("One atomic add per weight and chunk: other chunks of the species add to the same weights.")
     for nu, p in used:
         t = _weight_index(problem, index, nu)
         params = spec.num_params(nu)
@@ -319,7 +290,7 @@ def _launch_pieces(problem, variant, grid, args, dtype, block):
 
 
 def _prepared(problem, x, species):
-    order, sorted_species, starts = species_chunks(species, problem.num_elements, _chunk_size())
+    order, sorted_species, starts = species_chunks(species, problem.num_elements, settings().sc_nodes_per_program)
     block = _block_size(problem.num_features)
     grid = (starts.shape[0] - 1, -(-problem.num_features // block))
     return order, sorted_species, starts, block, grid
@@ -330,7 +301,7 @@ def forward(problem: SymmetricContractionProblem, x, species, weights):
     tl_dtype(x.dtype)
     x, weights = x.contiguous(), [w.contiguous() for w in weights]
     n = x.shape[0]
-    out = x.new_full((n, problem.dim_out), float("nan")) if POISON_OUTPUTS else x.new_empty(n, problem.dim_out)
+    out = new_output((n, problem.dim_out), x)
     if n == 0:
         return out
     order, sorted_species, starts, block, grid = _prepared(problem, x, species)
@@ -346,7 +317,7 @@ def backward(problem: SymmetricContractionProblem, grad_out, x, species, weights
     grad_x = x.new_empty(0)
     grad_ws = [w.new_empty(0) for w in weights]
     if want_x:
-        grad_x = torch.full_like(x, float("nan")) if POISON_OUTPUTS else torch.empty_like(x)
+        grad_x = new_output(x.shape, x)
     if want_w:
         grad_ws = [torch.zeros_like(w) for w in weights]
     if n == 0:

@@ -8,6 +8,8 @@ import triton.language as tl
 
 @triton.jit
 def tile_product(a, b, USE_DOT: tl.constexpr):
+    # float32: tl.dot with exact float32 products (never TF32); float64: broadcast products, which every Triton
+    # build lowers.
     if USE_DOT:
         return tl.dot(a, b, input_precision="ieee")
     return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
@@ -19,6 +21,7 @@ def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: t
               K_STRIDE: tl.constexpr, J_STRIDE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               BJ: tl.constexpr, USE_DOT: tl.constexpr):
     """[BN, BJ]: sum_k inp[row, IN_OFF + k*D + comp] * W[k, j], W[k, j] at W_OFF + k*K_STRIDE + j*J_STRIDE."""
+    # The K reduction in BK slices: a [BN, BK] tile of the input times a [BK, BJ] tile of W per slice.
     acc = tl.zeros([BN, BJ], DT)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
@@ -36,6 +39,7 @@ def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_
                      K: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
                      USE_DOT: tl.constexpr):
     """[BK, BJ]: sum over rows in [row_start, row_end) and components of x[row, k, comp] * g[row, j, comp]."""
+    # BR rows at a time, every irrep component of them: x^T g accumulates in registers.
     acc = tl.zeros([BK, BJ], DT)
     for r0 in range(row_start, row_end, BR):
         r = r0 + tl.arange(0, BR)
@@ -63,7 +67,6 @@ def column_sum_tile(grad_out, row_start, row_end, j, DT: tl.constexpr, G_STRIDE:
     return acc
 
 
-
 @triton.jit(do_not_specialize=["num_nodes"])  # one variant for every node count (see codegen.jit_header)
 def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out, num_nodes, in_off, out_off,
                     w_off, species_start, path_species, stride_k, stride_s, stride_j,
@@ -71,11 +74,13 @@ def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out
                     OUT_STRIDE: tl.constexpr, ACCUMULATE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
     """out[n, out_off + j*D + i] (+)= coef * sum_k inp[n, in_off + k*D + i] * W[k, s_local, j], nodes of a chunk."""
+    # Each program owns one chunk of nodes of ONE species (at most BN, in species order) and BJ output channels.
     start = tl.load(starts + tl.program_id(0))
     end = tl.load(starts + tl.program_id(0) + 1)
     rows = start + tl.arange(0, BN)
     row_ok = rows < end
     nodes = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
+    # The chunk's species, local to this path's species range: outside it, the weight loads are masked to zero.
     local = tl.load(species + tl.minimum(start, num_nodes - 1)) - species_start
     inside = (local >= 0) & (local < path_species)
     k_limit = tl.where(inside, K, 0)
@@ -84,6 +89,7 @@ def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     j_ok = j < J
     w_base = weight + w_off + local * stride_s
+    # Per irrep component: a [BN, BK] tile of the gathered rows times ONE [BK, BJ] weight block, over K.
     for i in tl.static_range(D):
         acc = tl.zeros([BN, BJ], DT)
         for k0 in range(0, K, BK):
@@ -96,6 +102,7 @@ def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out
         target = out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i
         mask = row_ok[:, None] & j_ok[None, :]
         acc = acc * coef
+        # A later path into the same irrep adds to what the earlier ones stored: no atomics.
         if ACCUMULATE:
             acc += tl.load(target, mask=mask, other=0.0)
         tl.store(target, acc, mask=mask)
@@ -107,6 +114,7 @@ def weight_gradient(x, grad_out, coefficients, path, species, order, starts, gra
                     IN_STRIDE: tl.constexpr, OUT_STRIDE: tl.constexpr, S_STRIDE: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
     """grad_w[k, s, j] += coef * sum over the chunk's nodes and components i of x[n, k, i] grad_out[n, j, i]."""
+    # Each program owns one chunk of nodes of ONE species and a [BK, BJ] block of that species' weight gradient.
     start = tl.load(starts + tl.program_id(0))
     end = tl.load(starts + tl.program_id(0) + 1)
     rows = start + tl.arange(0, BN)
@@ -119,6 +127,7 @@ def weight_gradient(x, grad_out, coefficients, path, species, order, starts, gra
     coef = tl.load(coefficients + path)
     k = tl.program_id(1) * BK + tl.arange(0, BK)
     j = tl.program_id(2) * BJ + tl.arange(0, BJ)
+    # x^T grad_out over the chunk's nodes, per irrep component, summed in registers.
     acc = tl.zeros([BK, BJ], DT)
     for i in tl.static_range(D):
         a = tl.load(x + nodes[None, :] * IN_STRIDE + in_off + k[:, None] * D + i,
@@ -126,5 +135,6 @@ def weight_gradient(x, grad_out, coefficients, path, species, order, starts, gra
         b = tl.load(grad_out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i,
                     mask=row_ok[:, None] & (j[None, :] < J), other=0.0)
         acc += tile_product(a, b, USE_DOT)
+    # Other chunks of the same species add to the same block: one atomic add per element.
     target = grad_w + w_off + k[:, None] * S_STRIDE * J + local * J + j[None, :]
     tl.atomic_add(target, acc * coef, mask=(k[:, None] < k_limit) & (j[None, :] < J))

@@ -2,11 +2,12 @@
 MLP (``nn.FullyConnectedNet``), each holding the original's own parameters and buffers."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import nn
+
+from fastmlip.kernels.launch import settings
 
 from .swaps import share_tensors
 
@@ -60,7 +61,7 @@ class FastFullyConnectedNet(nn.Module):
 
     def __init__(self, original: nn.Module):
         super().__init__()
-        from fastmlip.reference.radial_mlp import radial_mlp_problem
+        from fastmlip.descriptors import radial_mlp_problem
 
         self.problem = radial_mlp_problem(original)
         if not self.problem.has_kernel:
@@ -89,7 +90,7 @@ def fused_mlp_max_rows() -> int:
     backward 0.6x; few edges are launch-bound, where two launches beat ~20. The crossover between 6k and 160k
     edges is not measured yet; 32768 is a guess on the safe side.
     """
-    return int(os.environ.get("FASTMLIP_MLP_FUSED_MAX_ROWS", "32768"))
+    return settings().mlp_fused_max_rows
 
 
 def radial_weights(net: nn.Module, x: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:

@@ -12,14 +12,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmlip.descriptors import species_linear_problem, symmetric_contraction_problem, tensor_product_problem
+from fastmlip.descriptors import (Envelope, radial_basis_problem, species_linear_problem, symmetric_contraction_problem,
+                                  tensor_product_problem)
 from fastmlip.graph import sort_edges
 from fastmlip.memo import attached, derived
 from fastmlip.ops.conv import check_conv_problem, fused_conv
 from fastmlip.ops.linear import species_linear
 from fastmlip.ops.radial_basis import radial_basis
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
-from fastmlip.reference.radial_basis import Envelope, radial_basis_problem
 
 from . import e3nn_modules, files, swaps
 

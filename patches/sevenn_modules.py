@@ -12,14 +12,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmlip.descriptors import spherical_harmonics_problem, tensor_product_problem
+from fastmlip.descriptors import (Envelope, gate_problem, radial_basis_problem, spherical_harmonics_problem,
+                                  tensor_product_problem)
 from fastmlip.graph import sort_edges
 from fastmlip.ops.conv import check_conv_problem, fused_conv
 from fastmlip.ops.gate import gate
 from fastmlip.ops.radial_basis import radial_basis
 from fastmlip.ops.spherical_harmonics import spherical_harmonics
-from fastmlip.reference.gate import gate_problem
-from fastmlip.reference.radial_basis import Envelope, radial_basis_problem
 
 from . import e3nn_modules, files, swaps
 

@@ -149,7 +149,7 @@ def rel_err(a, b):
 
 def check(problem, graph, n_nodes, dtype, seed):
     """Max relative error of every fastmlip output vs the float64 reference, sorted and unsorted edges."""
-    from fastmlip.kernels import conv
+    from fastmlip.kernels import launch
 
     x, y, w = inputs(problem, n_nodes, graph.src.numel(), dtype, seed)
     g = torch.randn(n_nodes, problem.dim_out, device=DEVICE, dtype=dtype)
@@ -165,13 +165,13 @@ def check(problem, graph, n_nodes, dtype, seed):
     x64, y64, w64 = (t.detach().double().requires_grad_() for t in (x, y, w))
     want = all_outputs(fastmlip_fn(problem, graph, n_nodes, True), x64, y64, w64)
     os.environ["FASTMLIP_BACKEND"] = "triton"
-    conv.POISON_OUTPUTS = True
+    launch.POISON_OUTPUTS = True
     errs = {}
     for label, det in (("sorted", True), ("atomic", False)):
         got = all_outputs(fastmlip_fn(problem, graph, n_nodes, det), x, y, w)
         for name, a, b in zip(("out", "gx", "gy", "gw", "ddx", "ddw"), got, want):
             errs[f"{label}/{name}"] = float("nan") if torch.isnan(a).any() else rel_err(a, b)
-    conv.POISON_OUTPUTS = False
+    launch.POISON_OUTPUTS = False
     return errs
 
 
@@ -264,19 +264,12 @@ def baseline_fn(kind, problem, graph, n_nodes, dtype):
     raise ValueError(kind)
 
 
-class sweep_setting:
-    """Set the kernel knobs named by 'fastmlip-bNN-uK' for the duration of a block."""
+def sweep_setting(kind):
+    """The kernel settings named by 'fastmlip-bNN-uK', for the duration of a block."""
+    from fastmlip.kernels.launch import use_settings
 
-    def __init__(self, kind):
-        block, unroll = kind[len("fastmlip-b"):].split("-u")
-        self.env = {"FASTMLIP_CONV_BLOCK": block, "FASTMLIP_CONV_UNROLL": unroll}
-
-    def __enter__(self):
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k in self.env:
-            del os.environ[k]
+    block, unroll = kind[len("fastmlip-b"):].split("-u")
+    return use_settings(conv_block=int(block), conv_unroll=int(unroll))
 
 
 def time_impl(kind, problem, graph, n_nodes, dtype, seed):

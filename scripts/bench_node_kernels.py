@@ -168,8 +168,8 @@ def build_cases(args, dtype, device):
 
     from e3nn.nn import FullyConnectedNet
 
-    from fastmlip.descriptors import linear_problem, species_linear_problem, symmetric_contraction_problem
-    from fastmlip.reference.radial_mlp import radial_mlp_problem
+    from fastmlip.descriptors import (linear_problem, radial_mlp_problem, species_linear_problem,
+                                      symmetric_contraction_problem)
 
     sizes, irreps_in = (QUICK_SIZES, QUICK_INPUT) if args.quick else (SIZES, SC_INPUT)
     num_elements = 5 if args.quick else 89

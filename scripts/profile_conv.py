@@ -25,6 +25,7 @@ def main():
     os.environ["FASTMLIP_BACKEND"] = "triton"
     from fastmlip.ops.conv import fused_conv
     from fastmlip.kernels import conv as conv_kernels
+    from fastmlip.kernels.launch import use_settings
 
     n_nodes, degree = 4096, 40
     graph = make_graph(n_nodes, degree, "cuda")
@@ -36,15 +37,14 @@ def main():
         reference = None
         for block, warps, stages, unroll in itertools.product(*(map(int, getattr(args, k).split(","))
                                                                for k in ("blocks", "warps", "stages", "unroll"))):
-            os.environ.update(FASTMLIP_CONV_BLOCK=str(block), FASTMLIP_CONV_WARPS=str(warps),
-                              FASTMLIP_CONV_STAGES=str(stages), FASTMLIP_CONV_UNROLL=str(unroll))
             try:
                 f = lambda: fused_conv(problem, x, y, w, graph.src, graph.dst, n_nodes,  # noqa: E731
                                        dst_ptr=graph.dst_ptr)
-                out = f()
+                with use_settings(conv_block=block, conv_warps=warps, conv_stages=stages, conv_unroll=unroll):
+                    out = f()
+                    ms = median_ms(f)
                 reference = out if reference is None else reference
                 err = ((out - reference).norm() / reference.norm()).item()
-                ms = median_ms(f)
                 label = [k for k in conv_kernels.resource_report() if f"/b{block}/u{unroll}/s{stages}/w{warps}/" in k
                          and "fwd_csr" in k and problem.key in k]
                 regs, spills = conv_kernels.resource_report()[label[-1]] if label else (None, None)

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import torch
@@ -17,6 +18,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_settings():
+    """``kernel_settings(conv_block=2)``: kernel settings (:func:`fastmlip.kernels.launch.use_settings`) changed for
+    the rest of the test, restored after it (they are read once per process, so setting the variable is too late)."""
+    from fastmlip.kernels.launch import use_settings
+
+    with contextlib.ExitStack() as changes:
+        yield lambda **values: changes.enter_context(use_settings(**values))
 
 
 @pytest.fixture(autouse=True)

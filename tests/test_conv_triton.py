@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 from fastmlip.descriptors import channelwise_instructions, make_tensor_product_problem  # noqa: E402
 from fastmlip.graph import sort_edges  # noqa: E402
-from fastmlip.kernels import conv  # noqa: E402
+from fastmlip.kernels import conv, launch  # noqa: E402
 from fastmlip.ops.conv import fused_conv  # noqa: E402
 from fastmlip.reference.tensor_product import fused_conv_backward  # noqa: E402
 
@@ -52,7 +52,7 @@ def _triton_poisoned(monkeypatch, tmp_path_factory):
     """Every test runs the kernels, with outputs they must fully write starting as NaN."""
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(conv, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def random_graph(num_nodes, num_edges, seed, isolated=()):
@@ -130,11 +130,11 @@ def test_double_backward_float64(name, sorted_edges, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["multi-v", "partial-y"])
-def test_sorted_backward_every_gradient_subset(name, monkeypatch):
+def test_sorted_backward_every_gradient_subset(name, monkeypatch, kernel_settings):
     """Edges sorted by src: each non-empty subset of (gx, gy, gw) is one launch of the fused sender kernel and
     matches the reference. Two-lane channel blocks give groups of several blocks (gy sums per-block partials), a
     partly masked block, and a node that sends no edge."""
-    monkeypatch.setenv("FASTMLIP_CONV_BLOCK", "2")
+    kernel_settings(conv_block=2)
     monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
     prob = problem(name)
     src, dst = random_graph(6, 13, seed=15, isolated=(2,))
@@ -186,9 +186,9 @@ def test_matches_reference_float32(sorted_edges, monkeypatch):
     assert_close(got, want, torch.float32)
 
 
-def test_unrolled_edge_loop(monkeypatch):
+def test_unrolled_edge_loop(monkeypatch, kernel_settings):
     """Several edges per loop step (FASTMLIP_CONV_UNROLL): rows whose edge count is not a multiple of it."""
-    monkeypatch.setenv("FASTMLIP_CONV_UNROLL", "3")
+    kernel_settings(conv_unroll=3)
     prob = problem("multi-v")
     src, dst = random_graph(5, 13, seed=13)
     x, y, w = inputs(prob, 5, 13, torch.float64, seed=14)

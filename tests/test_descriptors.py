@@ -1,13 +1,18 @@
 """Problem descriptors: parsing, immutability, stable keys, and agreement with the modules they describe."""
 import dataclasses
+import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from e3nn import o3
 
-from fastmlip.descriptors import (CGBlock, MulIrrep, channelwise_instructions, irreps_dim, irreps_str,
-                                  make_tensor_product_problem, parse_irreps, sparsity, tensor_product_problem)
+from fastmlip.descriptors import (Activation, CGBlock, Envelope, GatedRun, GateProblem, MulIrrep, ScalarRun,
+                                  channelwise_instructions, irreps_dim, irreps_str, make_tensor_product_problem,
+                                  parse_irreps, radial_basis_problem, sparsity, spherical_harmonics_problem,
+                                  tensor_product_problem, with_key)
 
 
 def test_parse_irreps_forms_agree():
@@ -76,3 +81,38 @@ def test_problem_from_sevenn_checkpoint_module():
         if name in stored:
             assert np.allclose(block, stored[name].double().numpy(), atol=1e-7)
     assert torch.is_tensor(next(iter(stored.values())))
+
+
+def test_descriptors_import_without_torch():
+    """Kernels learn what to compute from the descriptors alone, so these must not need torch to import."""
+    code = "import sys, fastmlip.descriptors; assert 'torch' not in sys.modules and 'e3nn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_kind_of_problem_has_a_stable_content_key():
+    """Keys name generated kernel files and compiled-kernel cache entries: the same content gives the same key,
+    across processes and versions (these pinned values change only when a problem's content does)."""
+    envelope = Envelope("polynomial", 5.0, p=6)
+    assert radial_basis_problem(8, 0.5, envelope).key == "RadialBasisProblem-153357969aa36dad"
+    assert radial_basis_problem(8, 0.5, Envelope("polynomial", 5.0, p=5)).key != radial_basis_problem(
+        8, 0.5, envelope).key
+    gate = GateProblem(12, 10, (ScalarRun(0, 0, 4, Activation("silu", 1.5)),),
+                       (GatedRun(4, 6, 4, 2, 3, 1 / math.sqrt(3), Activation("sigmoid", 2.0)),))
+    assert with_key(gate).key == "GateProblem-0f442f6327b6a48b"
+    sh = spherical_harmonics_problem(o3.SphericalHarmonics([0, 1, 2], True, "component"))
+    assert sh.key.startswith("SphericalHarmonicsProblem-")
+    assert sh.key == spherical_harmonics_problem(o3.SphericalHarmonics([0, 1, 2], True, "component")).key
+    assert sh.key != spherical_harmonics_problem(o3.SphericalHarmonics([0, 1, 2], False, "component")).key
+
+
+def test_kernels_learn_what_to_compute_from_the_descriptors_alone():
+    """The kernels import the descriptors and their shared launch module, never the plain-torch reference."""
+    import ast
+    from pathlib import Path
+
+    import fastmlip.kernels
+
+    for path in Path(fastmlip.kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "reference" not in (node.module or ""), f"{path.name} imports {node.module}"

@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from e3nn import nn as e3nn_nn  # noqa: E402
 
-from fastmlip.kernels import gate as gate_kernels  # noqa: E402
+from fastmlip.descriptors import gate_problem  # noqa: E402
+from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.ops import gate as gate_ops  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from fastmlip.reference import gate as ref  # noqa: E402
@@ -61,7 +62,7 @@ def sevennet_gates(model):
 def triton_poisoned(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(gate_kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def inputs(dim, dtype, n=21, seed=0):
@@ -95,7 +96,7 @@ def compare(fast, gate, x, dtype):
 # --- reference -------------------------------------------------------------------------------------------------
 
 def check_reference(gate, dtype):
-    problem = ref.gate_problem(gate)
+    problem = gate_problem(gate)
     x = inputs(problem.dim_in, dtype).requires_grad_(True)
     expected = gate(x)
     assert_close(ref.gate(problem, x), expected, dtype, "value")
@@ -110,11 +111,11 @@ def test_reference_matches_sevennet0_gates(sevennet0):
     assert len(gates) == 5
     for name, gate in gates.items():
         check_reference(gate, torch.float64)
-        problem = ref.gate_problem(gate)
+        problem = gate_problem(gate)
         assert {act.name for act in problem.activations} == {"silu"}
         assert all(act.scale == gate.act_scalars.acts[0].cst for act in problem.activations)
     gate = gates["0_equivariant_gate"]
-    assert len(ref.gate_problem(gate).gated_runs) == 2  # 64x1e and 32x2e, each one run
+    assert len(gate_problem(gate).gated_runs) == 2  # 64x1e and 32x2e, each one run
     check_reference(gate.float(), torch.float32)
     gate.double()
 
@@ -127,26 +128,26 @@ def test_reference_matches_synthetic_gates(case):
 
 def test_problem_reads_layout_and_constants_from_the_module():
     gate = synthetic_gate("odd-scalars")
-    problem = ref.gate_problem(gate)
+    problem = gate_problem(gate)
     assert problem.dim_in == gate.irreps_in.dim == 29 and problem.dim_out == gate.irreps_out.dim == 24
     assert [r.src for r in problem.scalar_runs] == [5, 0, 7]  # e3nn sorted the input: 0o before 0e
     assert [(r.act.name, r.act.function) for r in problem.scalar_runs][1:] == [
         ("tanh", gate.act_scalars.acts[1]), ("identity", None)]
-    assert not ref.gate_problem(synthetic_gate("unknown-activation")).has_kernel
+    assert not gate_problem(synthetic_gate("unknown-activation")).has_kernel
     gate.mul._specialized_code = False
     with pytest.raises(ValueError, match="specialised code"):
-        ref.gate_problem(gate)
+        gate_problem(gate)
 
 
 def test_op_falls_back_to_plain_autograd_for_unknown_activations(monkeypatch):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     gate = synthetic_gate("unknown-activation")
-    problem = ref.gate_problem(gate)
+    problem = gate_problem(gate)
     compare(lambda t: gate_ops.gate(problem, t), gate, inputs(problem.dim_in, torch.float64), torch.float64)
 
 
 def test_ops_pass_torch_opcheck_and_gradcheck():
-    problem = ref.gate_problem(synthetic_gate("odd-scalars"))
+    problem = gate_problem(synthetic_gate("odd-scalars"))
     key = registry.register(problem)
     x = inputs(problem.dim_in, torch.float64, n=3).requires_grad_(True)
     grad_out = inputs(problem.dim_out, torch.float64, n=3, seed=1).requires_grad_(True)
@@ -167,7 +168,7 @@ def test_ops_pass_torch_opcheck_and_gradcheck():
 @pytest.mark.parametrize("case", ["odd-scalars", "odd-gates", "scalars-only"])
 def test_kernels_match_e3nn_synthetic(case, dtype, triton_poisoned):
     gate = synthetic_gate(case, dtype)
-    problem = ref.gate_problem(gate)
+    problem = gate_problem(gate)
     compare(lambda t: gate_ops.gate(problem, t), gate, inputs(problem.dim_in, dtype), dtype)
 
 
@@ -175,14 +176,14 @@ def test_kernels_match_e3nn_synthetic(case, dtype, triton_poisoned):
 def test_kernels_match_e3nn_sevennet0(sevennet0, dtype, triton_poisoned):
     gate = sevennet_gates(sevennet0)["1_equivariant_gate"].to(dtype)
     try:
-        problem = ref.gate_problem(gate)
+        problem = gate_problem(gate)
         compare(lambda t: gate_ops.gate(problem, t), gate, inputs(problem.dim_in, dtype, n=19), dtype)
     finally:
         gate.double()
 
 
 def test_kernels_without_rows(triton_poisoned):
-    problem = ref.gate_problem(synthetic_gate("odd-scalars"))
+    problem = gate_problem(synthetic_gate("odd-scalars"))
     assert gate_ops.gate(problem, torch.zeros(0, problem.dim_in, dtype=torch.float64, device=DEVICE)).shape == (
         0, problem.dim_out)
 
@@ -217,7 +218,7 @@ def test_sevennet0_with_kernel_gates_matches_original(sevennet0, monkeypatch, tm
     from fastmlip.patches import sevenn as patch
 
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(gate_kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     monkeypatch.setattr(gate_ops, "dispatch", types.SimpleNamespace(backend_for=lambda tensor: "triton"))
     patch.accelerate(sevennet0)
     try:
@@ -233,12 +234,12 @@ def test_sevennet0_with_kernel_gates_matches_original(sevennet0, monkeypatch, tm
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_kernels_match_reference_at_md_size(sevennet0, dtype, monkeypatch):
     gate = sevennet_gates(sevennet0)["0_equivariant_gate"]
-    problem = ref.gate_problem(gate)
+    problem = gate_problem(gate)
     x = inputs(problem.dim_in, dtype, n=20000)
     monkeypatch.setenv("FASTMLIP_BACKEND", "reference")
     expected = derivatives(lambda t: gate_ops.gate(problem, t), x)
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setattr(gate_kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     for what, a, b in zip(("value", "gradient", "second derivative"),
                           derivatives(lambda t: gate_ops.gate(problem, t), x), expected):
         assert_close(a, b, dtype, what)

@@ -59,12 +59,12 @@ def test_mace_on_gpu(config, dtype):
 
 
 @pytest.mark.parametrize("name", ["7net-0", "7net-l3i5"])
-def test_sevenn_tf32x3_dots_on_gpu(name, monkeypatch):
+def test_sevenn_tf32x3_dots_on_gpu(name, kernel_settings):
     """FASTMLIP_DOT_PRECISION=tf32x3 (tensor-core float32 emulation in the radial MLP) must keep the fp32
     tolerances on a whole model before it can become a default."""
     import fastmlip
 
-    monkeypatch.setenv("FASTMLIP_DOT_PRECISION", "tf32x3")
+    kernel_settings(dot_precision="tf32x3")
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
     atoms.rattle(0.05, seed=1)
     original = fastmlip.load(name, device="cuda", dtype=torch.float32)

@@ -2,7 +2,7 @@
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), so CI
 executes the very kernel code the GPU compiles; problems are tiny because the interpreter is slow. Outputs start as
-NaN (``linear.POISON_OUTPUTS``), so any element a kernel fails to write shows. ``gpu`` tests run MD-sized problems.
+NaN (``launch.POISON_OUTPUTS``), so any element a kernel fails to write shows. ``gpu`` tests run MD-sized problems.
 """
 import os
 
@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from e3nn import o3  # noqa: E402
 
 from fastmlip.descriptors import linear_problem  # noqa: E402
+from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.kernels import linear as kernels  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from fastmlip.ops.linear import linear, linear_bwd, linear_fwd  # noqa: E402
@@ -40,7 +41,7 @@ CASES = {
 def _triton_poisoned(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def make_module(name, seed=0):

@@ -349,7 +349,7 @@ def test_per_step_caches_belong_to_the_calls_tensors():
     import threading
     import weakref
 
-    from fastmlip.kernels.symmetric_contraction import species_chunks
+    from fastmlip.kernels.launch import species_chunks
     from fastmlip.patches.mace_modules import sorted_edges, species_of
 
     def inputs(n, seed):

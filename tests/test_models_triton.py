@@ -15,6 +15,7 @@ import torch
 
 from fastmlip.kernels import conv as conv_kernels
 from fastmlip.kernels import gate as gate_kernels
+from fastmlip.kernels import launch
 from fastmlip.kernels import linear as linear_kernels
 from fastmlip.kernels import radial_basis, radial_mlp, species_linear, spherical_harmonics, symmetric_contraction
 from fastmlip.patches import self_check
@@ -30,10 +31,9 @@ KERNEL_MODULES = (conv_kernels, gate_kernels, linear_kernels, radial_basis, radi
 def kernel_calls(monkeypatch, tmp_path_factory):
     """Poisoned outputs, and a record of which kernel families ran: {"conv.forward", "gate.backward", ...}."""
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     calls = set()
     for module in KERNEL_MODULES:
-        if hasattr(module, "POISON_OUTPUTS"):
-            monkeypatch.setattr(module, "POISON_OUTPUTS", True)
         family = module.__name__.rpartition(".")[2]
         for entry in ("forward", "backward"):
             monkeypatch.setattr(module, entry, _recorded(getattr(module, entry), f"{family}.{entry}", calls))

@@ -16,8 +16,7 @@ import pytest  # noqa: E402
 from e3nn import o3  # noqa: E402
 
 from fastmlip.descriptors import species_linear_problem, symmetric_contraction_problem  # noqa: E402
-from fastmlip.kernels import species_linear as species_linear_kernels  # noqa: E402
-from fastmlip.kernels import spherical_harmonics as sh_kernels  # noqa: E402
+from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.kernels import symmetric_contraction as sc_kernels  # noqa: E402
 from fastmlip.ops.linear import species_linear  # noqa: E402
 from fastmlip.ops.spherical_harmonics import spherical_harmonics  # noqa: E402
@@ -34,8 +33,7 @@ def _triton_poisoned(monkeypatch, tmp_path_factory):
     """Every test runs the kernels, with outputs they must fully write starting as NaN."""
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    for module in (sc_kernels, species_linear_kernels, sh_kernels):
-        monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def assert_close(actual, expected, rtol, what):
@@ -147,7 +145,7 @@ def test_symmetric_contraction_kernel_empty_and_single_species():
 
 def test_species_chunks_cover_every_node_once():
     species = torch.tensor([3, 0, 3, 3, 1, 3, 0, 3, 3])
-    order, sorted_species, starts = sc_kernels.species_chunks(species, 5, chunk=2)
+    order, sorted_species, starts = launch.species_chunks(species, 5, chunk=2)
     assert torch.equal(species[order], sorted_species)
     starts = starts.tolist()
     assert starts == sorted(starts) and starts[0] == 0 and starts[-1] == len(species)

@@ -11,11 +11,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastmlip.kernels import radial_basis as basis_kernels  # noqa: E402
+from fastmlip.descriptors import Envelope, radial_basis_problem  # noqa: E402
+from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.ops import radial_basis as basis_ops  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
-from fastmlip.reference import radial_basis as ref  # noqa: E402
-from fastmlip.reference.radial_basis import Envelope  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-12, torch.float32: 3e-6}
@@ -33,7 +32,7 @@ def sevenn_case(cutoff_kind, dtype):
     else:
         cutoff = sevenn_embedding.XPLORCutoff(5.0, 4.5)
         envelope = Envelope("xplor", 5.0, r_on=4.5)
-    problem = ref.radial_basis_problem(8, basis.prefactor, envelope)
+    problem = radial_basis_problem(8, basis.prefactor, envelope)
     return problem, basis.coeffs, lambda r, w: basis.prefactor * torch.sin(w * r.unsqueeze(-1)) / r.unsqueeze(-1) \
         * cutoff(r).unsqueeze(-1)
 
@@ -43,7 +42,7 @@ def mace_case(dtype):
     from mace.modules.blocks import RadialEmbeddingBlock
 
     block = RadialEmbeddingBlock(r_max=5.0, num_bessel=8, num_polynomial_cutoff=5).to(device=DEVICE, dtype=dtype)
-    problem = ref.radial_basis_problem(8, float(block.bessel_fn.prefactor), Envelope("polynomial", 5.0, p=5,
+    problem = radial_basis_problem(8, float(block.bessel_fn.prefactor), Envelope("polynomial", 5.0, p=5,
                                                                                      hard=True))
 
     def framework(r, w):
@@ -83,7 +82,7 @@ def assert_close(a, b, dtype, what):
 def triton_poisoned(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(basis_kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -160,9 +159,9 @@ def test_bad_input_and_problems():
     with pytest.raises(ValueError, match="frequencies are torch.float64"):
         basis_ops.radial_basis(problem, torch.ones(3, dtype=torch.float32, device=DEVICE), w)
     with pytest.raises(ValueError, match="integer p >= 1"):
-        ref.radial_basis_problem(8, 1.0, Envelope("polynomial", 5.0, p=0))
+        radial_basis_problem(8, 1.0, Envelope("polynomial", 5.0, p=0))
     with pytest.raises(ValueError, match="r_on < cutoff"):
-        ref.radial_basis_problem(8, 1.0, Envelope("xplor", 5.0, r_on=5.5))
+        radial_basis_problem(8, 1.0, Envelope("xplor", 5.0, r_on=5.5))
 
 
 def test_model_swaps_keep_state_dicts():

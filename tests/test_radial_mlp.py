@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from e3nn import nn as e3nn_nn  # noqa: E402
 
-from fastmlip.kernels import radial_mlp as mlp_kernels  # noqa: E402
+from fastmlip.descriptors import radial_mlp_problem  # noqa: E402
+from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.ops import radial_mlp as mlp_ops  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from fastmlip.patches import e3nn_modules, swaps  # noqa: E402
@@ -59,7 +60,7 @@ def assert_close(a, b, dtype, what):
 def triton_poisoned(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(mlp_kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def first_derivatives(function, net, x, scale, grad):
@@ -85,20 +86,20 @@ def e3nn_reference(net):
 
 def test_problem_reads_the_module():
     net = build("odd-widths")
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     assert [(layer.dim_in, layer.dim_out) for layer in problem.layers] == [(5, 24), (24, 37)]
     first, last = problem.layers
     assert first.act.name == "tanh" and first.act.scale == pytest.approx(net.layer0.act.cst)
     assert last.act is None and last.scale == pytest.approx((24 / 2) ** -0.5)
     assert str(problem) == "RadialMLP(5-24-37, tanh)"
     with pytest.raises(ValueError, match="not an e3nn FullyConnectedNet"):
-        ref.radial_mlp_problem(torch.nn.Linear(2, 3))
+        radial_mlp_problem(torch.nn.Linear(2, 3))
 
 
 @pytest.mark.parametrize("name", list(NETS))
 def test_reference_matches_e3nn(name):
     net = build(name)
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, scale, grad = data(net, torch.float64)
     with torch.no_grad():
         assert torch.equal(ref.radial_mlp(problem, x, weights_of(net)), net(x))
@@ -112,7 +113,7 @@ def test_reference_matches_e3nn(name):
 @pytest.mark.parametrize("name", ["sevennet0", "mace-mp0", "odd-widths", "out-act", "linear"])
 def test_kernels_match_reference(name, dtype, triton_poisoned, monkeypatch):
     net = build(name, dtype)
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, scale, grad = data(net, dtype)
     function = lambda xx, ws, s: mlp_ops.radial_mlp(problem, xx, ws, s)  # noqa: E731
     got = first_derivatives(function, net, x, scale, grad)
@@ -126,7 +127,7 @@ def test_kernels_match_reference(name, dtype, triton_poisoned, monkeypatch):
 
 def test_kernels_without_scale_and_without_rows(triton_poisoned):
     net = build("sevennet0")
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, _, grad = data(net, torch.float64, n=70)
     out = mlp_ops.radial_mlp(problem, x, weights_of(net))
     with torch.no_grad():
@@ -141,7 +142,7 @@ def test_kernels_without_scale_and_without_rows(triton_poisoned):
 def test_kernel_row_scale_gradient_alone(triton_poisoned):
     """Only the scale needs a gradient (x is a constant): the backward kernel skips grad_x."""
     net = build("mace-mp0")
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, scale, grad = data(net, torch.float64)
     scale = scale.requires_grad_(True)
     (got,) = torch.autograd.grad((mlp_ops.radial_mlp(problem, x, weights_of(net), scale) * grad).sum(), [scale])
@@ -156,7 +157,7 @@ def test_second_derivatives_match_e3nn(backend, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FASTMLIP_BACKEND", backend)
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
     net = build("sevennet0")
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, scale, grad = data(net, torch.float64, n=20)
     v = torch.randn_like(x)
 
@@ -174,7 +175,7 @@ def test_second_derivatives_match_e3nn(backend, monkeypatch, tmp_path_factory):
 
 def test_ops_pass_torch_opcheck():
     net = build("odd-widths")
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     key = registry.register(problem)
     x, scale, grad = data(net, torch.float64, n=7)
     ws = [w.detach().clone().requires_grad_(True) for w in weights_of(net)]
@@ -202,7 +203,7 @@ def test_module_swap_keeps_parameters_and_falls_back_for_unknown_activations():
 
 def test_bad_input():
     net = build("sevennet0")
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     ws = weights_of(net)
     with pytest.raises(ValueError, match=r"x must be a floating tensor \[E, 8\]"):
         mlp_ops.radial_mlp(problem, torch.zeros(3, 7, dtype=torch.float64, device=DEVICE), ws)
@@ -221,7 +222,7 @@ def test_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_kernels_at_md_size_on_gpu(dtype, triton_poisoned, monkeypatch):
     net = build("mace-mp0", dtype)
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, scale, grad = data(net, dtype, n=50000)
     function = lambda xx, ws, s: mlp_ops.radial_mlp(problem, xx, ws, s)  # noqa: E731
     got = first_derivatives(function, net, x, scale, grad)
@@ -236,7 +237,7 @@ def test_frozen_weights_cost_no_weight_gradient(monkeypatch):
     net = build("sevennet0")
     for p in net.parameters():
         p.requires_grad_(False)
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, scale, grad = data(net, torch.float64)
     monkeypatch.setattr(mlp_ops, "vjp_of_reference", lambda *args: pytest.fail("weight gradient computed"))
     x = x.requires_grad_(True)
@@ -272,31 +273,29 @@ def test_frozen_symmetric_contraction_weights_skip_their_gradient(monkeypatch):
     assert seen == [False]
 
 
-def test_dot_precision_knob(triton_poisoned, monkeypatch):
+def test_dot_precision_knob(triton_poisoned, kernel_settings):
     """tf32x3 (tensor-core float32 emulation on the GPU) builds its own kernels; the interpreter computes them
     exactly, so here they must agree with the reference; float64 ignores the knob; a bad name is refused."""
-    from fastmlip.kernels import codegen
-
     net = build("sevennet0", torch.float32)
-    problem = ref.radial_mlp_problem(net)
+    problem = radial_mlp_problem(net)
     x, scale, _ = data(net, torch.float32)
-    monkeypatch.setenv("FASTMLIP_DOT_PRECISION", "tf32x3")
-    assert codegen.dot_precision(torch.float32) == "tf32x3" and codegen.dot_precision(torch.float64) == "ieee"
+    kernel_settings(dot_precision="tf32x3")
+    assert launch.dot_precision(torch.float32) == "tf32x3" and launch.dot_precision(torch.float64) == "ieee"
     with torch.no_grad():
         assert_close(mlp_ops.radial_mlp(problem, x, weights_of(net), scale), net(x) * scale[:, None],
                      torch.float32, "tf32x3")
-    monkeypatch.setenv("FASTMLIP_DOT_PRECISION", "bf16")
+    assert launch.read_settings({"FASTMLIP_DOT_PRECISION": " TF32x3 "}).dot_precision == "tf32x3"
     with pytest.raises(ValueError, match="FASTMLIP_DOT_PRECISION='bf16'"):
-        mlp_ops.radial_mlp(problem, x, weights_of(net), scale)
+        launch.read_settings({"FASTMLIP_DOT_PRECISION": "bf16"})
 
 
 @pytest.mark.gpu
-def test_many_edges_take_the_matmul_path_on_gpu(monkeypatch):
+def test_many_edges_take_the_matmul_path_on_gpu(monkeypatch, kernel_settings):
     """Above FASTMLIP_MLP_FUSED_MAX_ROWS edges the swapped module runs e3nn's own layers (cuBLAS), same values."""
     net = build("mace-mp0")
     fast = swaps.maybe_fast(net, e3nn_modules.FastFullyConnectedNet)
     x, scale, _ = data(net, torch.float64, n=300)
-    monkeypatch.setenv("FASTMLIP_MLP_FUSED_MAX_ROWS", "100")
+    kernel_settings(mlp_fused_max_rows=100)
     monkeypatch.setattr(mlp_ops, "radial_mlp_fwd", lambda *args: pytest.fail("fused kernel used"))
     with torch.no_grad():
         assert torch.equal(fast(x, scale), net(x) * scale[:, None])

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..descriptors import GateProblem
 from ..reference import gate as ref
-from ..reference.gate import GateProblem
 from . import dispatch, registry
 from .derivatives import vjp_of_reference
 

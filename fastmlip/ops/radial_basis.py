@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..descriptors import RadialBasisProblem
 from ..reference import radial_basis as ref
-from ..reference.radial_basis import RadialBasisProblem
 from . import dispatch, registry
 from .derivatives import vjp_of_reference
 

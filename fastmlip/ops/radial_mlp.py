@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..descriptors import RadialMLPProblem
 from ..reference import radial_mlp as ref
-from ..reference.radial_mlp import RadialMLPProblem
 from . import dispatch, registry
 from .derivatives import vjp_of_reference
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..descriptors import NORMALIZE_EPS, SH_NORMALIZATIONS
 from ..reference import spherical_harmonics as ref
 from . import dispatch
 from .derivatives import vjp_of_reference
@@ -24,7 +25,7 @@ def _kernels():
 
 
 def _unit(vectors: Tensor, normalize: bool) -> Tensor:
-    return torch.nn.functional.normalize(vectors, dim=-1, eps=ref.NORMALIZE_EPS) if normalize else vectors
+    return torch.nn.functional.normalize(vectors, dim=-1, eps=NORMALIZE_EPS) if normalize else vectors
 
 
 @torch.library.custom_op("fastmlip::spherical_harmonics", mutates_args=())
@@ -93,8 +94,8 @@ def spherical_harmonics(lmax_or_irreps, vectors: Tensor, normalize: bool, normal
     """``e3nn.o3.spherical_harmonics`` for vectors [..., 3]: an int is ONE degree (as in e3nn), a list its
     degrees, irreps (e.g. ``Irreps.spherical_harmonics(3)``) their degrees with e3nn's parity check."""
     degrees, _ = ref.degrees(lmax_or_irreps)
-    if normalization not in ref.SH_NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {ref.SH_NORMALIZATIONS}, got {normalization!r}")
+    if normalization not in SH_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {SH_NORMALIZATIONS}, got {normalization!r}")
     if not isinstance(vectors, Tensor) or vectors.dim() < 1 or vectors.shape[-1] != 3:
         raise ValueError(f"vectors must have shape [..., 3], got "
                          f"{tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}")

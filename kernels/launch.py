@@ -1,0 +1,207 @@
+"""What every kernel family shares at launch time: the settings, the Triton dtype, output tensors, species chunks.
+
+Settings. The ``FASTMLIP_*`` tuning variables are read from the environment once, on first use, into one
+:class:`Settings` (:func:`settings`); ``fastmlip info`` lists them. Kernel sources and plans are cached under
+names that include the values they depend on, so :func:`use_settings` (tests, tuning sweeps) switches them
+cleanly for the duration of a block. ``FASTMLIP_BACKEND`` and ``FASTMLIP_CACHE`` are not tuning: they are read on
+every use (:mod:`fastmlip.ops.dispatch`, :func:`fastmlip.kernels.codegen.cache_root`).
+
+Outputs. A kernel that writes every element of an output gets it uninitialised (:func:`new_output`); with
+:data:`POISON_OUTPUTS` set (the tests do) it starts as NaN instead, so an element a kernel forgets shows up.
+
+Triton itself is imported only where a launch needs it, so ``fastmlip info`` and the settings work without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..memo import derived
+
+DOT_PRECISIONS = ("ieee", "tf32x3")
+
+
+def _setting(env: str, default, tunes: str):
+    return field(default=default, metadata={"env": env, "tunes": tunes})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The tuning variables, by field; each field's metadata names its environment variable and what it tunes."""
+
+    conv_block: int = _setting(
+        "FASTMLIP_CONV_BLOCK", 32,
+        "channel lanes per fused-convolution program (capped by the widest path's multiplicity)")
+    conv_unroll: int = _setting(
+        "FASTMLIP_CONV_UNROLL", 1,
+        "edges per loop step of the convolution's row-owned kernels: their loads are in flight together")
+    conv_stages: int = _setting(
+        "FASTMLIP_CONV_STAGES", 0,
+        "software-pipelining depth of the convolution's row-owned edge loop (0: a plain loop)")
+    conv_warps: int = _setting(
+        "FASTMLIP_CONV_WARPS", 0,
+        "warps per convolution program (0: one per 32 channel lanes, 1 to 4)")
+    conv_edges_per_program: int = _setting(
+        "FASTMLIP_CONV_EDGES_PER_PROGRAM", 4,
+        "edges per program of the convolution's per-edge kernels (edge gradients, atomic scatter)")
+    sc_block: int = _setting(
+        "FASTMLIP_SC_BLOCK", 32,
+        "channel lanes per symmetric-contraction program (capped by the channel count)")
+    sc_nodes_per_program: int = _setting(
+        "FASTMLIP_SC_NODES_PER_PROGRAM", 16,
+        "nodes of one species per symmetric-contraction program")
+    species_linear_nodes: int = _setting(
+        "FASTMLIP_SPECIES_LINEAR_NODES", 16,
+        "nodes of one species per species-linear program (the rows of its matmul tile)")
+    gate_rows: int = _setting(
+        "FASTMLIP_GATE_ROWS", 16,
+        "node rows per gate program")
+    mlp_rows: int = _setting(
+        "FASTMLIP_MLP_ROWS", 32,
+        "edges per radial-MLP program")
+    mlp_fused_max_rows: int = _setting(
+        "FASTMLIP_MLP_FUSED_MAX_ROWS", 32768,
+        "edges up to which a CUDA radial MLP runs the fused kernels (more: e3nn's own matmuls)")
+    dot_precision: str = _setting(
+        "FASTMLIP_DOT_PRECISION", "ieee",
+        "float32 tl.dot in the radial MLP: ieee (exact float32) or tf32x3 (tensor cores; float64 is always ieee)")
+    radial_block: int = _setting(
+        "FASTMLIP_RADIAL_BLOCK", 128,
+        "edges per radial-basis program")
+    sh_block: int = _setting(
+        "FASTMLIP_SH_BLOCK", 128,
+        "edges per spherical-harmonics program")
+    compile_workers: Optional[int] = _setting(
+        "FASTMLIP_COMPILE_WORKERS", None,
+        "processes that compile kernels ahead of a run (unset: one per core, at most 32)")
+
+    def __post_init__(self):
+        if self.dot_precision not in DOT_PRECISIONS:
+            raise ValueError(f"FASTMLIP_DOT_PRECISION={self.dot_precision!r}: expected one of "
+                             f"{', '.join(DOT_PRECISIONS)}")
+        if self.compile_workers is not None and self.compile_workers < 1:
+            raise ValueError(f"FASTMLIP_COMPILE_WORKERS={self.compile_workers!r}: expected a positive integer")
+
+
+def _parsed(setting: dataclasses.Field, raw: str):
+    if setting.name == "dot_precision":
+        return raw.lower()
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{setting.metadata['env']}={raw!r}: expected an integer") from None
+
+
+def read_settings(environ=None) -> Settings:
+    """The settings that ``environ`` (default ``os.environ``) asks for; unset or empty variables keep defaults."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for setting in dataclasses.fields(Settings):
+        raw = environ.get(setting.metadata["env"], "").strip()
+        if raw:
+            values[setting.name] = _parsed(setting, raw)
+    return Settings(**values)
+
+
+_current: Optional[Settings] = None
+
+
+def settings() -> Settings:
+    """The settings in force: read from the environment at first use, then kept (launches are hot paths)."""
+    global _current
+    if _current is None:
+        _current = read_settings()
+    return _current
+
+
+@contextlib.contextmanager
+def use_settings(**changes):
+    """Within the block, the settings in force with ``changes`` (field names, e.g. ``conv_block=2``)."""
+    global _current
+    previous = settings()
+    _current = dataclasses.replace(previous, **changes)
+    try:
+        yield _current
+    finally:
+        _current = previous
+
+
+def describe_settings() -> list:
+    """(variable, value in force, default, what it tunes) per setting, for ``fastmlip info``."""
+    current = settings()
+    return [(s.metadata["env"], getattr(current, s.name), s.default, s.metadata["tunes"])
+            for s in dataclasses.fields(Settings)]
+
+
+def dot_precision(dtype) -> str:
+    """``input_precision`` of float32 ``tl.dot`` in generated kernels (``FASTMLIP_DOT_PRECISION``).
+
+    ieee: exact float32 products on CUDA cores. tf32x3: three TF32 tensor-core products per fp32 product, about
+    float32 accuracy at several times the throughput on Hopper; to be validated against the tolerances on the
+    GPU before it becomes a default (the interpreter computes either exactly). float64 is always ieee.
+    """
+    return settings().dot_precision if dtype == torch.float32 else "ieee"
+
+
+_TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def tl_dtype(dtype):
+    """The Triton dtype every kernel's ``DT`` constexpr takes; TypeError for anything but float32 and float64."""
+    import triton.language as tl
+
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"Triton kernels support float32 and float64, got {dtype}")
+    return getattr(tl, _TL_DTYPES[dtype])
+
+
+def dtype_name(dtype) -> str:
+    """``float32`` or ``float64``, for kernel labels."""
+    return _TL_DTYPES[dtype]
+
+
+POISON_OUTPUTS = False  # tests set this: outputs the kernels must fully overwrite start as NaN, not garbage
+
+
+def new_output(shape, like: torch.Tensor, written_everywhere: bool = True) -> torch.Tensor:
+    """An output of ``like``'s dtype and device for a kernel to fill.
+
+    Where the kernel writes every element it starts uninitialised (no fill launch), or NaN while
+    :data:`POISON_OUTPUTS` is set; where it writes only some (others must read as zero) it starts as zeros.
+    """
+    if not written_everywhere:
+        return like.new_zeros(shape)
+    return like.new_full(shape, float("nan")) if POISON_OUTPUTS else like.new_empty(shape)
+
+
+def species_chunks(species, num_species: int, chunk: int):
+    """Nodes sorted by species and cut into chunks of at most ``chunk`` nodes of one species, without a host sync.
+
+    Returns (order [N] int64, sorted species [N] int64, starts [G + 1] int64): chunk g is sorted positions
+    starts[g]..starts[g+1]; G = ceil(N / chunk) + num_species bounds the count, surplus chunks are empty (start N).
+    The symmetric contraction and the species-indexed linear give each program one chunk, so it loads ONE
+    species' weights. A model passes the same species tensor to every layer, forward and backward: the result is
+    kept on that tensor (15 launches per call otherwise, seven calls per MACE step).
+    """
+    return derived(species, ("species_chunks", num_species, chunk),
+                   lambda: _species_chunks(species, num_species, chunk))
+
+
+def _species_chunks(species, num_species: int, chunk: int):
+    n = species.shape[0]
+    sorted_species, order = torch.sort(species.long(), stable=True)
+    position = torch.arange(n, device=species.device)
+    # a chunk opens at the first node of each species run and then every `chunk` nodes within the run
+    run_first = torch.searchsorted(sorted_species, sorted_species, right=False)
+    opens = ((position - run_first) % chunk) == 0
+    chunk_id = torch.cumsum(opens.long(), 0) - 1
+    num_chunks = -(-n // chunk) + num_species
+    # scatter each opening position to its chunk id; positions that open nothing go to a spare slot past the end
+    starts = torch.full((num_chunks + 2,), n, dtype=torch.int64, device=species.device)
+    starts.scatter_(0, torch.where(opens, chunk_id, num_chunks + 1), position)
+    return order, sorted_species, starts[:num_chunks + 1].contiguous()

@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "convert": ("fastmlip.convert", "convert a MACE/SevenNet checkpoint to fastmlip (or back to e3nn)"),
     "md": ("fastmlip.md", "molecular dynamics with a model, on GPU if present"),
     "warmup": ("fastmlip.warmup", "compile a model's GPU kernels into the cache ahead of a run"),
+    "lammps": ("fastmlip.lammps", "write a model as a LAMMPS potential (pair_style mliap unified)"),
     "kernels": ("fastmlip.kernels_cli", "list the Triton kernels a model launches (--show: their source)"),
 }
 

@@ -153,7 +153,9 @@ class VerletList:
     The list is built for ``cutoff + skin``. While every atom stays within
     ``skin / 2`` of where it was at the last build, no pair can have closed in
     by more than ``skin``, so filtering the cached edges to ``|D| < cutoff``
-    gives exactly what a fresh build would (same edges, same order).
+    gives exactly what a fresh build would (same edges, same order). A changed
+    periodic cell (a barostat's step) keeps the list too while the strain and
+    the displacements together cannot have closed a pair in by ``skin``.
 
     Displacements are measured from the positions the caller passes. Pass
     unwrapped positions: wrapping an atom back into the cell looks like a jump
@@ -216,11 +218,30 @@ class VerletList:
             return True
         reference, reference_cell, reference_pbc = self._reference
         if (reference.shape != positions.shape or reference.dtype != positions.dtype
-                or reference.device != positions.device or reference_pbc != pbc
-                or not torch.equal(reference_cell, cell_host)):
+                or reference.device != positions.device or reference_pbc != pbc):
             return True
-        moved = (positions.detach() - reference).norm(dim=1).amax()
-        return not bool(moved <= self.skin / 2)  # NaN also rebuilds, and then raises
+        if torch.equal(reference_cell, cell_host):
+            moved = (positions.detach() - reference).norm(dim=1).amax()
+            return not bool(moved <= self.skin / 2)  # NaN also rebuilds, and then raises
+        return not self._holds_under_strain(positions, cell_host)
+
+    def _holds_under_strain(self, positions, cell_host) -> bool:
+        """Whether the list still holds every pair after the cell changed (a barostat's step), for a fully periodic
+        cell. With g = (C0^-1 C), a pair's vector is D = (D0 + d) g, where D0 is its vector at the build and d the
+        atoms' fractional displacement seen in the build's cell C0: |D| >= (|D0| - 2 max|d|) sigma_min(g). A
+        pair left out had |D0| >= cutoff + skin, so the list holds while (cutoff + skin - 2 max|d|) sigma_min(g)
+        >= cutoff."""
+        reference, reference_cell, pbc = self._reference
+        if not all(pbc) or abs(float(torch.linalg.det(reference_cell))) < 1e-12:
+            return False
+        strain = torch.linalg.solve(reference_cell, cell_host)  # C0^-1 C
+        cell = cell_host.to(device=positions.device, dtype=torch.float64)
+        reference_basis = reference_cell.to(device=positions.device, dtype=torch.float64)
+        fractional = torch.linalg.solve(cell.T, positions.detach().to(torch.float64).T).T
+        reference_fractional = torch.linalg.solve(reference_basis.T, reference.to(torch.float64).T).T
+        moved = ((fractional - reference_fractional) @ reference_basis).norm(dim=1).amax()
+        shrink = float(torch.linalg.svdvals(strain).min())
+        return bool((self.cutoff + self.skin - 2 * moved) * shrink >= self.cutoff)
 
 
 def _validate_cutoff(cutoff):

@@ -189,3 +189,18 @@ def test_deferred_list_checks_give_the_trajectory_of_checking_every_step(eager_g
     assert np.array_equal(deferred.atoms.positions, every_step.atoms.positions)
     assert np.array_equal(deferred.atoms.get_momenta(), every_step.atoms.get_momenta())
     assert deferred.atoms.get_potential_energy() == every_step.atoms.get_potential_energy()
+
+
+def test_npt_keeps_the_verlet_list_while_the_strain_allows(sevenn64):
+    """Under NPT the cell changes every step; the list is kept while strain and displacements together cannot
+    have brought a left-out pair inside the cutoff, and the run equals one that rebuilds at every step."""
+    atoms = silicon()
+    options = dict(ensemble="npt", temperature=300, pressure=5.0, seed=2, steps=25, interval=5, timestep=2.0)
+    kept = Calculator(sevenn64.model, device="cpu", skin=1.0)
+    rebuilt = Calculator(sevenn64.model, device="cpu", skin=0.0)
+    result = fastmlip.simulate(atoms, kept, **options)
+    reference = fastmlip.simulate(atoms, rebuilt, **options)
+    assert abs(result.thermo["volume"][-1] - result.thermo["volume"][0]) > 0.05  # the cell did change
+    assert kept.neighbor_list_rebuilds <= 5 and rebuilt.neighbor_list_rebuilds >= 25
+    np.testing.assert_allclose(result.atoms.positions, reference.atoms.positions, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(result.atoms.cell.array, reference.atoms.cell.array, rtol=0, atol=1e-10)

@@ -168,14 +168,39 @@ def test_verlet_list_rebuilds_when_needed():
     assert verlet.rebuilds == 2
     assert all(torch.equal(a, b) for a, b in zip(result, neighbor_list(moved, cell, pbc, 4.0)))
 
-    verlet.update(moved, cell * 1.01, pbc)
+    strained = verlet.update(moved * 1.01, cell * 1.01, pbc)  # a barostat's small step keeps the list ...
+    assert verlet.rebuilds == 2
+    assert all(torch.equal(a, b) for a, b in zip(strained, neighbor_list(moved * 1.01, cell * 1.01, pbc, 4.0)))
+    verlet.update(moved, cell * 1.05, pbc)  # ... a large one does not
     assert verlet.rebuilds == 3
-    verlet.update(moved, cell * 1.01, (True, True, False))
+    verlet.update(moved, cell * 1.05, (True, True, False))
     assert verlet.rebuilds == 4
-    verlet.update(moved[:-1], cell * 1.01, (True, True, False))
+    verlet.update(moved[:-1], cell * 1.05, (True, True, False))
     assert verlet.rebuilds == 5
-    verlet.update(moved[:-1], cell * 1.01, (True, True, False))
+    verlet.update(moved[:-1], cell * 1.05, (True, True, False))
     assert verlet.rebuilds == 5
+
+
+def test_verlet_list_kept_under_strain_equals_a_fresh_build():
+    """Random small strains (shear included) and displacements of a triclinic cell: whenever the list is kept,
+    its filtered edges are exactly a fresh build's."""
+    generator = torch.Generator().manual_seed(7)
+    atoms = bulk("Cu", "fcc", a=3.61).repeat((3, 3, 3))
+    positions, cell, pbc = torch.tensor(atoms.positions), torch.tensor(atoms.cell[:]), (True, True, True)
+    kept = 0
+    for _ in range(40):
+        verlet = VerletList(cutoff=4.0, skin=0.8)
+        verlet.update(positions, cell, pbc)
+        strain = torch.eye(3, dtype=torch.float64) + 0.02 * torch.randn(3, 3, generator=generator,
+                                                                         dtype=torch.float64)
+        new_positions = positions @ strain + 0.1 * torch.randn(positions.shape, generator=generator,
+                                                                dtype=torch.float64)
+        result = verlet.update(new_positions, cell @ strain, pbc)
+        if verlet.rebuilds == 1:
+            kept += 1
+            fresh = neighbor_list(new_positions, cell @ strain, pbc, 4.0)
+            assert all(torch.equal(a, b) for a, b in zip(result, fresh))
+    assert 5 <= kept < 40
 
 
 def test_rejects_bad_inputs():

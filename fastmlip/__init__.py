@@ -12,6 +12,7 @@ _LAZY = {
     "restore": "fastmlip.api",
     "Calculator": "fastmlip.calculator",
     "simulate": "fastmlip.engine",
+    "evaluate": "fastmlip.batch",
     "neighbor_list": "fastmlip.neighbors",
     "UntrustedFileError": "fastmlip.patches.files",
     "StructureError": "fastmlip.calculator",

@@ -1,7 +1,7 @@
 """Load a model, accelerate it in place, put it back: the same calls for every supported framework.
 
-Each framework lives in a patch module (``fastmlip.patches.sevenn``, ``fastmlip.patches.mace``) with the
-functions handles/can_load/load/model_info/compute/accelerate/restore/is_accelerated; this module only picks one.
+Each framework lives in a patch module (``fastmlip.patches.sevenn``, ``fastmlip.patches.mace``) that provides
+every member of :class:`fastmlip.patches.framework.Framework`; this module only picks one.
 """
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import importlib
 import os
 import time
 import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastmlip.patches.framework import Framework
 
 FRAMEWORK_MODULES = ("fastmlip.patches.sevenn", "fastmlip.patches.mace")
 
 
-def _patch_modules() -> list:
+def _patch_modules() -> list[Framework]:
     """The framework patches present in this installation (a missing one is simply not offered)."""
     modules = []
     for name in FRAMEWORK_MODULES:
@@ -25,12 +29,12 @@ def _patch_modules() -> list:
     return modules
 
 
-def framework_of(model):
+def framework_of(model) -> Framework:
     """The patch module that handles ``model``; TypeError for a model no patch recognises."""
     for patch in _patch_modules():
         if patch.handles(model):
             return patch
-    names = ", ".join(m.__name__.rsplit(".", 1)[-1] for m in _patch_modules()) or "none installed"
+    names = ", ".join(m.FRAMEWORK for m in _patch_modules()) or "none installed"
     raise TypeError(f"fastmlip does not know models of type {type(model).__module__}.{type(model).__name__} "
                     f"(frameworks: {names})")
 
@@ -38,7 +42,7 @@ def framework_of(model):
 def _known_names() -> list:
     names = []
     for patch in _patch_modules():
-        names.extend(getattr(patch, "pretrained_checkpoints", dict)())
+        names.extend(patch.pretrained_checkpoints())
     return names
 
 
@@ -46,7 +50,7 @@ def _looks_like_mace(path: str) -> bool:
     return path.endswith(".model") or "mace" in os.path.basename(path).lower()
 
 
-def patch_for_file(path_or_name):
+def patch_for_file(path_or_name) -> Framework:
     """The patch module that can load ``path_or_name``; ValueError with a one-line reason otherwise."""
     text = os.fspath(path_or_name)
     patches = _patch_modules()
@@ -57,15 +61,12 @@ def patch_for_file(path_or_name):
         raise ValueError(f"{text}: no such file and not a known model name (known: {', '.join(_known_names())})")
     if os.path.isdir(text):
         raise ValueError(f"{text}: is a directory, not a model file")
-    if _looks_like_mace(text) and not any(p.__name__.endswith(".mace") for p in patches):
+    if _looks_like_mace(text) and not any(p.FRAMEWORK == "mace" for p in patches):
         raise ValueError(f"{text}: looks like a MACE model, but fastmlip.patches.mace is not installed here")
     reasons = []
     for patch in patches:
-        explain = getattr(patch, "read_checkpoint", None)
-        if explain is None:
-            continue
         try:
-            explain(text)
+            patch.read_checkpoint(text)
         except ValueError as exc:
             reasons.append(str(exc).replace(f"{text}: ", "", 1))
     detail = "; ".join(reasons) if reasons else "no installed framework recognises it"

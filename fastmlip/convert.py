@@ -87,12 +87,8 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
 
     step = progress.update if progress is not None else (lambda n=1: None)
     patch = api.patch_for_file(input_name)
-    resolve = getattr(patch, "resolve", None)
-    input_path = (resolve(input_name) if resolve else None) or input_name
+    input_path = patch.resolve(input_name) or input_name
     _refuse_bad_output(input_path, output)
-    save = getattr(patch, "save_converted", None)
-    if save is None:
-        raise ConvertError(f"{patch.__name__} cannot write converted files (it has no save_converted)")
     device = api.resolve_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else None
     trusted = api.trust(input_path, trusted, sha256)
@@ -103,10 +99,10 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     api.restore(model)
     step()
     fmt_dtype = dtype or str(swaps.first_tensor_placement(model)[1]).replace("torch.", "")
-    _write_atomically(output, lambda temp: save(input_path, temp, to=to, dtype=fmt_dtype, check=report,
-                                                reference=model, trusted=trusted))
+    _write_atomically(output, lambda temp: patch.save_converted(input_path, temp, to=to, dtype=fmt_dtype,
+                                                                check=report, reference=model, trusted=trusted))
     step()
-    return {"check": report, "framework": patch.__name__.rsplit(".", 1)[-1]}
+    return {"check": report, "framework": patch.FRAMEWORK}
 
 
 def run(args) -> int:

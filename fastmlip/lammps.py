@@ -31,17 +31,12 @@ class LammpsError(ValueError):
     """A reason to stop, shown as one line."""
 
 
-def message_passing_layers(model, framework: str) -> int:
+def message_passing_layers(patch, model) -> int:
     """How many times features cross an edge before the energy is read out: atoms that many cutoffs away still
     move a local atom's energy, so ghosts must reach that far."""
-    if framework == "mace":
-        layers = len(getattr(model, "interactions", ()))
-    elif framework == "sevenn":
-        layers = sum(1 for name, _ in model.named_children() if name.endswith("_convolution"))
-    else:
-        layers = 0
+    layers = patch.message_passing_layers(model)
     if layers < 1:
-        raise LammpsError(f"fastmlip cannot tell how many message-passing layers this {framework} model has")
+        raise LammpsError(f"fastmlip cannot tell how many message-passing layers this {patch.FRAMEWORK} model has")
     return layers
 
 
@@ -66,8 +61,7 @@ def _resolve(source: str):
     from . import api
 
     patch = api.patch_for_file(source)
-    resolve = getattr(patch, "resolve", None)
-    return patch, (resolve(source) if resolve else None) or source
+    return patch, patch.resolve(source) or source
 
 
 def _rank_device(device: str):
@@ -242,7 +236,7 @@ def write_potential(model: str, output: str, *, dtype=None, device: str = "auto"
         raise LammpsError(f"element(s) {' '.join(unknown)} unknown to this model; it knows: {' '.join(known)}")
     _probe(patch, loaded, info["cutoff"], numbers[0], modal)
     potential = LammpsPotential(source, file_sha256(path), trusted, known,
-                                info["cutoff"], message_passing_layers(loaded, info["framework"]),
+                                info["cutoff"], message_passing_layers(patch, loaded),
                                 dtype=dtype or str(info["dtype"]).replace("torch.", ""), device=device, modal=modal)
 
     def dump(temp_path):

@@ -249,7 +249,7 @@ def simulate(args):
     first_step_seconds = time.perf_counter() - first_step
     load_seconds = time.perf_counter() - load_start
     modules = "fastmlip modules" if calculator.framework.is_accelerated(calculator.model) else "e3nn modules"
-    framework = calculator.framework.__name__.rsplit(".", 1)[-1]
+    framework = calculator.framework.FRAMEWORK
     dtype = str(calculator.dtype).replace("torch.", "")
     steps_as = "CUDA graph replays" if calculator.cuda_graph else f"eager steps: {calculator.cuda_graph_obstacle}"
     print(f"{len(atoms)} atoms {atoms.get_chemical_formula()}, model {args.model} ({framework}, {modules}, "

@@ -1,4 +1,5 @@
-"""MACE (mace-torch ``MACE``/``ScaleShiftMACE``, any number of heads): loading, evaluation, in-place acceleration.
+"""MACE (mace-torch ``MACE``/``ScaleShiftMACE``, any number of heads): loading, evaluation, in-place acceleration;
+the :class:`~fastmlip.patches.framework.Framework` the faces use.
 
 MACE's conventions (mace/data/neighborhood.py, mace/modules/utils.py): ``edge_index = [i, j]`` straight from the
 "ijS" neighbour list, sender = ``edge_index[0]``, receiver = ``edge_index[1]``,
@@ -76,6 +77,17 @@ def read_checkpoint(path) -> None:
         raise ValueError(f"{text}: not a torch.save archive, so not a MACE model file")
     if not files.pickle_names(text, b"mace.modules.models"):
         raise ValueError(f"{text}: its pickle names no mace model class")
+
+
+def pretrained_checkpoints() -> dict:
+    """Empty: mace ships no checkpoints (it downloads its foundation models itself)."""
+    return {}
+
+
+def resolve(path_or_name) -> Optional[str]:
+    """``path_or_name`` when it is a file, else None (MACE models are only ever files)."""
+    text = os.fspath(path_or_name)
+    return text if os.path.isfile(text) else None
 
 
 def can_load(path) -> bool:
@@ -246,6 +258,11 @@ def model_info(model) -> dict:
         "dtype": dtype,
         "device": device,
     }
+
+
+def message_passing_layers(model) -> int:
+    """One per interaction block."""
+    return len(model.interactions)
 
 
 def select_head(model, head: Optional[str]) -> int:

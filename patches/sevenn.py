@@ -1,4 +1,5 @@
-"""SevenNet (``sevenn.nn.sequential.AtomGraphSequential``): loading, evaluation and in-place acceleration.
+"""SevenNet (``sevenn.nn.sequential.AtomGraphSequential``): loading, evaluation and in-place acceleration; the
+:class:`~fastmlip.patches.framework.Framework` the faces use.
 
 Models always come from ``sevenn``'s own checkpoint loader (``SevenNetCheckpoint.build_model``), which sorts the
 convolution instructions of old checkpoints and flips the radial-MLP columns and ``_w3j`` buffers of paths with
@@ -263,6 +264,11 @@ def model_info(model) -> dict:
         "dtype": dtype,
         "device": device,
     }
+
+
+def message_passing_layers(model) -> int:
+    """One per convolution (SevenNet names them ``{layer}_convolution``)."""
+    return sum(1 for name, _ in model.named_children() if name.endswith("_convolution"))
 
 
 def _check_species(model, numbers: torch.Tensor) -> None:

@@ -59,9 +59,9 @@ for phase in "$@"; do
         "$repo/tests"
       ;;
     tests)
-      step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/test_gpu_models.py" \
-        "$repo/tests/test_radial_mlp.py" "$repo/tests/test_radial_basis.py" "$repo/tests/test_gate.py" \
-        "$repo/tests/test_linear_triton.py" "$repo/tests/test_cuda_graph.py"
+      step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/patches/test_gpu_models.py" \
+        "$repo/tests/ops/test_radial_mlp.py" "$repo/tests/ops/test_radial_basis.py" "$repo/tests/ops/test_gate.py" \
+        "$repo/tests/kernels/test_linear_triton.py" "$repo/tests/faces/test_cuda_graph.py"
       ;;
     profile)
       step profile_md 120 python3 "$repo/scripts/profile_md.py" --cases sevenn:Si:3 --steps 5 --top 15 --out "$out"

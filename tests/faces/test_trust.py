@@ -100,11 +100,12 @@ def test_sevenn_checkpoints_load_without_a_full_unpickle(monkeypatch):
 
 
 def test_a_trusted_mace_file_is_unpickled_once(tmp_path, monkeypatch):
-    test_mace_patch = pytest.importorskip("test_mace_patch")
+    pytest.importorskip("mace.modules")
     from fastmlip.patches import e3nn_compat
+    from helpers import mace_models
 
     path = tmp_path / "small.model"
-    torch.save(test_mace_patch.build_model("mp0_small"), path)
+    torch.save(mace_models.build_model("mp0_small"), path)
     with pytest.raises(UntrustedFileError, match="a MACE model file is a whole pickled model"):
         api.load(path)
     opened = []

@@ -34,7 +34,7 @@ from fastmlip import convert  # noqa: E402
 from fastmlip.patches import self_check  # noqa: E402
 from fastmlip.patches import mace as patch  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent.parent / "fixtures"
 FIXTURE_MODEL = FIXTURES / "mace_e3nn044.model"
 FIXTURE_REFERENCE = json.loads((FIXTURES / "mace_e3nn044_reference.json").read_text())
 R_MAX = 4.0

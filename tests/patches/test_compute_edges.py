@@ -60,7 +60,7 @@ def test_sevennet_edges(accelerated):
 @pytest.mark.parametrize("accelerated", [False, True], ids=["e3nn", "fast"])
 def test_mace_edges(accelerated):
     pytest.importorskip("mace.modules")
-    import test_mace_patch as mace_models
+    from helpers import mace_models
 
     from fastmlip.patches import mace as patch
 

@@ -169,9 +169,9 @@ def _sevennet_case() -> dict:
 
 @pytest.fixture(scope="module")
 def mace_model_file(tmp_path_factory):
-    """MACE-MP-0-medium's architecture at 16 channels (tests/test_mace_patch.py), saved as a .model file."""
+    """MACE-MP-0-medium's architecture at 16 channels (tests/helpers/mace_models.py), saved as a .model file."""
     pytest.importorskip("mace.modules")
-    import test_mace_patch as mace_models
+    from helpers import mace_models
     import torch
 
     previous = torch.get_default_dtype()
@@ -187,7 +187,7 @@ def mace_model_file(tmp_path_factory):
 
 def _mace_case(model_file) -> dict:
     """8 atoms of H, C, O in a triclinic cell smaller than two cutoffs."""
-    import test_mace_patch as mace_models
+    from helpers import mace_models
 
     return {"model": model_file, "atoms": mace_models.periodic_structure(2), "elements": ("O", "H", "C"),
             "options": {"trusted": True}, "comm": "11", "extra": ["--trust"]}

@@ -21,6 +21,7 @@ from fastmlip.kernels import symmetric_contraction as sc_kernels  # noqa: E402
 from fastmlip.ops.linear import species_linear  # noqa: E402
 from fastmlip.ops.spherical_harmonics import spherical_harmonics  # noqa: E402
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction  # noqa: E402
+from helpers.derivatives import assert_close, assert_matches_reference  # noqa: E402
 
 SymmetricContraction = pytest.importorskip("mace.modules.symmetric_contraction").SymmetricContraction
 
@@ -34,31 +35,6 @@ def _triton_poisoned(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-
-
-def assert_close(actual, expected, rtol, what):
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().clamp_min(1.0)
-    err = ((actual - expected).abs().max() / scale).item()
-    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
-
-
-def compare_to_second_order(fast, slow, inputs, dtype, seed=0):
-    """Value, all first derivatives of <probe, f>, all second derivatives of <h, d f / d inputs[0]>."""
-    results = []
-    for fn in (fast, slow):
-        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-        out = fn(*leaves)
-        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
-        first = torch.autograd.grad(out, leaves, probe, create_graph=True)
-        h = torch.randn(first[0].shape, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype).to(DEVICE)
-        second = torch.autograd.grad((first[0] * h).sum(), leaves, allow_unused=True)
-        second = [torch.zeros_like(t) if g is None else g for g, t in zip(second, leaves)]
-        results.append([out.detach(), *[g.detach() for g in first], *second])
-    names = ["value"] + [f"d/d input {i}" for i in range(len(inputs))] + [f"d2/d input {i}" for i in range(len(inputs))]
-    for name, a, b in zip(names, *results):
-        assert_close(a, b, RTOL[dtype], name)
 
 
 # --- symmetric contraction --------------------------------------------------------------------------------------
@@ -104,7 +80,7 @@ def test_symmetric_contraction_kernels_match_mace(case, dtype):
     def slow(t, *ws):
         return torch.func.functional_call(module, dict(zip(problem.weight_names, ws)), (t, one_hot))
 
-    compare_to_second_order(fast, slow, [x, *weights], dtype)
+    assert_matches_reference(fast, slow, [x, *weights], rtol=RTOL[dtype])
 
 
 @pytest.mark.parametrize("piece_terms", [1, 5])
@@ -127,7 +103,7 @@ def test_symmetric_contraction_in_pieces_matches_mace(piece_terms, monkeypatch):
     def slow(t, *ws):
         return torch.func.functional_call(module, dict(zip(problem.weight_names, ws)), (t, one_hot))
 
-    compare_to_second_order(fast, slow, [x, *weights], torch.float64)
+    assert_matches_reference(fast, slow, [x, *weights], rtol=RTOL[torch.float64])
 
 
 def test_symmetric_contraction_kernel_empty_and_single_species():
@@ -174,8 +150,8 @@ def test_species_linear_kernels_match_fctp(case, dtype):
     species = species_out_of_order(n, problem.num_species, seed=5, missing=(0,))
     one_hot = torch.nn.functional.one_hot(species, problem.num_species).to(dtype)
     x = torch.randn(n, problem.dim_in, dtype=dtype).to(DEVICE)
-    compare_to_second_order(lambda t, w: species_linear(problem, t, species, w),
-                            lambda t, w: fctp(t, one_hot, w), [x, fctp.weight.detach()], dtype)
+    assert_matches_reference(lambda t, w: species_linear(problem, t, species, w),
+                             lambda t, w: fctp(t, one_hot, w), [x, fctp.weight.detach()], rtol=RTOL[dtype])
 
 
 # --- spherical harmonics ----------------------------------------------------------------------------------------
@@ -189,8 +165,9 @@ def test_species_linear_kernels_match_fctp(case, dtype):
 ])
 def test_spherical_harmonics_kernels_match_e3nn(ls, normalize, normalization, dtype):
     vectors = (torch.randn(37, 3, generator=torch.Generator().manual_seed(2), dtype=dtype) * 1.5).to(DEVICE)
-    compare_to_second_order(lambda v: spherical_harmonics(ls, v, normalize, normalization),
-                            lambda v: o3.spherical_harmonics(ls, v, normalize, normalization), [vectors], dtype)
+    assert_matches_reference(lambda v: spherical_harmonics(ls, v, normalize, normalization),
+                             lambda v: o3.spherical_harmonics(ls, v, normalize, normalization), [vectors],
+                             rtol=RTOL[dtype])
 
 
 def test_spherical_harmonics_kernel_degree_zero_and_empty_input():

@@ -43,10 +43,11 @@ def test_sevenn_on_gpu(name, dtype):
 @pytest.mark.parametrize("config", ["mp0_small", "mp0_medium", "mp0_large", "off_like"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mace_on_gpu(config, dtype):
-    """Full-width MACE-MP-0 / OFF hyperparameters (tests/test_mace_patch.py), forces scaled to O(1) eV/A."""
+    """Full-width MACE-MP-0 / OFF hyperparameters (tests/helpers/mace_models.py), forces scaled to O(1) eV/A."""
+    pytest.importorskip("mace.modules")
     import fastmlip
+    from helpers import mace_models
 
-    mace_models = pytest.importorskip("test_mace_patch")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:

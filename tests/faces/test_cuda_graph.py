@@ -60,7 +60,7 @@ def test_masked_candidates_match_exact_edges_sevenn(sevenn64):
 
 
 def test_masked_candidates_match_exact_edges_mace():
-    from test_mace_patch import R_MAX, build_model, periodic_structure
+    from helpers.mace_models import R_MAX, build_model, periodic_structure
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

@@ -94,7 +94,7 @@ def test_sevennet0_triton_matches_reference(dtype, kernel_calls, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_mace_triton_matches_reference(dtype, kernel_calls, monkeypatch):
     pytest.importorskip("mace.modules")
-    import test_mace_patch as mace_models
+    from helpers import mace_models
 
     from fastmlip.patches import mace as patch
 

@@ -68,12 +68,12 @@ def accumulating_index_puts(patch, model, atoms, cutoff) -> dict:
 
 def test_mace_step_has_no_index_backward(kernels_skipped):
     pytest.importorskip("mace.modules")
-    import test_mace_patch as mace_models
+    from helpers import mace_models
 
     from fastmlip.patches import mace as patch
 
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # the models test_mace_patch caches are built in float64
+    torch.set_default_dtype(torch.float64)  # the models helpers.mace_models caches are built in float64
     try:
         model = mace_models.build_model("mp0_medium", channels=16).float()
     finally:

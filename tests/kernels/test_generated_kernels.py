@@ -1,14 +1,14 @@
 """Generated kernel sources, checked in under tests/fixtures/kernels/: a reviewer reads there what the generators
 write, and a change to a generator shows up in review as a change to these files.
 
-After an intended change, regenerate them with ``python tests/test_generated_kernels.py`` and review the diff.
+After an intended change, regenerate them with ``python tests/kernels/test_generated_kernels.py`` and review the diff.
 """
 import math
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "kernels"
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "kernels"
 NAMES = ("gate_backward.py", "gate_forward.py", "spherical_harmonics_backward_l2_unit.py",
          "spherical_harmonics_forward_l2_unit.py")
 
@@ -38,7 +38,7 @@ def generated(name: str) -> str:
 @pytest.mark.parametrize("name", NAMES)
 def test_generator_writes_the_checked_in_source(name):
     assert generated(name) == (FIXTURES / name).read_text(), (
-        f"the generator's {name} changed: if intended, run `python tests/test_generated_kernels.py` and review the "
+        f"the generator's {name} changed: if intended, run `python tests/kernels/test_generated_kernels.py` and review the "
         "diff of tests/fixtures/kernels/")
 
 

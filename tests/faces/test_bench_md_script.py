@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from ase.build import bulk
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "scripts"))
 import bench_md  # noqa: E402
 import bench_md_loops  # noqa: E402
 

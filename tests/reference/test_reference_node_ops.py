@@ -13,6 +13,7 @@ from fastmlip.ops.linear import linear, species_linear
 from fastmlip.ops.spherical_harmonics import spherical_harmonics
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
 from fastmlip.reference import spherical_harmonics as ref_sh
+from helpers.derivatives import assert_matches_reference
 
 SymmetricContraction = pytest.importorskip("mace.modules.symmetric_contraction").SymmetricContraction
 
@@ -30,28 +31,6 @@ def assert_close(actual, expected, rtol=1e-12, floor=1e-30):
     scale = expected.abs().max().clamp_min(floor)
     err = (actual - expected).abs().max() / scale
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
-
-
-def grads_to_second_order(fn, inputs, probe, seed=0):
-    """First derivatives of <probe, fn> and second derivatives of <h, first x-derivative> w.r.t. all inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    out = fn(*inputs)
-    first = torch.autograd.grad(out, inputs, probe, create_graph=True, allow_unused=True)
-    first = [torch.zeros_like(t) if g is None else g for g, t in zip(first, inputs)]
-    h = torch.randn(first[0].shape, generator=gen)
-    second = torch.autograd.grad((first[0] * h).sum(), inputs, allow_unused=True)
-    second = [torch.zeros_like(t) if g is None else g for g, t in zip(second, inputs)]
-    return out, first, second
-
-
-def compare_to_second_order(fast, slow, inputs, rtol=1e-12):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    probe = torch.randn(slow(*inputs).shape)
-    out_s, first_s, second_s = grads_to_second_order(slow, inputs, probe)
-    out_f, first_f, second_f = grads_to_second_order(fast, inputs, probe)
-    assert_close(out_f, out_s, rtol)
-    for a, b in zip(first_f + second_f, first_s + second_s):
-        assert_close(a, b, rtol, floor=1.0)
 
 
 # --- spherical harmonics ---------------------------------------------------------------------------------------
@@ -84,11 +63,11 @@ def test_spherical_harmonics_zero_vector_like_e3nn():
 def test_spherical_harmonics_derivatives(normalize):
     torch.manual_seed(2)
     v = torch.randn(12, 3)
-    compare_to_second_order(lambda t: spherical_harmonics(6, t, normalize, "integral"),
-                            lambda t: o3.spherical_harmonics(6, t, normalize, "integral"), [v])
+    assert_matches_reference(lambda t: spherical_harmonics(6, t, normalize, "integral"),
+                             lambda t: o3.spherical_harmonics(6, t, normalize, "integral"), [v], rtol=1e-12)
     ls = o3.Irreps.spherical_harmonics(4)
-    compare_to_second_order(lambda t: spherical_harmonics(ls, t, normalize, "component"),
-                            lambda t: o3.spherical_harmonics(ls, t, normalize, "component"), [v])
+    assert_matches_reference(lambda t: spherical_harmonics(ls, t, normalize, "component"),
+                             lambda t: o3.spherical_harmonics(ls, t, normalize, "component"), [v], rtol=1e-12)
 
 
 def test_spherical_harmonics_equivariance():
@@ -154,8 +133,8 @@ def test_linear_matches_e3nn_with_derivatives(case):
     x = torch.randn(9, module.irreps_in.dim)
     bias = module.bias if module.bias.numel() else None
     inputs = [x, module.weight.detach()] + ([bias.detach()] if bias is not None else [])
-    compare_to_second_order(lambda t, w, *b: linear(problem, t, w, *b),
-                            lambda t, w, *b: module(t, w, *b), inputs)
+    assert_matches_reference(lambda t, w, *b: linear(problem, t, w, *b),
+                             lambda t, w, *b: module(t, w, *b), inputs, rtol=1e-12)
 
 
 def test_linear_float32_batch_shape_and_equivariance():
@@ -208,8 +187,8 @@ def test_species_linear_matches_fctp_with_derivatives(case):
     species = torch.randint(0, num_species, (11,))
     one_hot = torch.nn.functional.one_hot(species, num_species).double()
     x = torch.randn(11, fctp.irreps_in1.dim)
-    compare_to_second_order(lambda t, w: species_linear(problem, t, species, w),
-                            lambda t, w: fctp(t, one_hot, w), [x, fctp.weight.detach()])
+    assert_matches_reference(lambda t, w: species_linear(problem, t, species, w),
+                             lambda t, w: fctp(t, one_hot, w), [x, fctp.weight.detach()], rtol=1e-12)
 
 
 def test_species_linear_equivariance_and_model_modules():
@@ -291,7 +270,7 @@ def _check_against_mace(module, rtol=1e-12):
         names = [problem.weight_names[i] for i in trainable]
         return torch.func.functional_call(module, dict(zip(names, ws)), (t, one_hot))
 
-    compare_to_second_order(fast, slow, [x] + [weights[i].detach() for i in trainable], rtol)
+    assert_matches_reference(fast, slow, [x] + [weights[i].detach() for i in trainable], rtol=rtol)
     return problem
 
 

@@ -19,6 +19,7 @@ from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.ops import gate as gate_ops  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from fastmlip.reference import gate as ref  # noqa: E402
+from helpers.derivatives import assert_close, assert_matches_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -69,41 +70,17 @@ def inputs(dim, dtype, n=21, seed=0):
     return (torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 2).to(DEVICE)
 
 
-def assert_close(actual, expected, dtype, what):
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
-    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
-
-
-def derivatives(fn, x, seed=1):
-    """Value, d<probe, f>/dx and d<h, d<probe, f>/dx>/dx."""
-    x = x.detach().clone().requires_grad_(True)
-    out = fn(x)
-    gen = torch.Generator().manual_seed(seed)
-    probe = torch.randn(out.shape, generator=gen, dtype=x.dtype).to(DEVICE)
-    (first,) = torch.autograd.grad(out, x, probe, create_graph=True)
-    h = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(DEVICE)
-    (second,) = torch.autograd.grad((first * h).sum(), x)
-    return out.detach(), first.detach(), second
-
-
-def compare(fast, gate, x, dtype):
-    for what, a, b in zip(("value", "gradient", "second derivative"), derivatives(fast, x), derivatives(gate, x)):
-        assert_close(a, b, dtype, what)
-
-
 # --- reference -------------------------------------------------------------------------------------------------
 
 def check_reference(gate, dtype):
     problem = gate_problem(gate)
     x = inputs(problem.dim_in, dtype).requires_grad_(True)
     expected = gate(x)
-    assert_close(ref.gate(problem, x), expected, dtype, "value")
+    assert_close(ref.gate(problem, x), expected, TOL[dtype], "value")
     if problem.has_kernel:
         probe = torch.randn_like(expected)
         (grad,) = torch.autograd.grad(expected, x, probe)
-        assert_close(ref.gate_backward(problem, probe, x.detach()), grad, dtype, "gradient")
+        assert_close(ref.gate_backward(problem, probe, x.detach()), grad, TOL[dtype], "gradient")
 
 
 def test_reference_matches_sevennet0_gates(sevennet0):
@@ -143,7 +120,8 @@ def test_op_falls_back_to_plain_autograd_for_unknown_activations(monkeypatch):
     monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
     gate = synthetic_gate("unknown-activation")
     problem = gate_problem(gate)
-    compare(lambda t: gate_ops.gate(problem, t), gate, inputs(problem.dim_in, torch.float64), torch.float64)
+    assert_matches_reference(lambda t: gate_ops.gate(problem, t), gate, [inputs(problem.dim_in, torch.float64)],
+                             rtol=TOL[torch.float64])
 
 
 def test_ops_pass_torch_opcheck_and_gradcheck():
@@ -169,7 +147,8 @@ def test_ops_pass_torch_opcheck_and_gradcheck():
 def test_kernels_match_e3nn_synthetic(case, dtype, triton_poisoned):
     gate = synthetic_gate(case, dtype)
     problem = gate_problem(gate)
-    compare(lambda t: gate_ops.gate(problem, t), gate, inputs(problem.dim_in, dtype), dtype)
+    assert_matches_reference(lambda t: gate_ops.gate(problem, t), gate, [inputs(problem.dim_in, dtype)],
+                             rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -177,7 +156,8 @@ def test_kernels_match_e3nn_sevennet0(sevennet0, dtype, triton_poisoned):
     gate = sevennet_gates(sevennet0)["1_equivariant_gate"].to(dtype)
     try:
         problem = gate_problem(gate)
-        compare(lambda t: gate_ops.gate(problem, t), gate, inputs(problem.dim_in, dtype, n=19), dtype)
+        assert_matches_reference(lambda t: gate_ops.gate(problem, t), gate, [inputs(problem.dim_in, dtype, n=19)],
+                                 rtol=TOL[dtype])
     finally:
         gate.double()
 
@@ -236,10 +216,12 @@ def test_kernels_match_reference_at_md_size(sevennet0, dtype, monkeypatch):
     gate = sevennet_gates(sevennet0)["0_equivariant_gate"]
     problem = gate_problem(gate)
     x = inputs(problem.dim_in, dtype, n=20000)
-    monkeypatch.setenv("FASTMLIP_BACKEND", "reference")
-    expected = derivatives(lambda t: gate_ops.gate(problem, t), x)
-    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-    for what, a, b in zip(("value", "gradient", "second derivative"),
-                          derivatives(lambda t: gate_ops.gate(problem, t), x), expected):
-        assert_close(a, b, dtype, what)
+
+    def gate_on(backend):
+        def run(t):
+            monkeypatch.setenv("FASTMLIP_BACKEND", backend)
+            monkeypatch.setattr(launch, "POISON_OUTPUTS", backend == "triton")
+            return gate_ops.gate(problem, t)
+        return run
+
+    assert_matches_reference(gate_on("triton"), gate_on("reference"), [x], rtol=TOL[dtype])

@@ -78,30 +78,40 @@ def _batches(sizes: list, batch_atoms: int) -> list:
 
 
 def _evaluate_batch(calculator, structures, properties) -> list:
-    device, framework = calculator.device, calculator.framework
+    device = calculator.device
     as64 = lambda array: torch.as_tensor(np.asarray(array), dtype=torch.float64, device=device)  # noqa: E731
-    positions = as64(np.concatenate([atoms.positions for atoms in structures]))
-    numbers = torch.as_tensor(np.concatenate([atoms.numbers for atoms in structures]), device=device)
-    sizes = torch.tensor([len(atoms) for atoms in structures], device=device)
-    owner = torch.repeat_interleave(torch.arange(len(structures), device=device), sizes)
-    cells = as64(np.stack([atoms.cell.array for atoms in structures]))
-    pbcs = [tuple(bool(p) for p in atoms.pbc) for atoms in structures]
+    out = evaluate_tensors(calculator, as64(np.concatenate([atoms.positions for atoms in structures])),
+                           torch.as_tensor(np.concatenate([atoms.numbers for atoms in structures]), device=device),
+                           torch.tensor([len(atoms) for atoms in structures], device=device),
+                           as64(np.stack([atoms.cell.array for atoms in structures])),
+                           [tuple(bool(p) for p in atoms.pbc) for atoms in structures], properties)
+    return _split({key: value.cpu().numpy() for key, value in out.items()}, structures, properties)
+
+
+def evaluate_tensors(calculator, positions, numbers, sizes, cells, pbcs, properties=PROPERTIES) -> dict:
+    """One model call for a batch given as device tensors: float64 ``positions`` [N, 3] of the structures'
+    atoms one structure after another, ``numbers`` [N], ``sizes`` [B], ``cells`` [B, 3, 3] (rows are lattice
+    vectors), ``pbcs`` (3 bools per structure). Returns float64 device tensors: ``energy`` [B], ``energies``
+    [N], and as requested ``forces`` [N, 3] and ``stress`` [B, 3, 3] (ASE's sign; meaningless for structures
+    without a 3-D cell)."""
+    device, count = positions.device, sizes.numel()
+    owner = torch.repeat_interleave(torch.arange(count, device=device), sizes)
     edge_i, edge_j, vectors = batch_edges(positions, owner, sizes, cells, pbcs, calculator.cutoff)
-    out = framework.compute_edges(calculator.model, numbers, edge_i, edge_j, vectors, modal=calculator.modal)
+    out = calculator.framework.compute_edges(calculator.model, numbers, edge_i, edge_j, vectors,
+                                             modal=calculator.modal)
     gradient = out["edge_gradient"].to(torch.float64)
-    count = len(structures)
-    energy = torch.zeros(count, dtype=torch.float64, device=device).index_add_(0, owner, out["energies"].double())
-    host = {"energy": energy.cpu().numpy(), "energies": out["energies"].double().cpu().numpy()}
+    energies = out["energies"].to(torch.float64)
+    result = {"energy": torch.zeros(count, dtype=torch.float64, device=device).index_add_(0, owner, energies),
+              "energies": energies}
     if "forces" in properties:
-        forces = torch.zeros_like(positions).index_add_(0, edge_i, gradient).index_add_(0, edge_j, gradient,
-                                                                                         alpha=-1)
-        host["forces"] = forces.cpu().numpy()
+        result["forces"] = torch.zeros_like(positions).index_add_(0, edge_i, gradient).index_add_(
+            0, edge_j, gradient, alpha=-1)
     if "stress" in properties:
         virial = torch.zeros(count, 3, 3, dtype=torch.float64, device=device).index_add_(
             0, owner[edge_i], vectors.unsqueeze(-1) * gradient.unsqueeze(-2))
-        host["stress"] = (0.5 * (virial + virial.transpose(1, 2))
-                          / torch.linalg.det(cells).abs().clamp_min(1e-300).reshape(-1, 1, 1)).cpu().numpy()
-    return _split(host, structures, properties)
+        volume = torch.linalg.det(cells).abs().clamp_min(1e-300).reshape(-1, 1, 1)
+        result["stress"] = 0.5 * (virial + virial.transpose(1, 2)) / volume
+    return result
 
 
 def _split(host: dict, structures, properties) -> list:

@@ -68,7 +68,7 @@ def test_mace_batch_equals_one_structure_at_a_time():
     pytest.importorskip("mace.modules")
     from ase.build import bulk as build
 
-    import test_mace_patch as mace_models
+    from helpers import mace_models
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

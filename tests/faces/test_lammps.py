@@ -1,7 +1,7 @@
 """``fastmlip lammps``: the potential LAMMPS loads through ``pair_style mliap unified`` equals fastmlip.Calculator.
 
 In LAMMPS (built with ML-IAP and Python support; skipped with the reason where it is not) serial energies, per-atom
-energies, forces and the virial equal the calculator's in float64, and two MPI ranks equal one. Where LAMMPS is
+energies, forces and the virial equal the calculator's in float64, and two and four MPI ranks equal one. Where LAMMPS is
 missing, the same potential still runs on neighbour data laid out as LAMMPS lays it out (owned atoms, then ghost
 images with their own neighbour lists). Structures are small on purpose: SevenNet-0's 5 layers reach 25 A, and each
 rank evaluates the model on every atom within that reach of its own atoms.
@@ -220,10 +220,11 @@ def test_lammps_serial(case, lammps_mpi, tmp_path):
     case["serial"] = got
 
 
-def test_lammps_two_ranks(case, lammps_mpi, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_lammps_ranks(case, lammps_mpi, tmp_path, ranks):
     if not lammps_mpi or _mpirun() is None:
         pytest.skip("LAMMPS here was built without MPI, or there is no mpirun")
-    got = run_lammps(tmp_path, case["atoms"], case["elements"], case["lines"], ranks=2)
+    got = run_lammps(tmp_path, case["atoms"], case["elements"], case["lines"], ranks=ranks)
     assert_agree(got, case.get("serial", case["expected"]), len(case["atoms"]))
 
 

@@ -99,7 +99,8 @@ def fastmlip_md(atoms, model, args):
               "timed_events": {"neighbour_rebuilds": calculator.neighbor_list_rebuilds - rebuilds},
               "peak_MiB": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
               "T_end_K": kinetic_temperature(run.atoms.get_momenta(), run.atoms.get_masses()),
-              "engine": "cuda graph" if calculator.cuda_graph else f"eager ({calculator.cuda_graph_obstacle or 'off'})"}
+              "engine": "cuda graph" if calculator.cuda_graph else f"eager ({calculator.cuda_graph_obstacle or 'off'})",
+              "list_checks": run.timing["list_checks"]}
     return timing, first
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .calculator import Calculator, StructureError
-from .neighbors import _binning_basis
+from .neighbors import binning_basis
 
 PROPERTIES = ("energy", "forces", "stress")
 CANDIDATES_PER_BLOCK = 1 << 22  # pair-image candidates whose distances are tested at once (memory bound)
@@ -50,11 +50,7 @@ def evaluate(structures, model="7net-0", *, device="auto", dtype="float32", prop
 
 def _check_structure(calculator, index: int, atoms) -> None:
     try:
-        if len(atoms) == 0:
-            raise StructureError("the structure has no atoms")
-        calculator._checked_numbers(atoms.numbers)
-        calculator._checked_positions(atoms.positions)
-        calculator._check_cell(np.asarray(atoms.cell.array, dtype=np.float64), tuple(bool(p) for p in atoms.pbc))
+        calculator.check(atoms)
     except StructureError as exc:
         raise StructureError(f"structure {index}: {exc}") from None
 
@@ -141,7 +137,7 @@ def batch_edges(positions, owner, sizes, cells, pbcs, cutoff: float) -> tuple:
         return i, j, positions[j] - positions[i] + shifts.to(torch.float64) @ cells[0]
     bases, ranges = [], []
     for cell, pbc in zip(cells.cpu(), pbcs):  # 3x3 metadata per structure, on the host
-        basis, heights = _binning_basis(cell, pbc)
+        basis, heights = binning_basis(cell, pbc)
         bases.append(basis)
         ranges.append([math.ceil(cutoff / h) if p else 0 for h, p in zip(heights, pbc)])
     bases = torch.stack(bases).to(device)

@@ -164,11 +164,17 @@ class Calculator(AseCalculator):
 
     def bind(self, atoms) -> None:
         """Check ``atoms``' species, cell and positions once, for a run of :meth:`evaluate` calls on them."""
+        self._numbers = self.check(atoms)
+
+    def check(self, atoms) -> torch.Tensor:
+        """The atomic numbers of ``atoms`` on the device; :class:`StructureError` for no atoms, elements the model
+        does not know, NaN positions or a periodic axis without a cell vector."""
         if len(atoms) == 0:
             raise StructureError("the structure has no atoms")
-        self._numbers = self._checked_numbers(atoms.numbers)
+        numbers = self._checked_numbers(atoms.numbers)
         self._checked_positions(atoms.positions)
         self._check_cell(np.asarray(atoms.cell.array, dtype=np.float64), tuple(bool(p) for p in atoms.pbc))
+        return numbers
 
     def evaluate(self, positions, cell, pbc, with_stress: bool) -> tuple:
         """(energy [], forces [N, 3], stress [3, 3] or None) as device tensors, for float64 ``positions`` and

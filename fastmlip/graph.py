@@ -1,4 +1,4 @@
-"""Edge bookkeeping shared by ops and faces: sorting by receiver and CSR offsets."""
+"""Edge bookkeeping shared by ops, patches and faces: edge vectors, sorting by receiver and CSR offsets."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,3 +34,11 @@ def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> SortedEd
     src_perm = torch.argsort(src_s, stable=True)
     return SortedEdges(order, src_s, dst_s, csr_offsets(dst_s, num_nodes), src_perm,
                        csr_offsets(src_s[src_perm], num_nodes))
+
+
+def edge_vectors(positions, cell, edge_i, edge_j, shifts) -> torch.Tensor:
+    """``positions[j] - positions[i] + shifts @ cell`` per edge i -> j (ASE's "ijS"), in float64 whatever the
+    inputs' dtype, so a model in float32 gets vectors rounded once, not positions rounded first."""
+    positions64 = positions.detach().to(torch.float64)
+    return (positions64.index_select(0, edge_j) - positions64.index_select(0, edge_i)
+            + shifts.to(torch.float64) @ cell.to(torch.float64).reshape(3, 3))

@@ -59,7 +59,7 @@ def neighbor_list(positions, cell, pbc, cutoff, *, self_interaction=False, metho
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone(), torch.zeros(0, 3, dtype=torch.long, device=device)
 
-    basis, heights = _binning_basis(cell_host, pbc)
+    basis, heights = binning_basis(cell_host, pbc)
     # float64 for binning so that rounding can never move an atom out of reach.
     frac = positions.double() @ torch.linalg.inv(basis).to(device)
     stats = torch.cat([
@@ -281,7 +281,7 @@ def _validate(positions, cell, pbc, cutoff):
     return positions, cell, pbc, cutoff
 
 
-def _binning_basis(cell, pbc):
+def binning_basis(cell, pbc):
     """Periodic cell vectors completed by an orthonormal complement, and each axis' height.
 
     Non-periodic axes never get a shift, so any vectors spanning the rest of

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from fastmlip import memo
+from fastmlip.graph import edge_vectors
 from fastmlip.ops.derivatives import gradient_or_zeros
 
 from . import e3nn_compat, files, mace_forward, self_check, swaps
@@ -368,8 +369,9 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     if swaps.is_accelerated(model) and mace_forward.obstacle(model) is None:
         device = data["cell"].device
         exact_cell = data["cell"] if cell is None else torch.as_tensor(cell, device=device).reshape(3, 3)
-        vectors = mace_forward.edge_vectors(torch.as_tensor(positions, device=device), exact_cell,
-                                            data["unit_shifts"], data["edge_index"], data["positions"].dtype)
+        edge_index = data["edge_index"]
+        vectors = edge_vectors(torch.as_tensor(positions, device=device), exact_cell, edge_index[0], edge_index[1],
+                               data["unit_shifts"]).to(data["positions"].dtype)
         with torch.enable_grad():
             out = mace_forward.forward(model, data, vectors, select_head(model, modal), want_stress)
     else:

@@ -40,15 +40,6 @@ def obstacle(model) -> Optional[str]:
     return None
 
 
-def edge_vectors(positions, cell, unit_shifts, edge_index, dtype) -> torch.Tensor:
-    """``positions[receiver] - positions[sender] + unit_shifts @ cell`` in float64, then in ``dtype``."""
-    positions64 = positions.detach().to(torch.float64)
-    sender, receiver = edge_index[0], edge_index[1]
-    vectors = (positions64.index_select(0, receiver) - positions64.index_select(0, sender)
-               + unit_shifts.to(torch.float64) @ cell.to(torch.float64))
-    return vectors.to(dtype)
-
-
 def _head_column(values: torch.Tensor, head: int) -> torch.Tensor:
     """MACE's ``values[arange(n), heads]`` for one head of one structure, by slicing."""
     return values.reshape(values.shape[0], -1)[:, head]
@@ -86,7 +77,7 @@ def node_energies(model, data: dict, vectors: torch.Tensor, head: int) -> tuple:
 
 def forward(model, data: dict, vectors: torch.Tensor, head: int, compute_stress: bool) -> dict:
     """Energy, node energies, forces and (``compute_stress``) stress of one structure, as MACE's forward gives
-    them; ``vectors`` are the edge vectors of ``data["edge_index"]`` (see :func:`edge_vectors`)."""
+    them; ``vectors`` are the edge vectors of ``data["edge_index"]`` (:func:`fastmlip.graph.edge_vectors`)."""
     vectors = vectors.detach().requires_grad_(True)
     node_energy, differentiated = node_energies(model, data, vectors, head)
     energy = node_energy.sum().to(vectors.dtype)

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from fastmlip.graph import edge_vectors
 from fastmlip.ops.derivatives import gradient_or_zeros
 
 from . import files, swaps
@@ -306,14 +307,14 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
     """
     device, dtype = swaps.first_tensor_placement(model)
     numbers = torch.as_tensor(numbers, device=device).long()
-    positions64 = torch.as_tensor(positions, device=device).detach().to(torch.float64)
+    positions = torch.as_tensor(positions, device=device).detach()
     cell64 = torch.as_tensor(cell, device=device).detach().to(torch.float64).reshape(3, 3)
     edge_i = torch.as_tensor(edge_i, device=device).long()
     edge_j = torch.as_tensor(edge_j, device=device).long()
-    shifts64 = torch.as_tensor(shifts, device=device).to(torch.float64).reshape(-1, 3)
-    edge_vec = positions64.index_select(0, edge_j) - positions64.index_select(0, edge_i) + shifts64 @ cell64
+    shifts = torch.as_tensor(shifts, device=device).reshape(-1, 3)
+    edge_vec = edge_vectors(positions, cell64, edge_i, edge_j, shifts)
     volume = torch.dot(cell64[0], torch.linalg.cross(cell64[1], cell64[2])).abs().to(dtype)
-    return _graph_data(model, numbers, edge_i, edge_j, edge_vec.to(dtype), positions64.to(dtype), volume, modal,
+    return _graph_data(model, numbers, edge_i, edge_j, edge_vec.to(dtype), positions.to(dtype), volume, modal,
                        edge_mask)
 
 
@@ -387,17 +388,28 @@ def _edge_forces_and_stress(head, data, num_atoms: int):
     return data
 
 
-def _run(model, data, num_atoms: int):
-    """``model(data)``, with a single-structure edge force/stress head evaluated by fastmlip (no host syncs)."""
+def _edge_force_head(model):
+    """The model's final ``ForceStressOutputFromEdge`` (forces from edge vectors), None when it has another."""
     from sevenn.nn.force_output import ForceStressOutputFromEdge
 
     modules = list(model)
-    if not modules or type(modules[-1]) is not ForceStressOutputFromEdge or getattr(model, "is_batch_data", True):
-        return model(data)
+    return modules[-1] if modules and type(modules[-1]) is ForceStressOutputFromEdge else None
+
+
+def _until_head(model, data):
+    """``model(data)`` without its final force/stress module: the per-atom energies and the graph behind them."""
     data = model._preprocess(data)
-    for module in modules[:-1]:
+    for module in list(model)[:-1]:
         data = module(data)
-    return _edge_forces_and_stress(modules[-1], data, num_atoms)
+    return data
+
+
+def _run(model, data, num_atoms: int):
+    """``model(data)``, with a single-structure edge force/stress head evaluated by fastmlip (no host syncs)."""
+    head = _edge_force_head(model)
+    if head is None or getattr(model, "is_batch_data", True):
+        return model(data)
+    return _edge_forces_and_stress(head, _until_head(model, data), num_atoms)
 
 
 def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None,
@@ -444,13 +456,11 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
     default) by the edge vectors ``vectors`` (``pos[j] - pos[i] + shift`` of edge i -> j), for callers that hold
     edges as vectors (LAMMPS ML-IAP: local atoms then ghosts; forces and virial follow from the gradient)."""
     import sevenn._keys as KEY
-    from sevenn.nn.force_output import ForceStressOutputFromEdge
 
     device, dtype = swaps.first_tensor_placement(model)
     numbers = torch.as_tensor(numbers, device=device).long()
     _check_species(model, numbers)
-    modules = list(model)
-    if not modules or type(modules[-1]) is not ForceStressOutputFromEdge:
+    if _edge_force_head(model) is None:
         raise ValueError("this SevenNet model does not take its forces from edge vectors")
     _make_onehots_follow_dtype(model)
     vectors = torch.as_tensor(vectors, device=device).detach().to(dtype).requires_grad_(True)
@@ -459,10 +469,7 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
                        torch.zeros(numbers.numel(), 3, dtype=dtype, device=device),
                        torch.zeros((), dtype=dtype, device=device), select_modal(model, modal))
     with torch.enable_grad():
-        data = model._preprocess(data)
-        for module in modules[:-1]:
-            data = module(data)
-        energies = data[KEY.ATOMIC_ENERGY].reshape(-1)
+        energies = _until_head(model, data)[KEY.ATOMIC_ENERGY].reshape(-1)
         local = energies[:numbers.numel() if num_local is None else num_local].sum()
         gradient = gradient_or_zeros(local, vectors)
     return {"energies": energies.detach(), "energy": local.detach(), "edge_gradient": gradient}

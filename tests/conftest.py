@@ -30,6 +30,17 @@ def kernel_settings():
         yield lambda **values: changes.enter_context(use_settings(**values))
 
 
+@pytest.fixture
+def triton_poisoned(monkeypatch, tmp_path_factory):
+    """The Triton backend (interpreted without CUDA), a cache of this run's own, and outputs the kernels must fully
+    write starting as NaN (:data:`fastmlip.kernels.launch.POISON_OUTPUTS`)."""
+    from fastmlip.kernels import launch
+
+    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+
+
 @pytest.fixture(autouse=True)
 def _default_backend(monkeypatch):
     """Tests choose their backend explicitly; an outer FASTMLIP_BACKEND must not leak in."""

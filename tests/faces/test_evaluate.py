@@ -70,12 +70,7 @@ def test_mace_batch_equals_one_structure_at_a_time():
 
     from helpers import mace_models
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = mace_models.build_model("mp0_medium", channels=16)
-    finally:
-        torch.set_default_dtype(previous)
+    model = mace_models.build_model("mp0_medium", channels=16)
     calculator = Calculator(model, device="cpu", dtype="float64")
     carbon_monoxide = molecule("CO")
     carbon_monoxide.center(vacuum=2.0)

@@ -174,12 +174,7 @@ def mace_model_file(tmp_path_factory):
     from helpers import mace_models
     import torch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = mace_models.build_model("mp0_medium", channels=16)
-    finally:
-        torch.set_default_dtype(previous)
+    model = mace_models.build_model("mp0_medium", channels=16)
     path = tmp_path_factory.mktemp("mace") / "small.model"
     torch.save(model, path)
     return path

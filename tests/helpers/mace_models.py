@@ -4,8 +4,9 @@ on; shared by the tests of every layer that runs a MACE model (the patch, the fa
 Models use the published MACE-MP-0 small/medium/large and MACE-OFF23-medium hyperparameters at full width
 (128 channels, max_ell 3, correlation 3, 2 interactions, radial MLP [64, 64, 64], 16x0e readout MLP; residual
 interaction blocks, OFF with a plain first block) for three elements; readout weights are scaled so forces are
-O(1) eV/A, so agreement is checked on real numbers, not on rounding noise. Build them with float64 as torch's
-default dtype. Importing this module needs mace (callers ``pytest.importorskip("mace.modules")`` first).
+O(1) eV/A, so agreement is checked on real numbers, not on rounding noise. They are built in float64, whatever
+torch's default dtype is when they are first asked for (they are cached). Importing this module needs mace
+(callers ``pytest.importorskip("mace.modules")`` first).
 """
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def build_model(config: str, *, heads=None, interaction=None, channels: int = 12
 
 @functools.lru_cache(maxsize=None)
 def _cached_model(config: str, heads, interaction, channels: int = 128, seed: int = 0):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return _float64_model(config, heads, interaction, channels, seed)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _float64_model(config: str, heads, interaction, channels: int, seed: int):
     model_cls, hidden, first, inter, reduced = CONFIGS[config]
     hidden = hidden.replace("128x", f"{channels}x")
     heads = list(heads) if heads else None

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 from fastmlip.descriptors import channelwise_instructions, make_tensor_product_problem  # noqa: E402
 from fastmlip.graph import sort_edges  # noqa: E402
-from fastmlip.kernels import conv, launch  # noqa: E402
+from fastmlip.kernels import conv  # noqa: E402
 from fastmlip.ops.conv import fused_conv  # noqa: E402
 from fastmlip.reference.tensor_product import fused_conv_backward  # noqa: E402
 
@@ -47,12 +47,7 @@ def problem(name):
     return _CACHE[name]
 
 
-@pytest.fixture(autouse=True)
-def _triton_poisoned(monkeypatch, tmp_path_factory):
-    """Every test runs the kernels, with outputs they must fully write starting as NaN."""
-    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+pytestmark = pytest.mark.usefixtures("triton_poisoned")  # every test runs the kernels, outputs poisoned
 
 
 def random_graph(num_nodes, num_edges, seed, isolated=()):

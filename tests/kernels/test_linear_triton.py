@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 from e3nn import o3  # noqa: E402
 
 from fastmlip.descriptors import linear_problem  # noqa: E402
-from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.kernels import linear as kernels  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from fastmlip.ops.linear import linear, linear_bwd, linear_fwd  # noqa: E402
@@ -38,11 +37,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _triton_poisoned(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+pytestmark = pytest.mark.usefixtures("triton_poisoned")  # every test runs the kernels, outputs poisoned
 
 
 def make_module(name, seed=0):

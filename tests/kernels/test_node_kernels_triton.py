@@ -29,12 +29,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 
 
-@pytest.fixture(autouse=True)
-def _triton_poisoned(monkeypatch, tmp_path_factory):
-    """Every test runs the kernels, with outputs they must fully write starting as NaN."""
-    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+pytestmark = pytest.mark.usefixtures("triton_poisoned")  # every test runs the kernels, outputs poisoned
 
 
 # --- symmetric contraction --------------------------------------------------------------------------------------

@@ -59,13 +59,6 @@ def sevennet_gates(model):
     return {name: m.gate for name, m in model.named_modules() if isinstance(m, EquivariantGate)}
 
 
-@pytest.fixture
-def triton_poisoned(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-
-
 def inputs(dim, dtype, n=21, seed=0):
     return (torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 2).to(DEVICE)
 

@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastmlip.descriptors import Envelope, radial_basis_problem  # noqa: E402
-from fastmlip.kernels import launch  # noqa: E402
 from fastmlip.ops import radial_basis as basis_ops  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from helpers.derivatives import assert_matches_reference  # noqa: E402
@@ -77,13 +76,6 @@ def derivatives(function, r, w, seed=0):
 def assert_close(a, b, dtype, what):
     err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
     assert err <= TOL[dtype], f"{what}: relative error {err:.2e}"
-
-
-@pytest.fixture
-def triton_poisoned(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -56,13 +56,6 @@ def assert_close(a, b, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.2e}"
 
 
-@pytest.fixture
-def triton_poisoned(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
-    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-
-
 def first_derivatives(function, net, x, scale, grad):
     """(value, d x, d scale, d weights) of <grad, function(x, weights, scale)> with plain autograd."""
     x, scale = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)

@@ -48,12 +48,7 @@ def test_mace_on_gpu(config, dtype):
     import fastmlip
     from helpers import mace_models
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        model = mace_models.build_model(config).to(device="cuda", dtype=dtype)
-    finally:
-        torch.set_default_dtype(previous)
+    model = mace_models.build_model(config).to(device="cuda", dtype=dtype)
     atoms = mace_models.periodic_structure(seed=3).repeat(2)
     accelerated = fastmlip.accelerate(copy.deepcopy(model))
     _assert_close(_evaluate(model, atoms), _evaluate(accelerated, atoms), len(atoms), dtype)

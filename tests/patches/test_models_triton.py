@@ -7,7 +7,6 @@ stress must agree to the accelerated-model tolerances; edges come in a shuffled 
 paths run where a model does not sort its edges itself. Small structures keep the interpreter at about a minute
 per model.
 """
-import copy
 import warnings
 
 import pytest
@@ -98,14 +97,9 @@ def test_mace_triton_matches_reference(dtype, kernel_calls, monkeypatch):
 
     from fastmlip.patches import mace as patch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        # MACE-MP-0-medium's irreps, correlation and radial MLP at 32 channels (128 cost the interpreter ~4x the
-        # time; every kernel path, multi-piece contractions included, is the same)
-        model = copy.deepcopy(mace_models.build_model("mp0_medium", channels=32)).to(device=DEVICE, dtype=dtype)
-    finally:
-        torch.set_default_dtype(previous)
+    # MACE-MP-0-medium's irreps, correlation and radial MLP at 32 channels (128 cost the interpreter ~4x the time;
+    # every kernel path, multi-piece contractions included, is the same)
+    model = mace_models.build_model("mp0_medium", channels=32).to(device=DEVICE, dtype=dtype)
     assert patch.accelerate(model) == []
     atoms = mace_models.periodic_structure(seed=5)[:4]
     print(backends_agree(patch, model, atoms, monkeypatch, mace_models.R_MAX))

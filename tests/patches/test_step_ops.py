@@ -72,12 +72,7 @@ def test_mace_step_has_no_index_backward(kernels_skipped):
 
     from fastmlip.patches import mace as patch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # the models helpers.mace_models caches are built in float64
-    try:
-        model = mace_models.build_model("mp0_medium", channels=16).float()
-    finally:
-        torch.set_default_dtype(previous)
+    model = mace_models.build_model("mp0_medium", channels=16).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert patch.accelerate(model) == []

@@ -69,7 +69,19 @@ class Settings:
         "edges up to which a CUDA radial MLP runs the fused kernels (more: e3nn's own matmuls)")
     dot_precision: str = _setting(
         "FASTMLIP_DOT_PRECISION", "ieee",
-        "float32 tl.dot in the radial MLP: ieee (exact float32) or tf32x3 (tensor cores; float64 is always ieee)")
+        "float32 tl.dot of the radial MLP and the linears: ieee (exact float32) or tf32x3 (tensor cores)")
+    linear_rows: int = _setting(
+        "FASTMLIP_LINEAR_ROWS", 16,
+        "node rows per o3.Linear program (the M of its matmul tile)")
+    linear_block: int = _setting(
+        "FASTMLIP_LINEAR_BLOCK", 32,
+        "output channels per float32 o3.Linear program at most (the N of its matmul tile)")
+    linear_k: int = _setting(
+        "FASTMLIP_LINEAR_K", 16,
+        "input channels per float32 o3.Linear matmul step at most (the K of its matmul tile)")
+    linear_warps: int = _setting(
+        "FASTMLIP_LINEAR_WARPS", 4,
+        "warps per o3.Linear program")
     radial_block: int = _setting(
         "FASTMLIP_RADIAL_BLOCK", 128,
         "edges per radial-basis program")
@@ -146,6 +158,12 @@ def dot_precision(dtype) -> str:
     GPU before it becomes a default (the interpreter computes either exactly). float64 is always ieee.
     """
     return settings().dot_precision if dtype == torch.float32 else "ieee"
+
+
+def product_mode(dtype) -> str:
+    """``PRODUCT`` of :func:`fastmlip.kernels.tiles.tile_product`: the float32 ``tl.dot`` precision, or ``fma``
+    (broadcast products) for float64."""
+    return settings().dot_precision if dtype == torch.float32 else "fma"
 
 
 _TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}

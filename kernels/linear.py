@@ -28,19 +28,26 @@ import triton
 from ..descriptors import LinearProblem, irreps_offsets
 from . import codegen
 from . import tiles as shared_tiles
-from .launch import new_output, tl_dtype
+from .launch import new_output, product_mode, settings, tl_dtype
 
 ROWS_PER_SPLIT = 256  # rows each weight/bias-gradient program sums
 
 
 @dataclass(frozen=True)
 class _Tiles:
-    """Tile sizes of one product mode: ``dot`` (float32, tl.dot) or ``fma`` (float64, broadcast products)."""
+    """Tile sizes and products of one kernel variant: ``product`` is ``ieee``/``tf32x3`` (float32, tl.dot) or
+    ``fma`` (float64, broadcast products)."""
 
-    rows: int  # BN of apply tasks and BR of the gradient row loops (16 keeps float32 at ~128 registers, no spills)
+    product: str
+    rows: int  # BN of apply tasks and BR of the gradient row loops
     k_max: int
     j_max: int
     minimum: int
+    warps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.product}_r{self.rows}k{self.k_max}j{self.j_max}w{self.warps}"
 
     def k(self, n: int) -> int:
         return max(self.minimum, min(self.k_max, triton.next_power_of_2(n)))
@@ -49,7 +56,14 @@ class _Tiles:
         return max(self.minimum, min(self.j_max, triton.next_power_of_2(n)))
 
 
-_TILES = {"dot": _Tiles(16, 16, 32, 16), "fma": _Tiles(16, 8, 32, 2)}
+def _tiles(dtype) -> _Tiles:
+    """float32: tiles from the settings, at least 16 wide (tl.dot's minimum on Triton 3.6), masked past the
+    multiplicity; float64: small broadcast-product tiles."""
+    product = product_mode(dtype)
+    if product == "fma":
+        return _Tiles("fma", 16, 8, 32, 2, 4)
+    s = settings()
+    return _Tiles(product, s.linear_rows, s.linear_k, s.linear_block, 16, s.linear_warps)
 
 
 def _apply_branches(problem: LinearProblem, transpose: bool, tiles: _Tiles) -> list:
@@ -91,9 +105,8 @@ class _Branches:
         return self.code.indent()
 
 
-def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, mode: str, inp: str, out: str) -> None:
+def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, tiles: _Tiles, inp: str, out: str) -> None:
     """out = inp @ W per path (W^T: the x-gradient), each column written exactly once (zeros where no path)."""
-    tiles = _TILES[mode]
     in_irreps, out_irreps = ((problem.irreps_out, problem.irreps_in) if transpose
                              else (problem.irreps_in, problem.irreps_out))
     in_off, out_off = irreps_offsets(in_irreps), irreps_offsets(out_irreps)
@@ -117,7 +130,7 @@ def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, mode: str
                     code(f"acc += {consts(p.path_weight)} * path_tile({inp}, weight, rows, row_ok, j, comp, DT=DT, "
                          f"IN_STRIDE={in_stride}, IN_OFF={in_off[i_from]}, D={m.ir_dim}, K={k_dim}, J={m.mul}, "
                          f"W_OFF={p.weight_offset}, K_STRIDE={k_stride}, J_STRIDE={j_stride}, BN={tiles.rows}, "
-                         f"BK={tiles.k(k_dim)}, BJ={bj}, USE_DOT={mode == 'dot'})")
+                         f"BK={tiles.k(k_dim)}, BJ={bj}, PRODUCT=\"{tiles.product}\")")
                 for b in biases:
                     code("if HAS_BIAS:")
                     code(f"    acc += {consts(b.path_weight)} * tl.load(bias + {b.bias_offset} + j, "
@@ -126,8 +139,7 @@ def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, mode: str
                      f"comp, acc, mask=row_ok[:, None] & (j[None, :] < {m.mul}))")
 
 
-def _emit_weight_grads(code, consts, problem: LinearProblem, mode: str) -> None:
-    tiles = _TILES[mode]
+def _emit_weight_grads(code, consts, problem: LinearProblem, tiles: _Tiles) -> None:
     off_in, off_out = irreps_offsets(problem.irreps_in), irreps_offsets(problem.irreps_out)
     branch = _Branches(code, "w_base + ")
     for p, bk, bj, j_blocks, blocks in _weight_branches(problem, tiles):
@@ -139,14 +151,13 @@ def _emit_weight_grads(code, consts, problem: LinearProblem, mode: str) -> None:
             code(f"acc = weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT=DT, X_STRIDE={problem.dim_in}, "
                  f"X_OFF={off_in[p.i_in]}, G_STRIDE={problem.dim_out}, G_OFF={off_out[p.i_out]}, "
                  f"D={problem.irreps_in[p.i_in].ir_dim}, K={p.mul_in}, J={p.mul_out}, BR={tiles.rows}, BK={bk}, "
-                 f"BJ={bj}, USE_DOT={mode == 'dot'})")
+                 f"BJ={bj}, PRODUCT=\"{tiles.product}\")")
             code(f"tl.store(grad_w + split * {problem.weight_numel} + {p.weight_offset} + k[:, None] * {p.mul_out} "
                  f"+ j[None, :], {consts(p.path_weight)} * acc, mask=(k[:, None] < {p.mul_in} * live) & "
                  f"(j[None, :] < {p.mul_out}))")
 
 
-def _emit_bias_grads(code, consts, problem: LinearProblem, mode: str) -> None:
-    tiles = _TILES[mode]
+def _emit_bias_grads(code, consts, problem: LinearProblem, tiles: _Tiles) -> None:
     off_out = irreps_offsets(problem.irreps_out)
     branch = _Branches(code, "b_base + ")
     for b, bj, blocks in _bias_branches(problem, tiles):
@@ -165,9 +176,9 @@ _BACKWARD_ARGS = ["grad_out", "x", "weight", "grad_x", "grad_w", "grad_b", "num_
                   "WANT_W: tl.constexpr", "WANT_B: tl.constexpr"]
 
 
-def _source(problem: LinearProblem, kind: str, mode: str) -> str:
-    """Module text of the ``forward`` or ``backward`` kernel of ``problem`` with products of ``mode``."""
-    rows = _TILES[mode].rows
+def _source(problem: LinearProblem, kind: str, tiles: _Tiles) -> str:
+    """Module text of the ``forward`` or ``backward`` kernel of ``problem`` with ``tiles``."""
+    rows = tiles.rows
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     code(f"from {shared_tiles.__name__} import column_sum_tile, path_tile, weight_grad_tile  # noqa: F401")
     about = (f"{problem}: out = x @ W per path (plus the bias), one launch" if kind == "forward" else
@@ -181,7 +192,7 @@ def _source(problem: LinearProblem, kind: str, mode: str) -> str:
     body("row_ok = rows < num_rows")
     body("rows = rows.to(tl.int64)")
     if kind == "forward":
-        _emit_apply(body, consts, problem, False, mode, "x", "out")
+        _emit_apply(body, consts, problem, False, tiles, "x", "out")
     else:
         body.comment("Weight and bias gradients: program s sums the rows of split s into its own partial (torch "
                      "adds the partials in a fixed order: deterministic).")
@@ -190,9 +201,9 @@ def _source(problem: LinearProblem, kind: str, mode: str) -> str:
         body("row_start = split * rows_per_split")
         body("row_end = tl.minimum(row_start + rows_per_split, num_rows)")
         body("split = split.to(tl.int64)")
-        sections = (("WANT_X", lambda c: _emit_apply(c, consts, problem, True, mode, "grad_out", "grad_x")),
-                    ("WANT_W", lambda c: _emit_weight_grads(c, consts, problem, mode)),
-                    ("WANT_B", lambda c: _emit_bias_grads(c, consts, problem, mode)))
+        sections = (("WANT_X", lambda c: _emit_apply(c, consts, problem, True, tiles, "grad_out", "grad_x")),
+                    ("WANT_W", lambda c: _emit_weight_grads(c, consts, problem, tiles)),
+                    ("WANT_B", lambda c: _emit_bias_grads(c, consts, problem, tiles)))
         for flag, emit in sections:
             section = codegen.Source()
             section.depth = 2
@@ -207,7 +218,7 @@ def _source(problem: LinearProblem, kind: str, mode: str) -> str:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Launch shape of one problem and mode: rows per program and task counts of each kind."""
+    """Launch shape of one problem and tile variant: rows per program and task counts of each kind."""
 
     rows: int
     forward: int
@@ -219,10 +230,9 @@ class _Plan:
 _PLANS: dict = {}
 
 
-def _plan(problem: LinearProblem, mode: str) -> _Plan:
-    key = (problem.key, mode)
+def _plan(problem: LinearProblem, tiles: _Tiles) -> _Plan:
+    key = (problem.key, tiles)
     if key not in _PLANS:
-        tiles = _TILES[mode]
         tasks = [sum(branch[-1] for branch in branches) for branches in (
             _apply_branches(problem, False, tiles), _apply_branches(problem, True, tiles),
             _weight_branches(problem, tiles), _bias_branches(problem, tiles))]
@@ -230,34 +240,31 @@ def _plan(problem: LinearProblem, mode: str) -> _Plan:
     return _PLANS[key]
 
 
-def _kernel(problem: LinearProblem, kind: str, mode: str):
-    return codegen.load_module(f"{problem.key}_{kind}_{mode}", lambda: _source(problem, kind, mode)).linear
-
-
-def _mode(dtype) -> str:
-    tl_dtype(dtype)
-    return "dot" if dtype == torch.float32 else "fma"
+def _kernel(problem: LinearProblem, kind: str, tiles: _Tiles):
+    return codegen.load_module(f"{problem.key}_{kind}_{tiles.name}", lambda: _source(problem, kind, tiles)).linear
 
 
 def forward(problem: LinearProblem, x, weight, bias=None):
     """x [N, dim_in] -> [N, dim_out] (plus the bias on its scalar outputs when ``bias`` is given): one launch."""
-    mode = _mode(x.dtype)
-    plan = _plan(problem, mode)
+    tl_dtype(x.dtype)
+    tiles = _tiles(x.dtype)
+    plan = _plan(problem, tiles)
     x, weight = x.contiguous(), weight.contiguous()
     n = x.shape[0]
     out = new_output((n, problem.dim_out), x)
     if n and plan.forward:
-        _kernel(problem, "forward", mode)[(triton.cdiv(n, plan.rows), plan.forward)](
+        _kernel(problem, "forward", tiles)[(triton.cdiv(n, plan.rows), plan.forward)](
             x, weight, weight if bias is None else bias.contiguous(), out, n, DT=tl_dtype(x.dtype),
-            HAS_BIAS=bias is not None, num_warps=4)
+            HAS_BIAS=bias is not None, num_warps=tiles.warps)
     return out
 
 
 def backward(problem: LinearProblem, grad_out, x, weight, want_x: bool, want_w: bool, want_b: bool):
     """(grad_x, grad_weight, grad_bias) of <grad_out, forward(x, weight, bias)>, each empty unless wanted: the
     wanted ones come from one launch (plus torch's sum over splits beyond ``ROWS_PER_SPLIT`` rows)."""
-    mode = _mode(x.dtype)
-    plan = _plan(problem, mode)
+    tl_dtype(x.dtype)
+    tiles = _tiles(x.dtype)
+    plan = _plan(problem, tiles)
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     n = x.shape[0]
     splits = triton.cdiv(n, ROWS_PER_SPLIT)
@@ -267,8 +274,8 @@ def backward(problem: LinearProblem, grad_out, x, weight, want_x: bool, want_w: 
     tasks = [plan.grad_x * want_x, plan.grad_w * want_w, plan.grad_b * want_b]
     if n and sum(tasks):
         grid = (max(triton.cdiv(n, plan.rows), splits) if want_x else splits, sum(tasks))
-        _kernel(problem, "backward", mode)[grid](
+        _kernel(problem, "backward", tiles)[grid](
             grad_out, x, weight, grad_x, *partial, n, ROWS_PER_SPLIT, splits, tasks[0], tasks[0] + tasks[1],
-            DT=tl_dtype(x.dtype), WANT_X=want_x, WANT_W=want_w, WANT_B=want_b, num_warps=4)
+            DT=tl_dtype(x.dtype), WANT_X=want_x, WANT_W=want_w, WANT_B=want_b, num_warps=tiles.warps)
     grad_w, grad_b = (p.sum(0) if p.dim() == 2 else p for p in partial)
     return grad_x, grad_w, grad_b

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from ..descriptors import SpeciesLinearProblem, irreps_offsets
-from .launch import new_output, settings, species_chunks, tl_dtype
+from .launch import new_output, product_mode, settings, species_chunks, tl_dtype
 from .tiles import gathered_matmul, weight_gradient
 
 
@@ -63,7 +63,7 @@ def _apply(problem, inp, species, weight, transpose: bool):
                               off_from[src], off_to[dst], p.weight_offset, p.species_start, p.num_species,
                               *strides, K=k_dim, J=j_dim, D=irreps_from[src].ir_dim, IN_STRIDE=dim_from,
                               OUT_STRIDE=dim_to, ACCUMULATE=dst in written, BN=chunk, BK=bk, BJ=bj,
-                              USE_DOT=inp.dtype == torch.float32, DT=tl_dtype(inp.dtype), num_warps=4)
+                              PRODUCT=product_mode(inp.dtype), DT=tl_dtype(inp.dtype), num_warps=4)
         written.add(dst)
     return out
 
@@ -95,5 +95,5 @@ def backward(problem: SpeciesLinearProblem, grad_out, x, species, weight, want_x
                                       p.num_species, K=p.mul_in, J=p.mul_out,
                                       D=problem.irreps_in[p.i_in].ir_dim, IN_STRIDE=problem.dim_in,
                                       OUT_STRIDE=problem.dim_out, S_STRIDE=p.num_species, BN=chunk, BK=bk,
-                                      BJ=bj, USE_DOT=x.dtype == torch.float32, DT=tl_dtype(x.dtype), num_warps=4)
+                                      BJ=bj, PRODUCT=product_mode(x.dtype), DT=tl_dtype(x.dtype), num_warps=4)
     return grad_x, grad_w

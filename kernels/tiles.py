@@ -7,19 +7,19 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_product(a, b, USE_DOT: tl.constexpr):
-    # float32: tl.dot with exact float32 products (never TF32); float64: broadcast products, which every Triton
-    # build lowers.
-    if USE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+def tile_product(a, b, PRODUCT: tl.constexpr):
+    # PRODUCT "fma" (float64): broadcast products, which every Triton build lowers. Otherwise (float32) tl.dot with
+    # that input precision: "ieee" (exact float32 products) or "tf32x3" (tensor cores, about float32 accuracy).
+    if PRODUCT == "fma":
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return tl.dot(a, b, input_precision=PRODUCT)
 
 
 @triton.jit
 def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: tl.constexpr,
               IN_OFF: tl.constexpr, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, W_OFF: tl.constexpr,
               K_STRIDE: tl.constexpr, J_STRIDE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              BJ: tl.constexpr, USE_DOT: tl.constexpr):
+              BJ: tl.constexpr, PRODUCT: tl.constexpr):
     """[BN, BJ]: sum_k inp[row, IN_OFF + k*D + comp] * W[k, j], W[k, j] at W_OFF + k*K_STRIDE + j*J_STRIDE."""
     # The K reduction in BK slices: a [BN, BK] tile of the input times a [BK, BJ] tile of W per slice.
     acc = tl.zeros([BN, BJ], DT)
@@ -29,7 +29,7 @@ def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: t
                     mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
         b = tl.load(weight + W_OFF + k[:, None] * K_STRIDE + j[None, :] * J_STRIDE,
                     mask=(k[:, None] < K) & (j[None, :] < J), other=0.0)
-        acc += tile_product(a, b, USE_DOT)
+        acc += tile_product(a, b, PRODUCT)
     return acc
 
 
@@ -37,7 +37,7 @@ def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: t
 def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_STRIDE: tl.constexpr,
                      X_OFF: tl.constexpr, G_STRIDE: tl.constexpr, G_OFF: tl.constexpr, D: tl.constexpr,
                      K: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
-                     USE_DOT: tl.constexpr):
+                     PRODUCT: tl.constexpr):
     """[BK, BJ]: sum over rows in [row_start, row_end) and components of x[row, k, comp] * g[row, j, comp]."""
     # BR rows at a time, every irrep component of them: x^T g accumulates in registers.
     acc = tl.zeros([BK, BJ], DT)
@@ -50,7 +50,7 @@ def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_
                         mask=r_ok[None, :] & (k[:, None] < K), other=0.0)
             b = tl.load(grad_out + r[:, None] * G_STRIDE + G_OFF + j[None, :] * D + comp,
                         mask=r_ok[:, None] & (j[None, :] < J), other=0.0)
-            acc += tile_product(a, b, USE_DOT)
+            acc += tile_product(a, b, PRODUCT)
     return acc
 
 
@@ -72,7 +72,7 @@ def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out
                     w_off, species_start, path_species, stride_k, stride_s, stride_j,
                     K: tl.constexpr, J: tl.constexpr, D: tl.constexpr, IN_STRIDE: tl.constexpr,
                     OUT_STRIDE: tl.constexpr, ACCUMULATE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
+                    BJ: tl.constexpr, PRODUCT: tl.constexpr, DT: tl.constexpr):
     """out[n, out_off + j*D + i] (+)= coef * sum_k inp[n, in_off + k*D + i] * W[k, s_local, j], nodes of a chunk."""
     # Each program owns one chunk of nodes of ONE species (at most BN, in species order) and BJ output channels.
     start = tl.load(starts + tl.program_id(0))
@@ -98,7 +98,7 @@ def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out
                         mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
             b = tl.load(w_base + k[:, None] * stride_k + j[None, :] * stride_j,
                         mask=(k[:, None] < k_limit) & j_ok[None, :], other=0.0)
-            acc += tile_product(a, b, USE_DOT)
+            acc += tile_product(a, b, PRODUCT)
         target = out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i
         mask = row_ok[:, None] & j_ok[None, :]
         acc = acc * coef
@@ -112,7 +112,7 @@ def gathered_matmul(inp, weight, coefficients, path, species, order, starts, out
 def weight_gradient(x, grad_out, coefficients, path, species, order, starts, grad_w, num_nodes, in_off, out_off,
                     w_off, species_start, path_species, K: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
                     IN_STRIDE: tl.constexpr, OUT_STRIDE: tl.constexpr, S_STRIDE: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, BJ: tl.constexpr, USE_DOT: tl.constexpr, DT: tl.constexpr):
+                    BK: tl.constexpr, BJ: tl.constexpr, PRODUCT: tl.constexpr, DT: tl.constexpr):
     """grad_w[k, s, j] += coef * sum over the chunk's nodes and components i of x[n, k, i] grad_out[n, j, i]."""
     # Each program owns one chunk of nodes of ONE species and a [BK, BJ] block of that species' weight gradient.
     start = tl.load(starts + tl.program_id(0))
@@ -134,7 +134,7 @@ def weight_gradient(x, grad_out, coefficients, path, species, order, starts, gra
                     mask=row_ok[None, :] & (k[:, None] < K), other=0.0)
         b = tl.load(grad_out + nodes[:, None] * OUT_STRIDE + out_off + j[None, :] * D + i,
                     mask=row_ok[:, None] & (j[None, :] < J), other=0.0)
-        acc += tile_product(a, b, USE_DOT)
+        acc += tile_product(a, b, PRODUCT)
     # Other chunks of the same species add to the same block: one atomic add per element.
     target = grad_w + w_off + k[:, None] * S_STRIDE * J + local * J + j[None, :]
     tl.atomic_add(target, acc * coef, mask=(k[:, None] < k_limit) & (j[None, :] < J))

@@ -1,0 +1,134 @@
+"""Time fastmlip's o3.Linear kernels against cuBLAS GEMMs of the same shapes, per tile variant.
+
+The issue's bar: o3.Linear within 1.5x of a cuBLAS GEMM of the same shapes and dtype. The GEMM row does, per path,
+one ``torch.mm`` of a contiguous [rows * (2l+1), mul_in] matrix by [mul_in, mul_out] (the layout e3nn does not
+have; the floor, not a competitor). Each fastmlip variant (``FASTMLIP_LINEAR_*`` tiles, ``FASTMLIP_DOT_PRECISION``)
+is checked against e3nn in float64 first (max relative error of the output and of the x-gradient), then timed:
+forward, and the x-gradient alone (an MD step's backward: frozen weights). Writes JSON to --out.
+
+    python scripts/bench_linear.py --out bench_linear              # GPU
+    python scripts/bench_linear.py --quick --out q                 # CPU smoke test (Triton interpreter)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+if "--quick" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+SHAPES = {
+    "mace-interaction": "128x0e+128x1o+128x2e+128x3o",
+    "mace-medium-hidden": "128x0e+128x1o",
+    "sevenn-0-hidden": "128x0e+64x1e+64x1o+32x2e+32x2o",
+}
+QUICK_SHAPES = {"tiny": "4x0e+4x1o"}
+# (rows, k, j, warps): the landed tiles first
+TILES = [(16, 16, 32, 4), (32, 16, 32, 4), (32, 32, 64, 4), (64, 32, 64, 4), (64, 32, 128, 8), (128, 32, 64, 8),
+         (64, 16, 128, 4), (32, 32, 128, 4)]
+PRECISIONS = ("ieee", "tf32x3")
+
+
+def cuda_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def gemm_floor(irreps, rows: int, device):
+    """One torch.mm per path on contiguous operands of the same shapes: the cuBLAS floor, fp32."""
+    mats = [(torch.randn(rows * m.ir.dim, m.mul, device=device), torch.randn(m.mul, m.mul, device=device))
+            for m in irreps]
+    outs = [a.new_empty(a.shape[0], w.shape[1]) for a, w in mats]
+
+    def run():
+        for (a, w), o in zip(mats, outs):
+            torch.mm(a, w, out=o)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench_linear")
+    args = parser.parse_args()
+
+    from e3nn import o3
+
+    from fastmlip.descriptors import linear_problem
+    from fastmlip.kernels import linear as linear_kernels
+    from fastmlip.kernels.launch import use_settings
+
+    device = "cpu" if args.quick else "cuda"
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    rows = 8 if args.quick else args.rows
+    variants = TILES[:2] if args.quick else TILES
+    torch.manual_seed(0)
+    records = []
+    for name, irreps_text in shapes.items():
+        irreps = o3.Irreps(irreps_text)
+        module = o3.Linear(irreps, irreps).double()
+        problem = linear_problem(module)
+        weight64 = module.weight.detach().to(device)
+        x64 = torch.randn(rows, irreps.dim, dtype=torch.float64, device=device)
+        g64 = torch.randn(rows, irreps.dim, dtype=torch.float64, device=device)
+        xr = x64.clone().requires_grad_(True)
+        ref = module.to(device)(xr)
+        (ref_grad,) = torch.autograd.grad(ref, xr, g64)
+        x, g, weight = x64.float(), g64.float(), weight64.float()
+        floor = None if args.quick else cuda_ms(gemm_floor(irreps, rows, device), args.reps)
+        e3nn_row = dict(shape=name, irreps=irreps_text, rows=rows, impl="e3nn", gemm_floor_ms=floor)
+        if not args.quick:  # e3nn's own module (einsums on cuBLAS, a cat), float32: the layout-copying way
+            module32 = o3.Linear(irreps, irreps).to(device)
+            xg = x64.float().requires_grad_(True)
+            e3nn_row["forward_ms"] = cuda_ms(lambda: module32(xg), args.reps)
+            e3nn_row["forward_grad_x_ms"] = cuda_ms(
+                lambda: torch.autograd.grad(module32(xg), xg, g64.float()), args.reps)
+        records.append(e3nn_row)
+        print(f"{name} ({irreps_text}, {rows} rows): cuBLAS floor {floor} ms, e3nn {e3nn_row}")
+        for (tile_rows, k, j, warps), precision in itertools.product(variants, PRECISIONS):
+            record = dict(shape=name, irreps=irreps_text, rows=rows, impl="fastmlip", tile_rows=tile_rows, tile_k=k,
+                          tile_j=j,
+                          warps=warps, precision=precision, gemm_floor_ms=floor)
+            try:
+                with use_settings(linear_rows=tile_rows, linear_k=k, linear_block=j, linear_warps=warps,
+                                  dot_precision=precision):
+                    out = linear_kernels.forward(problem, x, weight)
+                    grad_x = linear_kernels.backward(problem, g, x, weight, True, False, False)[0]
+                    record.update(out_err=rel_err(out, ref.detach()), grad_err=rel_err(grad_x, ref_grad))
+                    if not args.quick:
+                        record["forward_ms"] = cuda_ms(lambda: linear_kernels.forward(problem, x, weight), args.reps)
+                        record["grad_x_ms"] = cuda_ms(
+                            lambda: linear_kernels.backward(problem, g, x, weight, True, False, False), args.reps)
+                        record["forward_over_floor"] = record["forward_ms"] / floor
+            except Exception as exc:  # a variant Triton cannot build is a row, not the end of the run
+                record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            records.append(record)
+            print("  " + " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                                  for key, value in record.items() if key not in ("shape", "irreps", "rows", "impl",
+                                                                                  "gemm_floor_ms")), flush=True)
+    meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    with open(f"{args.out}.json", "w") as f:
+        json.dump(dict(meta=meta, records=records), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ _LAZY = {
     "load": "fastmlip.api",
     "accelerate": "fastmlip.api",
     "restore": "fastmlip.api",
+    "chunk_convolutions": "fastmlip.api",
     "Calculator": "fastmlip.calculator",
     "simulate": "fastmlip.engine",
     "evaluate": "fastmlip.batch",

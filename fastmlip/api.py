@@ -183,6 +183,21 @@ def restore(model):
     return model
 
 
+def chunk_convolutions(model, chunk_edges) -> int:
+    """Make the model's fused convolutions recompute their radial weights in the backward, taking receivers in
+    chunks of at most ``chunk_edges`` edges (None: keep the weights, the fastest and the default). Returns how
+    many convolutions it set. Results equal the unchunked ones to rounding; memory per layer no longer grows
+    with the number of edges beyond one chunk."""
+    if chunk_edges is not None and int(chunk_edges) < 1:
+        raise ValueError(f"chunk_edges must be a positive integer or None, got {chunk_edges!r}")
+    count = 0
+    for module in model.modules():
+        if hasattr(type(module), "chunk_edges"):
+            module.chunk_edges = None if chunk_edges is None else int(chunk_edges)
+            count += 1
+    return count
+
+
 def last_check(model):
     """The report of the self-check run by the last :func:`accelerate` (None if it did not run)."""
     return model.__dict__.get("_fastmlip_check")

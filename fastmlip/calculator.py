@@ -21,6 +21,7 @@ from ase.calculators.calculator import CalculatorError, PropertyNotImplementedEr
 from ase.data import chemical_symbols
 
 from .cuda_graph import CapturedStep, pack_results
+from . import memory
 from .neighbors import VerletList, compact_positions, wrap_basis
 
 # 0.5 A: a rebuild is needed once any atom moved skin/2 = 0.25 A, i.e. every
@@ -61,12 +62,16 @@ class Calculator(AseCalculator):
     (ValueError when it cannot), False never does. "auto" also times a replay against an eager step after the
     first capture and keeps the faster; a capture that fails falls back to eager steps with a warning.
     ``trusted``/``sha256``: for model files that only load by running code they hold (see :func:`fastmlip.load`).
+    ``chunk_edges``: "auto" makes the convolutions recompute their radial weights in chunks of receivers when
+    keeping them would not fit the device's free memory (:mod:`fastmlip.memory`; :attr:`chunk_edges` says what a
+    step used), an integer always does with chunks of at most that many edges, None never does.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model="7net-0", device="auto", dtype=None, accelerate=True, modal=None,
-                 head=None, skin=DEFAULT_SKIN, check=True, cuda_graph="auto", trusted=False, sha256=None, **kwargs):
+                 head=None, skin=DEFAULT_SKIN, check=True, cuda_graph="auto", trusted=False, sha256=None,
+                 chunk_edges="auto", **kwargs):
         super().__init__(**kwargs)
         from . import api  # the face above patches; imported late to keep `import fastmlip` light
 
@@ -101,6 +106,13 @@ class Calculator(AseCalculator):
         self.cuda_graph = self._select_cuda_graph(cuda_graph)
         self.cuda_graph_timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
         self._step = None  # the CapturedStep being replayed
+        if chunk_edges != "auto" and chunk_edges is not None and (isinstance(chunk_edges, bool) or
+                                                                   int(chunk_edges) < 1):
+            raise ValueError(f"chunk_edges must be 'auto', a positive integer or None, got {chunk_edges!r}")
+        self._chunk_request = chunk_edges
+        self._conv_widths = memory.conv_weight_widths(model)
+        api.chunk_convolutions(model, None)
+        self.chunk_edges = None  # edges per convolution chunk in the last eager step (None: not chunked)
 
     def _select_cuda_graph(self, wanted) -> bool:
         if wanted not in ("auto", True, False):
@@ -219,8 +231,23 @@ class Calculator(AseCalculator):
         raise StructureError(f"the model returned NaN or infinite energies/forces: atoms too close together: "
                              f"{shown}{' ...' if len(pairs) > 5 else ''}")
 
+    def _chunking(self, num_edges: int):
+        """Edges per convolution chunk for a step over ``num_edges`` edges (None: keep the weights whole)."""
+        if self._chunk_request != "auto":
+            return None if self._chunk_request is None else int(self._chunk_request)
+        if self.device.type != "cuda":
+            return None
+        return memory.chunk_edges_for(self._conv_widths, num_edges, torch.finfo(self.dtype).bits // 8,
+                                      memory.free_bytes(self.device))
+
     def _eager(self, positions, cell, pbc, with_stress):
         edge_i, edge_j, shifts = self.neighbors.update(positions, cell, pbc)
+        chunk_edges = self._chunking(edge_i.numel())
+        if chunk_edges != self.chunk_edges:
+            from .api import chunk_convolutions
+
+            chunk_convolutions(self.model, chunk_edges)
+            self.chunk_edges = chunk_edges
         positions, shifts = compact_positions(positions, cell, self._cell[3], edge_i, edge_j, shifts)
         output = self.framework.compute(  # float64 positions: the patch casts after forming edge vectors
             self.model, positions, cell, pbc, self._numbers, edge_i, edge_j, shifts, compute_stress=with_stress,
@@ -256,6 +283,8 @@ class Calculator(AseCalculator):
         if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or (
                 rebuilt and not step.load_pairs(edge_i, edge_j, shifts)):
             self._step = None  # frees the old graph's memory before the new capture
+            if self._chunking(edge_i.numel()) is not None:  # chunks read the host: eager steps only
+                return None
             step = CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
                                 with_stress, edge_i.numel())
             step.load_pairs(edge_i, edge_j, shifts)

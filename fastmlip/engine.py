@@ -34,7 +34,8 @@ BULK_MODULUS_GPA = 100.0  # only sets how fast the barostat relaxes the volume, 
 class Run:
     """The end of a run: ``atoms`` (positions, momenta, cell; energy and forces attached), ``thermo`` (numpy
     arrays every ``interval`` steps: step, time_fs, epot, ekin (eV), temperature (K), and pressure (GPa) and
-    volume (A^3) under NPT) and ``timing`` (setup_s, ms_per_step, ns_per_day)."""
+    volume (A^3) under NPT) and ``timing`` (setup_s, ms_per_step, ns_per_day, and chunk_edges: the convolutions'
+    chunk size when the last step chunked them to fit memory, else None)."""
 
     atoms: object
     thermo: dict
@@ -217,7 +218,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     return Run(atoms=_frame(atoms, state), thermo=dict(zip(names, columns)),
                timing={"setup_s": setup, "ms_per_step": ms, "ns_per_day": timestep * 86400 / 1e6 / ms * 1e3
                        if done else float("nan"), "steps": done,
-                       "list_checks": deferred.summary() if deferred else "every step"})
+                       "list_checks": deferred.summary() if deferred else "every step",
+                       "chunk_edges": calculator.chunk_edges})
 
 
 def _next_boundary(step: int, steps: int, interval: int, restart_every) -> int:

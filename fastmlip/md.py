@@ -248,6 +248,9 @@ def simulate(args):
     framework = calculator.framework.FRAMEWORK
     dtype = str(calculator.dtype).replace("torch.", "")
     steps_as = "CUDA graph replays" if calculator.cuda_graph else f"eager steps: {calculator.cuda_graph_obstacle}"
+    if calculator.chunk_edges is not None:
+        steps_as += (f"; convolutions in chunks of at most {calculator.chunk_edges} edges (weights recomputed in "
+                     "the backward: they would not fit whole)")
     print(f"{len(atoms)} atoms {atoms.get_chemical_formula()}, model {args.model} ({framework}, {modules}, "
           f"{dtype}, {calculator.device}{f', {threads} thread(s)' if threads else ''}; {steps_as}), "
           f"{args.ensemble.upper()} at {args.temperature:g} K, dt {args.timestep:g} fs", flush=True)

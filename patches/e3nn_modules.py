@@ -101,6 +101,17 @@ def radial_weights(net: nn.Module, x: torch.Tensor, row_scale: Optional[torch.Te
     return out if row_scale is None else out * row_scale.reshape(-1, 1)
 
 
+def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Tensor, radial: torch.Tensor,
+                   row_scale: Optional[torch.Tensor], edges, chunk_edges: Optional[int]) -> torch.Tensor:
+    """The fused convolution of ``x`` with per-edge weights ``net(radial) * row_scale`` over receiver-sorted
+    ``edges``; with ``chunk_edges`` the weights are recomputed in the backward, receivers in chunks of at most that
+    many edges (:func:`fastmlip.ops.radial_conv.radial_conv`)."""
+    from fastmlip.ops.radial_conv import radial_conv
+
+    return radial_conv(problem, lambda rows, scale: radial_weights(net, rows, scale), list(net.parameters()), x,
+                       edge_attr, radial, row_scale, edges, chunk_edges)
+
+
 def e3nn_factories() -> dict:
     """Replacements for the e3nn node modules both frameworks use."""
     from e3nn.o3 import Linear, SphericalHarmonics

@@ -16,7 +16,7 @@ from fastmlip.descriptors import (Envelope, radial_basis_problem, species_linear
                                   tensor_product_problem)
 from fastmlip.graph import sort_edges
 from fastmlip.memo import attached, derived
-from fastmlip.ops.conv import check_conv_problem, fused_conv
+from fastmlip.ops.conv import check_conv_problem
 from fastmlip.ops.linear import species_linear
 from fastmlip.ops.radial_basis import radial_basis
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
@@ -129,8 +129,11 @@ class FastInteraction(nn.Module):
     Holds the block's own submodules under the same names (radial MLP, conv_tp kept for its state), with
     ``linear_up``/``linear`` through fastmlip's linear and ``skip_tp`` through the species-indexed linear, and
     computes exactly the original forward: linear_up, radial weights x cutoff, fused conv, linear / avg_num_neighbors,
-    skip_tp (before the conv in the residual block, after it otherwise), reshape.
+    skip_tp (before the conv in the residual block, after it otherwise), reshape. ``chunk_edges`` (set through
+    :func:`fastmlip.chunk_convolutions`) trades a recomputed MLP for memory.
     """
+
+    chunk_edges: Optional[int] = None
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -162,10 +165,10 @@ class FastInteraction(nn.Module):
         mask = weight_mask(edge_index, node_feats.shape[0], node_feats.dtype)
         if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
             row_scale = mask if row_scale is None else row_scale * mask
-        tp_weights = e3nn_modules.radial_weights(self.conv_tp_weights, edge_feats.index_select(0, edges.order), row_scale)
-        message = fused_conv(self.problem, node_feats, edge_attrs.index_select(0, edges.order), tp_weights,
-                             edges.src, edges.dst, node_feats.shape[0], dst_ptr=edges.dst_ptr,
-                             src_perm=edges.src_perm, src_ptr=edges.src_ptr)
+        message = e3nn_modules.radial_message(self.problem, self.conv_tp_weights, node_feats,
+                                              edge_attrs.index_select(0, edges.order),
+                                              edge_feats.index_select(0, edges.order), row_scale, edges,
+                                              self.chunk_edges)
         message = self.linear(message) / self.avg_num_neighbors
         if not self.residual:
             message = self.skip_tp(message, node_attrs)

@@ -15,7 +15,7 @@ from torch import nn
 from fastmlip.descriptors import (Envelope, gate_problem, radial_basis_problem, spherical_harmonics_problem,
                                   tensor_product_problem)
 from fastmlip.graph import sort_edges
-from fastmlip.ops.conv import check_conv_problem, fused_conv
+from fastmlip.ops.conv import check_conv_problem
 from fastmlip.ops.gate import gate
 from fastmlip.ops.radial_basis import radial_basis
 from fastmlip.ops.spherical_harmonics import spherical_harmonics
@@ -35,7 +35,10 @@ class FastIrrepsConvolution(nn.Module):
     MLP runs as fastmlip's fused radial MLP when it can be described), reads and
     writes the same data keys, and uses the tensor product's own coupling blocks and path weights. Edges go to
     the op sorted by receiver with CSR offsets, so GPU kernels take their deterministic, atomic-free path.
+    ``chunk_edges`` (set through :func:`fastmlip.chunk_convolutions`) trades a recomputed MLP for memory.
     """
+
+    chunk_edges: Optional[int] = None
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -77,9 +80,8 @@ class FastIrrepsConvolution(nn.Module):
             cached = self._sorted_edges(data, x.shape[0])
             edges = cached["edges"]
             # placeholder edges (mask 0) weigh zero: their messages and gradients vanish
-            weight = e3nn_modules.radial_weights(self.weight_nn, cached["weight_input"], cached["mask"])
-            out = fused_conv(self.problem, x, cached["filter"], weight, edges.src, edges.dst, x.shape[0],
-                             dst_ptr=edges.dst_ptr, src_perm=edges.src_perm, src_ptr=edges.src_ptr)
+            out = e3nn_modules.radial_message(self.problem, self.weight_nn, x, cached["filter"],
+                                              cached["weight_input"], cached["mask"], edges, self.chunk_edges)
         data[self.key_x] = out.div(self.denominator)
         return data
 

@@ -173,6 +173,7 @@ def run_case(which, atoms, backend, args, model_dir):
             timing, first = time_steps(calculator, atoms, args.device, args.steps, args.warmup)
             if hasattr(calculator, "cuda_graph"):  # whether fastmlip's steps were graph replays (else why not)
                 row["cuda_graph"] = calculator.cuda_graph or calculator.cuda_graph_obstacle or "off"
+                row["chunk_edges"] = calculator.chunk_edges  # convolutions in receiver chunks (None: whole)
         row.update(timing)
         row["energy0"], row["_forces0"] = first
     except Exception as exc:  # a backend that fails is reported in its row; the run goes on

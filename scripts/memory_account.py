@@ -15,6 +15,7 @@ harmonics; linears; symmetric contraction; ...). The account is per step at one 
 
     python scripts/memory_account.py --model sevenn --repeat 10          # Cu fcc 4000 atoms
     python scripts/memory_account.py --model mace-medium --repeat 10 --json account.json
+    python scripts/memory_account.py --model sevenn --repeat 10 --chunk-edges 65536   # weights recomputed
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def skip_kernel_launches() -> None:
     interpreter.InterpretedFunction.run = lambda *args, **kwargs: None
 
 
-def account_step(which: str, repeat: int, dtype: str) -> dict:
+def account_step(which: str, repeat: int, dtype: str, chunk_edges=None) -> dict:
     import fastmlip
     from fastmlip.calculator import DEFAULT_SKIN
     from fastmlip.neighbors import neighbor_list
@@ -77,6 +78,7 @@ def account_step(which: str, repeat: int, dtype: str) -> dict:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     fastmlip.accelerate(model, check=False)
+    fastmlip.chunk_convolutions(model, chunk_edges)
     framework = fastmlip.api.framework_of(model)
     cutoff = float(framework.model_info(model)["cutoff"])
     atoms = crystal("Cu", repeat)
@@ -102,6 +104,7 @@ def account_step(which: str, repeat: int, dtype: str) -> dict:
     rows = sorted(((family, kind, nbytes) for (family, kind), nbytes in account.bytes.items()),
                   key=lambda row: -row[2])
     return {"model": which, "atoms": len(atoms), "edges": int(i.numel()), "dtype": dtype, "skin": DEFAULT_SKIN,
+            "chunk_edges": chunk_edges,
             "rows": [{"family": f, "kind": k, "MiB": round(b / 2**20, 2)} for f, k, b in rows],
             "saved_MiB": round(sum(b for (f, k), b in account.bytes.items() if k == "saved") / 2**20, 1),
             "made_MiB": round(sum(b for (f, k), b in account.bytes.items() if k == "made") / 2**20, 1)}
@@ -112,12 +115,15 @@ def main():
     parser.add_argument("--model", default="sevenn", help="sevenn, mace-medium or mace-large (bench_md's models)")
     parser.add_argument("--repeat", type=int, default=10, help="Cu fcc cubic cells per axis (10: 4000 atoms)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--chunk-edges", type=int, default=None, help="convolutions recompute their weights in "
+                        "receiver chunks of at most this many edges (fastmlip.chunk_convolutions)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     skip_kernel_launches()
-    report = account_step(args.model, args.repeat, args.dtype)
-    print(f"{report['model']} Cu {report['atoms']} atoms, {report['edges']} candidate edges (cutoff + skin {report['skin']} A), "
-          f"{report['dtype']}: saved for backward {report['saved_MiB']} MiB, made in the step {report['made_MiB']} MiB")
+    report = account_step(args.model, args.repeat, args.dtype, args.chunk_edges)
+    print(f"{report['model']} Cu {report['atoms']} atoms, {report['edges']} candidate edges (cutoff + skin "
+          f"{report['skin']} A), {report['dtype']}, chunk_edges {report['chunk_edges']}: saved for backward "
+          f"{report['saved_MiB']} MiB, made in the step {report['made_MiB']} MiB")
     for row in report["rows"][:25]:
         print(f"  {row['MiB']:10.2f} MiB  {row['kind']:10s} {row['family']}")
     if args.json:

@@ -1,0 +1,44 @@
+"""When a step's convolutions must recompute their weights in chunks to fit the device's memory.
+
+A step keeps, per convolution layer, an E x ``weight_numel`` tensor of radial weights for the backward, and the
+backward makes one more of the same size: on large systems these are most of the step's memory
+(docs/memory.md). :func:`chunk_edges_for` compares that with what the device has free and, where it does not
+fit with room to spare, returns the chunk size (edges) at which :func:`fastmlip.chunk_convolutions` keeps every
+weight tensor small. The faces (calculator, MD engine) ask before each eager step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Of the free memory, the share the kept radial weights may take before the convolutions chunk; the rest is for
+# everything else a step holds (features, harmonics, the Verlet list, the backward's transients).
+KEEP_SHARE = 0.5
+# Of the free memory, the share one chunk's weights and their gradient may take.
+CHUNK_SHARE = 0.125
+MIN_CHUNK_EDGES = 4096
+
+
+def conv_weight_widths(model) -> list:
+    """weight_numel of each fused convolution of an accelerated model, in module order."""
+    return [module.problem.weight_numel for module in model.modules() if hasattr(type(module), "chunk_edges")]
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a step can still take on ``device``: free on the device plus what torch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def chunk_edges_for(widths, num_edges: int, itemsize: int, available: int) -> Optional[int]:
+    """None when keeping every layer's radial weights (``widths``: weight_numel per layer) for ``num_edges`` edges
+    fits in ``KEEP_SHARE`` of ``available`` bytes; otherwise the edges per chunk that keep one chunk's weights and
+    their gradient within ``CHUNK_SHARE`` of it (at least ``MIN_CHUNK_EDGES``)."""
+    if not widths or num_edges == 0:
+        return None
+    kept = num_edges * sum(widths) * itemsize
+    if kept <= KEEP_SHARE * available:
+        return None
+    per_edge = 2 * max(widths) * itemsize
+    return max(MIN_CHUNK_EDGES, int(CHUNK_SHARE * available // per_edge))

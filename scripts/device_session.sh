@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
+# Phases: batch (fastmlip.evaluate vs a calculator loop), sweep (largest Cu fcc per GPU), linear (o3.Linear tiles vs cuBLAS), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
 # kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
@@ -57,6 +57,7 @@ for phase in "$@"; do
     gpu-tests)
       step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -m gpu --durations 15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
         "$repo/tests"
+      step chunk_tests 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/ops/test_radial_conv.py"
       ;;
     tests)
       step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/patches/test_gpu_models.py" \
@@ -96,6 +97,25 @@ for phase in "$@"; do
     mdloop-sevenn)
       step mdloop_sevenn 300 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Si216,Cu4000 \
         --backends fastmlip,fastmlip-md,cueq --md-steps 300 --md-warmup 50 --no-sweep --out "$out/mdloop_sevenn"
+      ;;
+    linear)
+      # o3.Linear tile variants and dot precisions against cuBLAS GEMMs of the same shapes (4000 rows, fp32)
+      step bench_linear 240 python3 "$repo/scripts/bench_linear.py" --out "$out/bench_linear"
+      ;;
+    imports)
+      # where a warm start's imports go: loading SevenNet-0 and a MACE model file, -X importtime
+      python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
+      step importtime 120 python3 -X importtime -c "import time; t = time.time(); import fastmlip; \
+fastmlip.load('7net-0'); print('load s', time.time() - t)"
+      ;;
+    sweep)
+      # the largest Cu fcc per GPU: fastmlip (convolutions chunked from free memory) against cuEquivariance
+      step sweep_sevenn 420 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Cu4000 --steps 3 \
+        --warmup 1 --backends fastmlip --sweep-backends fastmlip,cueq --max-step-ms 8000 --out "$out/sweep_sevenn"
+      ;;
+    batch)
+      # fastmlip.evaluate on 1000 64-atom cells against a Calculator loop (SevenNet-0, Si and Cu cells mixed)
+      step bench_batch 300 python3 "$repo/scripts/bench_batch.py" --species Si,Cu --out "$out/bench_batch"
       ;;
     conv)
       step bench_kernels 330 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 \

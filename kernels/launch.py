@@ -82,6 +82,9 @@ class Settings:
     linear_warps: int = _setting(
         "FASTMLIP_LINEAR_WARPS", 4,
         "warps per o3.Linear program")
+    linear_stack: int = _setting(
+        "FASTMLIP_LINEAR_STACK", 0,
+        "1: an o3.Linear program takes every component of an l > 0 irrep in one tile (rows x components)")
     radial_block: int = _setting(
         "FASTMLIP_RADIAL_BLOCK", 128,
         "edges per radial-basis program")

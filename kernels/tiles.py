@@ -34,6 +34,24 @@ def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: t
 
 
 @triton.jit
+def stacked_path_tile(inp, weight, nodes, comps, ok, j, DT: tl.constexpr, IN_STRIDE: tl.constexpr,
+                      IN_OFF: tl.constexpr, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, W_OFF: tl.constexpr,
+                      K_STRIDE: tl.constexpr, J_STRIDE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                      BJ: tl.constexpr, PRODUCT: tl.constexpr):
+    """[BM, BJ]: row r is the pair (nodes[r], comps[r]): sum_k inp[node, IN_OFF + k*D + comp] * W[k, j]."""
+    # Every irrep component of BM / D nodes in one [BM, BK] tile: one product per K slice, not one per component.
+    acc = tl.zeros([BM, BJ], DT)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        a = tl.load(inp + nodes[:, None] * IN_STRIDE + IN_OFF + k[None, :] * D + comps[:, None],
+                    mask=ok[:, None] & (k[None, :] < K), other=0.0)
+        b = tl.load(weight + W_OFF + k[:, None] * K_STRIDE + j[None, :] * J_STRIDE,
+                    mask=(k[:, None] < K) & (j[None, :] < J), other=0.0)
+        acc += tile_product(a, b, PRODUCT)
+    return acc
+
+
+@triton.jit
 def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_STRIDE: tl.constexpr,
                      X_OFF: tl.constexpr, G_STRIDE: tl.constexpr, G_OFF: tl.constexpr, D: tl.constexpr,
                      K: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,

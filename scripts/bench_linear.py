@@ -3,7 +3,7 @@
 The issue's bar: o3.Linear within 1.5x of a cuBLAS GEMM of the same shapes and dtype. The GEMM row does, per path,
 one ``torch.mm`` of a contiguous [rows * (2l+1), mul_in] matrix by [mul_in, mul_out] (the layout e3nn does not
 have; the floor, not a competitor). Each fastmlip variant (``FASTMLIP_LINEAR_*`` tiles, ``FASTMLIP_DOT_PRECISION``)
-is checked against e3nn in float64 first (max relative error of the output and of the x-gradient), then timed:
+(``FASTMLIP_LINEAR_STACK``: all components of an irrep in one tile) is checked against e3nn in float64 first (max relative error of the output and of the x-gradient), then timed:
 forward, and the x-gradient alone (an MD step's backward: frozen weights). Writes JSON to --out.
 
     python scripts/bench_linear.py --out bench_linear              # GPU
@@ -12,7 +12,6 @@ forward, and the x-gradient alone (an MD step's backward: frozen weights). Write
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -28,10 +27,12 @@ SHAPES = {
     "sevenn-0-hidden": "128x0e+64x1e+64x1o+32x2e+32x2o",
 }
 QUICK_SHAPES = {"tiny": "4x0e+4x1o"}
-# (rows, k, j, warps): the landed tiles first
-TILES = [(16, 16, 32, 4), (32, 16, 32, 4), (32, 32, 64, 4), (64, 32, 64, 4), (64, 32, 128, 8), (128, 32, 64, 8),
-         (64, 16, 128, 4), (32, 32, 128, 4)]
-PRECISIONS = ("ieee", "tf32x3")
+# (rows, k, j, warps, stack, dot precision): the landed tiles first
+VARIANTS = [(16, 16, 32, 4, 0, "ieee"), (16, 128, 32, 4, 0, "ieee"), (32, 32, 64, 4, 0, "ieee"),
+            (32, 128, 64, 8, 0, "ieee"), (64, 64, 64, 8, 0, "ieee"), (16, 32, 32, 4, 1, "ieee"),
+            (16, 64, 64, 4, 1, "ieee"), (8, 64, 64, 4, 1, "ieee"), (16, 128, 64, 8, 1, "ieee"),
+            (32, 32, 64, 8, 1, "ieee"), (16, 16, 32, 4, 0, "tf32x3"), (32, 128, 64, 8, 0, "tf32x3"),
+            (16, 64, 64, 4, 1, "tf32x3")]
 
 
 def cuda_ms(fn, reps: int) -> float:
@@ -80,7 +81,7 @@ def main() -> None:
     device = "cpu" if args.quick else "cuda"
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rows = 8 if args.quick else args.rows
-    variants = TILES[:2] if args.quick else TILES
+    variants = [VARIANTS[0], VARIANTS[5]] if args.quick else VARIANTS
     torch.manual_seed(0)
     records = []
     for name, irreps_text in shapes.items():
@@ -104,13 +105,12 @@ def main() -> None:
                 lambda: torch.autograd.grad(module32(xg), xg, g64.float()), args.reps)
         records.append(e3nn_row)
         print(f"{name} ({irreps_text}, {rows} rows): cuBLAS floor {floor} ms, e3nn {e3nn_row}")
-        for (tile_rows, k, j, warps), precision in itertools.product(variants, PRECISIONS):
+        for tile_rows, k, j, warps, stack, precision in variants:
             record = dict(shape=name, irreps=irreps_text, rows=rows, impl="fastmlip", tile_rows=tile_rows, tile_k=k,
-                          tile_j=j,
-                          warps=warps, precision=precision, gemm_floor_ms=floor)
+                          tile_j=j, warps=warps, stack=stack, precision=precision, gemm_floor_ms=floor)
             try:
                 with use_settings(linear_rows=tile_rows, linear_k=k, linear_block=j, linear_warps=warps,
-                                  dot_precision=precision):
+                                  linear_stack=stack, dot_precision=precision):
                     out = linear_kernels.forward(problem, x, weight)
                     grad_x = linear_kernels.backward(problem, g, x, weight, True, False, False)[0]
                     record.update(out_err=rel_err(out, ref.detach()), grad_err=rel_err(grad_x, ref_grad))

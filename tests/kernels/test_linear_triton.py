@@ -16,6 +16,7 @@ from e3nn import o3  # noqa: E402
 
 from fastmlip.descriptors import linear_problem  # noqa: E402
 from fastmlip.kernels import linear as kernels  # noqa: E402
+from fastmlip.kernels.launch import use_settings  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from fastmlip.ops.linear import linear, linear_bwd, linear_fwd  # noqa: E402
 from fastmlip.reference import linear as ref  # noqa: E402
@@ -63,9 +64,21 @@ def value_and_grads(fn, x, weight, bias, probe):
     return [out] + list(torch.autograd.grad(out, inputs, probe))
 
 
+# float32 tile variants a GPU run may choose: every l > 0 component in one tile, wide K slices, tf32x3 products
+VARIANTS = {"landed": {}, "stacked": dict(linear_stack=1, linear_rows=8, linear_k=32, linear_block=16),
+            "wide": dict(linear_rows=32, linear_k=128, linear_block=64, linear_warps=8)}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_e3nn(name, dtype):
+@pytest.mark.parametrize("dtype, variant", [(torch.float64, "landed")] + [(torch.float32, v) for v in VARIANTS],
+                         ids=lambda p: str(p).replace("torch.", ""))
+def test_matches_e3nn(name, dtype, variant):
+    """float64 always uses its broadcast-product tiles; the tile variants are float32 settings."""
+    with use_settings(**VARIANTS[variant]):
+        check_against_e3nn(name, dtype)
+
+
+def check_against_e3nn(name, dtype):
     module = make_module(name)
     problem = linear_problem(module)
     bias = module.bias.detach() if problem.bias_numel else None

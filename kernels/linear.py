@@ -297,7 +297,9 @@ def backward(problem: LinearProblem, grad_out, x, weight, want_x: bool, want_w: 
     tl_dtype(x.dtype)
     tiles = _tiles(x.dtype)
     plan = _plan(problem, tiles)
-    grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
+    # x is read only for the weight gradient (without it, it may be a stand-in holding no memory)
+    grad_out, weight = grad_out.contiguous(), weight.contiguous()
+    x = x.contiguous() if want_w else x
     n = x.shape[0]
     splits = triton.cdiv(n, ROWS_PER_SPLIT)
     grad_x = new_output((n, problem.dim_in), x) if want_x else x.new_empty(0)

@@ -76,7 +76,9 @@ def forward(problem: SpeciesLinearProblem, x, species, weight):
 def backward(problem: SpeciesLinearProblem, grad_out, x, species, weight, want_x: bool, want_w: bool):
     """(grad_x or empty, grad_weight or empty) of <grad_out, forward(x, species, weight)>."""
     tl_dtype(x.dtype)
-    grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
+    # x is read only for the weight gradient (without it, it may be a stand-in holding no memory)
+    grad_out, weight = grad_out.contiguous(), weight.contiguous()
+    x = x.contiguous() if want_w else x
     grad_x = _apply(problem, grad_out, species, weight, transpose=True) if want_x else x.new_empty(0)
     grad_w = weight.new_empty(0)
     if want_w:

@@ -73,9 +73,16 @@ def _(grad_out, x, weight, key, want_x, want_w, want_b):
             x.new_empty(registry.lookup(key).bias_numel if want_b else 0))
 
 
+def input_for_backward(x: Tensor, weight: Tensor) -> Tensor:
+    """What a linear map keeps of its input x for the backward: x itself where the weight gradient may be asked
+    for, else a stand-in of its shape that holds no memory (the input gradient needs only the weight, and MD runs
+    with frozen weights: the linears' inputs were most of what a chunked step keeps, docs/memory.md)."""
+    return x if weight.requires_grad else x.new_zeros(()).expand(x.shape)
+
+
 def _linear_setup(ctx, inputs, output):
     x, weight, key = inputs[:3]
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(input_for_backward(x, weight), weight)
     ctx.key = key
 
 
@@ -152,7 +159,7 @@ def _(grad_out, x, species, weight, key, want_x, want_w):
 
 def _species_setup(ctx, inputs, output):
     x, species, weight, key = inputs
-    ctx.save_for_backward(x, species, weight)
+    ctx.save_for_backward(input_for_backward(x, weight), species, weight)
     ctx.key = key
 
 

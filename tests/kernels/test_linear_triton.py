@@ -201,3 +201,23 @@ def test_gpu_size_against_reference(dtype, biases):
     assert_close(grad_w, expected_w, TOL[dtype])
     if biases:
         assert_close(grad_b, grad_out[:, :128].sum(0), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_frozen_weights_keep_no_input_for_the_backward(backend, monkeypatch):
+    """With weights that want no gradient (MD) the op keeps a stand-in of x that holds no memory, and the input
+    gradient, first and second order, is unchanged."""
+    monkeypatch.setenv("FASTMLIP_BACKEND", backend)
+    module = make_module("biases")
+    problem = linear_problem(module)
+    weight, bias = module.weight.detach().to(DEVICE), module.bias.detach().to(DEVICE)
+    x = torch.randn(37, problem.dim_in, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = linear(problem, x, weight, bias)
+    inputs_kept = [t for t in kept if t.shape == x.shape]
+    assert inputs_kept and all(t.untyped_storage().nbytes() <= 8 for t in inputs_kept)
+    probe = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, probe)
+    expected = value_and_grads(module.to(DEVICE), x.detach(), weight, bias, probe)[1]
+    assert_close(grad_x, expected, TOL[torch.float64])

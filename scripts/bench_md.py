@@ -293,7 +293,7 @@ def format_table(rows):
 def sweep(args, model_dir, backends):
     """Cu fcc of growing size per backend; a backend stops at its first error (out of memory, usually)."""
     rows, references = [], {}
-    repeats = QUICK_SWEEP_REPEATS if args.quick else SWEEP_REPEATS
+    repeats = args.sweep_repeats or (QUICK_SWEEP_REPEATS if args.quick else SWEEP_REPEATS)
     for backend in backends:
         for repeat in repeats:
             atoms = crystal("Si" if args.quick else "Cu", repeat)
@@ -394,6 +394,9 @@ def main(argv=None):
     parser.add_argument("--sweep-model", default="sevenn", choices=["sevenn", *MACE_HIDDEN])
     parser.add_argument("--sweep-backends", default=None, help="default: fastmlip,e3nn,cueq,oeq "
                         "(quick: fastmlip,e3nn)")
+    parser.add_argument("--sweep-repeats", type=lambda text: [int(r) for r in text.split(",")], default=None,
+                        help="Cu fcc cubic cells per axis of each sweep size, comma separated (default: 3 ... 63, "
+                        "108 to 1,000,188 atoms)")
     parser.add_argument("--max-atoms", type=int, default=2_000_000)
     parser.add_argument("--max-step-ms", type=float, default=30_000, help="stop a sweep after a step this slow")
     parser.add_argument("--quick", action="store_true", help="tiny systems, few steps (CPU smoke test)")

@@ -110,8 +110,9 @@ fastmlip.load('7net-0'); print('load s', time.time() - t)"
       ;;
     sweep)
       # the largest Cu fcc per GPU: fastmlip (convolutions chunked from free memory) against cuEquivariance
-      step sweep_sevenn 420 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Cu4000 --steps 3 \
-        --warmup 1 --backends fastmlip --sweep-backends fastmlip,cueq --max-step-ms 8000 --out "$out/sweep_sevenn"
+      step sweep_sevenn 480 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Cu4000 --steps 3 \
+        --warmup 1 --backends fastmlip --sweep-backends fastmlip,cueq --sweep-repeats 10,20,32,36,40,50,58,63 \
+        --max-step-ms 8000 --out "$out/sweep_sevenn"
       ;;
     batch)
       # fastmlip.evaluate on 1000 64-atom cells against a Calculator loop (SevenNet-0, Si and Cu cells mixed)

@@ -284,6 +284,8 @@ class Calculator(AseCalculator):
                 rebuilt and not step.load_pairs(edge_i, edge_j, shifts)):
             self._step = None  # frees the old graph's memory before the new capture
             if self._chunking(edge_i.numel()) is not None:  # chunks read the host: eager steps only
+                self.cuda_graph = False
+                self.cuda_graph_obstacle = "the convolutions run in chunks to fit memory (chunks read the host)"
                 return None
             step = CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
                                 with_stress, edge_i.numel())

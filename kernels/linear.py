@@ -20,6 +20,7 @@ broadcast products, which every Triton build lowers.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -124,50 +125,34 @@ def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, tiles: _T
                          f"{'for all components in one' if stacked else 'per component into a'} [rows, {bj}] tile, "
                          "stored once")
             code(f"j = block * {bj} + tl.arange(0, {bj})")
-            if stacked:
-                _emit_stacked(code, consts, paths, m, bj, tiles, transpose, inp, out, in_stride, out_stride,
-                              in_off, out_off[d])
-                continue
-            code(f"for comp in range({m.ir_dim}):")
-            with code.indent():
-                code(f"acc = tl.zeros([{tiles.rows}, {bj}], DT)")
+            if stacked:  # the tile's rows are (node, component) pairs, components padded to a power of two
+                slots = triton.next_power_of_2(m.ir_dim)
+                height = tiles.rows * slots
+                code(f"r = tl.arange(0, {height})")
+                code(f"nodes = tl.program_id(0) * {tiles.rows} + r // {slots}")
+                code(f"comps = r % {slots}")
+                code(f"ok = (nodes < num_rows) & (comps < {m.ir_dim})")
+                code("nodes = nodes.to(tl.int64)")
+            else:
+                height = tiles.rows
+                code(f"for comp in range({m.ir_dim}):")
+            with contextlib.nullcontext() if stacked else code.indent():
+                if not stacked:
+                    code("nodes, ok, comps = rows, row_ok, rows * 0 + comp")
+                code(f"acc = tl.zeros([{height}, {bj}], DT)")
                 for p in paths:
                     k_dim, i_from = (p.mul_out, p.i_out) if transpose else (p.mul_in, p.i_in)
                     k_stride, j_stride = (1, p.mul_out) if transpose else (p.mul_out, 1)
-                    code(f"acc += {consts(p.path_weight)} * path_tile({inp}, weight, rows, row_ok, j, comp, DT=DT, "
+                    code(f"acc += {consts(p.path_weight)} * path_tile({inp}, weight, nodes, comps, ok, j, DT=DT, "
                          f"IN_STRIDE={in_stride}, IN_OFF={in_off[i_from]}, D={m.ir_dim}, K={k_dim}, J={m.mul}, "
-                         f"W_OFF={p.weight_offset}, K_STRIDE={k_stride}, J_STRIDE={j_stride}, BN={tiles.rows}, "
+                         f"W_OFF={p.weight_offset}, K_STRIDE={k_stride}, J_STRIDE={j_stride}, BM={height}, "
                          f"BK={tiles.k(k_dim)}, BJ={bj}, PRODUCT=\"{tiles.product}\")")
                 for b in biases:
                     code("if HAS_BIAS:")
                     code(f"    acc += {consts(b.path_weight)} * tl.load(bias + {b.bias_offset} + j, "
                          f"mask=j < {b.dim}, other=0.0)[None, :]")
-                code(f"tl.store({out} + rows[:, None] * {out_stride} + {out_off[d]} + j[None, :] * {m.ir_dim} + "
-                     f"comp, acc, mask=row_ok[:, None] & (j[None, :] < {m.mul}))")
-
-
-def _emit_stacked(code, consts, paths, m, bj: int, tiles: _Tiles, transpose: bool, inp: str, out: str,
-                  in_stride: int, out_stride: int, in_off: list, out_off: int) -> None:
-    """The apply task of an irrep with components (l > 0, no bias) as ONE [rows x comps, BJ] tile: its rows are
-    (node, component) pairs, the components padded to a power of two and masked."""
-    comps = triton.next_power_of_2(m.ir_dim)
-    height = tiles.rows * comps
-    code.comment(f"rows of the tile: {tiles.rows} nodes x {comps} component slots ({m.ir_dim} used)")
-    code(f"r = tl.arange(0, {height})")
-    code(f"nodes = tl.program_id(0) * {tiles.rows} + r // {comps}")
-    code(f"comps = r % {comps}")
-    code(f"ok = (nodes < num_rows) & (comps < {m.ir_dim})")
-    code("nodes = nodes.to(tl.int64)")
-    code(f"acc = tl.zeros([{height}, {bj}], DT)")
-    for p in paths:
-        k_dim, i_from = (p.mul_out, p.i_out) if transpose else (p.mul_in, p.i_in)
-        k_stride, j_stride = (1, p.mul_out) if transpose else (p.mul_out, 1)
-        code(f"acc += {consts(p.path_weight)} * stacked_path_tile({inp}, weight, nodes, comps, ok, j, DT=DT, "
-             f"IN_STRIDE={in_stride}, IN_OFF={in_off[i_from]}, D={m.ir_dim}, K={k_dim}, J={m.mul}, "
-             f"W_OFF={p.weight_offset}, K_STRIDE={k_stride}, J_STRIDE={j_stride}, BM={height}, "
-             f"BK={tiles.k(k_dim)}, BJ={bj}, PRODUCT=\"{tiles.product}\")")
-    code(f"tl.store({out} + nodes[:, None] * {out_stride} + {out_off} + j[None, :] * {m.ir_dim} + comps[:, None], "
-         f"acc, mask=ok[:, None] & (j[None, :] < {m.mul}))")
+                code(f"tl.store({out} + nodes[:, None] * {out_stride} + {out_off[d]} + j[None, :] * {m.ir_dim} + "
+                     f"comps[:, None], acc, mask=ok[:, None] & (j[None, :] < {m.mul}))")
 
 
 def _emit_weight_grads(code, consts, problem: LinearProblem, tiles: _Tiles) -> None:
@@ -211,8 +196,7 @@ def _source(problem: LinearProblem, kind: str, tiles: _Tiles) -> str:
     """Module text of the ``forward`` or ``backward`` kernel of ``problem`` with ``tiles``."""
     rows = tiles.rows
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
-    code(f"from {shared_tiles.__name__} import column_sum_tile, path_tile, stacked_path_tile, weight_grad_tile  "
-         "# noqa: F401")
+    code(f"from {shared_tiles.__name__} import column_sum_tile, path_tile, weight_grad_tile  # noqa: F401")
     about = (f"{problem}: out = x @ W per path (plus the bias), one launch" if kind == "forward" else
              f"Gradients of {problem}: grad_x = grad_out @ W^T per path, grad_w and grad_b as wanted, one launch")
     codegen.jit_header(code, "linear", _FORWARD_ARGS if kind == "forward" else _BACKWARD_ARGS, about=about)

@@ -16,30 +16,13 @@ def tile_product(a, b, PRODUCT: tl.constexpr):
 
 
 @triton.jit
-def path_tile(inp, weight, rows, row_ok, j, comp, DT: tl.constexpr, IN_STRIDE: tl.constexpr,
-              IN_OFF: tl.constexpr, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, W_OFF: tl.constexpr,
-              K_STRIDE: tl.constexpr, J_STRIDE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              BJ: tl.constexpr, PRODUCT: tl.constexpr):
-    """[BN, BJ]: sum_k inp[row, IN_OFF + k*D + comp] * W[k, j], W[k, j] at W_OFF + k*K_STRIDE + j*J_STRIDE."""
-    # The K reduction in BK slices: a [BN, BK] tile of the input times a [BK, BJ] tile of W per slice.
-    acc = tl.zeros([BN, BJ], DT)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        a = tl.load(inp + rows[:, None] * IN_STRIDE + IN_OFF + k[None, :] * D + comp,
-                    mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
-        b = tl.load(weight + W_OFF + k[:, None] * K_STRIDE + j[None, :] * J_STRIDE,
-                    mask=(k[:, None] < K) & (j[None, :] < J), other=0.0)
-        acc += tile_product(a, b, PRODUCT)
-    return acc
-
-
-@triton.jit
-def stacked_path_tile(inp, weight, nodes, comps, ok, j, DT: tl.constexpr, IN_STRIDE: tl.constexpr,
-                      IN_OFF: tl.constexpr, D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, W_OFF: tl.constexpr,
-                      K_STRIDE: tl.constexpr, J_STRIDE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                      BJ: tl.constexpr, PRODUCT: tl.constexpr):
-    """[BM, BJ]: row r is the pair (nodes[r], comps[r]): sum_k inp[node, IN_OFF + k*D + comp] * W[k, j]."""
-    # Every irrep component of BM / D nodes in one [BM, BK] tile: one product per K slice, not one per component.
+def path_tile(inp, weight, nodes, comps, ok, j, DT: tl.constexpr, IN_STRIDE: tl.constexpr, IN_OFF: tl.constexpr,
+              D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, W_OFF: tl.constexpr, K_STRIDE: tl.constexpr,
+              J_STRIDE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, PRODUCT: tl.constexpr):
+    """[BM, BJ]: row r is the pair (nodes[r], comps[r]): sum_k inp[node, IN_OFF + k*D + comp] * W[k, j],
+    W[k, j] at W_OFF + k*K_STRIDE + j*J_STRIDE."""
+    # The K reduction in BK slices: a [BM, BK] tile of the input times a [BK, BJ] tile of W per slice. The rows are
+    # one component of BM nodes, or (stacked) every component of BM / D nodes: then one product covers them all.
     acc = tl.zeros([BM, BJ], DT)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)

@@ -88,3 +88,18 @@ def test_bad_chunk_request_and_cpu_auto():
     results(calc, crystal("Si", 5.43, (1, 1, 1), "diamond"))
     assert calc.chunk_edges is None  # "auto" chunks only on a GPU short of memory
     assert torch.device(calc.device).type == "cpu"
+
+
+@pytest.mark.gpu
+def test_sevenn_0_chunked_on_the_gpu():
+    """float32 on CUDA: chunked steps within the fp32 tolerances of whole ones, and never a graph replay."""
+    pytest.importorskip("sevenn")
+    atoms = crystal("Cu", 3.61, (4, 4, 4), "fcc")
+    model = Calculator("7net-0", device="cuda").model
+    whole = Calculator(model, device="cuda", chunk_edges=None)
+    chunked = Calculator(model, device="cuda", chunk_edges=4096)
+    expected, got = results(whole, atoms), results(chunked, atoms)
+    assert chunked.chunk_edges == 4096 and not chunked.cuda_graph
+    assert "chunks" in chunked.cuda_graph_obstacle
+    assert abs(got[0] - expected[0]) / len(atoms) <= 1e-5
+    assert np.abs(got[1] - expected[1]).max() <= 1e-4

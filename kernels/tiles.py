@@ -10,9 +10,12 @@ import triton.language as tl
 def tile_product(a, b, PRODUCT: tl.constexpr):
     # PRODUCT "fma" (float64): broadcast products, which every Triton build lowers. Otherwise (float32) tl.dot with
     # that input precision: "ieee" (exact float32 products) or "tf32x3" (tensor cores, about float32 accuracy).
+    # (an if/else, not an early return: the compiler builds both sides of an early return)
     if PRODUCT == "fma":
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    return tl.dot(a, b, input_precision=PRODUCT)
+        product = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        product = tl.dot(a, b, input_precision=PRODUCT)
+    return product
 
 
 @triton.jit

@@ -74,16 +74,16 @@ class Settings:
         "FASTMLIP_LINEAR_ROWS", 16,
         "node rows per o3.Linear program (the M of its matmul tile)")
     linear_block: int = _setting(
-        "FASTMLIP_LINEAR_BLOCK", 32,
+        "FASTMLIP_LINEAR_BLOCK", 64,
         "output channels per float32 o3.Linear program at most (the N of its matmul tile)")
     linear_k: int = _setting(
-        "FASTMLIP_LINEAR_K", 16,
+        "FASTMLIP_LINEAR_K", 64,
         "input channels per float32 o3.Linear matmul step at most (the K of its matmul tile)")
     linear_warps: int = _setting(
         "FASTMLIP_LINEAR_WARPS", 4,
         "warps per o3.Linear program")
     linear_stack: int = _setting(
-        "FASTMLIP_LINEAR_STACK", 0,
+        "FASTMLIP_LINEAR_STACK", 1,
         "1: an o3.Linear program takes every component of an l > 0 irrep in one tile (rows x components)")
     radial_block: int = _setting(
         "FASTMLIP_RADIAL_BLOCK", 128,

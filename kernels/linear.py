@@ -7,16 +7,18 @@ kernels with every offset, multiplicity and path weight baked in (:mod:`.codegen
 contiguous range of task ids (one per channel block), so the code grows with the paths, not the multiplicities:
 
 * apply (forward, and the x-gradient with W transposed): a task is one block of BJ channels of one destination
-  irrep; per irrep component it sums every path into that irrep (a [BN, mul_in] tile of x times W[mul_in, BJ]),
-  adds the bias (forward) and stores each column once. Irreps no path reaches get zeros, so the output is
+  irrep; it sums every path into that irrep (a tile of x times W[mul_in, BJ]), adds the bias (forward) and stores
+  each column once. The tile's rows are (node, component) pairs, every component of BN nodes at once
+  (``FASTMLIP_LINEAR_STACK=1``, the default; measured on an H200, docs/kernels.md: 1.6-3.2x faster than a tile per
+  component, whose products are too small to keep the GPU busy), or one component of BN nodes per product. Irreps no path reaches get zeros, so the output is
   ``torch.empty``: no zero fill, no atomics.
 * weight / bias gradients (tasks of the same backward launch): program ``s`` sums x^T g (or g's columns) over the
   rows of split ``s`` (``ROWS_PER_SPLIT`` rows) into its own partial; torch sums the partials over splits, in a
   fixed order (deterministic). Up to ``ROWS_PER_SPLIT`` rows there is one split and no sum.
 
-float32 keeps exact float32 products (``input_precision="ieee"``, never TF32: forces must match to 1e-5); tiles
-are at least 16 wide there (tl.dot's reduction minimum on Triton 3.6), masked past the multiplicity. float64 uses
-broadcast products, which every Triton build lowers.
+float32 keeps exact float32 products by default (``input_precision="ieee"``; ``FASTMLIP_DOT_PRECISION=tf32x3`` for
+tensor cores); tiles are at least 16 wide there (tl.dot's reduction minimum on Triton 3.6), masked past the
+multiplicity. float64 uses broadcast products, which every Triton build lowers.
 """
 from __future__ import annotations
 

@@ -64,8 +64,10 @@ def value_and_grads(fn, x, weight, bias, probe):
     return [out] + list(torch.autograd.grad(out, inputs, probe))
 
 
-# float32 tile variants a GPU run may choose: every l > 0 component in one tile, wide K slices, tf32x3 products
-VARIANTS = {"landed": {}, "stacked": dict(linear_stack=1, linear_rows=8, linear_k=32, linear_block=16),
+# float32 tile variants: the defaults, one tile per irrep component (the former defaults), narrow stacked tiles,
+# wide K slices
+VARIANTS = {"landed": {}, "per-component": dict(linear_stack=0, linear_k=16, linear_block=32),
+            "stacked": dict(linear_stack=1, linear_rows=8, linear_k=32, linear_block=16),
             "wide": dict(linear_rows=32, linear_k=128, linear_block=64, linear_warps=8)}
 
 

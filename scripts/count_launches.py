@@ -119,10 +119,15 @@ def count_steps(atoms, counter, steps, rng) -> tuple:
     if counter.sites is not None:
         counter.sites.clear()
     counter.active = True
+    from fastmlip.calculator import StructureError
+
     with counter.mode():
         for _ in range(steps):
             atoms.positions += rng.normal(0, 0.002, atoms.positions.shape)
-            atoms.get_forces()
+            try:
+                atoms.get_forces()
+            except StructureError:  # skipped launches leave outputs unset: NaN results, the step's launches counted
+                atoms.calc.reset()
     counter.active = False
     return ({k: v / steps for k, v in counter.counts.items()}, {k: v / steps for k, v in counter.host_reads.items()})
 

@@ -7,7 +7,7 @@
 # (phases that need no cuEquivariance can carry a lighter .devlite: .devbundle/site.tar.xz and an unpack.sh
 #  that extracts only it)
 # Device calls (carry [".devbundle"]), e.g.:
-#   bash scripts/device_session.sh coldstart gpu-tests         (~6 min)
+#   bash scripts/device_session.sh gpu-tests                   (~6-9 min on a fresh machine)
 #   bash scripts/device_session.sh tests                       (~9 min: cold kernel compiles on a fresh machine)
 #   bash scripts/device_session.sh profile md-sevenn           (~7 min)
 #   bash scripts/device_session.sh md-mace node                (~9 min)
@@ -55,7 +55,8 @@ for phase in "$@"; do
       mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
       ;;
     gpu-tests)
-      step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider -m gpu --durations 15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
+      # ~6 min on a fresh machine for everything (kernel compiles): alone in a call, or narrowed with GPU_TESTS_K
+      step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -m gpu --durations 15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
         "$repo/tests"
       step chunk_tests 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/ops/test_radial_conv.py"
       ;;

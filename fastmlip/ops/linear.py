@@ -77,7 +77,7 @@ def input_for_backward(x: Tensor, weight: Tensor) -> Tensor:
     """What a linear map keeps of its input x for the backward: x itself where the weight gradient may be asked
     for, else a stand-in of its shape that holds no memory (the input gradient needs only the weight, and MD runs
     with frozen weights: the linears' inputs were most of what a chunked step keeps, docs/memory.md)."""
-    return x if weight.requires_grad else x.new_zeros(()).expand(x.shape)
+    return x if weight.requires_grad else x.new_empty(()).expand(x.shape)  # never read: no fill launched
 
 
 def _linear_setup(ctx, inputs, output):

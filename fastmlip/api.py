@@ -190,12 +190,12 @@ def chunk_convolutions(model, chunk_edges) -> int:
     with the number of edges beyond one chunk."""
     if chunk_edges is not None and int(chunk_edges) < 1:
         raise ValueError(f"chunk_edges must be a positive integer or None, got {chunk_edges!r}")
-    count = 0
-    for module in model.modules():
-        if hasattr(type(module), "chunk_edges"):
-            module.chunk_edges = None if chunk_edges is None else int(chunk_edges)
-            count += 1
-    return count
+    from .memory import convolutions
+
+    modules = convolutions(model)
+    for module in modules:
+        module.chunk_edges = None if chunk_edges is None else int(chunk_edges)
+    return len(modules)
 
 
 def last_check(model):

@@ -235,7 +235,7 @@ class Calculator(AseCalculator):
         """Edges per convolution chunk for a step over ``num_edges`` edges (None: keep the weights whole)."""
         if self._chunk_request != "auto":
             return None if self._chunk_request is None else int(self._chunk_request)
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self._conv_widths:  # no need to ask the device for its free memory
             return None
         return memory.chunk_edges_for(self._conv_widths, num_edges, torch.finfo(self.dtype).bits // 8,
                                       memory.free_bytes(self.device))

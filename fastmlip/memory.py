@@ -20,9 +20,14 @@ CHUNK_SHARE = 0.125
 MIN_CHUNK_EDGES = 4096
 
 
+def convolutions(model) -> list:
+    """The fused convolutions of an accelerated model (the modules with a ``chunk_edges`` setting), in order."""
+    return [module for module in model.modules() if hasattr(type(module), "chunk_edges")]
+
+
 def conv_weight_widths(model) -> list:
     """weight_numel of each fused convolution of an accelerated model, in module order."""
-    return [module.problem.weight_numel for module in model.modules() if hasattr(type(module), "chunk_edges")]
+    return [module.problem.weight_numel for module in convolutions(model)]
 
 
 def free_bytes(device: torch.device) -> int:

@@ -10,8 +10,8 @@ contiguous range of task ids (one per channel block), so the code grows with the
   irrep; it sums every path into that irrep (a tile of x times W[mul_in, BJ]), adds the bias (forward) and stores
   each column once. The tile's rows are (node, component) pairs, every component of BN nodes at once
   (``FASTMLIP_LINEAR_STACK=1``, the default; measured on an H200, docs/kernels.md: 1.6-3.2x faster than a tile per
-  component, whose products are too small to keep the GPU busy), or one component of BN nodes per product. Irreps no path reaches get zeros, so the output is
-  ``torch.empty``: no zero fill, no atomics.
+  component, whose products are too small to keep the GPU busy), or one component of BN nodes per product.
+  Irreps no path reaches get zeros, so the output is ``torch.empty``: no zero fill, no atomics.
 * weight / bias gradients (tasks of the same backward launch): program ``s`` sums x^T g (or g's columns) over the
   rows of split ``s`` (``ROWS_PER_SPLIT`` rows) into its own partial; torch sums the partials over splits, in a
   fixed order (deterministic). Up to ``ROWS_PER_SPLIT`` rows there is one split and no sum.
@@ -62,7 +62,8 @@ class _Tiles:
 
 def _tiles(dtype) -> _Tiles:
     """float32: tiles from the settings, at least 16 wide (tl.dot's minimum on Triton 3.6), masked past the
-    multiplicity; float64: small broadcast-product tiles."""
+    multiplicity; float64: small broadcast-product tiles. TypeError for any other dtype."""
+    tl_dtype(dtype)
     product = product_mode(dtype)
     if product == "fma":
         return _Tiles("fma", 16, 8, 32, 2, 4)
@@ -264,7 +265,6 @@ def _kernel(problem: LinearProblem, kind: str, tiles: _Tiles):
 
 def forward(problem: LinearProblem, x, weight, bias=None):
     """x [N, dim_in] -> [N, dim_out] (plus the bias on its scalar outputs when ``bias`` is given): one launch."""
-    tl_dtype(x.dtype)
     tiles = _tiles(x.dtype)
     plan = _plan(problem, tiles)
     x, weight = x.contiguous(), weight.contiguous()
@@ -280,7 +280,6 @@ def forward(problem: LinearProblem, x, weight, bias=None):
 def backward(problem: LinearProblem, grad_out, x, weight, want_x: bool, want_w: bool, want_b: bool):
     """(grad_x, grad_weight, grad_bias) of <grad_out, forward(x, weight, bias)>, each empty unless wanted: the
     wanted ones come from one launch (plus torch's sum over splits beyond ``ROWS_PER_SPLIT`` rows)."""
-    tl_dtype(x.dtype)
     tiles = _tiles(x.dtype)
     plan = _plan(problem, tiles)
     # x is read only for the weight gradient (without it, it may be a stand-in holding no memory)

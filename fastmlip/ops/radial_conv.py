@@ -12,6 +12,7 @@ recomputed MLP).
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -48,11 +49,9 @@ def _receiver_chunks(dst_ptr: Tensor, chunk_edges: int) -> tuple:
     chunks, first = [], 0
     num_nodes = len(ptr) - 1
     while first < num_nodes:
-        # the last receiver whose edges still fit, but always at least one receiver
-        limit = ptr[first] + chunk_edges
-        last = first + 1
-        while last < num_nodes and ptr[last + 1] <= limit:
-            last += 1
+        # a binary search per chunk, not a step per receiver (a new edge list every step, millions of receivers):
+        # the last boundary whose edges still fit, but always at least one receiver
+        last = max(first + 1, bisect.bisect_right(ptr, ptr[first] + chunk_edges, lo=first + 1) - 1)
         chunks.append(ReceiverChunk(first, last, ptr[first], ptr[last]))
         first = last
     return tuple(chunks)

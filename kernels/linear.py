@@ -9,8 +9,8 @@ contiguous range of task ids (one per channel block), so the code grows with the
 * apply (forward, and the x-gradient with W transposed): a task is one block of BJ channels of one destination
   irrep; it sums every path into that irrep (a tile of x times W[mul_in, BJ]), adds the bias (forward) and stores
   each column once. The tile's rows are (node, component) pairs, every component of BN nodes at once
-  (``FASTMLIP_LINEAR_STACK=1``, the default; measured on an H200, docs/kernels.md: 1.6-3.2x faster than a tile per
-  component, whose products are too small to keep the GPU busy), or one component of BN nodes per product.
+  (``FASTMLIP_LINEAR_STACK=1``, the default; measured on an H200, docs/kernels.md: x-gradient 2.1-3.2x, forward
+  1.0-1.6x faster than a tile per component, whose products are too small to keep the GPU busy), or one component of BN nodes per product.
   Irreps no path reaches get zeros, so the output is ``torch.empty``: no zero fill, no atomics.
 * weight / bias gradients (tasks of the same backward launch): program ``s`` sums x^T g (or g's columns) over the
   rows of split ``s`` (``ROWS_PER_SPLIT`` rows) into its own partial; torch sums the partials over splits, in a

@@ -317,7 +317,7 @@ def plot(path, anchors, sweep_rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (bars, lines) = plt.subplots(1, 2, figsize=(13, 5))
+    figure, (bars, lines, memory) = plt.subplots(1, 3, figsize=(19, 5))
     cases = sorted({(r["model"], r["natoms"]) for r in anchors}, key=lambda c: (c[0], c[1]))
     backends = [b for b in BACKENDS + MD_BACKENDS if any(r["backend"] == b for r in anchors)]
     width = 0.8 / max(1, len(backends))
@@ -335,12 +335,18 @@ def plot(path, anchors, sweep_rows):
         points = [(r["natoms"], r["step_ms"]) for r in sweep_rows if r["backend"] == backend and "step_ms" in r]
         if points:
             lines.plot(*zip(*points), marker="o", label=backend)
-    lines.set_xscale("log")
-    lines.set_yscale("log")
-    lines.set_xlabel("atoms")
-    lines.set_ylabel("ms per step")
-    lines.set_title("size sweep (until out of memory)")
-    lines.legend(fontsize=8)
+        per_atom = [(r["natoms"], r["peak_MiB"] * 1024 / r["natoms"]) for r in sweep_rows
+                    if r["backend"] == backend and r.get("peak_MiB")]
+        if per_atom:
+            memory.plot(*zip(*per_atom), marker="o", label=backend)
+    for axes, label in ((lines, "ms per step"), (memory, "peak KiB per atom")):
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("atoms")
+        axes.set_ylabel(label)
+        axes.set_title(f"size sweep (until out of memory): {label}")
+        if axes.lines:
+            axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

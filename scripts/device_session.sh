@@ -15,7 +15,8 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: batch (fastmlip.evaluate vs a calculator loop), sweep (largest Cu fcc per GPU), linear (o3.Linear tiles vs cuBLAS), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
+# Phases: batch (fastmlip.evaluate vs a calculator loop), sweep / sweep-mace (largest Cu fcc per GPU),
+# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
 # kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
@@ -115,6 +116,17 @@ fastmlip.load('7net-0'); print('load s', time.time() - t)"
       step sweep_sevenn 440 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Cu4000 --steps 3 \
         --warmup 1 --backends fastmlip --sweep-backends cueq,fastmlip --sweep-repeats 10,20,32,36,50,63 \
         --max-step-ms 8000 --out "$out/sweep_sevenn"
+      ;;
+    sweep-mace)
+      # the same for MACE-medium-like (cuEquivariance first; FastMACE's size limit is its own md-loop row)
+      step sweep_mace 480 python3 "$repo/scripts/bench_md.py" --models mace-medium --systems Cu4000 --steps 3 \
+        --warmup 1 --backends fastmlip --sweep-model mace-medium --sweep-backends cueq,fastmlip \
+        --sweep-repeats 10,20,32,36,50,63 --max-step-ms 8000 --out "$out/sweep_mace"
+      ;;
+    loop-profile)
+      # is the GPU busy during fastmlip.simulate at 216 atoms, and with how many kernels per step?
+      step profile_loop 240 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Si:3,sevenn:Si:3 \
+        --steps 200 --warmup 50 --out "$out"
       ;;
     batch)
       # fastmlip.evaluate on 1000 64-atom cells against a Calculator loop (SevenNet-0, Si and Cu cells mixed)

@@ -130,7 +130,15 @@ fastmlip.load('7net-0'); print('load s', time.time() - t)"
       ;;
     batch)
       # fastmlip.evaluate on 1000 64-atom cells against a Calculator loop (SevenNet-0, Si and Cu cells mixed)
-      step bench_batch 300 python3 "$repo/scripts/bench_batch.py" --species Si,Cu --out "$out/bench_batch"
+      # with TorchSim's batched FIRE where scripts/pack_torchsim.sh packed it into .devbundle
+      torchsim=()
+      if [ -f .devbundle/torchsim.tar.xz ]; then
+        mkdir -p /tmp/baselines/torchsim && tar xJf .devbundle/torchsim.tar.xz -C /tmp/baselines/torchsim
+        export PYTHONPATH=$PYTHONPATH:/tmp/baselines/torchsim
+        torchsim=(--torchsim)
+      fi
+      step bench_batch 300 python3 "$repo/scripts/bench_batch.py" --species Si,Cu "${torchsim[@]}" \
+        --out "$out/bench_batch"
       ;;
     conv)
       step bench_kernels 330 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 \

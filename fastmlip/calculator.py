@@ -20,7 +20,7 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError, all_changes
 from ase.data import chemical_symbols
 
-from .cuda_graph import CapturedStep, pack_results
+from .cuda_graph import CapturedStep, pack_results, unpack_results
 from . import memory
 from .neighbors import VerletList, compact_positions, wrap_basis
 
@@ -200,7 +200,7 @@ class Calculator(AseCalculator):
             flat, with_stress = self._eager(positions, cell, pbc, with_stress)
         else:
             flat = flat.clone()  # the graph's output buffer is overwritten by the next replay
-        return _unpack(flat, positions.shape[0], with_stress)
+        return unpack_results(flat, positions.shape[0], with_stress)
 
     def evaluate_unchecked(self, positions, cell, pbc, with_stress: bool):
         """:meth:`evaluate` as a replay of the captured step on the current Verlet list, without asking whether
@@ -213,7 +213,7 @@ class Calculator(AseCalculator):
             return None
         stale = self.neighbors.stale(positions)
         flat = step.replay(positions).clone()
-        return (*_unpack(flat, positions.shape[0], with_stress), stale)
+        return (*unpack_results(flat, positions.shape[0], with_stress), stale)
 
     def _check_finite(self, results, atoms) -> None:
         """Raise :class:`StructureError` for NaN or infinite results, naming atoms that sit on top of each other
@@ -356,8 +356,3 @@ class Calculator(AseCalculator):
         volume = abs(float(np.linalg.det(cell)))
         return math.isfinite(volume) and volume > 1e-12 * max(1.0, float(lengths.max()) ** 3)
 
-
-def _unpack(flat, n: int, with_stress: bool) -> tuple:
-    """(energy, forces [N, 3], symmetric stress [3, 3] or None) from :func:`pack_results`' flat vector."""
-    stress = flat[1 + 4 * n:].reshape(3, 3) if with_stress else None
-    return flat[0], flat[1 + n:1 + 4 * n].reshape(n, 3), None if stress is None else 0.5 * (stress + stress.T)

@@ -30,6 +30,12 @@ def pack_results(output: dict, with_stress: bool) -> torch.Tensor:
     return torch.cat([p.detach().to(torch.float64) for p in parts])
 
 
+def unpack_results(flat: torch.Tensor, n: int, with_stress: bool) -> tuple:
+    """(energy, forces [N, 3], symmetric stress [3, 3] or None) from :func:`pack_results`' flat vector."""
+    stress = flat[1 + 4 * n:].reshape(3, 3) if with_stress else None
+    return flat[0], flat[1 + n:1 + 4 * n].reshape(n, 3), None if stress is None else 0.5 * (stress + stress.T)
+
+
 class CapturedStep:
     """Static input buffers, the captured graph, and its flat output (energy, per-atom energies, forces, stress).
 

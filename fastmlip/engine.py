@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from ase import units
 
 from . import integrators
+from .replayed_steps import CaptureFailed, ReplayedSteps
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "csvr")
@@ -134,7 +136,7 @@ def _load_restart(path: str, settings: dict, atoms) -> dict:
 def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timestep: float = 1.0,
              temperature=None, thermostat: str = "langevin", friction: float = 0.01, pressure=None, seed: int = 0,
              device="auto", dtype="float32", trajectory=None, interval: int = 10, restart=None,
-             restart_every: int = 1000, progress=None, **calculator_options) -> Run:
+             restart_every: int = 1000, steps_per_replay: int = 1, progress=None, **calculator_options) -> Run:
     """Run ``steps`` MD steps of ``atoms`` (not modified) with ``model`` (anything :class:`Calculator` takes).
 
     ``ensemble``: "nve" (velocity Verlet), "nvt" (``thermostat`` "langevin": BAOAB, or "csvr": Bussi rescaling;
@@ -143,14 +145,18 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     momenta and with a temperature, Maxwell-Boltzmann velocities are drawn from ``seed``. ``trajectory``: a file
     (.extxyz, .xyz, .traj) that gets a frame every ``interval`` steps. ``restart``: see the module docstring;
     ``steps`` is the whole run's length, resumed runs included. ``progress(step)`` is called every ``interval``
-    steps. Other keyword arguments go to :class:`Calculator` (``skin``, ``modal``, ``trusted``, ...).
+    steps. ``steps_per_replay`` > 1 (NVE, NVT): that many steps, integrator included, per CUDA graph replay
+    (:mod:`fastmlip.replayed_steps`; on a CPU the same steps run eagerly). Other keyword arguments go to
+    :class:`Calculator` (``skin``, ``modal``, ``trusted``, ...).
     """
     from .calculator import Calculator
 
     settings = _settings(ensemble, timestep, temperature, thermostat, friction, pressure, seed)
-    if steps < 0 or interval < 1 or restart_every < 1:
-        raise ValueError(f"steps >= 0, interval >= 1 and restart_every >= 1 are needed, got {steps}, {interval}, "
-                         f"{restart_every}")
+    if steps < 0 or interval < 1 or restart_every < 1 or steps_per_replay < 1:
+        raise ValueError(f"steps >= 0, interval >= 1, restart_every >= 1 and steps_per_replay >= 1 are needed, got "
+                         f"{steps}, {interval}, {restart_every}, {steps_per_replay}")
+    if steps_per_replay > 1 and ensemble == "npt":
+        raise ValueError("steps_per_replay > 1 needs a fixed cell (NVE or NVT); NPT changes it every step")
     started = time.perf_counter()
     npt = ensemble == "npt"
     if npt:
@@ -183,6 +189,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
         raise ValueError("NPT needs a periodic structure with a cell of non-zero volume")
     integrator = _integrator(settings, evaluate)
     deferred = DeferredChecks(calculator, settings, pbc, with_stress, integrator) if calculator.cuda_graph else None
+    replayed = ReplayedSteps(calculator, lambda evaluate_fn: _integrator(settings, evaluate_fn), state, pbc,
+                             steps_per_replay) if steps_per_replay > 1 else None
     writer = _trajectory_writer(trajectory, resume=step > 0)
     if step == 0:
         thermo.append(_thermo_row(state, settings, npt))
@@ -193,6 +201,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     try:
         while state.step < steps:
             boundary = _next_boundary(state.step, steps, interval, restart_every if restart else None)
+            while replayed and boundary - state.step >= replayed.length:
+                state, replayed = _replay_steps(replayed, integrator, state, generator)
             if deferred:
                 state = deferred.advance(state, generator, boundary)
             else:
@@ -219,7 +229,24 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
                timing={"setup_s": setup, "ms_per_step": ms, "ns_per_day": timestep * 86400 / 1e6 / ms * 1e3
                        if done else float("nan"), "steps": done,
                        "list_checks": deferred.summary() if deferred else "every step",
+                       "replays": replayed.summary() if replayed else None,
                        "chunk_edges": calculator.chunk_edges})
+
+
+def _replay_steps(replayed, integrator, state, generator):
+    """One replay of ``replayed.length`` steps; where the Verlet list went stale within them, the steps up to and
+    including that one through the checked path instead (which rebuilds the list). A capture that fails on CUDA
+    hands the run back to the other paths with a warning: ``(state, replayed or None)``."""
+    try:
+        advanced = replayed.advance(state, generator)
+    except CaptureFailed as exc:
+        warnings.warn(f"fastmlip: steps per replay off, their capture failed ({exc})", RuntimeWarning, stacklevel=3)
+        return state, None
+    if advanced is not None:
+        return advanced, replayed
+    for _ in range(replayed.stale_at + 1):
+        state = integrator.step(state, generator)
+    return state, replayed
 
 
 def _next_boundary(step: int, steps: int, interval: int, restart_every) -> int:

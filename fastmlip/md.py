@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", choices=["auto", "yes", "no"], default="auto",
                         help="replay each step as a captured CUDA graph; auto: on CUDA when the model allows it "
                         "and a replay is measured faster than an eager step")
+    parser.add_argument("--steps-per-replay", type=int, default=1,
+                        help="device engine, NVE/NVT: this many steps, integrator included, per CUDA graph replay "
+                        "(1: one model evaluation per replay)")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"CPU threads for torch (default: 1 for up to {SMALL_SYSTEM_ATOMS} atoms on CPU, "
                         "else torch's choice)")
@@ -116,6 +119,9 @@ def validate(args):
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.interval < 1:
         raise ValueError(f"--interval must be >= 1, got {args.interval}")
+    if args.steps_per_replay < 1 or (args.steps_per_replay > 1 and (args.engine == "ase" or args.ensemble == "npt")):
+        raise ValueError(f"--steps-per-replay must be >= 1, and > 1 only with the device engine under NVE or NVT; "
+                         f"got {args.steps_per_replay} ({args.engine} engine, {args.ensemble})")
     for option, path, suffixes in (("--traj", args.traj, (".extxyz", ".xyz", ".traj")),
                                    ("--plot", args.plot, (".png", ".pdf", ".svg"))):
         if path and not path.lower().endswith(suffixes):
@@ -300,7 +306,10 @@ def _run_engine(args, atoms, calculator) -> tuple:
         run = simulate(atoms, calculator, ensemble=args.ensemble, steps=args.steps, timestep=args.timestep,
                        temperature=args.temperature, thermostat=args.thermostat, friction=args.friction,
                        pressure=args.pressure, seed=args.seed, trajectory=args.traj, interval=args.interval,
-                       restart=args.restart, progress=lambda step: bar.update(step - bar.n))
+                       restart=args.restart, steps_per_replay=args.steps_per_replay,
+                       progress=lambda step: bar.update(step - bar.n))
+    if run.timing["replays"]:
+        print(f"replays: {run.timing['replays']}")
     atoms.set_cell(run.atoms.cell)
     atoms.set_positions(run.atoms.positions)
     atoms.set_momenta(run.atoms.get_momenta())

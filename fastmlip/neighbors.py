@@ -205,6 +205,10 @@ class VerletList:
         self.rebuilds += 1
         return True
 
+    def reference_positions(self) -> torch.Tensor:
+        """The positions of the last build, from which :meth:`stale` measures how far atoms moved."""
+        return self._reference[0]
+
     @torch.no_grad()
     def stale(self, positions) -> torch.Tensor:
         """Device bool: whether some atom moved more than skin/2 since the last build (the rebuild test of

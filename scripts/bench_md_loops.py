@@ -2,6 +2,8 @@
 
   fastmlip-md  fastmlip.simulate: positions, momenta and the noise stay on the device; each step is one
                Calculator.evaluate (a CUDA graph replay where the model allows) plus the integrator's tensor ops
+  fastmlip-md-replay  the same with REPLAY_STEPS steps, integrator included, per CUDA graph replay
+               (``steps_per_replay``)
   fastmace     FastMACE 1.0 (MACE models only): the whole step as CUDA graphs on cuEquivariance kernels, in a
                child process, because FastMACE must be imported before MACE (else it cannot prepare its
                OpenEquivariance runtime and falls back to plain cuEq) and patches MACE's modules in place; the
@@ -29,7 +31,8 @@ import traceback
 
 import numpy as np
 
-MD_BACKENDS = ("fastmlip-md", "fastmace")
+MD_BACKENDS = ("fastmlip-md", "fastmlip-md-replay", "fastmace")
+REPLAY_STEPS = 10
 TEMPERATURE_K, TIMESTEP_FS, FRICTION_PER_FS, SEED = 300.0, 1.0, 0.01, 1
 
 
@@ -41,8 +44,8 @@ def run_md_loop(backend, which, atoms, model, args):
     """(timing, (energy, forces) of step 0) of one md-loop row; raises on failure. ``model`` is the model
     file or name the step rows use; ``args`` bench_md's (device, dtype, md_steps, md_warmup, ...)."""
     atoms = thermalised(atoms)
-    if backend == "fastmlip-md":
-        return fastmlip_md(atoms, model, args)
+    if backend in ("fastmlip-md", "fastmlip-md-replay"):
+        return fastmlip_md(atoms, model, args, REPLAY_STEPS if backend == "fastmlip-md-replay" else 1)
     if backend == "fastmace":
         if which == "sevenn":
             raise NotApplicable("FastMACE runs MACE models only; this row is SevenNet-0")
@@ -68,7 +71,7 @@ def kinetic_temperature(momenta, masses):
     return 2.0 * kinetic / (max(1, 3 * len(masses) - 3) * units.kB)
 
 
-def fastmlip_md(atoms, model, args):
+def fastmlip_md(atoms, model, args, steps_per_replay=1):
     """fastmlip.simulate with one Calculator for the step-0 frame, the warm-up and the timed run. The timed run
     resumes the warm-up's restart file, so its steps continue the trajectory and its ``timing`` counts them
     alone (the one restart write at its end is inside the loop: well under 0.1 ms per step)."""
@@ -86,7 +89,8 @@ def fastmlip_md(atoms, model, args):
     cuda = args.device.startswith("cuda")
     total = args.md_warmup + args.md_steps
     options = dict(ensemble="nvt", thermostat="langevin", temperature=TEMPERATURE_K, timestep=TIMESTEP_FS,
-                   friction=FRICTION_PER_FS, seed=SEED, interval=total, restart_every=total)
+                   friction=FRICTION_PER_FS, seed=SEED, interval=total, restart_every=total,
+                   steps_per_replay=steps_per_replay)
     with tempfile.TemporaryDirectory(prefix="bench_fastmlip_md_") as directory:
         restart = os.path.join(directory, "restart.pt")
         if args.md_warmup:
@@ -100,7 +104,7 @@ def fastmlip_md(atoms, model, args):
               "peak_MiB": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
               "T_end_K": kinetic_temperature(run.atoms.get_momenta(), run.atoms.get_masses()),
               "engine": "cuda graph" if calculator.cuda_graph else f"eager ({calculator.cuda_graph_obstacle or 'off'})",
-              "list_checks": run.timing["list_checks"]}
+              "list_checks": run.timing["list_checks"], "replays": run.timing["replays"]}
     return timing, first
 
 

@@ -204,3 +204,25 @@ def test_npt_keeps_the_verlet_list_while_the_strain_allows(sevenn64):
     assert kept.neighbor_list_rebuilds <= 5 and rebuilt.neighbor_list_rebuilds >= 25
     np.testing.assert_allclose(result.atoms.positions, reference.atoms.positions, rtol=0, atol=1e-10)
     np.testing.assert_allclose(result.atoms.cell.array, reference.atoms.cell.array, rtol=0, atol=1e-10)
+
+
+def test_steps_per_replay_follow_the_run_of_single_steps():
+    """Five steps per replay (on the CPU the program a GPU captures runs eagerly), replays undone where the list
+    went stale and those steps redone singly, follow the run of single steps (hot silicon, small skin: many
+    rebuilds). The replay evaluates the masked Verlet candidates, the single steps the exact edges: fp64 rounding."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    thermalize(atoms, 1500, np.random.default_rng(0))
+    calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4)
+    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=10,
+                   timestep=2.0)
+    replayed = fastmlip.simulate(atoms, calc, steps=40, steps_per_replay=5, **options)
+    single = fastmlip.simulate(atoms, calc, steps=40, **options)
+    replays, undone = (int(part.split()[0]) for part in replayed.timing["replays"].split(": ")[1].split(", ")[:2])
+    assert undone >= 1 and replays > undone, replayed.timing["replays"]
+    assert single.timing["replays"] is None
+    assert np.abs(replayed.atoms.positions - single.atoms.positions).max() < 1e-9
+    assert np.abs(replayed.atoms.get_momenta() - single.atoms.get_momenta()).max() < 1e-9
+    assert np.allclose(replayed.thermo["epot"], single.thermo["epot"], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="fixed cell"):
+        fastmlip.simulate(atoms, calc, steps=2, ensemble="npt", temperature=300, pressure=1.0, steps_per_replay=2)

@@ -37,11 +37,13 @@ def test_nvt_langevin_with_traj_format(tmp_path):
     from ase.io import read
 
     result = run_md("--demo", "cu", "--repeat", "1", "--steps", "4", "--interval", "2", "--ensemble", "nvt",
-                    "--temperature", "500", "--traj", "out.traj", "--dtype", "float64", cwd=tmp_path)
+                    "--temperature", "500", "--traj", "out.traj", "--dtype", "float64", "--accelerate", "yes",
+                    "--steps-per-replay", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     frames = read(tmp_path / "out.traj", index=":")
     assert len(frames) == 3 and frames[0].get_chemical_formula() == "Cu4"
     assert "temperature: mean" in result.stdout and "float64" in result.stdout
+    assert "replays: 2 steps per replay: 2 replays" in result.stdout, result.stdout
 
 
 def test_npt_with_csvr_and_a_restart_then_the_ase_engine(tmp_path):
@@ -77,6 +79,8 @@ FILES = {"notes.txt": "not a structure\n", "unknown.xyz": "2\n\nSi 0 0 0\nXx 1 1
     (["--ensemble", "npx"], "fastmlip md: error: argument --ensemble: invalid choice: 'npx'"),
     (["--ensemble", "npt"], "fastmlip md: error: --ensemble npt needs --pressure (GPa)"),
     (["--engine", "ase", "--thermostat", "csvr"], "fastmlip md: error: --engine ase runs NVE and Langevin NVT"),
+    (["--ensemble", "npt", "--pressure", "1", "--steps-per-replay", "4"],
+     "fastmlip md: error: --steps-per-replay must be >= 1, and > 1 only with the device engine under NVE or NVT"),
 ])
 def test_errors_exit_nonzero_with_one_line(tmp_path, arguments, message):
     for name, text in FILES.items():

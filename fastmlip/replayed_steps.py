@@ -1,0 +1,134 @@
+"""Many MD steps per CUDA graph replay: the integrator, the edge vectors, the model and its forces of ``length``
+steps captured as one graph (``fastmlip.simulate(..., steps_per_replay=length)``).
+
+A replay cannot ask the host whether the Verlet list still holds, so each step leaves a device flag (some atom
+moved more than skin/2 since the list was built) and the host reads the flags once per replay. All clear: the steps
+stand. A flag at step k: the replay is undone (state and generator go back to before it) and the engine runs the
+next k + 1 steps through the calculator's checked path, which rebuilds the list where it must; the next replay
+first copies the new pairs into its buffers, and captures again when they outgrow its capacity.
+
+On a CPU the same program runs eagerly (that is how CI tests it). Steps of both paths evaluate the model on the
+same candidates; random numbers come from the same generator, in the same order.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import integrators
+from .cuda_graph import WARMUP_RUNS, CapturedStep, unpack_results
+
+
+class CaptureFailed(RuntimeError):
+    """The steps could not be captured as a CUDA graph (the message says why)."""
+
+
+class ReplayedSteps:
+    """``length`` integrator steps on static buffers, captured once on CUDA and replayed."""
+
+    def __init__(self, calculator, make_integrator, state: integrators.State, pbc, length: int):
+        if length < 2:
+            raise ValueError(f"steps per replay must be >= 2, got {length}")
+        obstacle = calculator.framework.mask_obstacle(calculator.model)
+        if obstacle:  # a replay evaluates the padded Verlet candidates, masked
+            raise ValueError(f"steps per replay need a model that takes an edge mask; this one does not: {obstacle}")
+        self.calculator, self.length, self.pbc = calculator, length, pbc
+        self.integrator = make_integrator(self._evaluate)
+        self.half_skin = calculator.neighbors.skin / 2
+        self.rebuilds = None  # the neighbour list's rebuild count when its pairs were loaded
+        self.step = None  # the CapturedStep whose static buffers the program evaluates
+        self.graph = None
+        self.state = integrators.State(*(t.clone() if isinstance(t, torch.Tensor) else t
+                                         for t in (state.positions, state.momenta, state.masses, state.cell,
+                                                   state.energy, state.forces, None, 0)))
+        self.reference = torch.empty_like(state.positions)
+        self.flags = torch.zeros(length, dtype=torch.bool, device=state.positions.device)
+        self._stale = []
+        self.replays = self.undone = self.captures = 0
+
+    def _evaluate(self, positions, cell):
+        moved = (positions - self.reference).norm(dim=1).amax()
+        self._stale.append(~(moved <= self.half_skin))  # NaN counts as moved
+        self.step.positions.copy_(positions)
+        energy, forces, _ = unpack_results(self.step.evaluate(), positions.shape[0], False)
+        return energy, forces, None
+
+    def _program(self, generator) -> None:
+        """The captured region: ``length`` steps from the static state into the static state, flags alongside."""
+        self._stale.clear()
+        state = self.state
+        for _ in range(self.length):
+            state = self.integrator.step(state, generator)
+        self.flags.copy_(torch.stack(self._stale))
+        for name in ("positions", "momenta", "energy", "forces"):
+            getattr(self.state, name).copy_(getattr(state, name))
+
+    def _load_pairs(self, positions) -> None:
+        """The Verlet list's current candidates into the static buffers; a new capture when they do not fit."""
+        neighbors = self.calculator.neighbors
+        edge_i, edge_j, shifts, _ = neighbors.candidates(positions, self.state.cell, self.pbc)
+        if self.step is None or not self.step.load_pairs(edge_i, edge_j, shifts):
+            calc = self.calculator
+            self.step, self.graph = CapturedStep(calc.framework, calc.model, calc._numbers, self.state.cell,
+                                                 self.pbc, calc.cutoff, calc.modal, False, edge_i.numel()), None
+            if not self.step.load_pairs(edge_i, edge_j, shifts):
+                raise ValueError("no candidate pairs within cutoff + skin: nothing for a captured step to pad with")
+        self.reference.copy_(neighbors.reference_positions())
+        self.rebuilds = neighbors.rebuilds
+
+    def _capture(self, generator) -> None:
+        """Warm up on a side stream (the state and generator are put back), then capture the program."""
+        saved = [t.clone() for t in (self.state.positions, self.state.momenta, self.state.energy, self.state.forces)]
+        generator_state = generator.get_state()
+        side = torch.cuda.Stream(device=self.state.positions.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._program(generator)
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved, generator, generator_state)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            self._program(generator)
+        self._restore(saved, generator, generator_state)  # capture records the kernels and runs none of them
+        self.graph = graph
+        self.captures += 1
+
+    def _restore(self, saved, generator, generator_state) -> None:
+        for buffer, value in zip((self.state.positions, self.state.momenta, self.state.energy, self.state.forces),
+                                 saved):
+            buffer.copy_(value)
+        generator.set_state(generator_state)
+
+    def advance(self, state: integrators.State, generator):
+        """``length`` steps from ``state``: the new State, or None when the list went stale within them (then
+        ``state`` and the generator are as they were, and :attr:`stale_at` says at which step)."""
+        if self.rebuilds != self.calculator.neighbors.rebuilds or self.step is None:
+            self._load_pairs(state.positions)
+        for name in ("positions", "momenta", "energy", "forces"):
+            getattr(self.state, name).copy_(getattr(state, name))
+        if self.graph is None and self.state.positions.is_cuda:
+            try:
+                self._capture(generator)
+            except Exception as exc:  # capture limits differ across models and torch versions
+                raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") \
+                    from exc
+        saved = generator.get_state()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._program(generator)
+        self.replays += 1
+        flags = self.flags.cpu()  # the replay's one device read
+        if bool(flags.any()):
+            self.stale_at = int(flags.int().argmax())
+            self.undone += 1
+            generator.set_state(saved)
+            return None
+        return integrators.State(self.state.positions.clone(), self.state.momenta.clone(), state.masses,
+                                 state.cell, self.state.energy.clone(), self.state.forces.clone(), None,
+                                 state.step + self.length)
+
+    def summary(self) -> str:
+        return (f"{self.length} steps per replay: {self.replays} replays, {self.undone} undone at a list rebuild, "
+                f"{self.captures} captures")

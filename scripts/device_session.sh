@@ -16,7 +16,7 @@
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
 # Phases: batch (fastmlip.evaluate vs a calculator loop), sweep / sweep-mace (largest Cu fcc per GPU),
-# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
+# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
 # kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
@@ -103,6 +103,10 @@ for phase in "$@"; do
     linear)
       # o3.Linear tile variants and dot precisions against cuBLAS GEMMs of the same shapes (4000 rows, fp32)
       step bench_linear 240 python3 "$repo/scripts/bench_linear.py" --out "$out/bench_linear"
+      ;;
+    mlp-layers)
+      # the radial MLP's dense layers at Cu 4000 edge counts: fastmlip tiles (ieee, tf32x3) vs cuBLAS fp32 and TF32
+      step bench_mlp_layers 240 python3 "$repo/scripts/bench_linear.py" --mlp --out "$out/bench_mlp_layers"
       ;;
     imports)
       # where a warm start's imports go: loading SevenNet-0 and a MACE model file, -X importtime

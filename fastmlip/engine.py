@@ -146,7 +146,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     (.extxyz, .xyz, .traj) that gets a frame every ``interval`` steps. ``restart``: see the module docstring;
     ``steps`` is the whole run's length, resumed runs included. ``progress(step)`` is called every ``interval``
     steps. ``steps_per_replay`` > 1 (NVE, NVT): that many steps, integrator included, per CUDA graph replay
-    (:mod:`fastmlip.replayed_steps`; on a CPU the same steps run eagerly). Other keyword arguments go to
+    (:mod:`fastmlip.replayed_steps`; on a CPU the same steps run eagerly; on CUDA only where the calculator
+    replays its steps, else a warning says why not). Other keyword arguments go to
     :class:`Calculator` (``skin``, ``modal``, ``trusted``, ...).
     """
     from .calculator import Calculator
@@ -189,8 +190,13 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
         raise ValueError("NPT needs a periodic structure with a cell of non-zero volume")
     integrator = _integrator(settings, evaluate)
     deferred = DeferredChecks(calculator, settings, pbc, with_stress, integrator) if calculator.cuda_graph else None
-    replayed = ReplayedSteps(calculator, lambda evaluate_fn: _integrator(settings, evaluate_fn), state, pbc,
-                             steps_per_replay) if steps_per_replay > 1 else None
+    replayed = None
+    if steps_per_replay > 1 and device.type == "cuda" and not calculator.cuda_graph:
+        warnings.warn(f"fastmlip: steps per replay off, the calculator runs eager steps "
+                      f"({calculator.cuda_graph_obstacle})", RuntimeWarning, stacklevel=2)
+    elif steps_per_replay > 1:  # on a CPU the replayed program runs eagerly
+        replayed = ReplayedSteps(calculator, lambda evaluate_fn: _integrator(settings, evaluate_fn), state, pbc,
+                                 steps_per_replay)
     writer = _trajectory_writer(trajectory, resume=step > 0)
     if step == 0:
         thermo.append(_thermo_row(state, settings, npt))

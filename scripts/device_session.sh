@@ -16,7 +16,7 @@
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
 # Phases: batch (fastmlip.evaluate vs a calculator loop), sweep / sweep-mace (largest Cu fcc per GPU),
-# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
+# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
 # kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
@@ -103,6 +103,13 @@ for phase in "$@"; do
     linear)
       # o3.Linear tile variants and dot precisions against cuBLAS GEMMs of the same shapes (4000 rows, fp32)
       step bench_linear 240 python3 "$repo/scripts/bench_linear.py" --out "$out/bench_linear"
+      ;;
+    nve-ns)
+      # the 1 ns NVE run (SevenNet-0, Si 216, fp32, 1 fs) in slices: each call continues the restart file kept in
+      # docs/ for ~8 minutes (killed runs lose at most 1000 steps); copy $OUT's file back into docs/ after a call
+      cp "$repo/docs/nve_1ns_sevenn_si216.restart" "$out/" 2> /dev/null
+      step nve_1ns 480 python3 -m fastmlip.cli md --demo si --repeat 3 --ensemble nve --temperature 300 \
+        --steps 1000000 --interval 1000 --restart "$out/nve_1ns_sevenn_si216.restart" --no-progress
       ;;
     mlp-layers)
       # the radial MLP's dense layers at Cu 4000 edge counts: fastmlip tiles (ieee, tf32x3) vs cuBLAS fp32 and TF32

@@ -255,6 +255,13 @@ class Calculator(AseCalculator):
         with_stress = with_stress and output.get("stress") is not None
         return pack_results(output, with_stress), with_stress
 
+    def captured_step(self, cell, pbc, with_stress: bool, num_pairs: int) -> CapturedStep:
+        """Static buffers (not yet captured) for steps of the structure :meth:`bind` checked, room for
+        ``num_pairs`` Verlet candidates and growth: what this calculator's replays and the engine's replays of
+        many steps (:mod:`fastmlip.replayed_steps`) evaluate."""
+        return CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
+                            with_stress, num_pairs)
+
     def _replay_is_faster(self, step, positions, cell, pbc, with_stress) -> bool:
         """Time a replay against an eager step (best of two each). A replay processes every candidate pair of
         the Verlet list plus padding, so on large systems, where the GPU and not the host sets the pace, an
@@ -287,8 +294,7 @@ class Calculator(AseCalculator):
                 self.cuda_graph = False
                 self.cuda_graph_obstacle = "the convolutions run in chunks to fit memory (chunks read the host)"
                 return None
-            step = CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
-                                with_stress, edge_i.numel())
+            step = self.captured_step(cell, pbc, with_stress, edge_i.numel())
             step.load_pairs(edge_i, edge_j, shifts)
             try:
                 step.capture(positions)

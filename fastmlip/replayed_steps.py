@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import integrators
-from .cuda_graph import WARMUP_RUNS, CapturedStep, unpack_results
+from .cuda_graph import WARMUP_RUNS, unpack_results
 
 
 class CaptureFailed(RuntimeError):
@@ -37,12 +37,12 @@ class ReplayedSteps:
         self.rebuilds = None  # the neighbour list's rebuild count when its pairs were loaded
         self.step = None  # the CapturedStep whose static buffers the program evaluates
         self.graph = None
-        self.state = integrators.State(*(t.clone() if isinstance(t, torch.Tensor) else t
-                                         for t in (state.positions, state.momenta, state.masses, state.cell,
-                                                   state.energy, state.forces, None, 0)))
+        self.state = integrators.State(state.positions.clone(), state.momenta.clone(), state.masses,
+                                       state.cell.clone(), state.energy.clone(), state.forces.clone(), None, 0)
         self.reference = torch.empty_like(state.positions)
         self.flags = torch.zeros(length, dtype=torch.bool, device=state.positions.device)
         self._stale = []
+        self.stale_at = None  # the step of the last undone replay whose list went stale
         self.replays = self.undone = self.captures = 0
 
     def _evaluate(self, positions, cell):
@@ -67,9 +67,8 @@ class ReplayedSteps:
         neighbors = self.calculator.neighbors
         edge_i, edge_j, shifts, _ = neighbors.candidates(positions, self.state.cell, self.pbc)
         if self.step is None or not self.step.load_pairs(edge_i, edge_j, shifts):
-            calc = self.calculator
-            self.step, self.graph = CapturedStep(calc.framework, calc.model, calc._numbers, self.state.cell,
-                                                 self.pbc, calc.cutoff, calc.modal, False, edge_i.numel()), None
+            self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, edge_i.numel())
+            self.graph = None
             if not self.step.load_pairs(edge_i, edge_j, shifts):
                 raise ValueError("no candidate pairs within cutoff + skin: nothing for a captured step to pad with")
         self.reference.copy_(neighbors.reference_positions())

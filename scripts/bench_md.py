@@ -97,14 +97,14 @@ def model_source(which, model_dir):
     return "7net-0" if which == "sevenn" else mace_model_path(which, model_dir)
 
 
-def make_calculator(which, backend, device, dtype, model_dir):
+def make_calculator(which, backend, device, dtype, model_dir, check=True):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS + MD_BACKENDS}")
     model = model_source(which, model_dir)
     if backend.startswith("fastmlip"):
         from fastmlip.calculator import Calculator
 
-        return Calculator(model, device=device, dtype=dtype, accelerate=backend != "fastmlip-e3nn",
+        return Calculator(model, device=device, dtype=dtype, accelerate=backend != "fastmlip-e3nn", check=check,
                           cuda_graph="auto" if backend == "fastmlip" else False,
                           trusted=True)  # the MACE file is one this script wrote
     flags = {"enable_cueq": backend == "cueq", "enable_oeq": backend == "oeq"}

@@ -27,7 +27,8 @@ def pack_results(output: dict, with_stress: bool) -> torch.Tensor:
     parts = [output["energy"].reshape(1), output["energies"].reshape(-1), output["forces"].reshape(-1)]
     if with_stress:
         parts.append(output["stress"].reshape(-1))
-    return torch.cat([p.detach().to(torch.float64) for p in parts])
+    # one cat (it promotes mixed dtypes) and at most one cast: at a few hundred atoms every launch counts
+    return torch.cat([p.detach() for p in parts]).to(torch.float64)
 
 
 def unpack_results(flat: torch.Tensor, n: int, with_stress: bool) -> tuple:

@@ -17,6 +17,8 @@ import torch
 from . import integrators
 from .cuda_graph import WARMUP_RUNS, unpack_results
 
+MOVING = ("positions", "momenta", "energy", "forces")  # what a step changes (masses and the cell stay)
+
 
 class CaptureFailed(RuntimeError):
     """The steps could not be captured as a CUDA graph (the message says why)."""
@@ -59,8 +61,11 @@ class ReplayedSteps:
         for _ in range(self.length):
             state = self.integrator.step(state, generator)
         self.flags.copy_(torch.stack(self._stale))
-        for name in ("positions", "momenta", "energy", "forces"):
-            getattr(self.state, name).copy_(getattr(state, name))
+        self._set_state(state)
+
+    def _set_state(self, source: integrators.State) -> None:
+        for name in MOVING:
+            getattr(self.state, name).copy_(getattr(source, name))
 
     def _load_pairs(self, positions) -> None:
         """The Verlet list's current candidates into the static buffers; a new capture when they do not fit."""
@@ -74,9 +79,9 @@ class ReplayedSteps:
         self.reference.copy_(neighbors.reference_positions())
         self.rebuilds = neighbors.rebuilds
 
-    def _capture(self, generator) -> None:
-        """Warm up on a side stream (the state and generator are put back), then capture the program."""
-        saved = [t.clone() for t in (self.state.positions, self.state.momenta, self.state.energy, self.state.forces)]
+    def _capture(self, state: integrators.State, generator) -> None:
+        """Warm up on a side stream, then capture the program; the static state and the generator are put back to
+        ``state`` and where they were after each."""
         generator_state = generator.get_state()
         side = torch.cuda.Stream(device=self.state.positions.device)
         side.wait_stream(torch.cuda.current_stream())
@@ -84,31 +89,26 @@ class ReplayedSteps:
             for _ in range(WARMUP_RUNS):
                 self._program(generator)
         torch.cuda.current_stream().wait_stream(side)
-        self._restore(saved, generator, generator_state)
+        self._set_state(state)
+        generator.set_state(generator_state)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             self._program(generator)
-        self._restore(saved, generator, generator_state)  # capture records the kernels and runs none of them
+        self._set_state(state)  # capture records the kernels and runs none of them
+        generator.set_state(generator_state)
         self.graph = graph
         self.captures += 1
-
-    def _restore(self, saved, generator, generator_state) -> None:
-        for buffer, value in zip((self.state.positions, self.state.momenta, self.state.energy, self.state.forces),
-                                 saved):
-            buffer.copy_(value)
-        generator.set_state(generator_state)
 
     def advance(self, state: integrators.State, generator):
         """``length`` steps from ``state``: the new State, or None when the list went stale within them (then
         ``state`` and the generator are as they were, and :attr:`stale_at` says at which step)."""
         if self.rebuilds != self.calculator.neighbors.rebuilds or self.step is None:
             self._load_pairs(state.positions)
-        for name in ("positions", "momenta", "energy", "forces"):
-            getattr(self.state, name).copy_(getattr(state, name))
+        self._set_state(state)
         if self.graph is None and self.state.positions.is_cuda:
             try:
-                self._capture(generator)
+                self._capture(state, generator)
             except Exception as exc:  # capture limits differ across models and torch versions
                 raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") \
                     from exc

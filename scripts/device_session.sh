@@ -16,6 +16,7 @@
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
 # Phases: batch (fastmlip.evaluate vs a calculator loop), sweep / sweep-mace (largest Cu fcc per GPU),
+# dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
@@ -115,6 +116,19 @@ for phase in "$@"; do
       # the radial MLP's dense layers at Cu 4000 edge counts: fastmlip tiles (ieee, tf32x3) vs cuBLAS fp32 and TF32
       step bench_mlp_layers 240 python3 "$repo/scripts/bench_linear.py" --mlp --out "$out/bench_mlp_layers"
       ;;
+    dots)
+      # float32 dots on tensor cores (tf32x3) and the fused radial MLP at every edge count, against the defaults in
+      # the same call: the fp32 model tests under them, then steps and MD loops at 216 and 4000 atoms each way
+      fused=(env FASTMLIP_DOT_PRECISION=tf32x3 FASTMLIP_MLP_FUSED_MAX_ROWS=1000000000)
+      step gpu_models_tf32x3 300 "${fused[@]}" python3 -m pytest -q -p no:cacheprovider -m gpu -k "float32 or tf32" \
+        "$repo/tests/patches/test_gpu_models.py"
+      for variant in default tf32x3; do
+        prefix=(); [ $variant = tf32x3 ] && prefix=("${fused[@]}")
+        step "bench_dots_$variant" 200 "${prefix[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
+          --models sevenn,mace-medium,mace-large --systems Si216,Cu4000 --backends fastmlip,fastmlip-md \
+          --md-steps 300 --md-warmup 50 --no-sweep --out "$out/bench_dots_$variant"
+      done
+      ;;
     imports)
       # where a warm start's imports go: loading SevenNet-0 and a MACE model file, -X importtime
       python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
@@ -132,7 +146,7 @@ fastmlip.load('7net-0'); print('load s', time.time() - t)"
       # the same for MACE-medium-like (cuEquivariance first; FastMACE's size limit is its own md-loop row)
       step sweep_mace 480 python3 "$repo/scripts/bench_md.py" --models mace-medium --systems Cu4000 --steps 3 \
         --warmup 1 --backends fastmlip --sweep-model mace-medium --sweep-backends cueq,fastmlip \
-        --sweep-repeats 10,20,32,36,50,63 --max-step-ms 8000 --out "$out/sweep_mace"
+        --sweep-repeats 10,20,32,50,63 --max-step-ms 8000 --out "$out/sweep_mace"
       ;;
     loop-profile)
       # is the GPU busy during fastmlip.simulate at 216 atoms, and with how many kernels per step?

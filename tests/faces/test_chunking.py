@@ -70,8 +70,10 @@ def test_mace_medium_chunked_equals_whole(monkeypatch):
 
 def test_chunking_rule():
     widths = [1000, 1000, 500]  # weight_numel per layer
-    # kept weights 1e5 edges * 2500 * 4 B = 1 GB: fits in half of 4 GB free, not in half of 1 GB
-    assert memory.chunk_edges_for(widths, 100_000, 4, 4 * 10**9) is None
+    # kept weights and the widest one's gradient, 1e5 edges * 3500 * 4 B = 1.4 GB: fit in half of 2.8 GB free,
+    # not in half of 2.79 GB (the kept weights alone, 1 GB, would)
+    assert memory.chunk_edges_for(widths, 100_000, 4, 2_800_000_000) is None
+    assert memory.chunk_edges_for(widths, 100_000, 4, 2_790_000_000) is not None
     chunk = memory.chunk_edges_for(widths, 100_000, 4, 10**9)
     assert chunk == int(memory.CHUNK_SHARE * 10**9 // (2 * 1000 * 4))
     assert memory.chunk_edges_for(widths, 100_000, 4, 10**6) == memory.MIN_CHUNK_EDGES

@@ -12,6 +12,8 @@ at capture; a replay is one launch. Capture needs fixed shapes and no device->ho
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 
 import torch
@@ -20,6 +22,21 @@ from .neighbors import compact_positions, within_cutoff, wrap_basis
 
 GROWTH = 1.05  # capacity = GROWTH x the pairs at capture: room for the list to grow before a new capture
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compiles, autograd state)
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Collect Python's garbage now and not again until the block ends: a capture that frees an unreferenced
+    graph of an earlier run (kept alive by a reference cycle) fails with "operation failed due to a previous
+    error during capture", and collections come when the captured Python code allocates, not when we choose."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def pack_results(output: dict, with_stress: bool) -> torch.Tensor:
@@ -100,7 +117,7 @@ class CapturedStep:
                 self.evaluate()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with collector_paused(), torch.cuda.graph(self.graph):
             self.output = self.evaluate()
 
     def replay(self, positions) -> torch.Tensor:

@@ -208,7 +208,7 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
         while state.step < steps:
             boundary = _next_boundary(state.step, steps, interval, restart_every if restart else None)
             while replayed and boundary - state.step >= replayed.length:
-                state, replayed = _replay_steps(replayed, integrator, state, generator)
+                state, replayed, generator = _replay_steps(replayed, integrator, state, generator)
             if deferred:
                 state = deferred.advance(state, generator, boundary)
             else:
@@ -242,17 +242,22 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
 def _replay_steps(replayed, integrator, state, generator):
     """One replay of ``replayed.length`` steps; where the Verlet list went stale within them, the steps up to and
     including that one through the checked path instead (which rebuilds the list). A capture that fails on CUDA
-    hands the run back to the other paths with a warning: ``(state, replayed or None)``."""
+    hands the run back to the other paths with a warning, and with a new generator in the old one's state: a
+    failed capture leaves a registered generator unusable outside graphs. ``(state, replayed or None,
+    generator)``."""
+    before = generator.get_state()
     try:
         advanced = replayed.advance(state, generator)
     except CaptureFailed as exc:
         warnings.warn(f"fastmlip: steps per replay off, their capture failed ({exc})", RuntimeWarning, stacklevel=3)
-        return state, None
+        fresh = torch.Generator(device=state.positions.device)
+        fresh.set_state(before)
+        return state, None, fresh
     if advanced is not None:
-        return advanced, replayed
+        return advanced, replayed, generator
     for _ in range(replayed.stale_at + 1):
         state = integrator.step(state, generator)
-    return state, replayed
+    return state, replayed, generator
 
 
 def _next_boundary(step: int, steps: int, interval: int, restart_every) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import integrators
-from .cuda_graph import WARMUP_RUNS, unpack_results
+from .cuda_graph import WARMUP_RUNS, collector_paused, unpack_results
 
 MOVING = ("positions", "momenta", "energy", "forces")  # what a step changes (masses and the cell stay)
 
@@ -93,7 +93,7 @@ class ReplayedSteps:
         generator.set_state(generator_state)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
+        with collector_paused(), torch.cuda.graph(graph):
             self._program(generator)
         self._set_state(state)  # capture records the kernels and runs none of them
         generator.set_state(generator_state)

@@ -154,7 +154,12 @@ def test_steps_per_replay_on_gpu_follow_single_steps_and_restart_bit_for_bit(tmp
     assert np.abs(replayed.atoms.positions - single.atoms.positions).max() < 1e-9
     assert np.abs(replayed.atoms.get_momenta() - single.atoms.get_momenta()).max() < 1e-9
     restart = str(tmp_path / "run.restart")
-    fastmlip.simulate(atoms, calc, steps=40, steps_per_replay=4, restart=restart, **options)
-    resumed = fastmlip.simulate(atoms, calc, steps=80, steps_per_replay=4, restart=restart, **options)
-    assert np.array_equal(resumed.atoms.positions, replayed.atoms.positions)
-    assert np.array_equal(resumed.atoms.get_momenta(), replayed.atoms.get_momenta())
+    with warnings.catch_warnings(record=True) as caught:  # earlier runs' graphs, freed meanwhile, must not matter
+        warnings.simplefilter("always")
+        fastmlip.simulate(atoms, calc, steps=40, steps_per_replay=4, restart=restart, **options)
+        resumed = fastmlip.simulate(atoms, calc, steps=80, steps_per_replay=4, restart=restart, **options)
+    # not bitwise on a GPU: forces are summed with float atomics, so two identical runs differ by ~1e-15 A
+    # (measured on an H200, fp64); on a CPU restarts are bitwise (tests/faces/test_engine.py)
+    assert np.abs(resumed.atoms.positions - replayed.atoms.positions).max() < 1e-12
+    assert np.abs(resumed.atoms.get_momenta() - replayed.atoms.get_momenta()).max() < 1e-12
+    assert "capture failed" not in "".join(str(w.message) for w in caught)

@@ -16,7 +16,7 @@
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
 # Phases: batch (fastmlip.evaluate vs a calculator loop), sweep / sweep-mace (largest Cu fcc per GPU),
-# dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
+# defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
@@ -127,6 +127,17 @@ for phase in "$@"; do
         step "bench_dots_$variant" 200 "${prefix[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
           --models sevenn,mace-medium,mace-large --systems Si216,Cu4000 --backends fastmlip,fastmlip-md \
           --md-steps 300 --md-warmup 50 --no-sweep --out "$out/bench_dots_$variant"
+      done
+      ;;
+    defaults)
+      # the model, graph and radial-MLP GPU tests under the current defaults, then SevenNet-0 Cu 4000 steps with
+      # the radial MLP fused (default) against e3nn's matmuls above 32,768 edges, same call
+      step gpu_tests_defaults 300 python3 -m pytest -q -p no:cacheprovider -m gpu -rf \
+        "$repo/tests/patches/test_gpu_models.py" "$repo/tests/faces/test_cuda_graph.py" "$repo/tests/ops/test_radial_mlp.py"
+      for rows in 32768 default; do
+        prefix=(); [ $rows = default ] || prefix=(env FASTMLIP_MLP_FUSED_MAX_ROWS=$rows)
+        step "bench_mlp_fused_$rows" 100 "${prefix[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
+          --models sevenn --systems Cu4000 --backends fastmlip --no-sweep --out "$out/bench_mlp_fused_$rows"
       done
       ;;
     imports)

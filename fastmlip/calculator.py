@@ -106,6 +106,7 @@ class Calculator(AseCalculator):
         self.cuda_graph = self._select_cuda_graph(cuda_graph)
         self.cuda_graph_timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
         self._step = None  # the CapturedStep being replayed
+        self.graph_captures = 0  # CUDA graphs captured so far (a list that outgrows its capacity captures again)
         if chunk_edges != "auto" and chunk_edges is not None and (isinstance(chunk_edges, bool) or
                                                                    int(chunk_edges) < 1):
             raise ValueError(f"chunk_edges must be 'auto', a positive integer or None, got {chunk_edges!r}")
@@ -255,12 +256,12 @@ class Calculator(AseCalculator):
         with_stress = with_stress and output.get("stress") is not None
         return pack_results(output, with_stress), with_stress
 
-    def captured_step(self, cell, pbc, with_stress: bool, num_pairs: int) -> CapturedStep:
+    def captured_step(self, cell, pbc, with_stress: bool, num_pairs: int, pairs_in_graph=False) -> CapturedStep:
         """Static buffers (not yet captured) for steps of the structure :meth:`bind` checked, room for
-        ``num_pairs`` Verlet candidates and growth: what this calculator's replays and the engine's replays of
-        many steps (:mod:`fastmlip.replayed_steps`) evaluate."""
+        ``num_pairs`` pairs and growth: what this calculator's replays and the engine's replays of many steps
+        (:mod:`fastmlip.replayed_steps`) evaluate. ``pairs_in_graph``: see :class:`CapturedStep`."""
         return CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
-                            with_stress, num_pairs)
+                            with_stress, num_pairs, pairs_in_graph)
 
     def _replay_is_faster(self, step, positions, cell, pbc, with_stress) -> bool:
         """Time a replay against an eager step (best of two each). A replay processes every candidate pair of
@@ -297,6 +298,7 @@ class Calculator(AseCalculator):
             step = self.captured_step(cell, pbc, with_stress, edge_i.numel())
             step.load_pairs(edge_i, edge_j, shifts)
             try:
+                self.graph_captures += 1
                 step.capture(positions)
             except Exception as exc:  # capture limits differ across models and torch versions: run eagerly
                 warnings.warn(f"fastmlip: CUDA graph capture failed, running eager steps instead "

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from . import graph_pairs
 from .neighbors import compact_positions, within_cutoff, wrap_basis
 
 GROWTH = 1.05  # capacity = GROWTH x the pairs at capture: room for the list to grow before a new capture
@@ -58,9 +59,13 @@ class CapturedStep:
     """Static input buffers, the captured graph, and its flat output (energy, per-atom energies, forces, stress).
 
     ``key`` is what a replay must share with the capture: atomic numbers, cell, periodicity, the stress flag.
+    ``pairs_in_graph``: each evaluation first rebuilds the exact pair list from its positions
+    (:mod:`fastmlip.graph_pairs`, where that applies) instead of using loaded Verlet candidates; then
+    :attr:`outgrown` says on the device whether the pairs did not fit the capacity (or there were none).
     """
 
-    def __init__(self, framework, model, numbers, cell, pbc, cutoff, modal, with_stress, num_pairs):
+    def __init__(self, framework, model, numbers, cell, pbc, cutoff, modal, with_stress, num_pairs,
+                 pairs_in_graph=False):
         self.framework, self.model, self.modal = framework, model, modal
         self.pbc, self.cutoff, self.with_stress = pbc, float(cutoff), with_stress
         self.numbers = numbers
@@ -75,6 +80,8 @@ class CapturedStep:
         self.shifts = torch.zeros(self.capacity, 3, dtype=torch.long, device=device)
         self.num_pairs = torch.zeros((), dtype=torch.long, device=device)
         self.slots = torch.arange(self.capacity, device=device)
+        self.pair_grid = graph_pairs.pair_grid(n, device) if pairs_in_graph else None
+        self.outgrown = torch.zeros((), dtype=torch.bool, device=device)
         self.graph = None
         self.output = None
 
@@ -99,6 +106,8 @@ class CapturedStep:
     def evaluate(self) -> torch.Tensor:
         """One eager step on the static buffers (what the capture records); also runs on the CPU."""
         cell = self.cell.to(torch.float64)
+        if self.pair_grid is not None:
+            self._rebuild_pairs(cell)
         mask = (self.slots < self.num_pairs) & within_cutoff(
             self.positions, cell, self.edge_i, self.edge_j, self.shifts, self.cutoff)
         positions, shifts = compact_positions(self.positions, cell, self.basis, self.edge_i, self.edge_j,
@@ -107,6 +116,14 @@ class CapturedStep:
             self.model, positions, cell, self.pbc, self.numbers, self.edge_i, self.edge_j, shifts,
             compute_stress=self.with_stress, modal=self.modal, edge_mask=mask, validated=True)
         return pack_results(out, self.with_stress)
+
+    def _rebuild_pairs(self, cell) -> None:
+        edge_i, edge_j, shifts, count = graph_pairs.exact_pairs(self.positions, cell, self.basis,
+                                                                self.cutoff, self.capacity, self.pair_grid)
+        for static, new in ((self.edge_i, edge_i), (self.edge_j, edge_j), (self.shifts, shifts)):
+            static.copy_(new)
+        self.num_pairs.copy_(count.clamp(max=self.capacity))
+        self.outgrown.copy_((count > self.capacity) | (count == 0))
 
     def capture(self, positions) -> None:
         self.positions.copy_(positions)

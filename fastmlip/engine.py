@@ -332,8 +332,11 @@ class DeferredChecks:
         return state
 
     def summary(self) -> str:
+        timing = self.calculator.cuda_graph_timing
+        chosen = f" (at setup a replay took {timing['replay_ms']:.2f} ms, an eager step {timing['eager_ms']:.2f})" \
+            if timing else ""
         return (f"deferred: {self.chunks} device reads, {len(self.rebuild_steps) - 1} list rebuilds, "
-                f"{self.redone} steps redone")
+                f"{self.redone} steps redone, {self.calculator.graph_captures} captures{chosen}")
 
 
 class _NoCapturedStep(Exception):

@@ -1,21 +1,29 @@
-"""Many MD steps per CUDA graph replay: the integrator, the edge vectors, the model and its forces of ``length``
-steps captured as one graph (``fastmlip.simulate(..., steps_per_replay=length)``).
+"""Many MD steps per CUDA graph replay: the integrator, the pair list, the edge vectors, the model and its forces
+of ``length`` steps captured as one graph (``fastmlip.simulate(..., steps_per_replay=length)``).
 
-A replay cannot ask the host whether the Verlet list still holds, so each step leaves a device flag (some atom
-moved more than skin/2 since the list was built) and the host reads the flags once per replay. All clear: the steps
-stand. A flag at step k: the replay is undone (state and generator go back to before it) and the engine runs the
-next k + 1 steps through the calculator's checked path, which rebuilds the list where it must; the next replay
-first copies the new pairs into its buffers, and captures again when they outgrow its capacity.
+Pairs, two ways:
+
+* **Rebuilt in the graph** (:mod:`fastmlip.graph_pairs`: up to 4096 atoms in cells wider than twice the cutoff):
+  every step packs the exact pairs within the cutoff into buffers of fixed capacity, so no list goes stale and
+  the model sees no skin's extra pairs. Each step leaves a device flag when its pairs outgrew the capacity.
+* **Verlet candidates** (elsewhere): the steps evaluate the list's candidates, masked, and each step's flag says
+  whether some atom moved more than skin/2 since the list was built.
+
+The host reads the flags once per replay. All clear: the steps stand. A flag at step k: the replay is undone
+(state and generator go back to before it) and the engine runs the next k + 1 steps through the calculator's
+checked path, which rebuilds the list where it must; the next replay first loads the new candidates (or, with
+pairs in the graph, is captured again with room for the pairs there are now).
 
 On a CPU the same program runs eagerly (that is how CI tests it). Steps of both paths evaluate the model on the
-same candidates; random numbers come from the same generator, in the same order.
+same pairs; random numbers come from the same generator, in the same order.
 """
 from __future__ import annotations
 
 import torch
 
-from . import integrators
+from . import graph_pairs, integrators
 from .cuda_graph import WARMUP_RUNS, collector_paused, unpack_results
+from .neighbors import wrap_basis
 
 MOVING = ("positions", "momenta", "energy", "forces")  # what a step changes (masses and the cell stay)
 
@@ -34,6 +42,7 @@ class ReplayedSteps:
         if obstacle:  # a replay evaluates the padded Verlet candidates, masked
             raise ValueError(f"steps per replay need a model that takes an edge mask; this one does not: {obstacle}")
         self.calculator, self.length, self.pbc = calculator, length, pbc
+        self.pairs_in_graph = graph_pairs.applies(state.cell, pbc, calculator.cutoff, state.positions.shape[0])
         self.integrator = make_integrator(self._evaluate)
         self.half_skin = calculator.neighbors.skin / 2
         self.rebuilds = None  # the neighbour list's rebuild count when its pairs were loaded
@@ -43,29 +52,53 @@ class ReplayedSteps:
                                        state.cell.clone(), state.energy.clone(), state.forces.clone(), None, 0)
         self.reference = torch.empty_like(state.positions)
         self.flags = torch.zeros(length, dtype=torch.bool, device=state.positions.device)
-        self._stale = []
-        self.stale_at = None  # the step of the last undone replay whose list went stale
+        self._redo = []
+        self.stale_at = None  # the step of the last undone replay that must be redone on the checked path
         self.replays = self.undone = self.captures = 0
+        self._outgrown = False  # the last replay was undone with pairs in the graph: give them more room
 
     def _evaluate(self, positions, cell):
-        moved = (positions - self.reference).norm(dim=1).amax()
-        self._stale.append(~(moved <= self.half_skin))  # NaN counts as moved
         self.step.positions.copy_(positions)
         energy, forces, _ = unpack_results(self.step.evaluate(), positions.shape[0], False)
+        if self.pairs_in_graph:
+            self._redo.append(self.step.outgrown.clone())
+        else:
+            moved = (positions - self.reference).norm(dim=1).amax()
+            self._redo.append(~(moved <= self.half_skin))  # NaN counts as moved
         return energy, forces, None
 
     def _program(self, generator) -> None:
         """The captured region: ``length`` steps from the static state into the static state, flags alongside."""
-        self._stale.clear()
+        self._redo.clear()
         state = self.state
         for _ in range(self.length):
             state = self.integrator.step(state, generator)
-        self.flags.copy_(torch.stack(self._stale))
+        self.flags.copy_(torch.stack(self._redo))
         self._set_state(state)
 
     def _set_state(self, source: integrators.State) -> None:
         for name in MOVING:
             getattr(self.state, name).copy_(getattr(source, name))
+
+    def _prepare(self, positions) -> None:
+        """Static buffers with room for the pairs at ``positions``: rebuilt in the graph (a new step only at the
+        start and after the pairs outgrew it) or the Verlet list's candidates loaded (a new step when they do not
+        fit)."""
+        if not self.pairs_in_graph:
+            if self.rebuilds != self.calculator.neighbors.rebuilds or self.step is None:
+                self._load_pairs(positions)
+            return
+        if self.step is not None and not self._outgrown:
+            return
+        cell = self.state.cell.to(torch.float64)
+        basis = wrap_basis(cell, self.pbc).to(cell.device)
+        count = int(graph_pairs.exact_pairs(positions, cell, basis, self.calculator.cutoff, 1,
+                                            graph_pairs.pair_grid(positions.shape[0], positions.device))[3])
+        if count == 0:
+            raise ValueError("no pairs within the cutoff: nothing for a captured step to pad with")
+        self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True)
+        self.graph = None
+        self._outgrown = False
 
     def _load_pairs(self, positions) -> None:
         """The Verlet list's current candidates into the static buffers; a new capture when they do not fit."""
@@ -101,10 +134,10 @@ class ReplayedSteps:
         self.captures += 1
 
     def advance(self, state: integrators.State, generator):
-        """``length`` steps from ``state``: the new State, or None when the list went stale within them (then
-        ``state`` and the generator are as they were, and :attr:`stale_at` says at which step)."""
-        if self.rebuilds != self.calculator.neighbors.rebuilds or self.step is None:
-            self._load_pairs(state.positions)
+        """``length`` steps from ``state``: the new State, or None when a step must be redone on the checked path
+        (the Verlet list went stale, or the pairs outgrew the capacity); then ``state`` and the generator are as
+        they were, and :attr:`stale_at` says at which step."""
+        self._prepare(state.positions)
         self._set_state(state)
         if self.graph is None and self.state.positions.is_cuda:
             try:
@@ -122,6 +155,7 @@ class ReplayedSteps:
         if bool(flags.any()):
             self.stale_at = int(flags.int().argmax())
             self.undone += 1
+            self._outgrown = self.pairs_in_graph
             generator.set_state(saved)
             return None
         return integrators.State(self.state.positions.clone(), self.state.momenta.clone(), state.masses,
@@ -129,5 +163,6 @@ class ReplayedSteps:
                                  state.step + self.length)
 
     def summary(self) -> str:
-        return (f"{self.length} steps per replay: {self.replays} replays, {self.undone} undone at a list rebuild, "
-                f"{self.captures} captures")
+        why = "pairs outgrew the capacity" if self.pairs_in_graph else "at a list rebuild"
+        return (f"{self.length} steps per replay: {self.replays} replays, {self.undone} undone ({why}), "
+                f"{self.captures} captures, pairs {'rebuilt in the graph' if self.pairs_in_graph else 'Verlet'}")

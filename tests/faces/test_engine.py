@@ -184,8 +184,8 @@ def test_deferred_list_checks_give_the_trajectory_of_checking_every_step(eager_g
     monkeypatch.setattr(Calculator, "evaluate_unchecked", lambda *args: None)
     every_step = fastmlip.simulate(atoms, eager_graphs(), steps=30, **options)
     assert every_step.timing["list_checks"].startswith("deferred: 30 device reads")  # a checked step each
-    rebuilds, redone = (int(s.split()[0]) for s in checks.split(", ")[1:])
-    assert rebuilds >= 2 and redone >= 1, checks
+    rebuilds, redone, captures = (int(s.split()[0]) for s in checks.split(", ")[1:4])
+    assert rebuilds >= 2 and redone >= 1 and captures >= 1, checks
     assert np.array_equal(deferred.atoms.positions, every_step.atoms.positions)
     assert np.array_equal(deferred.atoms.get_momenta(), every_step.atoms.get_momenta())
     assert deferred.atoms.get_potential_energy() == every_step.atoms.get_potential_energy()
@@ -224,5 +224,34 @@ def test_steps_per_replay_follow_the_run_of_single_steps():
     assert np.abs(replayed.atoms.positions - single.atoms.positions).max() < 1e-9
     assert np.abs(replayed.atoms.get_momenta() - single.atoms.get_momenta()).max() < 1e-9
     assert np.allclose(replayed.thermo["epot"], single.thermo["epot"], rtol=0, atol=1e-9)
+    assert replayed.timing["replays"].endswith("pairs Verlet")  # a 5.43 A cell: no minimum image for 5 A
     with pytest.raises(ValueError, match="fixed cell"):
         fastmlip.simulate(atoms, calc, steps=2, ensemble="npt", temperature=300, pressure=1.0, steps_per_replay=2)
+
+
+def test_steps_per_replay_with_pairs_rebuilt_in_the_graph_follow_single_steps(monkeypatch):
+    """64 atoms in a cell wider than twice the cutoff: each replayed step rebuilds the exact pairs itself, so no
+    list goes stale; when a step's pairs outgrow the capacity (here the first buffers get room for half of them) the
+    replay is undone, those steps run singly, and the next replay gets room for the pairs there are then."""
+    sizes = []
+
+    def captured_step(calculator, cell, pbc, with_stress, num_pairs, pairs_in_graph=False):
+        sizes.append(num_pairs)
+        room = num_pairs // 2 if len(sizes) == 1 else num_pairs
+        return original(calculator, cell, pbc, with_stress, room, pairs_in_graph)
+
+    original = Calculator.captured_step
+    monkeypatch.setattr(Calculator, "captured_step", captured_step)
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=1)
+    thermalize(atoms, 1500, np.random.default_rng(0))
+    calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4)
+    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=12,
+                   timestep=2.0)
+    replayed = fastmlip.simulate(atoms, calc, steps=12, steps_per_replay=3, **options)
+    single = fastmlip.simulate(atoms, calc, steps=12, **options)
+    summary = replayed.timing["replays"]
+    replays, undone = (int(part.split()[0]) for part in summary.split(": ")[1].split(", ")[:2])
+    assert summary.endswith("pairs rebuilt in the graph") and replays > undone >= 1 and len(sizes) >= 2, summary
+    assert np.abs(replayed.atoms.positions - single.atoms.positions).max() < 1e-9
+    assert np.abs(replayed.atoms.get_momenta() - single.atoms.get_momenta()).max() < 1e-9

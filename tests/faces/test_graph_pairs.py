@@ -1,0 +1,54 @@
+"""The pair list rebuilt inside captured graphs (fastmlip.graph_pairs) against the host-side neighbour list."""
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+from fastmlip import graph_pairs
+from fastmlip.neighbors import neighbor_list, wrap_basis
+
+CASES = {  # atoms, pbc, cutoff: periodic, mixed, triclinic, molecule
+    "si64": (bulk("Si", "diamond", a=5.43, cubic=True).repeat(2), (True, True, True), 5.0),
+    "si64-slab": (bulk("Si", "diamond", a=5.43, cubic=True).repeat(2), (True, False, True), 5.0),
+    "cu-triclinic": (bulk("Cu", "fcc", a=3.61).repeat((4, 5, 6)), (True, True, True), 4.0),
+    "molecule": (molecule("C6H6"), (False, False, False), 2.5),
+}
+
+
+def _pairs(name, capacity_change=0):
+    atoms, pbc, cutoff = CASES[name]
+    atoms = atoms.copy()
+    atoms.rattle(0.3, seed=2)
+    atoms.positions += 7.3  # unwrapped: the shifts must refer to the positions as given
+    positions, cell = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array)
+    expected = neighbor_list(positions, cell, pbc, cutoff)
+    capacity = expected[0].numel() + capacity_change
+    got = graph_pairs.exact_pairs(positions, cell, wrap_basis(cell, pbc), cutoff, capacity,
+                                  graph_pairs.pair_grid(len(atoms), "cpu"))
+    return atoms, pbc, cutoff, expected, got
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_exact_pairs_equal_the_neighbour_list_in_its_order(name):
+    atoms, pbc, cutoff, (i, j, shifts), (gi, gj, gshifts, count) = _pairs(name, capacity_change=9)
+    assert graph_pairs.applies(atoms.cell.array, pbc, cutoff, len(atoms))
+    n = int(count)
+    assert n == i.numel() > 0
+    assert torch.equal(gi[:n], i) and torch.equal(gj[:n], j) and torch.equal(gshifts[:n], shifts)
+    # the 9 slots past them repeat real pairs in turn (padding a model masks out: never a self pair at distance 0)
+    assert torch.equal(gi[n:], i[:9]) and torch.equal(gj[n:], j[:9]) and torch.equal(gshifts[n:], shifts[:9])
+
+
+def test_a_capacity_too_small_keeps_the_first_pairs_and_says_how_many_there_are():
+    _, _, _, (i, j, _), (gi, gj, _, count) = _pairs("si64", capacity_change=-25)
+    assert int(count) == i.numel()
+    assert torch.equal(gi, i[:-25]) and torch.equal(gj, j[:-25])
+
+
+def test_applies_only_where_the_minimum_image_is_exact_and_affordable():
+    si8 = bulk("Si", "diamond", a=5.43, cubic=True)
+    assert not graph_pairs.applies(si8.cell.array, (True,) * 3, 5.0, len(si8))  # 5.43 A cell, 5 A cutoff
+    assert graph_pairs.applies(si8.cell.array, (True, True, False), 2.6, len(si8))
+    assert not graph_pairs.applies(si8.cell.array, (True,) * 3, 2.72, len(si8))  # just above half the height
+    assert graph_pairs.applies(np.zeros((3, 3)), (False,) * 3, 50.0, 12)
+    assert not graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, graph_pairs.MAX_ATOMS + 1)

@@ -80,7 +80,7 @@ class CapturedStep:
         self.shifts = torch.zeros(self.capacity, 3, dtype=torch.long, device=device)
         self.num_pairs = torch.zeros((), dtype=torch.long, device=device)
         self.slots = torch.arange(self.capacity, device=device)
-        self.pair_grid = graph_pairs.pair_grid(n, device) if pairs_in_graph else None
+        self.exact_pairs = graph_pairs.ExactPairs(n, device) if pairs_in_graph else None
         self.outgrown = torch.zeros((), dtype=torch.bool, device=device)
         self.graph = None
         self.output = None
@@ -106,7 +106,7 @@ class CapturedStep:
     def evaluate(self) -> torch.Tensor:
         """One eager step on the static buffers (what the capture records); also runs on the CPU."""
         cell = self.cell.to(torch.float64)
-        if self.pair_grid is not None:
+        if self.exact_pairs is not None:
             self._rebuild_pairs(cell)
         mask = (self.slots < self.num_pairs) & within_cutoff(
             self.positions, cell, self.edge_i, self.edge_j, self.shifts, self.cutoff)
@@ -118,8 +118,8 @@ class CapturedStep:
         return pack_results(out, self.with_stress)
 
     def _rebuild_pairs(self, cell) -> None:
-        edge_i, edge_j, shifts, count = graph_pairs.exact_pairs(self.positions, cell, self.basis,
-                                                                self.cutoff, self.capacity, self.pair_grid)
+        edge_i, edge_j, shifts, count = self.exact_pairs(self.positions, cell, self.basis, self.cutoff,
+                                                         self.capacity)
         for static, new in ((self.edge_i, edge_i), (self.edge_j, edge_j), (self.shifts, shifts)):
             static.copy_(new)
         self.num_pairs.copy_(count.clamp(max=self.capacity))

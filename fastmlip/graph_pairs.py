@@ -15,12 +15,14 @@ import torch
 
 from .neighbors import binning_basis
 
-# All pairs are N^2 entries of a few float64 temporaries each: 4096 atoms take ~1.5 GB in a graph's memory pool.
+# The torch reference holds N^2 entries of a few float64 temporaries each (4096 atoms: ~1.5 GB in a graph's memory
+# pool); the kernels hold none but still test N^2 pairs per step. Where the crossover with a cell list lies on a GPU
+# is not measured yet.
 MAX_ATOMS = 4096
 
 
 def applies(cell, pbc, cutoff: float, num_atoms: int) -> bool:
-    """Whether :func:`exact_pairs` is exact and affordable here: at most ``MAX_ATOMS`` atoms and a cutoff below
+    """Whether :class:`ExactPairs` is exact and affordable here: at most ``MAX_ATOMS`` atoms and a cutoff below
     half of every periodic height (then no pair has two images within reach, and no atom sees itself)."""
     if num_atoms > MAX_ATOMS or num_atoms < 2:
         return False
@@ -29,35 +31,60 @@ def applies(cell, pbc, cutoff: float, num_atoms: int) -> bool:
     return all(cutoff * (1 + 1e-6) < heights[c] / 2 for c in range(3) if pbc[c])
 
 
-def pair_grid(num_atoms: int, device) -> tuple:
-    """(i, j) of every ordered pair, row-major: the static operands of :func:`exact_pairs`."""
-    index = torch.arange(num_atoms, device=device)
-    return index.repeat_interleave(num_atoms), index.repeat(num_atoms)
+class ExactPairs:
+    """The exact pair list of ``num_atoms`` atoms on ``device``, rebuilt per call with fixed shapes: Triton's two
+    launches (:mod:`fastmlip.kernels.pair_list`) where the dispatch picks kernels, else the torch reference over
+    the whole N^2 grid of pairs (kept here, it is the same every step)."""
+
+    def __init__(self, num_atoms: int, device):
+        from .ops.dispatch import backend_for
+
+        probe = torch.empty(0, device=device)
+        self.kernels = backend_for(probe) == "triton"
+        index = torch.arange(num_atoms, device=device)
+        self.grid = None if self.kernels else (index.repeat_interleave(num_atoms), index.repeat(num_atoms))
+
+    def __call__(self, positions, cell, basis, cutoff: float, capacity: int):
+        """``(i, j, S, count)``: the pairs with ``|positions[j] - positions[i] + S @ cell| < cutoff``, i != j,
+        packed into ``capacity`` slots (i, then j), the rest repeating them in turn; ``count`` is a device scalar
+        of how many there are (more than ``capacity``: some were dropped; 0: the slots hold no real pair).
+
+        ``positions`` and ``cell`` float64; ``basis`` is :func:`fastmlip.neighbors.wrap_basis` of the cell
+        (fractional coordinates, zero along non-periodic axes). Valid where :func:`applies` says so. The kernels
+        list pairs up to a hair beyond the cutoff (:mod:`fastmlip.kernels.pair_list`): callers mask with
+        :func:`fastmlip.neighbors.within_cutoff`.
+        """
+        if self.kernels:
+            from .kernels.pair_list import pairs_within
+
+            slots = [torch.empty(capacity, dtype=torch.long, device=positions.device) for _ in range(2)]
+            shifts = torch.empty(capacity, 3, dtype=torch.long, device=positions.device)
+            count = pairs_within(positions.contiguous(), (positions @ basis).contiguous(), cell.contiguous(),
+                                 cutoff * (1 + 1e-12), slots[0], slots[1], shifts)
+            return _padded(slots[0], slots[1], shifts, count, capacity)
+        return self._reference(positions, cell, basis, cutoff, capacity)
+
+    @torch.no_grad()
+    def _reference(self, positions, cell, basis, cutoff, capacity):
+        pair_i, pair_j = self.grid
+        n = positions.shape[0]
+        fractional = positions @ basis
+        shift = -torch.round(fractional[pair_j] - fractional[pair_i])  # the minimum image, 0 on non-periodic axes
+        translation = shift[:, :1] * cell[0] + shift[:, 1:2] * cell[1] + shift[:, 2:] * cell[2]
+        vector = positions[pair_j] - positions[pair_i] + translation
+        keep = ((vector * vector).sum(1).sqrt() < cutoff) & (pair_i != pair_j)  # neighbors.within_cutoff's test
+        rank = torch.cumsum(keep, 0) - 1
+        count = rank[-1] + 1
+        # Each kept pair goes to its rank; dropped pairs and those past the capacity to one spare slot.
+        slot = torch.where(keep & (rank < capacity), rank, capacity)
+        packed = torch.zeros(capacity + 1, dtype=torch.long, device=positions.device)
+        packed = packed.scatter(0, slot, torch.arange(n * n, device=positions.device))[:capacity]
+        return _padded(pair_i[packed], pair_j[packed], shift[packed].long(), count, capacity)
 
 
-@torch.no_grad()
-def exact_pairs(positions, cell, basis, cutoff: float, capacity: int, grid):
-    """``(i, j, S, count)``: the pairs with ``|positions[j] - positions[i] + S @ cell| < cutoff``, i != j, packed
-    into ``capacity`` slots (i, then j), the rest repeating them in turn; ``count`` is a device scalar of how many
-    there are (more than ``capacity``: some were dropped; 0: the slots hold no real pair).
-
-    ``basis`` is :func:`fastmlip.neighbors.wrap_basis` of the cell (fractional coordinates, zero along
-    non-periodic axes); ``grid`` is :func:`pair_grid`. Valid where :func:`applies` says so.
-    """
-    pair_i, pair_j = grid
-    n = positions.shape[0]
-    fractional = positions @ basis
-    shift = -torch.round(fractional[pair_j] - fractional[pair_i])  # the minimum image, 0 on non-periodic axes
-    translation = shift[:, :1] * cell[0] + shift[:, 1:2] * cell[1] + shift[:, 2:] * cell[2]
-    vector = positions[pair_j] - positions[pair_i] + translation
-    keep = ((vector * vector).sum(1).sqrt() < cutoff) & (pair_i != pair_j)  # the test of neighbors.within_cutoff
-    rank = torch.cumsum(keep, 0) - 1
-    count = rank[-1] + 1 if n else torch.zeros((), dtype=torch.long, device=positions.device)
-    # Each kept pair goes to its rank; dropped pairs and those past the capacity to one spare slot.
-    slot = torch.where(keep & (rank < capacity), rank, capacity)
-    packed = torch.zeros(capacity + 1, dtype=torch.long, device=positions.device)
-    packed = packed.scatter(0, slot, torch.arange(n * n, device=positions.device))
+def _padded(edge_i, edge_j, shifts, count, capacity: int):
+    """The slots past ``count`` repeat the pairs before them in turn (padding a model masks out)."""
     filled = count.clamp(min=1, max=capacity)
-    slots = torch.arange(capacity, device=positions.device)
-    chosen = packed[torch.where(slots < filled, slots, slots % filled)]
-    return pair_i[chosen], pair_j[chosen], shift[chosen].long(), count
+    slots = torch.arange(capacity, device=edge_i.device)
+    source = torch.where(slots < filled, slots, slots % filled)
+    return edge_i[source], edge_j[source], shifts[source], count

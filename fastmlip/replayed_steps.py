@@ -92,8 +92,8 @@ class ReplayedSteps:
             return
         cell = self.state.cell.to(torch.float64)
         basis = wrap_basis(cell, self.pbc).to(cell.device)
-        count = int(graph_pairs.exact_pairs(positions, cell, basis, self.calculator.cutoff, 1,
-                                            graph_pairs.pair_grid(positions.shape[0], positions.device))[3])
+        count = int(graph_pairs.ExactPairs(positions.shape[0], positions.device)(positions, cell, basis,
+                                                                                  self.calculator.cutoff, 1)[3])
         if count == 0:
             raise ValueError("no pairs within the cutoff: nothing for a captured step to pad with")
         self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True)

@@ -1,4 +1,6 @@
 """The pair list rebuilt inside captured graphs (fastmlip.graph_pairs) against the host-side neighbour list."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,15 @@ CASES = {  # atoms, pbc, cutoff: periodic, mixed, triclinic, molecule
 }
 
 
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    """The torch reference, and the Triton kernels (interpreted on a CPU: the kernel code itself)."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("FASTMLIP_BACKEND", request.param)
+    return request.param
+
+
 def _pairs(name, capacity_change=0):
     atoms, pbc, cutoff = CASES[name]
     atoms = atoms.copy()
@@ -23,13 +34,14 @@ def _pairs(name, capacity_change=0):
     positions, cell = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array)
     expected = neighbor_list(positions, cell, pbc, cutoff)
     capacity = expected[0].numel() + capacity_change
-    got = graph_pairs.exact_pairs(positions, cell, wrap_basis(cell, pbc), cutoff, capacity,
-                                  graph_pairs.pair_grid(len(atoms), "cpu"))
+    builder = graph_pairs.ExactPairs(len(atoms), positions.device)
+    assert builder.kernels == (os.environ["FASTMLIP_BACKEND"] == "triton")
+    got = builder(positions, cell, wrap_basis(cell, pbc), cutoff, capacity)
     return atoms, pbc, cutoff, expected, got
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_exact_pairs_equal_the_neighbour_list_in_its_order(name):
+def test_exact_pairs_equal_the_neighbour_list_in_its_order(name, backend):
     atoms, pbc, cutoff, (i, j, shifts), (gi, gj, gshifts, count) = _pairs(name, capacity_change=9)
     assert graph_pairs.applies(atoms.cell.array, pbc, cutoff, len(atoms))
     n = int(count)
@@ -39,7 +51,7 @@ def test_exact_pairs_equal_the_neighbour_list_in_its_order(name):
     assert torch.equal(gi[n:], i[:9]) and torch.equal(gj[n:], j[:9]) and torch.equal(gshifts[n:], shifts[:9])
 
 
-def test_a_capacity_too_small_keeps_the_first_pairs_and_says_how_many_there_are():
+def test_a_capacity_too_small_keeps_the_first_pairs_and_says_how_many_there_are(backend):
     _, _, _, (i, j, _), (gi, gj, _, count) = _pairs("si64", capacity_change=-25)
     assert int(count) == i.numel()
     assert torch.equal(gi, i[:-25]) and torch.equal(gj, j[:-25])
@@ -52,3 +64,18 @@ def test_applies_only_where_the_minimum_image_is_exact_and_affordable():
     assert not graph_pairs.applies(si8.cell.array, (True,) * 3, 2.72, len(si8))  # just above half the height
     assert graph_pairs.applies(np.zeros((3, 3)), (False,) * 3, 50.0, 12)
     assert not graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, graph_pairs.MAX_ATOMS + 1)
+
+
+@pytest.mark.gpu
+def test_kernels_on_gpu_list_the_pairs_of_4000_copper_atoms():
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(10)
+    atoms.rattle(0.1, seed=3)
+    positions, cell = torch.tensor(atoms.positions, device="cuda"), torch.tensor(atoms.cell.array, device="cuda")
+    pbc = (True, True, True)
+    i, j, shifts = neighbor_list(positions, cell, pbc, 6.0)
+    builder = graph_pairs.ExactPairs(len(atoms), "cuda")
+    assert builder.kernels
+    gi, gj, gshifts, count = builder(positions, cell, wrap_basis(cell, pbc).cuda(), 6.0, i.numel() + 100)
+    n = int(count)
+    assert n == i.numel()
+    assert torch.equal(gi[:n], i) and torch.equal(gj[:n], j) and torch.equal(gshifts[:n], shifts)

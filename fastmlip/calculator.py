@@ -20,8 +20,8 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError, all_changes
 from ase.data import chemical_symbols
 
+from . import graph_pairs, memory
 from .cuda_graph import CapturedStep, pack_results, unpack_results
-from . import memory
 from .neighbors import VerletList, compact_positions, wrap_basis
 
 # 0.5 A: a rebuild is needed once any atom moved skin/2 = 0.25 A, i.e. every
@@ -65,13 +65,17 @@ class Calculator(AseCalculator):
     ``chunk_edges``: "auto" makes the convolutions recompute their radial weights in chunks of receivers when
     keeping them would not fit the device's free memory (:mod:`fastmlip.memory`; :attr:`chunk_edges` says what a
     step used), an integer always does with chunks of at most that many edges, None never does.
+    ``pairs``: what a CUDA graph replay evaluates: "verlet" the Verlet list's candidates (cutoff + skin), masked;
+    "graph" the exact pairs, rebuilt inside the graph at every step where :func:`fastmlip.graph_pairs.applies`
+    (up to 4096 atoms, cells wider than twice the cutoff), Verlet candidates elsewhere. Not yet measured against
+    each other on a GPU, so "verlet" stays the default.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model="7net-0", device="auto", dtype=None, accelerate=True, modal=None,
                  head=None, skin=DEFAULT_SKIN, check=True, cuda_graph="auto", trusted=False, sha256=None,
-                 chunk_edges="auto", **kwargs):
+                 chunk_edges="auto", pairs="verlet", **kwargs):
         super().__init__(**kwargs)
         from . import api  # the face above patches; imported late to keep `import fastmlip` light
 
@@ -102,6 +106,9 @@ class Calculator(AseCalculator):
         self.neighbors = VerletList(self.cutoff, skin)
         self._numbers = None  # device tensor of the last structure's atomic numbers
         self._cell = None  # (host array, device float64 tensor, pbc, wrap basis) of the last cell
+        if pairs not in ("verlet", "graph"):
+            raise ValueError(f"pairs must be 'verlet' or 'graph', got {pairs!r}")
+        self.pairs = pairs
         self._cuda_graph_request = cuda_graph
         self.cuda_graph = self._select_cuda_graph(cuda_graph)
         self.cuda_graph_timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
@@ -140,6 +147,11 @@ class Calculator(AseCalculator):
         if not matches:
             raise ValueError(f"unknown modal/head {chosen!r}; the model has {available}")
         return matches[0]
+
+    @property
+    def replays_exact_pairs(self) -> bool:
+        """Whether the captured step rebuilds its exact pairs in the graph (then no list goes stale)."""
+        return self._step is not None and self._step.exact_pairs is not None
 
     @property
     def neighbor_list_rebuilds(self) -> int:
@@ -212,6 +224,9 @@ class Calculator(AseCalculator):
         step = self._step
         if not self.cuda_graph or step is None or not step.matches(self._numbers, cell, pbc, with_stress):
             return None
+        if step.exact_pairs is not None:  # no list to go stale: the pairs may have outgrown the capacity
+            flat = step.replay(positions).clone()
+            return (*unpack_results(flat, positions.shape[0], with_stress), step.outgrown.clone())
         stale = self.neighbors.stale(positions)
         flat = step.replay(positions).clone()
         return (*unpack_results(flat, positions.shape[0], with_stress), stale)
@@ -284,36 +299,73 @@ class Calculator(AseCalculator):
 
     def _replay(self, positions, cell, pbc, with_stress):
         """The step as a CUDA graph replay (captured when needed); None when this structure runs eagerly."""
+        if self._pairs_in_graph(positions, cell, pbc):
+            return self._replay_exact_pairs(positions, cell, pbc, with_stress)
         edge_i, edge_j, shifts, rebuilt = self.neighbors.candidates(positions, cell, pbc)
         if edge_i.numel() == 0:  # nothing to pad with: no pairs within cutoff + skin
             return None
         step = self._step
-        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or (
+        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or step.exact_pairs is not None or (
                 rebuilt and not step.load_pairs(edge_i, edge_j, shifts)):
-            self._step = None  # frees the old graph's memory before the new capture
-            if self._chunking(edge_i.numel()) is not None:  # chunks read the host: eager steps only
-                self.cuda_graph = False
-                self.cuda_graph_obstacle = "the convolutions run in chunks to fit memory (chunks read the host)"
+            step = self._new_step(positions, cell, pbc, with_stress, edge_i.numel(), (edge_i, edge_j, shifts))
+            if step is None:
                 return None
-            step = self.captured_step(cell, pbc, with_stress, edge_i.numel())
-            step.load_pairs(edge_i, edge_j, shifts)
-            try:
-                self.graph_captures += 1
-                step.capture(positions)
-            except Exception as exc:  # capture limits differ across models and torch versions: run eagerly
-                warnings.warn(f"fastmlip: CUDA graph capture failed, running eager steps instead "
-                              f"({_describe_failure(exc)})", RuntimeWarning, stacklevel=3)
-                self.cuda_graph, self.cuda_graph_obstacle = False, f"capture failed: {type(exc).__name__}"
-                return None
-            if self._cuda_graph_request == "auto" and not self._replay_is_faster(step, positions, cell, pbc,
-                                                                                 with_stress):
-                timing = self.cuda_graph_timing
-                self.cuda_graph = False
-                self.cuda_graph_obstacle = (f"eager steps measured faster ({timing['eager_ms']:.2f} ms) than "
-                                            f"graph replays ({timing['replay_ms']:.2f} ms)")
-                return None
-            self._step = step
         return step.replay(positions)
+
+    def _pairs_in_graph(self, positions, cell, pbc) -> bool:
+        """Whether replays rebuild the exact pairs in the graph (``pairs="graph"`` and where that applies)."""
+        return self.pairs == "graph" and graph_pairs.applies(cell, pbc, self.cutoff, positions.shape[0])
+
+    def _replay_exact_pairs(self, positions, cell, pbc, with_stress):
+        """A replay that builds its own exact pairs (:mod:`fastmlip.graph_pairs`); captured again with more room
+        when they outgrew the capacity (one small device read per checked step)."""
+        step = self._step
+        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or step.exact_pairs is None:
+            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress)
+            if step is None:
+                return None
+        flat = step.replay(positions)
+        if bool(step.outgrown):
+            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress)
+            flat = None if step is None else step.replay(positions)
+        return flat
+
+    def _new_exact_pairs_step(self, positions, cell, pbc, with_stress):
+        builder = graph_pairs.ExactPairs(positions.shape[0], positions.device)
+        count = int(builder(positions, cell, self._cell[3], self.cutoff, 1)[3])
+        if count == 0:  # nothing to pad with
+            return None
+        return self._new_step(positions, cell, pbc, with_stress, count, None)
+
+    def _new_step(self, positions, cell, pbc, with_stress, num_pairs, pairs):
+        """Capture a step with room for ``num_pairs``: the Verlet candidates ``pairs`` loaded, or (None) pairs
+        rebuilt in the graph; None when this structure runs eagerly from now on (chunked convolutions, a failed
+        capture, or "auto" timing eager steps faster)."""
+        self._step = None  # frees the old graph's memory before the new capture
+        if self._chunking(num_pairs) is not None:  # chunks read the host: eager steps only
+            self.cuda_graph = False
+            self.cuda_graph_obstacle = "the convolutions run in chunks to fit memory (chunks read the host)"
+            return None
+        step = self.captured_step(cell, pbc, with_stress, num_pairs, pairs_in_graph=pairs is None)
+        if pairs is not None:
+            step.load_pairs(*pairs)
+        try:
+            self.graph_captures += 1
+            step.capture(positions)
+        except Exception as exc:  # capture limits differ across models and torch versions: run eagerly
+            warnings.warn(f"fastmlip: CUDA graph capture failed, running eager steps instead "
+                          f"({_describe_failure(exc)})", RuntimeWarning, stacklevel=4)
+            self.cuda_graph, self.cuda_graph_obstacle = False, f"capture failed: {type(exc).__name__}"
+            return None
+        if self._cuda_graph_request == "auto" and not self._replay_is_faster(step, positions, cell, pbc,
+                                                                             with_stress):
+            timing = self.cuda_graph_timing
+            self.cuda_graph = False
+            self.cuda_graph_obstacle = (f"eager steps measured faster ({timing['eager_ms']:.2f} ms) than "
+                                        f"graph replays ({timing['replay_ms']:.2f} ms)")
+            return None
+        self._step = step
+        return step
 
     @staticmethod
     def _to_host(flat, n_atoms, with_stress):

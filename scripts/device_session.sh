@@ -94,12 +94,13 @@ for phase in "$@"; do
     mdloop-mace)
       # whole MD loops side by side: fastmlip.simulate against FastMACE 1.0 on the same model file and crystals
       step mdloop_mace 560 python3 "$repo/scripts/bench_md.py" --models mace-medium --systems Si216,Cu4000 \
-        --backends fastmlip-md,fastmlip-md-replay,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 240 --no-sweep \
+        --backends fastmlip-md,fastmlip-md-pairs,fastmlip-md-replay,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 240 --no-sweep \
         --out "$out/mdloop_mace"
       ;;
     mdloop-sevenn)
       step mdloop_sevenn 300 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Si216,Cu4000 \
-        --backends fastmlip,fastmlip-md,fastmlip-md-replay,cueq --md-steps 300 --md-warmup 50 --no-sweep --out "$out/mdloop_sevenn"
+        --backends fastmlip,fastmlip-md,fastmlip-md-pairs,fastmlip-md-replay,cueq --md-steps 300 --md-warmup 50 --no-sweep \
+        --out "$out/mdloop_sevenn"
       ;;
     linear)
       # o3.Linear tile variants and dot precisions against cuBLAS GEMMs of the same shapes (4000 rows, fp32)

@@ -163,12 +163,46 @@ def eager_graphs(monkeypatch):
     monkeypatch.setattr(CapturedStep, "capture", lambda step, positions: step.positions.copy_(positions))
     monkeypatch.setattr(CapturedStep, "replay", replay)
 
-    def calculator():
-        calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4)
+    def calculator(**options):
+        calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4, **options)
         calc.cuda_graph, calc._cuda_graph_request = True, True
         return calc
 
     return calculator
+
+
+def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager_graphs, monkeypatch):
+    """Calculator(pairs="graph"): each replay builds its exact pairs itself, so deferred checks only redo steps
+    whose pairs outgrew the capacity (forced here: the first capture gets room for half of them) and read the
+    device once per 64 steps; the trajectory is the one of replays on Verlet candidates, to fp64 rounding."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=1)
+    thermalize(atoms, 1500, np.random.default_rng(0))
+    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=10,
+                   timestep=2.0)
+    sizes = []
+    original = Calculator.captured_step
+
+    def captured_step(calculator, cell, pbc, with_stress, num_pairs, pairs_in_graph=False):
+        sizes.append(num_pairs)
+        return original(calculator, cell, pbc, with_stress, num_pairs // 2 if len(sizes) == 1 else num_pairs,
+                        pairs_in_graph)
+
+    monkeypatch.setattr(Calculator, "captured_step", captured_step)
+    exact = eager_graphs(pairs="graph")
+    run = fastmlip.simulate(atoms, exact, steps=20, **options)
+    monkeypatch.setattr(Calculator, "captured_step", original)
+    verlet = fastmlip.simulate(atoms, eager_graphs(), steps=20, **options)
+    checks = run.timing["list_checks"]
+    assert exact.replays_exact_pairs and exact.neighbor_list_rebuilds == 0, checks
+    assert exact.graph_captures >= 2 and len(sizes) >= 2, checks  # captured again with room for all pairs
+    assert np.abs(run.atoms.positions - verlet.atoms.positions).max() < 1e-9
+    assert np.abs(run.atoms.get_momenta() - verlet.atoms.get_momenta()).max() < 1e-9
+    frame = atoms.copy()
+    frame.calc = exact
+    assert abs(frame.get_potential_energy() - verlet.thermo["epot"][0]) < 1e-9  # the ASE face takes the same path
+    with pytest.raises(ValueError, match="pairs must be"):
+        Calculator("7net-0", device="cpu", pairs="cells")
 
 
 def test_deferred_list_checks_give_the_trajectory_of_checking_every_step(eager_graphs, monkeypatch):

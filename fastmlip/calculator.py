@@ -109,6 +109,7 @@ class Calculator(AseCalculator):
         if pairs not in ("verlet", "graph"):
             raise ValueError(f"pairs must be 'verlet' or 'graph', got {pairs!r}")
         self.pairs = pairs
+        self._pairs_in_graph_for = None  # (cell tensor, (pbc, atoms), whether its pairs are rebuilt in the graph)
         self._cuda_graph_request = cuda_graph
         self.cuda_graph = self._select_cuda_graph(cuda_graph)
         self.cuda_graph_timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
@@ -305,16 +306,23 @@ class Calculator(AseCalculator):
         if edge_i.numel() == 0:  # nothing to pad with: no pairs within cutoff + skin
             return None
         step = self._step
-        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or step.exact_pairs is not None or (
-                rebuilt and not step.load_pairs(edge_i, edge_j, shifts)):
+        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or (
+                step.exact_pairs is not None) or (rebuilt and not step.load_pairs(edge_i, edge_j, shifts)):
             step = self._new_step(positions, cell, pbc, with_stress, edge_i.numel(), (edge_i, edge_j, shifts))
             if step is None:
                 return None
         return step.replay(positions)
 
     def _pairs_in_graph(self, positions, cell, pbc) -> bool:
-        """Whether replays rebuild the exact pairs in the graph (``pairs="graph"`` and where that applies)."""
-        return self.pairs == "graph" and graph_pairs.applies(cell, pbc, self.cutoff, positions.shape[0])
+        """Whether replays rebuild the exact pairs in the graph (``pairs="graph"`` and where that applies), asked
+        once per cell tensor (the answer reads the cell on the host)."""
+        if self.pairs != "graph":
+            return False
+        known = self._pairs_in_graph_for
+        if known is None or known[0] is not cell or known[1] != (pbc, positions.shape[0]):
+            known = (cell, (pbc, positions.shape[0]), graph_pairs.applies(cell, pbc, self.cutoff, positions.shape[0]))
+            self._pairs_in_graph_for = known
+        return known[2]
 
     def _replay_exact_pairs(self, positions, cell, pbc, with_stress):
         """A replay that builds its own exact pairs (:mod:`fastmlip.graph_pairs`); captured again with more room

@@ -17,8 +17,9 @@ contiguous range of task ids (one per channel block), so the code grows with the
   fixed order (deterministic). Up to ``ROWS_PER_SPLIT`` rows there is one split and no sum.
 
 float32 products run on tensor cores by default (``input_precision="tf32x3"``, about float32 accuracy;
-``FASTMLIP_DOT_PRECISION=ieee`` for exact float32 products); tiles are at least 16 wide there (tl.dot's reduction minimum on Triton 3.6), masked past the
-multiplicity. float64 uses broadcast products, which every Triton build lowers.
+``FASTMLIP_DOT_PRECISION=ieee`` for exact float32 products); tiles are at least 16 wide there (tl.dot's
+reduction minimum on Triton 3.6), masked past the multiplicity. float64 uses broadcast products, which every
+Triton build lowers.
 """
 from __future__ import annotations
 

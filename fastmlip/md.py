@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", choices=["auto", "yes", "no"], default="auto",
                         help="replay each step as a captured CUDA graph; auto: on CUDA when the model allows it "
                         "and a replay is measured faster than an eager step")
+    parser.add_argument("--pairs", choices=["verlet", "graph"], default="verlet",
+                        help="what a CUDA graph replay evaluates: the Verlet list's candidates, or the exact pairs "
+                        "rebuilt inside the graph each step (up to 4096 atoms in cells wider than twice the cutoff)")
     parser.add_argument("--steps-per-replay", type=int, default=1,
                         help="device engine, NVE/NVT: this many steps, integrator included, per CUDA graph replay "
                         "(1: one model evaluation per replay)")
@@ -241,7 +244,7 @@ def simulate(args):
     calculator = Calculator(args.model, device=device, dtype=args.dtype, accelerate=accelerate, modal=args.modal,
                             skin=DEFAULT_SKIN if args.skin is None else args.skin,
                             cuda_graph={"auto": "auto", "yes": True, "no": False}[args.cuda_graph],
-                            trusted=args.trust, sha256=args.sha256)
+                            trusted=args.trust, sha256=args.sha256, pairs=args.pairs)
     atoms.calc = calculator
     dynamics = make_dynamics(atoms, args) if args.engine == "ase" else None
     if dynamics is None and not np.any(atoms.get_momenta()):

@@ -38,7 +38,7 @@ def test_nvt_langevin_with_traj_format(tmp_path):
 
     result = run_md("--demo", "cu", "--repeat", "1", "--steps", "4", "--interval", "2", "--ensemble", "nvt",
                     "--temperature", "500", "--traj", "out.traj", "--dtype", "float64", "--accelerate", "yes",
-                    "--steps-per-replay", "2", cwd=tmp_path)
+                    "--steps-per-replay", "2", "--pairs", "graph", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     frames = read(tmp_path / "out.traj", index=":")
     assert len(frames) == 3 and frames[0].get_chemical_formula() == "Cu4"

@@ -181,14 +181,15 @@ class VerletList:
         i, j, shift = self._edges
         cell_device = cell_host.to(device=positions.device, dtype=positions.dtype)
         keep = within_cutoff(positions, cell_device, i, j, shift, self.cutoff).nonzero().flatten()
-        return i[keep], j[keep], shift[keep]
+        return i[keep].long(), j[keep].long(), shift[keep].long()
 
     @torch.no_grad()
     def candidates(self, positions, cell, pbc):
         """``(i, j, S, rebuilt)``: every pair within ``cutoff + skin`` at the last build, rebuilt only if needed.
 
         The exact list at ``positions`` is the subset that passes ``within_cutoff``; a caller that needs fixed
-        shapes (a CUDA graph) masks the other pairs instead of dropping them.
+        shapes (a CUDA graph) masks the other pairs instead of dropping them. Kept compact (``i``, ``j`` int32,
+        ``S`` int16: 14 bytes a pair instead of 40), as a step holds them throughout; :meth:`update` returns int64.
         """
         positions, cell_host, pbc, _ = _validate(positions, cell, pbc, self.cutoff)
         rebuilt = self._refresh(positions, cell_host, pbc)
@@ -198,9 +199,11 @@ class VerletList:
         """Rebuild the cached ``cutoff + skin`` list if needed; return whether it was rebuilt."""
         if not self._needs_rebuild(positions, cell_host, pbc):
             return False
-        self._edges = neighbor_list(
-            positions, cell_host, pbc, self.cutoff + self.skin,
-            self_interaction=self.self_interaction, method=self.method)
+        i, j, shift = neighbor_list(positions, cell_host, pbc, self.cutoff + self.skin,
+                                    self_interaction=self.self_interaction, method=self.method)
+        if positions.shape[0] >= 2**31 or (shift.numel() and int(shift.abs().max()) >= 2**15):
+            raise ValueError("more than 2**31 atoms or a lattice shift beyond 2**15 cells: not supported")
+        self._edges = (i.int(), j.int(), shift.to(torch.int16))
         self._reference = (positions.detach().clone(), cell_host, pbc)
         self.rebuilds += 1
         return True

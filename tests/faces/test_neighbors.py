@@ -154,6 +154,9 @@ def test_verlet_list_reuses_cache_for_small_moves(dtype):
         edge_counts.add(len(fresh[0]))
     assert verlet.rebuilds == 1
     assert len(edge_counts) > 1, "moves should change the edge set, or the test proves little"
+    i, j, shifts, rebuilt = verlet.candidates(moved, cell, pbc)  # kept compact, returned int64 by update
+    assert (i.dtype, j.dtype, shifts.dtype, rebuilt) == (torch.int32, torch.int32, torch.int16, False)
+    assert all(a.dtype == torch.int64 for a in cached)
 
 
 def test_verlet_list_rebuilds_when_needed():

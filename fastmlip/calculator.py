@@ -21,7 +21,7 @@ from ase.calculators.calculator import CalculatorError, PropertyNotImplementedEr
 from ase.data import chemical_symbols
 
 from . import graph_pairs, memory
-from .cuda_graph import CapturedStep, pack_results, unpack_results
+from .cuda_graph import GROWTH, REGROWTH, CapturedStep, pack_results, unpack_results
 from .neighbors import VerletList, compact_positions, wrap_basis
 
 # 0.5 A: a rebuild is needed once any atom moved skin/2 = 0.25 A, i.e. every
@@ -272,12 +272,13 @@ class Calculator(AseCalculator):
         with_stress = with_stress and output.get("stress") is not None
         return pack_results(output, with_stress), with_stress
 
-    def captured_step(self, cell, pbc, with_stress: bool, num_pairs: int, pairs_in_graph=False) -> CapturedStep:
-        """Static buffers (not yet captured) for steps of the structure :meth:`bind` checked, room for
-        ``num_pairs`` pairs and growth: what this calculator's replays and the engine's replays of many steps
+    def captured_step(self, cell, pbc, with_stress: bool, num_pairs: int, pairs_in_graph=False,
+                      growth=GROWTH) -> CapturedStep:
+        """Static buffers (not yet captured) for steps of the structure :meth:`bind` checked, room for ``growth``
+        x ``num_pairs`` pairs: what this calculator's replays and the engine's replays of many steps
         (:mod:`fastmlip.replayed_steps`) evaluate. ``pairs_in_graph``: see :class:`CapturedStep`."""
         return CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
-                            with_stress, num_pairs, pairs_in_graph)
+                            with_stress, num_pairs, pairs_in_graph, growth)
 
     def _replay_is_faster(self, step, positions, cell, pbc, with_stress) -> bool:
         """Time a replay against an eager step (best of two each). A replay processes every candidate pair of
@@ -306,9 +307,11 @@ class Calculator(AseCalculator):
         if edge_i.numel() == 0:  # nothing to pad with: no pairs within cutoff + skin
             return None
         step = self._step
-        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or (
-                step.exact_pairs is not None) or (rebuilt and not step.load_pairs(edge_i, edge_j, shifts)):
-            step = self._new_step(positions, cell, pbc, with_stress, edge_i.numel(), (edge_i, edge_j, shifts))
+        usable = step is not None and step.matches(self._numbers, cell, pbc, with_stress) and step.exact_pairs is None
+        outgrown = usable and rebuilt and not step.load_pairs(edge_i, edge_j, shifts)
+        if not usable or outgrown:
+            step = self._new_step(positions, cell, pbc, with_stress, edge_i.numel(), (edge_i, edge_j, shifts),
+                                  REGROWTH if outgrown else GROWTH)
             if step is None:
                 return None
         return step.replay(positions)
@@ -334,27 +337,27 @@ class Calculator(AseCalculator):
                 return None
         flat = step.replay(positions)
         if bool(step.outgrown):
-            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress)
+            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress, REGROWTH)
             flat = None if step is None else step.replay(positions)
         return flat
 
-    def _new_exact_pairs_step(self, positions, cell, pbc, with_stress):
+    def _new_exact_pairs_step(self, positions, cell, pbc, with_stress, growth=GROWTH):
         builder = graph_pairs.ExactPairs(positions.shape[0], positions.device)
         count = int(builder(positions, cell, self._cell[3], self.cutoff, 1)[3])
         if count == 0:  # nothing to pad with
             return None
-        return self._new_step(positions, cell, pbc, with_stress, count, None)
+        return self._new_step(positions, cell, pbc, with_stress, count, None, growth)
 
-    def _new_step(self, positions, cell, pbc, with_stress, num_pairs, pairs):
-        """Capture a step with room for ``num_pairs``: the Verlet candidates ``pairs`` loaded, or (None) pairs
-        rebuilt in the graph; None when this structure runs eagerly from now on (chunked convolutions, a failed
-        capture, or "auto" timing eager steps faster)."""
+    def _new_step(self, positions, cell, pbc, with_stress, num_pairs, pairs, growth=GROWTH):
+        """Capture a step with room for ``growth`` x ``num_pairs``: the Verlet candidates ``pairs`` loaded, or
+        (None) pairs rebuilt in the graph; None when this structure runs eagerly from now on (chunked
+        convolutions, a failed capture, or "auto" timing eager steps faster)."""
         self._step = None  # frees the old graph's memory before the new capture
         if self._chunking(num_pairs) is not None:  # chunks read the host: eager steps only
             self.cuda_graph = False
             self.cuda_graph_obstacle = "the convolutions run in chunks to fit memory (chunks read the host)"
             return None
-        step = self.captured_step(cell, pbc, with_stress, num_pairs, pairs_in_graph=pairs is None)
+        step = self.captured_step(cell, pbc, with_stress, num_pairs, pairs_in_graph=pairs is None, growth=growth)
         if pairs is not None:
             step.load_pairs(*pairs)
         try:

@@ -6,7 +6,7 @@ at capture; a replay is one launch. Capture needs fixed shapes and no device->ho
 * edges are the Verlet list's candidate pairs (``cutoff + skin``), padded to a capacity with copies of pairs; a mask computed inside the graph (``|D| < cutoff`` and not padding) tells the fused convolutions
   which edges exist, and the others are weighed with zero, so results equal those of the exact edge list;
 * a Verlet rebuild only copies the new pairs into the static buffers; the graph is captured again only when
-  they outgrow the capacity (which then grows by ``GROWTH``) or the atoms, cell or periodicity change;
+  they outgrow the capacity (``GROWTH`` x the pairs at the first capture, ``REGROWTH`` x at later ones) or the atoms, cell or periodicity change;
 * the framework's ``compute`` runs with ``validated=True`` (species and cell were checked on the host); its
   ``capture_obstacle(model)`` says when a model cannot be captured.
 """
@@ -22,6 +22,9 @@ from . import graph_pairs
 from .neighbors import compact_positions, within_cutoff, wrap_basis
 
 GROWTH = 1.05  # capacity = GROWTH x the pairs at capture: room for the list to grow before a new capture
+# A list that outgrew its capacity is still growing (a crystal warming up): its next capture gets more room, as
+# each capture costs a few steps' time.
+REGROWTH = 1.2
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compiles, autograd state)
 
 
@@ -65,7 +68,7 @@ class CapturedStep:
     """
 
     def __init__(self, framework, model, numbers, cell, pbc, cutoff, modal, with_stress, num_pairs,
-                 pairs_in_graph=False):
+                 pairs_in_graph=False, growth=GROWTH):
         self.framework, self.model, self.modal = framework, model, modal
         self.pbc, self.cutoff, self.with_stress = pbc, float(cutoff), with_stress
         self.numbers = numbers
@@ -73,7 +76,7 @@ class CapturedStep:
         self.basis = wrap_basis(cell, pbc).to(cell.device)
         device = numbers.device
         n = numbers.numel()
-        self.capacity = max(1, math.ceil(GROWTH * num_pairs))
+        self.capacity = max(1, math.ceil(growth * num_pairs))
         self.positions = torch.zeros(n, 3, dtype=torch.float64, device=device)
         self.edge_i = torch.zeros(self.capacity, dtype=torch.long, device=device)
         self.edge_j = torch.zeros(self.capacity, dtype=torch.long, device=device)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import graph_pairs, integrators
-from .cuda_graph import WARMUP_RUNS, collector_paused, unpack_results
+from .cuda_graph import GROWTH, REGROWTH, WARMUP_RUNS, collector_paused, unpack_results
 from .neighbors import wrap_basis
 
 MOVING = ("positions", "momenta", "energy", "forces")  # what a step changes (masses and the cell stay)
@@ -96,7 +96,8 @@ class ReplayedSteps:
                                                                                   self.calculator.cutoff, 1)[3])
         if count == 0:
             raise ValueError("no pairs within the cutoff: nothing for a captured step to pad with")
-        self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True)
+        self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True,
+                                                  growth=REGROWTH if self._outgrown else GROWTH)
         self.graph = None
         self._outgrown = False
 
@@ -104,8 +105,10 @@ class ReplayedSteps:
         """The Verlet list's current candidates into the static buffers; a new capture when they do not fit."""
         neighbors = self.calculator.neighbors
         edge_i, edge_j, shifts, _ = neighbors.candidates(positions, self.state.cell, self.pbc)
-        if self.step is None or not self.step.load_pairs(edge_i, edge_j, shifts):
-            self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, edge_i.numel())
+        outgrown = self.step is not None and not self.step.load_pairs(edge_i, edge_j, shifts)
+        if self.step is None or outgrown:
+            self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, edge_i.numel(),
+                                                      growth=REGROWTH if outgrown else GROWTH)
             self.graph = None
             if not self.step.load_pairs(edge_i, edge_j, shifts):
                 raise ValueError("no candidate pairs within cutoff + skin: nothing for a captured step to pad with")

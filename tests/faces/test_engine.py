@@ -18,6 +18,7 @@ from ase.md.verlet import VelocityVerlet
 import fastmlip
 from fastmlip import integrators
 from fastmlip.calculator import Calculator
+from fastmlip.cuda_graph import REGROWTH
 from fastmlip.md import thermalize
 
 EPSILON, SIGMA, CUTOFF = 0.0104, 3.4, 8.0  # argon, eV and A
@@ -183,10 +184,10 @@ def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager
     sizes = []
     original = Calculator.captured_step
 
-    def captured_step(calculator, cell, pbc, with_stress, num_pairs, pairs_in_graph=False):
+    def captured_step(calculator, cell, pbc, with_stress, num_pairs, **options):
         sizes.append(num_pairs)
         return original(calculator, cell, pbc, with_stress, num_pairs // 2 if len(sizes) == 1 else num_pairs,
-                        pairs_in_graph)
+                        **options)
 
     monkeypatch.setattr(Calculator, "captured_step", captured_step)
     exact = eager_graphs(pairs="graph")
@@ -196,6 +197,7 @@ def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager
     checks = run.timing["list_checks"]
     assert exact.replays_exact_pairs and exact.neighbor_list_rebuilds == 0, checks
     assert exact.graph_captures >= 2 and len(sizes) >= 2, checks  # captured again with room for all pairs
+    assert exact._step.capacity == math.ceil(REGROWTH * sizes[-1])  # and more room than at first
     assert np.abs(run.atoms.positions - verlet.atoms.positions).max() < 1e-9
     assert np.abs(run.atoms.get_momenta() - verlet.atoms.get_momenta()).max() < 1e-9
     frame = atoms.copy()
@@ -269,10 +271,10 @@ def test_steps_per_replay_with_pairs_rebuilt_in_the_graph_follow_single_steps(mo
     replay is undone, those steps run singly, and the next replay gets room for the pairs there are then."""
     sizes = []
 
-    def captured_step(calculator, cell, pbc, with_stress, num_pairs, pairs_in_graph=False):
+    def captured_step(calculator, cell, pbc, with_stress, num_pairs, **options):
         sizes.append(num_pairs)
         room = num_pairs // 2 if len(sizes) == 1 else num_pairs
-        return original(calculator, cell, pbc, with_stress, room, pairs_in_graph)
+        return original(calculator, cell, pbc, with_stress, room, **options)
 
     original = Calculator.captured_step
     monkeypatch.setattr(Calculator, "captured_step", captured_step)

@@ -150,6 +150,31 @@ def test_settings_are_checked(sevenn64):
         fastmlip.simulate(atoms, sevenn64, steps=1, ensemble="npt", temperature=300)
 
 
+def _hot_silicon(repeat: int, interval: int):
+    """Rattled silicon at 1500 K and the NVT Langevin options (2 fs steps) of the replay tests: many rebuilds."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(repeat)
+    atoms.rattle(0.05, seed=1)
+    thermalize(atoms, 1500, np.random.default_rng(0))
+    return atoms, dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5,
+                       interval=interval, timestep=2.0)
+
+
+@pytest.fixture
+def first_capture_half_room(monkeypatch):
+    """The test's first captured step gets room for half its pairs, so they outgrow it (later ones get what they
+    ask for); the list returned collects the pair counts every capture asked for."""
+    sizes = []
+    original = Calculator.captured_step
+
+    def captured_step(calculator, cell, pbc, with_stress, num_pairs, **options):
+        sizes.append(num_pairs)
+        return original(calculator, cell, pbc, with_stress, num_pairs // 2 if len(sizes) == 1 else num_pairs,
+                        **options)
+
+    monkeypatch.setattr(Calculator, "captured_step", captured_step)
+    return sizes
+
+
 @pytest.fixture
 def eager_graphs(monkeypatch):
     """CUDA-graph steps on the CPU: capture records nothing and a replay runs the captured step eagerly, so the
@@ -172,32 +197,18 @@ def eager_graphs(monkeypatch):
     return calculator
 
 
-def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager_graphs, monkeypatch):
+def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager_graphs, first_capture_half_room):
     """Calculator(pairs="graph"): each replay builds its exact pairs itself, so deferred checks only redo steps
     whose pairs outgrew the capacity (forced here: the first capture gets room for half of them) and read the
     device once per 64 steps; the trajectory is the one of replays on Verlet candidates, to fp64 rounding."""
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
-    atoms.rattle(0.05, seed=1)
-    thermalize(atoms, 1500, np.random.default_rng(0))
-    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=10,
-                   timestep=2.0)
-    sizes = []
-    original = Calculator.captured_step
-
-    def captured_step(calculator, cell, pbc, with_stress, num_pairs, **options):
-        sizes.append(num_pairs)
-        return original(calculator, cell, pbc, with_stress, num_pairs // 2 if len(sizes) == 1 else num_pairs,
-                        **options)
-
-    monkeypatch.setattr(Calculator, "captured_step", captured_step)
+    atoms, options = _hot_silicon(2, interval=10)
     exact = eager_graphs(pairs="graph")
     run = fastmlip.simulate(atoms, exact, steps=20, **options)
-    monkeypatch.setattr(Calculator, "captured_step", original)
-    verlet = fastmlip.simulate(atoms, eager_graphs(), steps=20, **options)
-    checks = run.timing["list_checks"]
+    checks, sizes = run.timing["list_checks"], list(first_capture_half_room)
     assert exact.replays_exact_pairs and exact.neighbor_list_rebuilds == 0, checks
     assert exact.graph_captures >= 2 and len(sizes) >= 2, checks  # captured again with room for all pairs
     assert exact._step.capacity == math.ceil(REGROWTH * sizes[-1])  # and more room than at first
+    verlet = fastmlip.simulate(atoms, eager_graphs(), steps=20, **options)
     assert np.abs(run.atoms.positions - verlet.atoms.positions).max() < 1e-9
     assert np.abs(run.atoms.get_momenta() - verlet.atoms.get_momenta()).max() < 1e-9
     frame = atoms.copy()
@@ -210,11 +221,7 @@ def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager
 def test_deferred_list_checks_give_the_trajectory_of_checking_every_step(eager_graphs, monkeypatch):
     """Chunks of steps on an unchecked list, with the list's validity read once per chunk and invalid steps
     redone, follow exactly the run that checks the list at every step (hot silicon, small skin: many rebuilds)."""
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-    atoms.rattle(0.05, seed=1)
-    thermalize(atoms, 1500, np.random.default_rng(0))
-    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=30,
-                   timestep=2.0)
+    atoms, options = _hot_silicon(1, interval=30)
     deferred = fastmlip.simulate(atoms, eager_graphs(), steps=30, **options)
     checks = deferred.timing["list_checks"]
     monkeypatch.setattr(Calculator, "evaluate_unchecked", lambda *args: None)
@@ -246,12 +253,8 @@ def test_steps_per_replay_follow_the_run_of_single_steps():
     """Five steps per replay (on the CPU the program a GPU captures runs eagerly), replays undone where the list
     went stale and those steps redone singly, follow the run of single steps (hot silicon, small skin: many
     rebuilds). The replay evaluates the masked Verlet candidates, the single steps the exact edges: fp64 rounding."""
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-    atoms.rattle(0.05, seed=1)
-    thermalize(atoms, 1500, np.random.default_rng(0))
+    atoms, options = _hot_silicon(1, interval=10)
     calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4)
-    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=10,
-                   timestep=2.0)
     replayed = fastmlip.simulate(atoms, calc, steps=40, steps_per_replay=5, **options)
     single = fastmlip.simulate(atoms, calc, steps=40, **options)
     replays, undone = (int(part.split()[0]) for part in replayed.timing["replays"].split(": ")[1].split(", ")[:2])
@@ -265,25 +268,13 @@ def test_steps_per_replay_follow_the_run_of_single_steps():
         fastmlip.simulate(atoms, calc, steps=2, ensemble="npt", temperature=300, pressure=1.0, steps_per_replay=2)
 
 
-def test_steps_per_replay_with_pairs_rebuilt_in_the_graph_follow_single_steps(monkeypatch):
+def test_steps_per_replay_with_pairs_rebuilt_in_the_graph_follow_single_steps(first_capture_half_room):
     """64 atoms in a cell wider than twice the cutoff: each replayed step rebuilds the exact pairs itself, so no
     list goes stale; when a step's pairs outgrow the capacity (here the first buffers get room for half of them) the
     replay is undone, those steps run singly, and the next replay gets room for the pairs there are then."""
-    sizes = []
-
-    def captured_step(calculator, cell, pbc, with_stress, num_pairs, **options):
-        sizes.append(num_pairs)
-        room = num_pairs // 2 if len(sizes) == 1 else num_pairs
-        return original(calculator, cell, pbc, with_stress, room, **options)
-
-    original = Calculator.captured_step
-    monkeypatch.setattr(Calculator, "captured_step", captured_step)
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
-    atoms.rattle(0.05, seed=1)
-    thermalize(atoms, 1500, np.random.default_rng(0))
+    sizes = first_capture_half_room
+    atoms, options = _hot_silicon(2, interval=12)
     calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4)
-    options = dict(ensemble="nvt", temperature=1500, thermostat="langevin", friction=0.05, seed=5, interval=12,
-                   timestep=2.0)
     replayed = fastmlip.simulate(atoms, calc, steps=12, steps_per_replay=3, **options)
     single = fastmlip.simulate(atoms, calc, steps=12, **options)
     summary = replayed.timing["replays"]

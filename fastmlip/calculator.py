@@ -225,11 +225,9 @@ class Calculator(AseCalculator):
         step = self._step
         if not self.cuda_graph or step is None or not step.matches(self._numbers, cell, pbc, with_stress):
             return None
-        if step.exact_pairs is not None:  # no list to go stale: the pairs may have outgrown the capacity
-            flat = step.replay(positions).clone()
-            return (*unpack_results(flat, positions.shape[0], with_stress), step.outgrown.clone())
-        stale = self.neighbors.stale(positions)
         flat = step.replay(positions).clone()
+        # with pairs in the graph no list goes stale, but the pairs may have outgrown the capacity
+        stale = self.neighbors.stale(positions) if step.exact_pairs is None else step.outgrown.clone()
         return (*unpack_results(flat, positions.shape[0], with_stress), stale)
 
     def _check_finite(self, results, atoms) -> None:
@@ -342,8 +340,7 @@ class Calculator(AseCalculator):
         return flat
 
     def _new_exact_pairs_step(self, positions, cell, pbc, with_stress, growth=GROWTH):
-        builder = graph_pairs.ExactPairs(positions.shape[0], positions.device)
-        count = int(builder(positions, cell, self._cell[3], self.cutoff, 1)[3])
+        count = graph_pairs.pair_count(positions, cell, pbc, self.cutoff)
         if count == 0:  # nothing to pad with
             return None
         return self._new_step(positions, cell, pbc, with_stress, count, None, growth)

@@ -6,7 +6,8 @@ at capture; a replay is one launch. Capture needs fixed shapes and no device->ho
 * edges are the Verlet list's candidate pairs (``cutoff + skin``), padded to a capacity with copies of pairs; a mask computed inside the graph (``|D| < cutoff`` and not padding) tells the fused convolutions
   which edges exist, and the others are weighed with zero, so results equal those of the exact edge list;
 * a Verlet rebuild only copies the new pairs into the static buffers; the graph is captured again only when
-  they outgrow the capacity (``GROWTH`` x the pairs at the first capture, ``REGROWTH`` x at later ones) or the atoms, cell or periodicity change;
+  they outgrow the capacity (``GROWTH`` x the pairs at the first capture, ``REGROWTH`` x at later ones) or the
+  atoms, cell or periodicity change;
 * the framework's ``compute`` runs with ``validated=True`` (species and cell were checked on the host); its
   ``capture_obstacle(model)`` says when a model cannot be captured.
 """

@@ -245,13 +245,12 @@ def _replay_steps(replayed, integrator, state, generator):
     hands the run back to the other paths with a warning, and with a new generator in the old one's state: a
     failed capture leaves a registered generator unusable outside graphs. ``(state, replayed or None,
     generator)``."""
-    before = generator.get_state()
     try:
         advanced = replayed.advance(state, generator)
     except CaptureFailed as exc:
         warnings.warn(f"fastmlip: steps per replay off, their capture failed ({exc})", RuntimeWarning, stacklevel=3)
         fresh = torch.Generator(device=state.positions.device)
-        fresh.set_state(before)
+        fresh.set_state(exc.generator_state)
         return state, None, fresh
     if advanced is not None:
         return advanced, replayed, generator

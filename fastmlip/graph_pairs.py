@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .neighbors import binning_basis
+from .neighbors import binning_basis, wrap_basis
 
 # The torch reference holds N^2 entries of a few float64 temporaries each (4096 atoms: ~1.5 GB in a graph's memory
 # pool); the kernels hold none but still test N^2 pairs per step. Where the crossover with a cell list lies on a GPU
@@ -80,6 +80,13 @@ class ExactPairs:
         packed = torch.zeros(capacity + 1, dtype=torch.long, device=positions.device)
         packed = packed.scatter(0, slot, torch.arange(n * n, device=positions.device))[:capacity]
         return _padded(pair_i[packed], pair_j[packed], shift[packed].long(), count, capacity)
+
+
+def pair_count(positions, cell, pbc, cutoff: float) -> int:
+    """How many exact pairs there are now (a host read): what a new step's capacity is sized from."""
+    cell = torch.as_tensor(cell, dtype=torch.float64, device=positions.device)
+    basis = wrap_basis(cell, pbc).to(positions.device)
+    return int(ExactPairs(positions.shape[0], positions.device)(positions, cell, basis, cutoff, 1)[3])
 
 
 def _padded(edge_i, edge_j, shifts, count, capacity: int):

@@ -23,13 +23,18 @@ import torch
 
 from . import graph_pairs, integrators
 from .cuda_graph import GROWTH, REGROWTH, WARMUP_RUNS, collector_paused, unpack_results
-from .neighbors import wrap_basis
 
 MOVING = ("positions", "momenta", "energy", "forces")  # what a step changes (masses and the cell stay)
 
 
 class CaptureFailed(RuntimeError):
-    """The steps could not be captured as a CUDA graph (the message says why)."""
+    """The steps could not be captured as a CUDA graph (the message says why). ``generator_state`` is the
+    generator's state before the attempt: a generator registered with a failed capture is unusable outside
+    graphs, so the run goes on with a new one in that state."""
+
+    def __init__(self, message: str, generator_state):
+        super().__init__(message)
+        self.generator_state = generator_state
 
 
 class ReplayedSteps:
@@ -90,10 +95,7 @@ class ReplayedSteps:
             return
         if self.step is not None and not self._outgrown:
             return
-        cell = self.state.cell.to(torch.float64)
-        basis = wrap_basis(cell, self.pbc).to(cell.device)
-        count = int(graph_pairs.ExactPairs(positions.shape[0], positions.device)(positions, cell, basis,
-                                                                                  self.calculator.cutoff, 1)[3])
+        count = graph_pairs.pair_count(positions, self.state.cell, self.pbc, self.calculator.cutoff)
         if count == 0:
             raise ValueError("no pairs within the cutoff: nothing for a captured step to pad with")
         self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True,
@@ -142,13 +144,13 @@ class ReplayedSteps:
         they were, and :attr:`stale_at` says at which step."""
         self._prepare(state.positions)
         self._set_state(state)
+        saved = generator.get_state()  # a capture puts it back where it was
         if self.graph is None and self.state.positions.is_cuda:
             try:
                 self._capture(state, generator)
             except Exception as exc:  # capture limits differ across models and torch versions
-                raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") \
-                    from exc
-        saved = generator.get_state()
+                raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                                    saved) from exc
         if self.graph is not None:
             self.graph.replay()
         else:

@@ -147,8 +147,9 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     ``steps`` is the whole run's length, resumed runs included. ``progress(step)`` is called every ``interval``
     steps. ``steps_per_replay`` > 1 (NVE, NVT): that many steps, integrator included, per CUDA graph replay
     (:mod:`fastmlip.replayed_steps`; on a CPU the same steps run eagerly; on CUDA only where the calculator
-    replays its steps, else a warning says why not). Other keyword arguments go to
-    :class:`Calculator` (``skin``, ``modal``, ``trusted``, ...).
+    replays its steps, else a warning says why not); the calculator keeps them, so a later run on it with the same
+    settings (the seed aside), atoms, cell and ``steps_per_replay`` replays the same graph instead of capturing
+    again. Other keyword arguments go to :class:`Calculator` (``skin``, ``modal``, ``trusted``, ...).
     """
     from .calculator import Calculator
 
@@ -195,8 +196,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
         warnings.warn(f"fastmlip: steps per replay off, the calculator runs eager steps "
                       f"({calculator.cuda_graph_obstacle})", RuntimeWarning, stacklevel=2)
     elif steps_per_replay > 1:  # on a CPU the replayed program runs eagerly
-        replayed = ReplayedSteps(calculator, lambda evaluate_fn: _integrator(settings, evaluate_fn), state, pbc,
-                                 steps_per_replay)
+        replayed = _replayed_steps(calculator, atoms, settings, state, pbc, steps_per_replay)
+    replay_counts = replayed.counts() if replayed else None
     writer = _trajectory_writer(trajectory, resume=step > 0)
     if step == 0:
         thermo.append(_thermo_row(state, settings, npt))
@@ -208,7 +209,7 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
         while state.step < steps:
             boundary = _next_boundary(state.step, steps, interval, restart_every if restart else None)
             while replayed and boundary - state.step >= replayed.length:
-                state, replayed, generator = _replay_steps(replayed, integrator, state, generator)
+                state, replayed = _replay_steps(replayed, integrator, state, generator)
             if deferred:
                 state = deferred.advance(state, generator, boundary)
             else:
@@ -235,28 +236,40 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
                timing={"setup_s": setup, "ms_per_step": ms, "ns_per_day": timestep * 86400 / 1e6 / ms * 1e3
                        if done else float("nan"), "steps": done,
                        "list_checks": deferred.summary() if deferred else "every step",
-                       "replays": replayed.summary() if replayed else None,
+                       "replays": replayed.summary(replay_counts) if replayed else None,
                        "chunk_edges": calculator.chunk_edges})
+
+
+def _replayed_steps(calculator, atoms, settings, state, pbc, length) -> ReplayedSteps:
+    """The ReplayedSteps that ``calculator.kept_replay`` holds where they fit this run (the same integrator
+    settings but the seed, atoms, cell, masses and length), else new ones that it keeps from now on: a run resumed
+    from a restart file, or MD run in chunks, then replays the graph captured before instead of capturing again
+    (warm-up steps and about a second, inside the timed loop)."""
+    built_for = ({key: value for key, value in settings.items() if key != "seed"}, tuple(atoms.numbers.tolist()))
+    kept = calculator.kept_replay
+    if kept is None or not kept.fits(state, pbc, length, built_for):
+        kept = ReplayedSteps(calculator, lambda evaluate: _integrator(settings, evaluate), state, pbc, length,
+                             built_for)
+        calculator.kept_replay = kept
+    return kept
 
 
 def _replay_steps(replayed, integrator, state, generator):
     """One replay of ``replayed.length`` steps; where the Verlet list went stale within them, the steps up to and
     including that one through the checked path instead (which rebuilds the list). A capture that fails on CUDA
-    hands the run back to the other paths with a warning, and with a new generator in the old one's state: a
-    failed capture leaves a registered generator unusable outside graphs. ``(state, replayed or None,
-    generator)``."""
+    hands the run back to the other paths with a warning (``generator`` is untouched: the graph was to draw from
+    its own), and the calculator no longer keeps these steps. ``(state, replayed or None)``."""
     try:
         advanced = replayed.advance(state, generator)
     except CaptureFailed as exc:
         warnings.warn(f"fastmlip: steps per replay off, their capture failed ({exc})", RuntimeWarning, stacklevel=3)
-        fresh = torch.Generator(device=state.positions.device)
-        fresh.set_state(exc.generator_state)
-        return state, None, fresh
+        replayed.calculator.kept_replay = None
+        return state, None
     if advanced is not None:
-        return advanced, replayed, generator
+        return advanced, replayed
     for _ in range(replayed.stale_at + 1):
         state = integrator.step(state, generator)
-    return state, replayed, generator
+    return state, replayed
 
 
 def _next_boundary(step: int, steps: int, interval: int, restart_every) -> int:

@@ -15,7 +15,11 @@ checked path, which rebuilds the list where it must; the next replay first loads
 pairs in the graph, is captured again with room for the pairs there are now).
 
 On a CPU the same program runs eagerly (that is how CI tests it). Steps of both paths evaluate the model on the
-same pairs; random numbers come from the same generator, in the same order.
+same pairs; random numbers come from the same generator state, in the same order: the graph draws from a
+generator of its own, which each replay starts from the caller's state and hands back advanced.
+
+The engine keeps a ReplayedSteps on its calculator for later runs that fit it (:meth:`ReplayedSteps.fits`): a run
+resumed from a restart file, or MD run in chunks, replays the graph captured before instead of capturing again.
 """
 from __future__ import annotations
 
@@ -28,32 +32,30 @@ MOVING = ("positions", "momenta", "energy", "forces")  # what a step changes (ma
 
 
 class CaptureFailed(RuntimeError):
-    """The steps could not be captured as a CUDA graph (the message says why). ``generator_state`` is the
-    generator's state before the attempt: a generator registered with a failed capture is unusable outside
-    graphs, so the run goes on with a new one in that state."""
-
-    def __init__(self, message: str, generator_state):
-        super().__init__(message)
-        self.generator_state = generator_state
+    """The steps could not be captured as a CUDA graph (the message says why). The caller's generator is as it
+    was: only the ReplayedSteps' own generator was registered with the failed capture (and is unusable now)."""
 
 
 class ReplayedSteps:
-    """``length`` integrator steps on static buffers, captured once on CUDA and replayed."""
+    """``length`` integrator steps on static buffers, captured once on CUDA and replayed. ``built_for``: what else
+    the integrator and the graph depend on (the engine passes its settings but the seed, and the atomic numbers);
+    :meth:`fits` compares it."""
 
-    def __init__(self, calculator, make_integrator, state: integrators.State, pbc, length: int):
+    def __init__(self, calculator, make_integrator, state: integrators.State, pbc, length: int, built_for):
         if length < 2:
             raise ValueError(f"steps per replay must be >= 2, got {length}")
         obstacle = calculator.framework.mask_obstacle(calculator.model)
         if obstacle:  # a replay evaluates the padded Verlet candidates, masked
             raise ValueError(f"steps per replay need a model that takes an edge mask; this one does not: {obstacle}")
-        self.calculator, self.length, self.pbc = calculator, length, pbc
+        self.calculator, self.length, self.pbc, self.built_for = calculator, length, pbc, built_for
         self.pairs_in_graph = graph_pairs.applies(state.cell, pbc, calculator.cutoff, state.positions.shape[0])
         self.integrator = make_integrator(self._evaluate)
         self.half_skin = calculator.neighbors.skin / 2
         self.rebuilds = None  # the neighbour list's rebuild count when its pairs were loaded
         self.step = None  # the CapturedStep whose static buffers the program evaluates
         self.graph = None
-        self.state = integrators.State(state.positions.clone(), state.momenta.clone(), state.masses,
+        self.generator = None  # the one the graph draws from, registered with it at capture
+        self.state = integrators.State(state.positions.clone(), state.momenta.clone(), state.masses.clone(),
                                        state.cell.clone(), state.energy.clone(), state.forces.clone(), None, 0)
         self.reference = torch.empty_like(state.positions)
         self.flags = torch.zeros(length, dtype=torch.bool, device=state.positions.device)
@@ -61,6 +63,15 @@ class ReplayedSteps:
         self.stale_at = None  # the step of the last undone replay that must be redone on the checked path
         self.replays = self.undone = self.captures = 0
         self._outgrown = False  # the last replay was undone with pairs in the graph: give them more room
+
+    def fits(self, state: integrators.State, pbc, length: int, built_for) -> bool:
+        """Whether these steps, captured graph included, serve a run from ``state`` too: the same length, pbc,
+        ``built_for``, number of atoms, device and dtype, and equal cell and masses (the graph holds them)."""
+        mine = self.state
+        return (length == self.length and pbc == self.pbc and built_for == self.built_for
+                and state.positions.shape == mine.positions.shape and state.positions.device == mine.positions.device
+                and state.positions.dtype == mine.positions.dtype
+                and torch.equal(state.cell, mine.cell) and torch.equal(state.masses, mine.masses))
 
     def _evaluate(self, positions, cell):
         self.step.positions.copy_(positions)
@@ -117,10 +128,11 @@ class ReplayedSteps:
         self.reference.copy_(neighbors.reference_positions())
         self.rebuilds = neighbors.rebuilds
 
-    def _capture(self, state: integrators.State, generator) -> None:
-        """Warm up on a side stream, then capture the program; the static state and the generator are put back to
-        ``state`` and where they were after each."""
-        generator_state = generator.get_state()
+    def _capture(self, state: integrators.State) -> None:
+        """Warm up on a side stream, then capture the program with a generator of its own: one registered with a
+        graph is the graph's for good (after a failed capture unusable outside graphs), so the caller's never is.
+        The static state is put back to ``state`` after each."""
+        generator = torch.Generator(device=self.state.positions.device)
         side = torch.cuda.Stream(device=self.state.positions.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -128,31 +140,32 @@ class ReplayedSteps:
                 self._program(generator)
         torch.cuda.current_stream().wait_stream(side)
         self._set_state(state)
-        generator.set_state(generator_state)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(generator)
         with collector_paused(), torch.cuda.graph(graph):
             self._program(generator)
         self._set_state(state)  # capture records the kernels and runs none of them
-        generator.set_state(generator_state)
-        self.graph = graph
+        self.graph, self.generator = graph, generator
         self.captures += 1
 
     def advance(self, state: integrators.State, generator):
         """``length`` steps from ``state``: the new State, or None when a step must be redone on the checked path
         (the Verlet list went stale, or the pairs outgrew the capacity); then ``state`` and the generator are as
-        they were, and :attr:`stale_at` says at which step."""
+        they were, and :attr:`stale_at` says at which step. ``generator`` advances as if the steps drew from it:
+        a replay starts the graph's own generator from its state and hands the advanced state back."""
         self._prepare(state.positions)
         self._set_state(state)
-        saved = generator.get_state()  # a capture puts it back where it was
+        saved = generator.get_state()
         if self.graph is None and self.state.positions.is_cuda:
             try:
-                self._capture(state, generator)
+                self._capture(state)
             except Exception as exc:  # capture limits differ across models and torch versions
-                raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                                    saved) from exc
+                raise CaptureFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") \
+                    from exc
         if self.graph is not None:
+            self.generator.set_state(saved)
             self.graph.replay()
+            generator.set_state(self.generator.get_state())
         else:
             self._program(generator)
         self.replays += 1
@@ -167,7 +180,13 @@ class ReplayedSteps:
                                  state.cell, self.state.energy.clone(), self.state.forces.clone(), None,
                                  state.step + self.length)
 
-    def summary(self) -> str:
+    def counts(self) -> tuple:
+        """``(replays, undone, captures)`` so far, all runs that used these steps together."""
+        return self.replays, self.undone, self.captures
+
+    def summary(self, since=(0, 0, 0)) -> str:
+        """What the replays did since ``since`` (:meth:`counts` at a run's start: the run's own share)."""
+        replays, undone, captures = (now - before for now, before in zip(self.counts(), since))
         why = "pairs outgrew the capacity" if self.pairs_in_graph else "at a list rebuild"
-        return (f"{self.length} steps per replay: {self.replays} replays, {self.undone} undone ({why}), "
-                f"{self.captures} captures, pairs {'rebuilt in the graph' if self.pairs_in_graph else 'Verlet'}")
+        return (f"{self.length} steps per replay: {replays} replays, {undone} undone ({why}), "
+                f"{captures} captures, pairs {'rebuilt in the graph' if self.pairs_in_graph else 'Verlet'}")

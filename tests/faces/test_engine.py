@@ -282,3 +282,31 @@ def test_steps_per_replay_with_pairs_rebuilt_in_the_graph_follow_single_steps(fi
     assert summary.endswith("pairs rebuilt in the graph") and replays > undone >= 1 and len(sizes) >= 2, summary
     assert np.abs(replayed.atoms.positions - single.atoms.positions).max() < 1e-9
     assert np.abs(replayed.atoms.get_momenta() - single.atoms.get_momenta()).max() < 1e-9
+
+
+def test_a_later_run_reuses_the_replayed_steps_its_calculator_kept(tmp_path):
+    """A run resumed on the same calculator replays the steps (on CUDA: the graph) the first run built instead of
+    building them again, and its trajectory is, bit for bit, the one of an uninterrupted run. Another seed reuses
+    them too (only the caller's generator depends on it); other settings, steps per replay or cell build new ones."""
+    atoms, options = _hot_silicon(1, interval=10)
+    calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4)
+    restart = str(tmp_path / "run.restart")
+    fastmlip.simulate(atoms, calc, steps=20, steps_per_replay=4, restart=restart, **options)
+    kept, replays = calc.kept_replay, calc.kept_replay.replays
+    resumed = fastmlip.simulate(atoms, calc, steps=40, steps_per_replay=4, restart=restart, **options)
+    assert calc.kept_replay is kept and kept.replays > replays
+    assert resumed.timing["replays"].startswith(f"4 steps per replay: {kept.replays - replays} replays")
+    whole = fastmlip.simulate(atoms, Calculator(calc.model, device="cpu", skin=0.4), steps=40, steps_per_replay=4,
+                              **options)
+    assert np.array_equal(whole.atoms.positions, resumed.atoms.positions)
+    assert np.array_equal(whole.atoms.get_momenta(), resumed.atoms.get_momenta())
+
+    fastmlip.simulate(atoms, calc, steps=1, steps_per_replay=4, **dict(options, seed=6))
+    assert calc.kept_replay is kept
+    strained = atoms.copy()
+    strained.set_cell(atoms.cell * 1.01, scale_atoms=True)
+    cooler = dict(options, temperature=1200)
+    for run_atoms, length, run_options in ((atoms, 4, cooler), (atoms, 2, cooler), (strained, 2, cooler)):
+        fastmlip.simulate(run_atoms, calc, steps=1, steps_per_replay=length, **run_options)
+        assert calc.kept_replay is not kept, (length, run_options)  # one change from the run before each
+        kept = calc.kept_replay

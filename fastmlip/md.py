@@ -64,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", choices=["auto", "yes", "no"], default="auto",
                         help="replay each step as a captured CUDA graph; auto: on CUDA when the model allows it "
                         "and a replay is measured faster than an eager step")
-    parser.add_argument("--pairs", choices=["verlet", "graph"], default="verlet",
-                        help="what a CUDA graph replay evaluates: the Verlet list's candidates, or the exact pairs "
-                        "rebuilt inside the graph each step (up to 4096 atoms in cells wider than twice the cutoff)")
+    parser.add_argument("--pairs", choices=["graph", "verlet"], default="graph",
+                        help="what a CUDA graph replay evaluates: the exact pairs rebuilt inside the graph each step "
+                        "(up to 4096 atoms in cells wider than twice the cutoff; Verlet candidates elsewhere), or "
+                        "the Verlet list's candidates everywhere")
     parser.add_argument("--steps-per-replay", type=int, default=1,
                         help="device engine, NVE/NVT: this many steps, integrator included, per CUDA graph replay "
                         "(1: one model evaluation per replay)")

@@ -91,3 +91,11 @@ def pairs_within(positions, fractional, cell, reach: float, edge_i, edge_j, shif
                       reach * reach, BLOCK=BLOCK)
     return ends[-1]
 
+
+def dry_run(device) -> None:
+    """Both launches on a two-atom stand-in, for a kernel dry run (:func:`fastmlip.kernels.precompile.recording`
+    records them and runs nothing): the pair list's kernels depend on no model, only on float64 positions."""
+    positions = torch.zeros(2, 3, dtype=torch.float64, device=device)
+    slots = [torch.empty(2, dtype=torch.long, device=device) for _ in range(2)]
+    shifts = torch.empty(2, 3, dtype=torch.long, device=device)
+    pairs_within(positions, positions.clone(), torch.eye(3, dtype=torch.float64, device=device), 1.0, *slots, shifts)

@@ -93,10 +93,11 @@ def record_kernels(model, patch) -> list:
     """Every Triton kernel the accelerated model launches in a step, recorded by a dry run (nothing compiles).
 
     The dry run evaluates the probe structure the way the calculator does: with and without stress, and with
-    an edge mask as a captured CUDA-graph step does (when the model allows masks), for every modal/head.
-    Kernels are specialised on types and alignment, never on sizes, so these are every structure's kernels.
+    an edge mask as a captured CUDA-graph step does (when the model allows masks, then also the exact pair list
+    such a step rebuilds), for every modal/head. Kernels are specialised on types and alignment, never on sizes,
+    so these are every structure's kernels.
     """
-    from fastmlip.kernels import precompile
+    from fastmlip.kernels import pair_list, precompile
 
     info = patch.model_info(model)
     atoms = probe_structure(info["atomic_numbers"], info["cutoff"])
@@ -109,6 +110,8 @@ def record_kernels(model, patch) -> list:
                 compute_on_atoms(patch, model, atoms, edges, modal=modal, compute_stress=stress)
             if masked:
                 compute_on_atoms(patch, model, atoms, edges, modal=modal, edge_mask=mask, validated=True)
+        if masked:
+            pair_list.dry_run(info["device"])
     return specs
 
 

@@ -12,7 +12,7 @@ Two kinds of rows, never mixed in a ratio (``"kind"`` in each row; a table each)
 300 K, 1 fs, --md-steps timed after --md-warmup, same model file and crystal; selected by default on CUDA only:
   fastmlip-md     fastmlip.simulate (device-resident state around Calculator.evaluate)
   fastmlip-md-replay  the same, 10 steps (integrator included) per CUDA graph replay
-  fastmlip-md-pairs  fastmlip-md whose replays rebuild the exact pairs in the graph (Calculator(pairs="graph"))
+  fastmlip-md-verlet  fastmlip-md whose replays evaluate the Verlet candidates (Calculator(pairs="verlet"))
   fastmace        FastMACE 1.0's Simulation (MACE only; in a child process; not applicable to SevenNet-0)
 Systems follow /work/shared/ANCHORS.md: SevenNet-0 on Si 216 and Cu 4000 atoms; MACE-medium-like and
 MACE-large-like (random weights, MP-0 hyperparameters, built as anchors/bench_models.py does) on Cu 4000;

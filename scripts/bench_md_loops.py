@@ -4,8 +4,9 @@
                Calculator.evaluate (a CUDA graph replay where the model allows) plus the integrator's tensor ops
   fastmlip-md-replay  the same with REPLAY_STEPS steps, integrator included, per CUDA graph replay
                (``steps_per_replay``)
-  fastmlip-md-pairs  fastmlip-md with ``Calculator(pairs="graph")``: each replay rebuilds the exact pairs itself
-               (:mod:`fastmlip.graph_pairs`) instead of evaluating the Verlet candidates
+  fastmlip-md-verlet  fastmlip-md with ``Calculator(pairs="verlet")``: each replay evaluates the Verlet list's
+               candidates, masked, instead of rebuilding the exact pairs itself (:mod:`fastmlip.graph_pairs`, the
+               default)
   fastmace     FastMACE 1.0 (MACE models only): the whole step as CUDA graphs on cuEquivariance kernels, in a
                child process, because FastMACE must be imported before MACE (else it cannot prepare its
                OpenEquivariance runtime and falls back to plain cuEq) and patches MACE's modules in place; the
@@ -33,7 +34,7 @@ import traceback
 
 import numpy as np
 
-MD_BACKENDS = ("fastmlip-md", "fastmlip-md-replay", "fastmlip-md-pairs", "fastmace")
+MD_BACKENDS = ("fastmlip-md", "fastmlip-md-replay", "fastmlip-md-verlet", "fastmace")
 REPLAY_STEPS = 10
 TEMPERATURE_K, TIMESTEP_FS, FRICTION_PER_FS, SEED = 300.0, 1.0, 0.01, 1
 
@@ -46,9 +47,9 @@ def run_md_loop(backend, which, atoms, model, args):
     """(timing, (energy, forces) of step 0) of one md-loop row; raises on failure. ``model`` is the model
     file or name the step rows use; ``args`` bench_md's (device, dtype, md_steps, md_warmup, ...)."""
     atoms = thermalised(atoms)
-    if backend in ("fastmlip-md", "fastmlip-md-replay", "fastmlip-md-pairs"):
+    if backend in ("fastmlip-md", "fastmlip-md-replay", "fastmlip-md-verlet"):
         return fastmlip_md(atoms, model, args, REPLAY_STEPS if backend == "fastmlip-md-replay" else 1,
-                           "graph" if backend == "fastmlip-md-pairs" else "verlet")
+                           "verlet" if backend == "fastmlip-md-verlet" else "graph")
     if backend == "fastmace":
         if which == "sevenn":
             raise NotApplicable("FastMACE runs MACE models only; this row is SevenNet-0")
@@ -74,7 +75,7 @@ def kinetic_temperature(momenta, masses):
     return 2.0 * kinetic / (max(1, 3 * len(masses) - 3) * units.kB)
 
 
-def fastmlip_md(atoms, model, args, steps_per_replay=1, pairs="verlet"):
+def fastmlip_md(atoms, model, args, steps_per_replay=1, pairs="graph"):
     """fastmlip.simulate with one Calculator for the step-0 frame, the warm-up and the timed run. The timed run
     resumes the warm-up's restart file, so its steps continue the trajectory and its ``timing`` counts them
     alone (the one restart write at its end is inside the loop: well under 0.1 ms per step)."""

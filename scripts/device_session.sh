@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: batch (fastmlip.evaluate vs a calculator loop), sweep / sweep-mace (largest Cu fcc per GPU),
+# Phases: batch (fastmlip.evaluate vs a calculator loop), profile-cu4000 (the speed phase's profile alone), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
@@ -58,9 +58,10 @@ for phase in "$@"; do
       ;;
     gpu-tests)
       # ~6 min on a fresh machine for everything (kernel compiles): alone in a call, or narrowed with GPU_TESTS_K
+      # (then only the selected tests run)
       step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -m gpu --durations 15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
         "$repo/tests"
-      step chunk_tests 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/ops/test_radial_conv.py"
+      [ -n "${GPU_TESTS_K:-}" ] || step chunk_tests 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/ops/test_radial_conv.py"
       ;;
     tests)
       step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/patches/test_gpu_models.py" \
@@ -91,15 +92,20 @@ for phase in "$@"; do
       step profile_md 200 python3 "$repo/scripts/profile_md.py" --cases mace-medium:Cu:10,sevenn:Cu:10 --steps 5 \
         --top 15 --out "$out"
       ;;
+    profile-cu4000)
+      # where an eager Cu 4000 step's GPU time goes (MACE-medium-like and SevenNet-0), under the current defaults
+      step profile_md 200 python3 "$repo/scripts/profile_md.py" --cases mace-medium:Cu:10,sevenn:Cu:10 --steps 5 \
+        --top 15 --out "$out"
+      ;;
     mdloop-mace)
       # whole MD loops side by side: fastmlip.simulate against FastMACE 1.0 on the same model file and crystals
       step mdloop_mace 560 python3 "$repo/scripts/bench_md.py" --models mace-medium --systems Si216,Cu4000 \
-        --backends fastmlip-md,fastmlip-md-pairs,fastmlip-md-replay,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 240 --no-sweep \
+        --backends fastmlip-md,fastmlip-md-verlet,fastmlip-md-replay,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 240 --no-sweep \
         --out "$out/mdloop_mace"
       ;;
     mdloop-sevenn)
       step mdloop_sevenn 300 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Si216,Cu4000 \
-        --backends fastmlip,fastmlip-md,fastmlip-md-pairs,fastmlip-md-replay,cueq --md-steps 300 --md-warmup 50 --no-sweep \
+        --backends fastmlip,fastmlip-md,fastmlip-md-verlet,fastmlip-md-replay,cueq --md-steps 300 --md-warmup 50 --no-sweep \
         --out "$out/mdloop_sevenn"
       ;;
     linear)

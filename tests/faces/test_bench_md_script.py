@@ -35,12 +35,12 @@ def test_step_and_md_loop_rows_get_separate_ratios_and_tables():
 def test_quick_cpu_run_times_fastmlip_md_and_skips_fastmace_for_sevenn(tmp_path):
     out = tmp_path / "bm"
     bench_md.main(["--quick", "--device", "cpu", "--models", "sevenn", "--backends",
-                   "fastmlip-md,fastmlip-md-replay,fastmlip-md-pairs,fastmace", "--md-steps", "12", "--md-warmup",
+                   "fastmlip-md,fastmlip-md-replay,fastmlip-md-verlet,fastmace", "--md-steps", "12", "--md-warmup",
                    "1", "--no-sweep", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())["anchors"]
-    md, replay, pairs, fastmace = rows
-    assert md["kind"] == replay["kind"] == pairs["kind"] == fastmace["kind"] == "md-loop"
-    for row in (md, replay, pairs):
+    md, replay, verlet, fastmace = rows
+    assert md["kind"] == replay["kind"] == verlet["kind"] == fastmace["kind"] == "md-loop"
+    for row in (md, replay, verlet):
         assert row["parity"] == "ok" and row["md_steps"] == 12 and row["step_ms"] > 0
     assert md["replays"] is None and replay["replays"].startswith("10 steps per replay: 1 replays")
     assert fastmace["error"].startswith("NotApplicable: FastMACE runs MACE models only")

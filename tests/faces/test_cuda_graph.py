@@ -134,7 +134,8 @@ def test_graph_replays_match_eager_steps_on_gpu(dtype, tol):
 @pytest.mark.parametrize("pairs", ["rebuilt in the graph", "Verlet"])
 def test_steps_per_replay_on_gpu_follow_single_steps_and_restart(tmp_path, monkeypatch, pairs):
     """Four steps per graph replay (integrator and Langevin noise captured) against single-step replays: the same
-    kernels and the same random numbers, so the same trajectory; resumed from a restart file it is the same again.
+    kernels and the same random numbers, so the same trajectory; resumed from a restart file it is the same again,
+    replaying the graph the calculator kept from the first run (no capture in the resumed run).
     With pairs rebuilt in the graph nothing goes stale. With Verlet candidates at 600 K and a 0.4 A skin the list
     goes stale every ~12 steps: on CPU (the same program, eager) this run makes 20 replays of which 3 are undone;
     hotter or with 10 steps per replay every replay is undone."""
@@ -159,11 +160,14 @@ def test_steps_per_replay_on_gpu_follow_single_steps_and_restart(tmp_path, monke
     assert replays > undone >= (1 if pairs == "Verlet" else 0), summary
     assert np.abs(replayed.atoms.positions - single.atoms.positions).max() < 1e-9
     assert np.abs(replayed.atoms.get_momenta() - single.atoms.get_momenta()).max() < 1e-9
-    restart = str(tmp_path / "run.restart")
-    with warnings.catch_warnings(record=True) as caught:  # earlier runs' graphs, freed meanwhile, must not matter
+    restart, kept = str(tmp_path / "run.restart"), calc.kept_replay
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fastmlip.simulate(atoms, calc, steps=40, steps_per_replay=4, restart=restart, **options)
         resumed = fastmlip.simulate(atoms, calc, steps=80, steps_per_replay=4, restart=restart, **options)
+    # the first run's graph has room for the pairs of this trajectory: the timed resumed run captures nothing
+    resumed_captures = int(resumed.timing["replays"].split(": ")[1].split(", ")[2].split()[0])
+    assert calc.kept_replay is kept and resumed_captures == 0, resumed.timing["replays"]
     # not bitwise on a GPU: forces are summed with float atomics, so two identical runs differ by ~1e-15 A
     # (measured on an H200, fp64); on a CPU restarts are bitwise (tests/faces/test_engine.py)
     assert np.abs(resumed.atoms.positions - replayed.atoms.positions).max() < 1e-12

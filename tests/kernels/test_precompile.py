@@ -33,14 +33,17 @@ def _keys(specs) -> list:
 
 def steps_against_dry_run() -> dict:
     """Kernels that a Calculator's steps would compile (first step, later steps with other edge counts, a
-    Verlet rebuild, a masked CUDA-graph-style step) against those accelerate's dry run records."""
+    Verlet rebuild, a masked CUDA-graph-style step, one that rebuilds its exact pairs) against those accelerate's
+    dry run records."""
     import numpy as np
     import torch
     from ase.build import bulk
 
     import fastmlip
     from fastmlip.cuda_graph import CapturedStep
+    from fastmlip.graph_pairs import ExactPairs
     from fastmlip.kernels import precompile
+    from fastmlip.neighbors import wrap_basis
     from fastmlip.ops import dispatch
     from fastmlip.patches import self_check
     from fastmlip.warmup import _frozen_model
@@ -68,8 +71,12 @@ def steps_against_dry_run() -> dict:
         captured.positions.copy_(positions)
         with precompile.recording() as masked:
             captured.evaluate()
+        # a step with its exact pairs in the graph launches the masked step's kernels after these (the model part
+        # is not run here: the skipped pair kernels would leave it garbage indices)
+        with precompile.recording() as rebuilding:
+            ExactPairs(len(atoms), "cpu")(positions, cell, wrap_basis(cell, (True,) * 3), calc.cutoff, i.numel())
     return {"dry": _keys(dry), "steps": [_keys(s) for s, _ in steps], "rebuilds": [r for _, r in steps],
-            "masked": _keys(masked), "edges": [len(s) for s, _ in steps]}
+            "masked": _keys(masked), "exact_pairs": _keys(rebuilding), "edges": [len(s) for s, _ in steps]}
 
 
 def small_specs():
@@ -116,6 +123,9 @@ def test_no_kernel_compiles_after_the_dry_run(tmp_path):
         assert set(later) <= first
     assert first <= set(result["dry"])
     assert set(result["masked"]) <= set(result["dry"])
+    # a step that rebuilds its exact pairs (pairs="graph") launches the pair list's kernels, recorded too
+    assert {"count_pairs", "write_pairs"} <= {key.split(":")[1] for key in result["exact_pairs"]}
+    assert set(result["exact_pairs"]) <= set(result["dry"])
 
 
 def test_compiled_kernels_are_cached_checked_and_rebuilt(tmp_path):

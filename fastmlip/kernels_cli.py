@@ -7,6 +7,7 @@ prints each such module whole, and the source of the library kernels (:mod:`fast
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -41,10 +42,11 @@ def kernel_file(function):
 
 
 def kernel_source(function) -> str:
-    """A generated kernel's whole module (imports, constants, the kernel), or a library kernel's own source."""
+    """A generated kernel's whole module (imports, constants, the kernel), or a library kernel's own source with
+    its decorator (Triton's ``src`` starts at ``def``)."""
     path = kernel_file(function)
     if path is None:
-        return function.src
+        return inspect.getsource(function.fn)
     with open(path) as handle:
         return handle.read()
 

@@ -15,7 +15,8 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: batch (fastmlip.evaluate vs a calculator loop), profile-cu4000 (the speed phase's profile alone), sweep / sweep-mace (largest Cu fcc per GPU),
+# Phases: batch (fastmlip.evaluate vs a calculator loop), profile-cu4000 (the speed phase's profile alone), conv-small
+# (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
@@ -182,6 +183,13 @@ fastmlip.load('7net-0'); print('load s', time.time() - t)"
       fi
       step bench_batch 300 python3 "$repo/scripts/bench_batch.py" --species Si,Cu "${torchsim[@]}" \
         --out "$out/bench_batch"
+      ;;
+    conv-small)
+      # the convolution at a 216-atom graph (216 nodes x 30 edges), where a profiled aggregate took ~45 us a launch:
+      # receiver-owned CSR programs (216 x channel blocks: latency-bound?) against the atomic edge-chunk path
+      step bench_kernels_small 240 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 --nodes 216 --degree 30 \
+        --impls fastmlip,fastmlip-atomic,cueq-ir_mul --problems mace-medium,7net0-l1 --precompile 14 \
+        --out "$out/bench_kernels_small"
       ;;
     conv)
       step bench_kernels 330 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 \

@@ -3,7 +3,8 @@ of ``length`` steps captured as one graph (``fastmlip.simulate(..., steps_per_re
 
 Pairs, two ways:
 
-* **Rebuilt in the graph** (:mod:`fastmlip.graph_pairs`: up to 4096 atoms in cells wider than twice the cutoff):
+* **Rebuilt in the graph** (:mod:`fastmlip.graph_pairs`: up to 4096 atoms in cells wider than twice the cutoff,
+  unless the calculator was asked for ``pairs="verlet"``):
   every step packs the exact pairs within the cutoff into buffers of fixed capacity, so no list goes stale and
   the model sees no skin's extra pairs. Each step leaves a device flag when its pairs outgrew the capacity.
 * **Verlet candidates** (elsewhere): the steps evaluate the list's candidates, masked, and each step's flag says
@@ -48,7 +49,8 @@ class ReplayedSteps:
         if obstacle:  # a replay evaluates the padded Verlet candidates, masked
             raise ValueError(f"steps per replay need a model that takes an edge mask; this one does not: {obstacle}")
         self.calculator, self.length, self.pbc, self.built_for = calculator, length, pbc, built_for
-        self.pairs_in_graph = graph_pairs.applies(state.cell, pbc, calculator.cutoff, state.positions.shape[0])
+        self.pairs_in_graph = calculator.pairs == "graph" and graph_pairs.applies(state.cell, pbc, calculator.cutoff,
+                                                                                  state.positions.shape[0])
         self.integrator = make_integrator(self._evaluate)
         self.half_skin = calculator.neighbors.skin / 2
         self.rebuilds = None  # the neighbour list's rebuild count when its pairs were loaded

@@ -179,7 +179,7 @@ def first_capture_half_room(monkeypatch):
 def eager_graphs(monkeypatch):
     """CUDA-graph steps on the CPU: capture records nothing and a replay runs the captured step eagerly, so the
     calculator's graph path (masked Verlet candidates, static buffers) and the engine's deferred list checks run
-    here as they do on a GPU."""
+    here as they do on a GPU. Replays evaluate the Verlet candidates unless ``pairs="graph"`` is asked for."""
     from fastmlip.cuda_graph import CapturedStep
 
     def replay(step, positions):
@@ -189,8 +189,8 @@ def eager_graphs(monkeypatch):
     monkeypatch.setattr(CapturedStep, "capture", lambda step, positions: step.positions.copy_(positions))
     monkeypatch.setattr(CapturedStep, "replay", replay)
 
-    def calculator(**options):
-        calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4, **options)
+    def calculator(pairs="verlet", **options):
+        calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4, pairs=pairs, **options)
         calc.cuda_graph, calc._cuda_graph_request = True, True
         return calc
 
@@ -282,6 +282,9 @@ def test_steps_per_replay_with_pairs_rebuilt_in_the_graph_follow_single_steps(fi
     assert summary.endswith("pairs rebuilt in the graph") and replays > undone >= 1 and len(sizes) >= 2, summary
     assert np.abs(replayed.atoms.positions - single.atoms.positions).max() < 1e-9
     assert np.abs(replayed.atoms.get_momenta() - single.atoms.get_momenta()).max() < 1e-9
+    verlet = Calculator(calc.model, device="cpu", skin=0.4, pairs="verlet")  # the same cell, Verlet asked for
+    assert fastmlip.simulate(atoms, verlet, steps=3, steps_per_replay=3, **options).timing["replays"].endswith(
+        "pairs Verlet")
 
 
 def test_a_later_run_reuses_the_replayed_steps_its_calculator_kept(tmp_path):

@@ -49,8 +49,7 @@ class ReplayedSteps:
         if obstacle:  # a replay evaluates the padded Verlet candidates, masked
             raise ValueError(f"steps per replay need a model that takes an edge mask; this one does not: {obstacle}")
         self.calculator, self.length, self.pbc, self.built_for = calculator, length, pbc, built_for
-        self.pairs_in_graph = calculator.pairs == "graph" and graph_pairs.applies(state.cell, pbc, calculator.cutoff,
-                                                                                  state.positions.shape[0])
+        self.pairs_in_graph = calculator.pairs_in_graph(state.positions, state.cell, pbc)
         self.integrator = make_integrator(self._evaluate)
         self.half_skin = calculator.neighbors.skin / 2
         self.rebuilds = None  # the neighbour list's rebuild count when its pairs were loaded

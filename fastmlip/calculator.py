@@ -20,7 +20,7 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError, all_changes
 from ase.data import chemical_symbols
 
-from . import graph_pairs, memory
+from . import cuda_context, graph_pairs, memory
 from .cuda_graph import GROWTH, REGROWTH, CapturedStep, pack_results, unpack_results
 from .neighbors import VerletList, compact_positions, wrap_basis
 
@@ -79,6 +79,8 @@ class Calculator(AseCalculator):
         super().__init__(**kwargs)
         from . import api  # the face above patches; imported late to keep `import fastmlip` light
 
+        if not isinstance(model, torch.nn.Module):
+            cuda_context.create_in_background(device)  # while the model is read and built
         self.device = api.resolve_device(device)
         dtype = api.resolve_dtype(dtype)
         start = time.perf_counter()

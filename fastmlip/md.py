@@ -8,11 +8,18 @@ import time
 
 import numpy as np
 
-DEMOS = {  # name: (formula, lattice, lattice constant in A) of a cubic cell
-    "si": ("Si", "diamond", 5.43),  # 8 atoms per cubic cell
-    "cu": ("Cu", "fcc", 3.61),  # 4 atoms per cubic cell
-    "c": ("C", "diamond", 3.567),
-    "nacl": ("NaCl", "rocksalt", 5.64),
+# Fractional positions in a cubic cell, in the order of ase.build.bulk(..., cubic=True), which is not imported for
+# them: importing ase.build (scipy's sparse graphs through ase.neighborlist) took ~0.5 s of every `fastmlip md`
+_FCC = [(0.0, 0.0, 0.0), (0.0, 0.5, 0.5), (0.5, 0.0, 0.5), (0.5, 0.5, 0.0)]
+_DIAMOND = [(0.0, 0.0, 0.0), (0.25, 0.25, 0.25), (0.0, 0.5, 0.5), (0.25, 0.75, 0.75),
+            (0.5, 0.0, 0.5), (0.75, 0.25, 0.75), (0.5, 0.5, 0.0), (0.75, 0.75, 0.25)]
+_ROCKSALT = [(0.0, 0.0, 0.0), (0.5, 0.0, 0.0), (0.0, 0.5, 0.5), (0.5, 0.5, 0.5),
+             (0.5, 0.0, 0.5), (0.0, 0.0, 0.5), (0.5, 0.5, 0.0), (0.0, 0.5, 0.0)]
+DEMOS = {  # name: (symbols of the cubic cell, lattice constant in A, fractional positions)
+    "si": ("Si8", 5.43, _DIAMOND),
+    "cu": ("Cu4", 3.61, _FCC),
+    "c": ("C8", 3.567, _DIAMOND),
+    "nacl": ("NaCl" * 4, 5.64, _ROCKSALT),
 }
 # Demo cells per axis when --repeat is not given: SevenNet-0 on a 2-core CPU takes ~0.1-0.3 s per step for
 # 8 atoms (so 100 steps in about a minute), while a GPU step costs about the same for 216 atoms.
@@ -82,10 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_structure(args, device):
     """Read the structure file, or build the demo crystal (rattled so forces are non-zero)."""
-    from ase.build import bulk
-    from ase.io import read
+    from ase import Atoms
 
     if args.structure:
+        from ase.io import read
+
         if not os.path.isfile(args.structure):
             raise FileNotFoundError(f"structure file {args.structure!r} not found")
         try:
@@ -98,11 +106,12 @@ def build_structure(args, device):
         if len(atoms) == 0:
             raise ValueError(f"{args.structure}: the structure has no atoms")
         return atoms
-    element, lattice, constant = DEMOS[args.demo]
+    symbols, constant, positions = DEMOS[args.demo]
     repeat = args.repeat if args.repeat is not None else DEFAULT_REPEAT.get(device.type, 1)
     if repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {repeat}")
-    atoms = bulk(element, lattice, a=constant, cubic=True).repeat((repeat,) * 3)
+    cell = Atoms(symbols, cell=(constant,) * 3, pbc=True, scaled_positions=positions)
+    atoms = cell.repeat((repeat,) * 3)
     atoms.rattle(0.02, seed=args.seed)
     return atoms
 
@@ -159,13 +168,24 @@ class TrajectoryWriter:
 
 
 def thermalize(atoms, temperature_K: float, rng) -> None:
-    """Maxwell-Boltzmann momenta at ``temperature_K``, centre of mass at rest (ASE >= 3.29 renamed the function)."""
-    from ase.md import velocitydistribution
+    """Maxwell-Boltzmann momenta at ``temperature_K``, then the centre of mass at rest with the drawn temperature
+    kept: ASE's ``thermalize_momenta`` and ``Stationary``, step for step (tests/faces/test_md.py), written out
+    because importing ``ase.md`` pulls in scipy.optimize (~1 s of every ``fastmlip md`` start on the H200)."""
+    from ase import units
 
-    draw = getattr(velocitydistribution, "thermalize_momenta", None) or \
-        velocitydistribution.MaxwellBoltzmannDistribution
-    draw(atoms, temperature_K=temperature_K, rng=rng)
-    velocitydistribution.Stationary(atoms)
+    masses = atoms.get_masses()
+    momenta = rng.standard_normal((len(masses), 3)) * np.sqrt(masses * (units.kB * temperature_K))[:, np.newaxis]
+    atoms.set_momenta(momenta, apply_constraint=True)
+    drawn_temperature = atoms.get_temperature()
+    momenta = atoms.get_momenta()
+    momenta -= np.sum(momenta, 0) / np.sum(masses) * masses[:, np.newaxis]
+    atoms.set_momenta(momenta)
+    if drawn_temperature > 1e-12:  # ASE's force_temperature back to the drawn temperature
+        scale = drawn_temperature * units.kB / (2 * atoms.get_kinetic_energy() /
+                                                atoms.get_number_of_degrees_of_freedom())
+    else:
+        scale = 0.0
+    atoms.set_momenta(atoms.get_momenta() * np.sqrt(scale))
 
 
 def make_dynamics(atoms, args):
@@ -229,10 +249,12 @@ def describe_setup(calculator, first_step_seconds: float) -> str:
 def simulate(args):
     from tqdm import tqdm
 
+    from . import cuda_context
     from .api import resolve_device
     from .calculator import DEFAULT_SKIN, Calculator
 
     validate(args)
+    cuda_context.create_in_background(args.device)  # meanwhile: torch's import, the model's
     device = resolve_device(args.device)
     atoms = build_structure(args, device)
     threads = args.threads or (1 if device.type == "cpu" and len(atoms) <= SMALL_SYSTEM_ATOMS else None)

@@ -153,6 +153,7 @@ class Report:
     launchers: int = 0  # C launch stubs built (Triton 3.6)
     workers: int = 0
     seconds: float = 0.0
+    dry_run_passes: list = field(default_factory=list)  # seconds of each pass of the dry run that found them
 
     def summary(self) -> str:
         text = f"{self.kernels} kernels for {self.target}: {self.cached} from the cache"
@@ -164,7 +165,10 @@ class Report:
             text += f" on {self.workers} processes"
         if self.failed:
             text += f", {len(self.failed)} left to compile at first launch ({self.failed[0][1]})"
-        return text + f" in {self.seconds:.1f} s"
+        text += f" in {self.seconds:.1f} s"
+        if self.dry_run_passes:
+            text += f"; dry run {' + '.join(f'{seconds:.1f}' for seconds in self.dry_run_passes)} s"
+        return text
 
 
 def unique(specs) -> list:

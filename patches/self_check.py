@@ -2,6 +2,7 @@
 kernel dry run evaluate."""
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import numpy as np
@@ -89,13 +90,14 @@ def compute_on_atoms(patch, model, atoms, edges, *, modal=None, compute_stress=T
                          shifts.to(dtype=torch.float64), modal=modal, compute_stress=compute_stress, **options)
 
 
-def record_kernels(model, patch) -> list:
+def record_kernels(model, patch, pass_seconds: list = None) -> list:
     """Every Triton kernel the accelerated model launches in a step, recorded by a dry run (nothing compiles).
 
     The dry run evaluates the probe structure the way the calculator does: with and without stress, and with
     an edge mask as a captured CUDA-graph step does (when the model allows masks, then also the exact pair list
     such a step rebuilds), for every modal/head. Kernels are specialised on types and alignment, never on sizes,
-    so these are every structure's kernels.
+    so these are every structure's kernels. ``pass_seconds``: a list that gets each pass's wall time (the first
+    pays what any first evaluation pays).
     """
     from fastmlip.kernels import pair_list, precompile
 
@@ -104,14 +106,21 @@ def record_kernels(model, patch) -> list:
     edges = neighbor_edges(atoms, info["cutoff"])
     mask = torch.ones(edges[0].numel(), dtype=torch.bool, device=info["device"])
     masked = patch.mask_obstacle(model) is None
-    with precompile.recording(info["device"]) as specs:
-        for modal in info["modals"] or [None]:
-            for stress in (True, False):
-                compute_on_atoms(patch, model, atoms, edges, modal=modal, compute_stress=stress)
-            if masked:
-                compute_on_atoms(patch, model, atoms, edges, modal=modal, edge_mask=mask, validated=True)
+    passes = []
+    for modal in info["modals"] or [None]:
+        passes += [dict(modal=modal, compute_stress=True), dict(modal=modal, compute_stress=False)]
         if masked:
+            passes.append(dict(modal=modal, edge_mask=mask, validated=True))
+    timings = pass_seconds if pass_seconds is not None else []
+    with precompile.recording(info["device"]) as specs:
+        for options in passes:
+            start = time.perf_counter()
+            compute_on_atoms(patch, model, atoms, edges, **options)
+            timings.append(time.perf_counter() - start)
+        if masked:
+            start = time.perf_counter()
             pair_list.dry_run(info["device"])
+            timings.append(time.perf_counter() - start)
     return specs
 
 
@@ -128,7 +137,10 @@ def prepare_kernels(model, patch, *, progress=None):
         return None
     from fastmlip.kernels import precompile
 
-    return precompile.prepare(record_kernels(model, patch), progress=progress)
+    passes = []
+    report = precompile.prepare(record_kernels(model, patch, passes), progress=progress)
+    report.dry_run_passes = passes
+    return report
 
 
 def deviation(reference: dict, candidate: dict, num_atoms: int) -> dict:

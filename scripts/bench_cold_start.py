@@ -37,30 +37,62 @@ def model_argument(case: str, model_dir: str) -> str:
     return mace_model_path(case, model_dir)
 
 
+# imported before the profiler starts: cProfile misattributes everything once torch._dynamo is imported under it
+PROFILE_PRELUDE = "import torch, torch._dynamo, e3nn.o3, ase, fastmlip.cli, cProfile, sys; "
+
+
 def run_md(model: str, cache: str, triton_cache: str, repeat: int, steps: int, extra_env: dict,
-           profile: str = None) -> dict:
-    """One fresh ``fastmlip md`` process; the time to its ``setup`` line and what it printed (``profile``: run it
-    under cProfile, writing the statistics there)."""
-    command = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "fastmlip.cli", "md",
-               "--model", model, "--trust", "--demo", "si", "--repeat", str(repeat), "--steps", str(steps),
-               "--no-progress"]  # --trust: the MACE file is one this script wrote
+           profile: str = None, importtime: bool = False) -> dict:
+    """One fresh ``fastmlip md`` process; the time to its ``setup`` line and what it printed (``profile``: run
+    ``fastmlip md`` under cProfile after the heavy imports, writing the statistics there; ``importtime``: Python's
+    ``-X importtime`` report, kept as ``stderr``)."""
+    md = ["md", "--model", model, "--trust", "--demo", "si", "--repeat", str(repeat), "--steps", str(steps),
+          "--no-progress"]  # --trust: the MACE file is one this script wrote
+    if profile:
+        command = [sys.executable, "-c", PROFILE_PRELUDE + f"sys.argv = {['fastmlip', *md]!r}; "
+                   f"cProfile.run('fastmlip.cli.main()', {profile!r})"]
+    else:
+        command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "fastmlip.cli", *md]
     env = dict(os.environ, FASTMLIP_CACHE=cache, TRITON_CACHE_DIR=triton_cache, PYTHONUNBUFFERED="1", **extra_env)
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines, first_step = [], None
-    for line in process.stdout:
-        lines.append(line.rstrip())
-        if first_step is None and line.startswith("setup"):
-            first_step = time.perf_counter() - start
-    stderr = process.stderr.read()
-    code = process.wait()
-    total = time.perf_counter() - start
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: -X importtime writes more than a pipe holds
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True) as process:
+            lines, first_step = [], None
+            for line in process.stdout:
+                lines.append(line.rstrip())
+                if first_step is None and line.startswith("setup"):
+                    first_step = time.perf_counter() - start
+            code = process.wait()
+        total = time.perf_counter() - start
+        errors.seek(0)
+        stderr = errors.read()
     text = "\n".join(lines)
     setup = re.search(r"^setup ([\d.]+) s", text, re.M)
-    median = re.search(r"median ([\d.]+) ms/step", text)
+    median = re.search(r"(?:median|mean) ([\d.]+) ms/step", text)  # the device engine prints its mean
     return {"returncode": code, "to_first_step_s": first_step, "setup_s": float(setup.group(1)) if setup else None,
             "ms_per_step": float(median.group(1)) if median else None, "wall_s": total, "stdout": text,
-            "stderr_tail": stderr[-3000:]}
+            "stderr_tail": stderr[-3000:], **({"importtime": stderr} if importtime else {})}
+
+
+def slowest_imports(report: str, top: int = 25) -> list:
+    """The ``top`` imports at most two levels below a top-level import of an ``-X importtime`` report, by cumulative
+    time, each with the modules that imported it: (cumulative ms, "module <- importer <- ...")."""
+    entries = []
+    for line in report.splitlines():
+        match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+        if match:
+            entries.append((int(match.group(2)), len(match.group(3)) // 2, match.group(4)))
+    chains = []
+    for index, (cumulative, depth, name) in enumerate(entries):
+        if depth > 2:  # deeper ones mostly pass their parents' time on
+            continue
+        chain, level = [name], depth
+        for later_cumulative, later_depth, later_name in entries[index + 1:]:  # importers are reported after
+            if later_depth < level:
+                chain.append(later_name)
+                level = later_depth
+        chains.append((cumulative / 1000, " <- ".join(chain)))
+    return sorted(chains, reverse=True)[:top]
 
 
 def main():
@@ -70,11 +102,15 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None, help="write cold_start.json here")
     ap.add_argument("--profile", action="store_true",
-                    help="one more warm run per case under cProfile: the top functions, and the .prof under --out")
+                    help="one more warm run per case under cProfile (after the heavy imports): the top functions")
+    ap.add_argument("--importtime", action="store_true",
+                    help="one more warm run per case under -X importtime: the slowest imports and who imported them")
     args = ap.parse_args()
     import torch
 
     workdir = tempfile.mkdtemp(prefix="fastmlip_cold_")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     results = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "python": platform.python_version(),
                "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "runs": []}
@@ -94,13 +130,22 @@ def main():
             results["runs"].append(run)
             print(f"--- {case} {state}: rc {run['returncode']}, to first step {run['to_first_step_s']} s\n"
                   f"{run['stdout']}\n{run['stderr_tail'][-1500:] if run['returncode'] else ''}", flush=True)
+        warm_triton = os.path.join(workdir, f"triton-{case}-warm")
+        if args.importtime:
+            run = run_md(model, cache, warm_triton, args.repeat, args.steps, {}, importtime=True)
+            results.setdefault("importtime", {})[case] = {"to_first_step_s": run["to_first_step_s"],
+                                                          "slowest": slowest_imports(run.pop("importtime"))}
+            print(f"--- {case} warm+triton under -X importtime: to first step {run['to_first_step_s']} s")
+            for milliseconds, chain in results["importtime"][case]["slowest"]:
+                print(f"{milliseconds:8.0f} ms  {chain}")
         if args.profile:
             import pstats
 
-            path = os.path.join(args.out or workdir, f"setup_{case}.prof")
-            run_md(model, cache, os.path.join(workdir, f"triton-{case}-profile"), args.repeat, args.steps, {}, path)
-            print(f"--- {case} warm, profiled ({path}):")
-            pstats.Stats(path).sort_stats("cumulative").print_stats(40)
+            path = os.path.join(workdir, f"setup_{case}.prof")
+            run = run_md(model, cache, warm_triton, args.repeat, args.steps, {}, path)
+            print(f"--- {case} warm+triton, profiled after the imports ({path}; rc {run['returncode']}):")
+            pstats.Stats(path).sort_stats("cumulative").print_stats(60)
+            pstats.Stats(path).sort_stats("tottime").print_stats(25)
     print(f"\n{'case':12s} {'state':11s} {'to first step s':>16s} {'setup s':>8s} {'ms/step':>8s}")
     for run in results["runs"]:
         first = f"{run['to_first_step_s']:.1f}" if run["to_first_step_s"] is not None else "failed"
@@ -108,7 +153,6 @@ def main():
         step = f"{run['ms_per_step']:.2f}" if run["ms_per_step"] is not None else "-"
         print(f"{run['case']:12s} {run['state']:11s} {first:>16s} {setup:>8s} {step:>8s}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "cold_start.json"), "w") as handle:
             json.dump(results, handle, indent=1)
 

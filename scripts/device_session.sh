@@ -18,7 +18,7 @@
 # Phases: batch (fastmlip.evaluate vs a calculator loop), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
-# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), imports (-X importtime of loading SevenNet-0), coldstart (time to the first MD step, cold and warm cache), gpu-tests (every test marked gpu, or those
+# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
 # kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
@@ -54,7 +54,7 @@ for phase in "$@"; do
       # sdist, no prebuilt extension) JIT-builds its CUDA extension at its first import (~35 s in one process)
       python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
       mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null
-      step cold_start 240 python3 "$repo/scripts/bench_cold_start.py" --out "$out"
+      step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" --importtime --out "$out"
       mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
       ;;
     gpu-tests)
@@ -147,12 +147,6 @@ for phase in "$@"; do
         step "bench_mlp_fused_$rows" 100 "${prefix[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
           --models sevenn --systems Cu4000 --backends fastmlip --no-sweep --out "$out/bench_mlp_fused_$rows"
       done
-      ;;
-    imports)
-      # where a warm start's imports go: loading SevenNet-0 and a MACE model file, -X importtime
-      python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
-      step importtime 120 python3 -X importtime -c "import time; t = time.time(); import fastmlip; \
-fastmlip.load('7net-0'); print('load s', time.time() - t)"
       ;;
     sweep)
       # the largest Cu fcc per GPU: fastmlip (convolutions chunked from free memory) against cuEquivariance

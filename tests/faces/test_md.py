@@ -90,3 +90,41 @@ def test_errors_exit_nonzero_with_one_line(tmp_path, arguments, message):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(message), result.stderr
     assert not (tmp_path / "out.pdb").exists()
+
+
+@pytest.mark.parametrize("demo, formula, lattice", [("si", "Si", "diamond"), ("cu", "Cu", "fcc"), ("c", "C", "diamond"),
+                                                    ("nacl", "NaCl", "rocksalt")])
+def test_demo_crystals_are_ase_bulk_cells(demo, formula, lattice):
+    """The demo cells are written out (ase.build is slow to import) and must stay ase.build.bulk's cubic cells."""
+    from types import SimpleNamespace
+
+    from ase.build import bulk
+
+    from fastmlip.md import DEMOS, build_structure
+
+    args = SimpleNamespace(structure=None, demo=demo, repeat=2, seed=3)
+    expected = bulk(formula, lattice, a=DEMOS[demo][1], cubic=True).repeat((2, 2, 2))
+    expected.rattle(0.02, seed=3)
+    atoms = build_structure(args, device=None)
+    assert list(atoms.symbols) == list(expected.symbols) and atoms.pbc.all()
+    np.testing.assert_array_equal(atoms.cell[:], expected.cell[:])
+    np.testing.assert_allclose(atoms.positions, expected.positions, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature_K", [0.0, 300.0])
+def test_thermalize_draws_what_ase_draws(temperature_K):
+    """Written out (ase.md is slow to import), it must give ASE's momenta for the same generator, constraints
+    included."""
+    from ase.build import bulk
+    from ase.constraints import FixAtoms
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+
+    from fastmlip.md import thermalize
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 2))
+    atoms.set_constraint(FixAtoms(indices=[0, 5]))
+    expected = atoms.copy()
+    thermalize_momenta(expected, temperature_K, rng=np.random.default_rng(7))
+    Stationary(expected)
+    thermalize(atoms, temperature_K, np.random.default_rng(7))
+    np.testing.assert_allclose(atoms.get_momenta(), expected.get_momenta(), rtol=1e-14, atol=1e-15)

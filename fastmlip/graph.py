@@ -29,9 +29,12 @@ def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
 
 
 def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> SortedEdges:
-    order = torch.argsort(dst, stable=True)
-    src_s, dst_s = src[order], dst[order]
-    src_perm = torch.argsort(src_s, stable=True)
+    """The sorts take int32 keys where node indices fit: a radix sort of 32-bit keys makes half the digit passes
+    over the edges of one of int64 keys (on CUDA, ~18 sort kernels per MD step at 216 atoms were measured)."""
+    keys = torch.int32 if num_nodes <= torch.iinfo(torch.int32).max else torch.int64
+    order = torch.argsort(dst.to(keys), stable=True)
+    src_s, dst_s = src.index_select(0, order), dst.index_select(0, order)
+    src_perm = torch.argsort(src_s.to(keys), stable=True)
     return SortedEdges(order, src_s, dst_s, csr_offsets(dst_s, num_nodes), src_perm,
                        csr_offsets(src_s[src_perm], num_nodes))
 

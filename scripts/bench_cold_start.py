@@ -37,19 +37,21 @@ def model_argument(case: str, model_dir: str) -> str:
     return mace_model_path(case, model_dir)
 
 
-# imported before the profiler starts: cProfile misattributes everything once torch._dynamo is imported under it
+# imported before the profiler starts (cProfile misattributes everything once torch._dynamo is imported under it),
+# with the framework of the case, so that the profile shows fastmlip's part of the start
 PROFILE_PRELUDE = "import torch, torch._dynamo, e3nn.o3, ase, fastmlip.cli, cProfile, sys; "
+FRAMEWORK_IMPORTS = {"sevenn": "import sevenn.checkpoint; ", "mace-medium": "import mace.modules; "}
 
 
 def run_md(model: str, cache: str, triton_cache: str, repeat: int, steps: int, extra_env: dict,
-           profile: str = None, importtime: bool = False) -> dict:
+           profile: str = None, importtime: bool = False, prelude: str = "") -> dict:
     """One fresh ``fastmlip md`` process; the time to its ``setup`` line and what it printed (``profile``: run
     ``fastmlip md`` under cProfile after the heavy imports, writing the statistics there; ``importtime``: Python's
-    ``-X importtime`` report, kept as ``stderr``)."""
+    ``-X importtime`` report, kept as ``stderr``; ``prelude``: more imports before the profiler starts)."""
     md = ["md", "--model", model, "--trust", "--demo", "si", "--repeat", str(repeat), "--steps", str(steps),
           "--no-progress"]  # --trust: the MACE file is one this script wrote
     if profile:
-        command = [sys.executable, "-c", PROFILE_PRELUDE + f"sys.argv = {['fastmlip', *md]!r}; "
+        command = [sys.executable, "-c", PROFILE_PRELUDE + prelude + f"sys.argv = {['fastmlip', *md]!r}; "
                    f"cProfile.run('fastmlip.cli.main()', {profile!r})"]
     else:
         command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "fastmlip.cli", *md]
@@ -142,7 +144,8 @@ def main():
             import pstats
 
             path = os.path.join(workdir, f"setup_{case}.prof")
-            run = run_md(model, cache, warm_triton, args.repeat, args.steps, {}, path)
+            run = run_md(model, cache, warm_triton, args.repeat, args.steps, {}, path,
+                         prelude=FRAMEWORK_IMPORTS[case])
             print(f"--- {case} warm+triton, profiled after the imports ({path}; rc {run['returncode']}):")
             pstats.Stats(path).sort_stats("cumulative").print_stats(60)
             pstats.Stats(path).sort_stats("tottime").print_stats(25)

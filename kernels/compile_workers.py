@@ -73,6 +73,7 @@ class Worker:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self.process.stdout.close()
         self.log.close()
 
 

@@ -318,8 +318,20 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
                        edge_mask)
 
 
+class GraphData(dict):
+    """What sevenn's ``AtomGraphData`` holds for one structure, under the same keys, as a dict that also reads
+    keys as attributes (sevenn reads ``data.x`` for multi-modal models; its modules only index the data
+    otherwise). ``AtomGraphData`` is a torch_geometric ``Data``: importing it imports torch_geometric, which
+    imports transformers where installed, 2-3.6 s of the first step on the H200."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 def _graph_data(model, numbers, edge_i, edge_j, edge_vec, positions, volume, modal, edge_mask=None):
-    from sevenn.atom_graph_data import AtomGraphData
     import sevenn._keys as KEY
 
     num_atoms = torch.full((), numbers.numel(), dtype=torch.long, device=numbers.device)
@@ -334,7 +346,9 @@ def _graph_data(model, numbers, edge_i, edge_j, edge_vec, positions, volume, mod
         fields[KEY.BATCH] = torch.zeros_like(numbers)
     if modal is not None:
         fields[KEY.DATA_MODALITY] = [modal] if batched else modal
-    data = AtomGraphData(x=numbers.clone(), edge_index=torch.stack([edge_i, edge_j]), pos=positions, **fields)
+    node_features = numbers.clone()  # AtomGraphData's x, and its node_attr is the same tensor
+    data = GraphData({KEY.NODE_FEATURE: node_features, KEY.EDGE_IDX: torch.stack([edge_i, edge_j]),
+                      KEY.POS: positions, KEY.NODE_ATTR: node_features, **fields})
     if edge_mask is not None:
         data[EDGE_MASK_KEY] = edge_mask
     return data

@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 16 and 32 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -187,9 +187,10 @@ for phase in "$@"; do
       mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
       ;;
     mlp-rows)
-      # edges per radial-MLP program at 216 atoms (~6.5k edges: 32 rows make ~200 programs, a few warps per SM),
-      # whole MD loops of SevenNet-0 and MACE-medium-like Si 216 with 16 and 32 (default) rows
-      for rows in 16 32; do
+      # edges per radial-MLP program at 216 atoms (~6.5k edges), whole MD loops of SevenNet-0 and MACE-medium-like
+      # Si 216: 16 rows measured slower than the default 32 (2026-12-03), so larger blocks now (each program
+      # reloads the last layer's weights)
+      for rows in 32 64 128; do
         step "mdloop_rows$rows" 200 env FASTMLIP_MLP_ROWS=$rows python3 "$repo/scripts/bench_md.py" \
           --models sevenn,mace-medium --systems Si216 --backends fastmlip-md --md-steps 300 --md-warmup 50 \
           --no-sweep --out "$out/mdloop_rows$rows"

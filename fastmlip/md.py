@@ -233,8 +233,13 @@ def describe_setup(calculator, first_step_seconds: float) -> str:
     """Where the time before the first MD step went: loading, the surgery, the kernels (dry run, compiled or
     cached), the self-check and the first step."""
     from .api import kernel_report, setup_timing
+    from .patches import files
 
     parts = [f"model {calculator.setup_seconds['load']:.1f} s"]
+    loading = calculator.model.__dict__.get(files.LOAD_TIMING_ATTRIBUTE)
+    if loading:
+        parts[0] += (f" (imports {loading['imports']:.1f}, build {loading['build']:.1f}, to "
+                     f"{calculator.device.type} {loading['to_device']:.1f})")
     if "accelerate" in calculator.setup_seconds:
         timing, report = setup_timing(calculator.model), kernel_report(calculator.model)
         parts.append(f"surgery {timing['surgery']:.1f} s")

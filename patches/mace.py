@@ -25,10 +25,12 @@ arithmetic by ~1e-9 relative; ``--dtype float64`` keeps float64 predictions exac
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import sys
+import time
 import types
 import zipfile
 from typing import Optional
@@ -128,15 +130,21 @@ def load(path, device=None, dtype=None, trusted: bool = False):
     read_checkpoint(text)
     if not trusted:
         files.refuse_untrusted(text, "a MACE model file is a whole pickled model")
+    start = time.perf_counter()
+    with contextlib.suppress(ImportError):  # timed apart from the unpickling (a missing mace: reported there)
+        import mace.modules  # noqa: F401
+    imported = time.perf_counter()
     model = _unpickle(text)
     stored = model.__dict__.pop(FILE_FORMAT_ATTRIBUTE, None)
     marker = {k: v for k, v in stored.items() if k != "path"} if isinstance(stored, dict) else {}
     if dtype is None and marker.get("dtype") in ("float32", "float64"):
         dtype = getattr(torch, marker["dtype"])
+    built = time.perf_counter()
     model.to(device=device, dtype=dtype)
     for param in model.parameters():
         param.requires_grad_(False)
     model.__dict__[FILE_FORMAT_ATTRIBUTE] = dict(marker, path=os.path.abspath(text))
+    model.__dict__[files.LOAD_TIMING_ATTRIBUTE] = files.load_timing(start, imported, built)
     return model.eval()
 
 

@@ -11,8 +11,10 @@ SevenNet's conventions (sevenn/train/dataload.py, sevenn/nn/convolution.py): ``e
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import time
 from typing import Optional
 
 import torch
@@ -238,6 +240,10 @@ def load(path, device=None, dtype=None, trusted: bool = False):
         raise ValueError(f"{path}: no such file and not a known SevenNet checkpoint name (known: {known})")
     raw = read_checkpoint(resolved, trusted=trusted or is_shipped(resolved))
     marker = raw.get(MARKER_KEY) or {}
+    start = time.perf_counter()
+    with contextlib.suppress(ImportError):  # timed apart from the build (a missing sevenn: reported below)
+        import sevenn.checkpoint  # noqa: F401
+    imported = time.perf_counter()
     try:
         model = _build(resolved, raw)
     except Exception as exc:  # a checkpoint sevenn cannot build is bad input, reported in one line
@@ -248,10 +254,12 @@ def load(path, device=None, dtype=None, trusted: bool = False):
     _make_onehots_follow_dtype(model)
     if dtype is None and marker.get("dtype"):
         dtype = getattr(torch, marker["dtype"])
+    built = time.perf_counter()
     model.to(device=device, dtype=dtype)
     for param in model.parameters():
         param.requires_grad_(False)
     model.__dict__[FILE_FORMAT_ATTRIBUTE] = dict(marker, path=os.path.abspath(resolved))
+    model.__dict__[files.LOAD_TIMING_ATTRIBUTE] = files.load_timing(start, imported, built)
     return model
 
 

@@ -1,4 +1,5 @@
 """``fastmlip md`` end to end in subprocesses on CPU (~1 min: each run loads SevenNet-0 once)."""
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,8 @@ def test_nve_writes_trajectory_and_plot_with_small_drift(tmp_path):
     assert excursion < 1e-3  # eV/atom over 12 fs of velocity Verlet at 1 fs
     timing_line = next(line for line in result.stdout.splitlines() if line.startswith("timing:"))
     assert "12 steps" in timing_line and "ns/day" in timing_line
+    setup_line = next(line for line in result.stdout.splitlines() if line.startswith("setup "))
+    assert re.search(r"model [\d.]+ s \(imports [\d.]+, build [\d.]+, to cpu [\d.]+\)", setup_line), setup_line
 
 
 def test_nvt_langevin_with_traj_format(tmp_path):

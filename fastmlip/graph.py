@@ -30,13 +30,13 @@ def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
 
 def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> SortedEdges:
     """The sorts take int32 keys where node indices fit: a radix sort of 32-bit keys makes half the digit passes
-    over the edges of one of int64 keys (on CUDA, ~18 sort kernels per MD step at 216 atoms were measured)."""
+    over the edges of one of int64 keys (on CUDA the sorts were ~8 of a 216-atom MD step's ~260 kernels)."""
     keys = torch.int32 if num_nodes <= torch.iinfo(torch.int32).max else torch.int64
     order = torch.argsort(dst.to(keys), stable=True)
     src_s, dst_s = src.index_select(0, order), dst.index_select(0, order)
     src_perm = torch.argsort(src_s.to(keys), stable=True)
     return SortedEdges(order, src_s, dst_s, csr_offsets(dst_s, num_nodes), src_perm,
-                       csr_offsets(src_s[src_perm], num_nodes))
+                       csr_offsets(src_s.index_select(0, src_perm), num_nodes))
 
 
 def edge_vectors(positions, cell, edge_i, edge_j, shifts) -> torch.Tensor:

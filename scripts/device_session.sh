@@ -44,18 +44,22 @@ step() {  # step NAME SECONDS COMMAND...: run from /tmp (so the checkout's fastm
   tail -n 25 "$out/$name.log"
 }
 
+as_installed() {  # as_installed COMMAND...: run it on packages as a user's install has them, for start-up timings:
+  # bytecode written, as pip writes it at install time (else the first run compiles it); openequivariance off the
+  # path meanwhile: sevenn and mace import it when present, and the packed copy (an sdist, no prebuilt extension)
+  # JIT-builds its CUDA extension at its first import (~35 s in one process)
+  python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
+  mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null
+  "$@"
+  mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for phase in "$@"; do
   case "$phase" in
     coldstart)
-      # bytecode of the unpacked packages, as pip writes it at install time (else the first run compiles it);
-      # openequivariance off the path meanwhile: sevenn and mace import it when present, and the packed copy (an
-      # sdist, no prebuilt extension) JIT-builds its CUDA extension at its first import (~35 s in one process)
-      python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
-      mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null
-      step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" --importtime --out "$out"
-      mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
+      as_installed step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" --importtime --out "$out"
       ;;
     gpu-tests)
       # ~6 min on a fresh machine for everything (kernel compiles): alone in a call, or narrowed with GPU_TESTS_K
@@ -181,10 +185,8 @@ for phase in "$@"; do
     setup-profile)
       # SevenNet-0's warm start under cProfile, torch and sevenn imported before it starts (its first dry-run pass
       # took 4.3-4.7 s with every kernel cached, MACE-medium-like's 0.9-1.4 s)
-      python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
-      mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null
-      step setup_profile 200 python3 "$repo/scripts/bench_cold_start.py" --cases sevenn --profile --out "$out/setup"
-      mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
+      as_installed step setup_profile 200 python3 "$repo/scripts/bench_cold_start.py" --cases sevenn --profile \
+        --out "$out/setup"
       ;;
     mlp-rows)
       # edges per radial-MLP program at 216 atoms (~6.5k edges), whole MD loops of SevenNet-0 and MACE-medium-like

@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -198,6 +198,20 @@ for phase in "$@"; do
           --no-sweep --out "$out/mdloop_rows$rows"
       done
       ;;
+    knobs-small)
+      # the latency-bound 216-atom step (SevenNet-0 and MACE-medium-like, inside fastmlip.simulate) under each
+      # edge-loop and radial-MLP knob, profiled: which kernels each knob speeds up or slows down
+      for variant in base u2 u4 s2 rows64; do
+        case $variant in
+          base) knobs=() ;; u2) knobs=(FASTMLIP_CONV_UNROLL=2) ;; u4) knobs=(FASTMLIP_CONV_UNROLL=4) ;;
+          s2) knobs=(FASTMLIP_CONV_STAGES=2) ;; rows64) knobs=(FASTMLIP_MLP_ROWS=64) ;;
+        esac
+        step "knobs_$variant" 150 env "${knobs[@]}" python3 "$repo/scripts/profile_loop.py" \
+          --cases sevenn:Si:3,mace-medium:Si:3 --steps 100 --warmup 30 --top 8 --out "$out/knobs/$variant"
+      done
+      python3 -c "import json, sys; json.dump({v: json.load(open(f'$out/knobs/{v}/profile_loop.json')) for v in sys.argv[1:]}, open('$out/knobs_small.json', 'w'), indent=1)" base u2 u4 s2 rows64
+      rm -rf "$out/knobs"
+      ;;
     conv-small)
       # the convolution at a 216-atom graph (216 nodes x 30 edges), where a profiled aggregate took ~45 us a launch:
       # receiver-owned CSR programs (216 x channel blocks: latency-bound?) against the atomic edge-chunk path
@@ -214,4 +228,6 @@ for phase in "$@"; do
       ;;
   esac
 done
+# at most 8 files come back: the step logs travel as one archive (their tails are printed above)
+(cd "$out" && ls *.log > /dev/null 2>&1 && tar czf logs.tgz *.log && rm -f *.log)
 ls -la "$out"

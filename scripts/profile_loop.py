@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_md import crystal, make_calculator  # noqa: E402
 from bench_md_loops import thermalised  # noqa: E402
+
+from fastmlip.kernels.launch import settings  # noqa: E402
 
 
 def busy_ms(intervals) -> float:
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile_loop.json"), "w") as handle:
             json.dump({"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                       "torch": torch.__version__, "argv": sys.argv[1:], "rows": rows}, handle, indent=1)
+                       "torch": torch.__version__, "argv": sys.argv[1:],
+                       "settings": dataclasses.asdict(settings()), "rows": rows}, handle, indent=1)
     return 0
 
 

@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -211,6 +211,17 @@ for phase in "$@"; do
       done
       python3 -c "import json, sys; json.dump({v: json.load(open(f'$out/knobs/{v}/profile_loop.json')) for v in sys.argv[1:]}, open('$out/knobs_small.json', 'w'), indent=1)" base u2 u4 s2 rows64
       rm -rf "$out/knobs"
+      ;;
+    ncu-small)
+      # hardware counters of one MD step's own kernels at 216 atoms (occupancy, stall reasons, throughput): why
+      # the radial-MLP backward and the convolution's aggregate take 40-180 us a launch on ~6-10k edges
+      kernels='regex:^(radial_mlp_backward|radial_mlp_forward|aggregate|linear)$'
+      sections=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+                --section MemoryWorkloadAnalysis)
+      step ncu_mace 240 ncu -k "$kernels" --launch-skip 300 --launch-count 26 "${sections[@]}" \
+        python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Si:3 --steps 3 --warmup 20 --top 3
+      step ncu_sevenn 240 ncu -k "$kernels" --launch-skip 600 --launch-count 54 "${sections[@]}" \
+        python3 "$repo/scripts/profile_loop.py" --cases sevenn:Si:3 --steps 3 --warmup 20 --top 3
       ;;
     conv-small)
       # the convolution at a 216-atom graph (216 nodes x 30 edges), where a profiled aggregate took ~45 us a launch:

@@ -9,10 +9,7 @@ back to the host in one transfer.
 from __future__ import annotations
 
 import math
-import os
 import time
-import traceback
-import warnings
 
 import numpy as np
 import torch
@@ -20,9 +17,10 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import CalculatorError, PropertyNotImplementedError, all_changes
 from ase.data import chemical_symbols
 
-from . import cuda_context, graph_pairs, memory
-from .cuda_graph import GROWTH, REGROWTH, CapturedStep, pack_results, unpack_results
+from . import cuda_context, memory
+from .cuda_graph import pack_results, unpack_results
 from .neighbors import VerletList, compact_positions, wrap_basis
+from .step_replays import StepReplays
 
 # 0.5 A: a rebuild is needed once any atom moved skin/2 = 0.25 A, i.e. every
 # ~10-50 steps of 1 fs MD at room temperature, while the cached list holds only
@@ -33,14 +31,6 @@ CLOSE_CONTACT = 0.5  # A: pairs closer than this are named when a result is not 
 
 class StructureError(ValueError, CalculatorError):
     """The structure cannot be evaluated (unknown element, non-finite positions, bad cell)."""
-
-
-def _describe_failure(exc: BaseException) -> str:
-    """The error's first line and the innermost frame outside torch, which names the code that cannot be captured."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
-    where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
-    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"{type(exc).__name__}: {first_line}{where}"
 
 
 def element_name(number: int) -> str:
@@ -58,8 +48,8 @@ class Calculator(AseCalculator):
     accelerated is used as is); ``accelerate=False`` leaves the model as given.
     ``modal``/``head`` pick a SevenNet modal or MACE head (the same thing to
     fastmlip; give one). ``skin`` (A) is the Verlet-list skin. ``cuda_graph``: replay each step as a captured
-    CUDA graph (see :mod:`fastmlip.cuda_graph`); "auto" does so on CUDA when the model allows it, True insists
-    (ValueError when it cannot), False never does. "auto" also times a replay against an eager step after the
+    CUDA graph (:mod:`fastmlip.cuda_graph`; :mod:`fastmlip.step_replays` decides when); "auto" does so on CUDA
+    when the model allows it, True insists (ValueError when it cannot), False never does. "auto" also times a replay against an eager step after the
     first capture and keeps the faster; a capture that fails falls back to eager steps with a warning.
     ``trusted``/``sha256``: for model files that only load by running code they hold (see :func:`fastmlip.load`).
     ``chunk_edges``: "auto" makes the convolutions recompute their radial weights in chunks of receivers when
@@ -108,16 +98,7 @@ class Calculator(AseCalculator):
         self.neighbors = VerletList(self.cutoff, skin)
         self._numbers = None  # device tensor of the last structure's atomic numbers
         self._cell = None  # (host array, device float64 tensor, pbc, wrap basis) of the last cell
-        if pairs not in ("verlet", "graph"):
-            raise ValueError(f"pairs must be 'verlet' or 'graph', got {pairs!r}")
-        self.pairs = pairs
-        self._pairs_in_graph_for = None  # (cell tensor, (pbc, atoms), whether its pairs are rebuilt in the graph)
-        self._cuda_graph_request = cuda_graph
-        self.cuda_graph = self._select_cuda_graph(cuda_graph)
-        self.cuda_graph_timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
-        self._step = None  # the CapturedStep being replayed
-        self.graph_captures = 0  # CUDA graphs captured so far (a list that outgrows its capacity captures again)
-        self.kept_replay = None  # fastmlip.simulate's ReplayedSteps (steps_per_replay > 1), reused by later runs
+        self.replays = StepReplays(self, cuda_graph, pairs)  # capture, replay, capture again, or eager steps
         if chunk_edges != "auto" and chunk_edges is not None and (isinstance(chunk_edges, bool) or
                                                                    int(chunk_edges) < 1):
             raise ValueError(f"chunk_edges must be 'auto', a positive integer or None, got {chunk_edges!r}")
@@ -125,18 +106,6 @@ class Calculator(AseCalculator):
         self._conv_widths = memory.conv_weight_widths(model)
         api.chunk_convolutions(model, None)
         self.chunk_edges = None  # edges per convolution chunk in the last eager step (None: not chunked)
-
-    def _select_cuda_graph(self, wanted) -> bool:
-        if wanted not in ("auto", True, False):
-            raise ValueError(f"cuda_graph must be 'auto', True or False, got {wanted!r}")
-        if self.device.type == "cuda":
-            reason = self.framework.capture_obstacle(self.model)
-        else:
-            reason = f"the model runs on {self.device}, not CUDA"
-        if reason and wanted is True:
-            raise ValueError(f"cuda_graph=True, but this model cannot be captured: {reason}")
-        self.cuda_graph_obstacle = reason
-        return wanted is not False and reason is None
 
     @staticmethod
     def _select_modal(modal, head, available):
@@ -153,9 +122,38 @@ class Calculator(AseCalculator):
         return matches[0]
 
     @property
+    def cuda_graph(self) -> bool:
+        """Whether steps replay as captured CUDA graphs now (:attr:`cuda_graph_obstacle`: why not)."""
+        return self.replays.enabled
+
+    @property
+    def cuda_graph_obstacle(self):
+        return self.replays.obstacle
+
+    @property
+    def cuda_graph_timing(self):
+        """{"replay_ms", "eager_ms"} measured at the first capture ("auto"), else None."""
+        return self.replays.timing
+
+    @property
+    def graph_captures(self) -> int:
+        """CUDA graphs captured so far (pairs that outgrow their capacity capture again)."""
+        return self.replays.captures
+
+    @property
+    def kept_replay(self):
+        """fastmlip.simulate's replays of many steps, kept for later runs that fit them."""
+        return self.replays.kept
+
+    @property
     def replays_exact_pairs(self) -> bool:
         """Whether the captured step rebuilds its exact pairs in the graph (then no list goes stale)."""
-        return self._step is not None and self._step.exact_pairs is not None
+        return self.replays.exact_pairs
+
+    @property
+    def numbers(self):
+        """The atomic numbers (a device tensor) of the structure last checked."""
+        return self._numbers
 
     @property
     def neighbor_list_rebuilds(self) -> int:
@@ -184,9 +182,9 @@ class Calculator(AseCalculator):
         cell = self._cell[1]
 
         positions = torch.as_tensor(positions, device=self.device)  # the one host->device copy
-        flat = self._replay(positions, cell, pbc, with_stress) if self.cuda_graph else None
+        flat = self.replays.replay(positions, cell, pbc, with_stress)
         if flat is None:
-            flat, with_stress = self._eager(positions, cell, pbc, with_stress)
+            flat, with_stress = self.eager(positions, cell, pbc, with_stress)
         results = self._to_host(flat, len(atoms), with_stress)
         self._check_finite(results, atoms)
         self.results = results
@@ -212,9 +210,9 @@ class Calculator(AseCalculator):
         stays the same. The results are the caller's (copies where a replay would overwrite them)."""
         if self._cell is None or self._cell[1] is not cell or self._cell[2] != pbc:
             self._cell = (None, cell, pbc, wrap_basis(cell, pbc).to(cell.device))
-        flat = self._replay(positions, cell, pbc, with_stress) if self.cuda_graph else None
+        flat = self.replays.replay(positions, cell, pbc, with_stress)
         if flat is None:
-            flat, with_stress = self._eager(positions, cell, pbc, with_stress)
+            flat, with_stress = self.eager(positions, cell, pbc, with_stress)
         else:
             flat = flat.clone()  # the graph's output buffer is overwritten by the next replay
         return unpack_results(flat, positions.shape[0], with_stress)
@@ -225,13 +223,11 @@ class Calculator(AseCalculator):
         ``stale`` a device bool saying the list was out of date, so the result must be discarded and the step
         redone with :meth:`evaluate`. None when no captured step fits (call :meth:`evaluate`). The results are
         copies: they survive the next replay."""
-        step = self._step
-        if not self.cuda_graph or step is None or not step.matches(self._numbers, cell, pbc, with_stress):
+        replayed = self.replays.replay_unchecked(positions, cell, pbc, with_stress)
+        if replayed is None:
             return None
-        flat = step.replay(positions).clone()
-        # with pairs in the graph no list goes stale, but the pairs may have outgrown the capacity
-        stale = self.neighbors.stale(positions) if step.exact_pairs is None else step.outgrown.clone()
-        return (*unpack_results(flat, positions.shape[0], with_stress), stale)
+        flat, stale = replayed
+        return (*unpack_results(flat.clone(), positions.shape[0], with_stress), stale)
 
     def _check_finite(self, results, atoms) -> None:
         """Raise :class:`StructureError` for NaN or infinite results, naming atoms that sit on top of each other
@@ -249,7 +245,7 @@ class Calculator(AseCalculator):
         raise StructureError(f"the model returned NaN or infinite energies/forces: atoms too close together: "
                              f"{shown}{' ...' if len(pairs) > 5 else ''}")
 
-    def _chunking(self, num_edges: int):
+    def chunking(self, num_edges: int):
         """Edges per convolution chunk for a step over ``num_edges`` edges (None: keep the weights whole)."""
         if self._chunk_request != "auto":
             return None if self._chunk_request is None else int(self._chunk_request)
@@ -258,9 +254,10 @@ class Calculator(AseCalculator):
         return memory.chunk_edges_for(self._conv_widths, num_edges, torch.finfo(self.dtype).bits // 8,
                                       memory.free_bytes(self.device))
 
-    def _eager(self, positions, cell, pbc, with_stress):
+    def eager(self, positions, cell, pbc, with_stress):
+        """One step without a graph: the Verlet list's exact edges, the model, autograd; (flat results, with_stress)."""
         edge_i, edge_j, shifts = self.neighbors.update(positions, cell, pbc)
-        chunk_edges = self._chunking(edge_i.numel())
+        chunk_edges = self.chunking(edge_i.numel())
         if chunk_edges != self.chunk_edges:
             from .api import chunk_convolutions
 
@@ -272,112 +269,6 @@ class Calculator(AseCalculator):
             modal=self.modal)
         with_stress = with_stress and output.get("stress") is not None
         return pack_results(output, with_stress), with_stress
-
-    def captured_step(self, cell, pbc, with_stress: bool, num_pairs: int, pairs_in_graph=False,
-                      growth=GROWTH) -> CapturedStep:
-        """Static buffers (not yet captured) for steps of the structure :meth:`bind` checked, room for ``growth``
-        x ``num_pairs`` pairs: what this calculator's replays and the engine's replays of many steps
-        (:mod:`fastmlip.replayed_steps`) evaluate. ``pairs_in_graph``: see :class:`CapturedStep`."""
-        return CapturedStep(self.framework, self.model, self._numbers, cell, pbc, self.cutoff, self.modal,
-                            with_stress, num_pairs, pairs_in_graph, growth)
-
-    def _replay_is_faster(self, step, positions, cell, pbc, with_stress) -> bool:
-        """Time a replay against an eager step (best of two each). A replay processes every candidate pair of
-        the Verlet list plus padding, so on large systems, where the GPU and not the host sets the pace, an
-        eager step over the exact edges can win; "auto" keeps whichever is faster."""
-        def best_ms(run):
-            times = []
-            for _ in range(2):
-                torch.cuda.synchronize(self.device)
-                start = time.perf_counter()
-                run()
-                torch.cuda.synchronize(self.device)
-                times.append(1e3 * (time.perf_counter() - start))
-            return min(times)
-
-        replay = best_ms(lambda: step.replay(positions))
-        eager = best_ms(lambda: self._eager(positions, cell, pbc, with_stress))
-        self.cuda_graph_timing = {"replay_ms": replay, "eager_ms": eager}
-        return replay < eager
-
-    def _replay(self, positions, cell, pbc, with_stress):
-        """The step as a CUDA graph replay (captured when needed); None when this structure runs eagerly."""
-        if self.pairs_in_graph(positions, cell, pbc):
-            return self._replay_exact_pairs(positions, cell, pbc, with_stress)
-        edge_i, edge_j, shifts, rebuilt = self.neighbors.candidates(positions, cell, pbc)
-        if edge_i.numel() == 0:  # nothing to pad with: no pairs within cutoff + skin
-            return None
-        step = self._step
-        usable = step is not None and step.matches(self._numbers, cell, pbc, with_stress) and step.exact_pairs is None
-        outgrown = usable and rebuilt and not step.load_pairs(edge_i, edge_j, shifts)
-        if not usable or outgrown:
-            step = self._new_step(positions, cell, pbc, with_stress, edge_i.numel(), (edge_i, edge_j, shifts),
-                                  REGROWTH if outgrown else GROWTH)
-            if step is None:
-                return None
-        return step.replay(positions)
-
-    def pairs_in_graph(self, positions, cell, pbc) -> bool:
-        """Whether replays (this calculator's and the engine's replays of many steps) rebuild the exact pairs in the
-        graph (``pairs="graph"`` and where that applies), asked once per cell tensor (the answer reads the cell on
-        the host)."""
-        if self.pairs != "graph":
-            return False
-        known = self._pairs_in_graph_for
-        if known is None or known[0] is not cell or known[1] != (pbc, positions.shape[0]):
-            known = (cell, (pbc, positions.shape[0]), graph_pairs.applies(cell, pbc, self.cutoff, positions.shape[0]))
-            self._pairs_in_graph_for = known
-        return known[2]
-
-    def _replay_exact_pairs(self, positions, cell, pbc, with_stress):
-        """A replay that builds its own exact pairs (:mod:`fastmlip.graph_pairs`); captured again with more room
-        when they outgrew the capacity (one small device read per checked step)."""
-        step = self._step
-        if step is None or not step.matches(self._numbers, cell, pbc, with_stress) or step.exact_pairs is None:
-            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress)
-            if step is None:
-                return None
-        flat = step.replay(positions)
-        if bool(step.outgrown):
-            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress, REGROWTH)
-            flat = None if step is None else step.replay(positions)
-        return flat
-
-    def _new_exact_pairs_step(self, positions, cell, pbc, with_stress, growth=GROWTH):
-        count = graph_pairs.pair_count(positions, cell, pbc, self.cutoff)
-        if count == 0:  # nothing to pad with
-            return None
-        return self._new_step(positions, cell, pbc, with_stress, count, None, growth)
-
-    def _new_step(self, positions, cell, pbc, with_stress, num_pairs, pairs, growth=GROWTH):
-        """Capture a step with room for ``growth`` x ``num_pairs``: the Verlet candidates ``pairs`` loaded, or
-        (None) pairs rebuilt in the graph; None when this structure runs eagerly from now on (chunked
-        convolutions, a failed capture, or "auto" timing eager steps faster)."""
-        self._step = None  # frees the old graph's memory before the new capture
-        if self._chunking(num_pairs) is not None:  # chunks read the host: eager steps only
-            self.cuda_graph = False
-            self.cuda_graph_obstacle = "the convolutions run in chunks to fit memory (chunks read the host)"
-            return None
-        step = self.captured_step(cell, pbc, with_stress, num_pairs, pairs_in_graph=pairs is None, growth=growth)
-        if pairs is not None:
-            step.load_pairs(*pairs)
-        try:
-            self.graph_captures += 1
-            step.capture(positions)
-        except Exception as exc:  # capture limits differ across models and torch versions: run eagerly
-            warnings.warn(f"fastmlip: CUDA graph capture failed, running eager steps instead "
-                          f"({_describe_failure(exc)})", RuntimeWarning, stacklevel=4)
-            self.cuda_graph, self.cuda_graph_obstacle = False, f"capture failed: {type(exc).__name__}"
-            return None
-        if self._cuda_graph_request == "auto" and not self._replay_is_faster(step, positions, cell, pbc,
-                                                                             with_stress):
-            timing = self.cuda_graph_timing
-            self.cuda_graph = False
-            self.cuda_graph_obstacle = (f"eager steps measured faster ({timing['eager_ms']:.2f} ms) than "
-                                        f"graph replays ({timing['replay_ms']:.2f} ms)")
-            return None
-        self._step = step
-        return step
 
     @staticmethod
     def _to_host(flat, n_atoms, with_stress):

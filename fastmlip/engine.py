@@ -23,7 +23,7 @@ import torch
 from ase import units
 
 from . import integrators
-from .replayed_steps import CaptureFailed, ReplayedSteps
+from .replayed_steps import CaptureFailed
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "csvr")
@@ -196,7 +196,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
         warnings.warn(f"fastmlip: steps per replay off, the calculator runs eager steps "
                       f"({calculator.cuda_graph_obstacle})", RuntimeWarning, stacklevel=2)
     elif steps_per_replay > 1:  # on a CPU the replayed program runs eagerly
-        replayed = _replayed_steps(calculator, atoms, settings, state, pbc, steps_per_replay)
+        replayed = calculator.replays.many_steps(atoms, settings, state, pbc, steps_per_replay,
+                                                 lambda evaluate: _integrator(settings, evaluate))
     replay_counts = replayed.counts() if replayed else None
     writer = _trajectory_writer(trajectory, resume=step > 0)
     if step == 0:
@@ -240,20 +241,6 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
                        "chunk_edges": calculator.chunk_edges})
 
 
-def _replayed_steps(calculator, atoms, settings, state, pbc, length) -> ReplayedSteps:
-    """The ReplayedSteps that ``calculator.kept_replay`` holds where they fit this run (the same integrator
-    settings but the seed, atoms, cell, masses and length), else new ones that it keeps from now on: a run resumed
-    from a restart file, or MD run in chunks, then replays the graph captured before instead of capturing again
-    (warm-up steps and about a second, inside the timed loop)."""
-    built_for = ({key: value for key, value in settings.items() if key != "seed"}, tuple(atoms.numbers.tolist()))
-    kept = calculator.kept_replay
-    if kept is None or not kept.fits(state, pbc, length, built_for):
-        kept = ReplayedSteps(calculator, lambda evaluate: _integrator(settings, evaluate), state, pbc, length,
-                             built_for)
-        calculator.kept_replay = kept
-    return kept
-
-
 def _replay_steps(replayed, integrator, state, generator):
     """One replay of ``replayed.length`` steps; where the Verlet list went stale within them, the steps up to and
     including that one through the checked path instead (which rebuilds the list). A capture that fails on CUDA
@@ -263,7 +250,7 @@ def _replay_steps(replayed, integrator, state, generator):
         advanced = replayed.advance(state, generator)
     except CaptureFailed as exc:
         warnings.warn(f"fastmlip: steps per replay off, their capture failed ({exc})", RuntimeWarning, stacklevel=3)
-        replayed.calculator.kept_replay = None
+        replayed.calculator.replays.kept = None
         return state, None
     if advanced is not None:
         return advanced, replayed

@@ -49,7 +49,7 @@ class ReplayedSteps:
         if obstacle:  # a replay evaluates the padded Verlet candidates, masked
             raise ValueError(f"steps per replay need a model that takes an edge mask; this one does not: {obstacle}")
         self.calculator, self.length, self.pbc, self.built_for = calculator, length, pbc, built_for
-        self.pairs_in_graph = calculator.pairs_in_graph(state.positions, state.cell, pbc)
+        self.pairs_in_graph = calculator.replays.pairs_in_graph(state.positions, state.cell, pbc)
         self.integrator = make_integrator(self._evaluate)
         self.half_skin = calculator.neighbors.skin / 2
         self.rebuilds = None  # the neighbour list's rebuild count when its pairs were loaded
@@ -110,7 +110,7 @@ class ReplayedSteps:
         count = graph_pairs.pair_count(positions, self.state.cell, self.pbc, self.calculator.cutoff)
         if count == 0:
             raise ValueError("no pairs within the cutoff: nothing for a captured step to pad with")
-        self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True,
+        self.step = self.calculator.replays.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True,
                                                   growth=REGROWTH if self._outgrown else GROWTH)
         self.graph = None
         self._outgrown = False
@@ -121,7 +121,7 @@ class ReplayedSteps:
         edge_i, edge_j, shifts, _ = neighbors.candidates(positions, self.state.cell, self.pbc)
         outgrown = self.step is not None and not self.step.load_pairs(edge_i, edge_j, shifts)
         if self.step is None or outgrown:
-            self.step = self.calculator.captured_step(self.state.cell, self.pbc, False, edge_i.numel(),
+            self.step = self.calculator.replays.captured_step(self.state.cell, self.pbc, False, edge_i.numel(),
                                                       growth=REGROWTH if outgrown else GROWTH)
             self.graph = None
             if not self.step.load_pairs(edge_i, edge_j, shifts):

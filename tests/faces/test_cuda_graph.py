@@ -123,7 +123,7 @@ def test_graph_replays_match_eager_steps_on_gpu(dtype, tol, pairs):
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and falls back: not here
         e_graph, f_graph = _md_forces(graphed, atoms, 12, kick=0.08)
     e_eager, f_eager = _md_forces(eager, atoms, 12, kick=0.08)
-    assert graphed.cuda_graph and graphed._step is not None
+    assert graphed.cuda_graph and graphed.replays.step is not None
     if pairs == "graph":  # the exact pairs in the graph: no list to rebuild (Si's shells keep the pair count)
         assert graphed.replays_exact_pairs and graphed.neighbor_list_rebuilds == 0 and graphed.graph_captures >= 1
     else:

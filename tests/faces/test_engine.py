@@ -20,6 +20,7 @@ from fastmlip import integrators
 from fastmlip.calculator import Calculator
 from fastmlip.cuda_graph import REGROWTH
 from fastmlip.md import thermalize
+from fastmlip.step_replays import StepReplays
 
 EPSILON, SIGMA, CUTOFF = 0.0104, 3.4, 8.0  # argon, eV and A
 
@@ -164,14 +165,14 @@ def first_capture_half_room(monkeypatch):
     """The test's first captured step gets room for half its pairs, so they outgrow it (later ones get what they
     ask for); the list returned collects the pair counts every capture asked for."""
     sizes = []
-    original = Calculator.captured_step
+    original = StepReplays.captured_step
 
-    def captured_step(calculator, cell, pbc, with_stress, num_pairs, **options):
+    def captured_step(replays, cell, pbc, with_stress, num_pairs, **options):
         sizes.append(num_pairs)
-        return original(calculator, cell, pbc, with_stress, num_pairs // 2 if len(sizes) == 1 else num_pairs,
+        return original(replays, cell, pbc, with_stress, num_pairs // 2 if len(sizes) == 1 else num_pairs,
                         **options)
 
-    monkeypatch.setattr(Calculator, "captured_step", captured_step)
+    monkeypatch.setattr(StepReplays, "captured_step", captured_step)
     return sizes
 
 
@@ -191,7 +192,7 @@ def eager_graphs(monkeypatch):
 
     def calculator(pairs="verlet", **options):
         calc = Calculator("7net-0", device="cpu", dtype="float64", skin=0.4, pairs=pairs, **options)
-        calc.cuda_graph, calc._cuda_graph_request = True, True
+        calc.replays.enabled, calc.replays.request = True, True
         return calc
 
     return calculator
@@ -207,7 +208,7 @@ def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager
     checks, sizes = run.timing["list_checks"], list(first_capture_half_room)
     assert exact.replays_exact_pairs and exact.neighbor_list_rebuilds == 0, checks
     assert exact.graph_captures >= 2 and len(sizes) >= 2, checks  # captured again with room for all pairs
-    assert exact._step.capacity == math.ceil(REGROWTH * sizes[-1])  # and more room than at first
+    assert exact.replays.step.capacity == math.ceil(REGROWTH * sizes[-1])  # and more room than at first
     verlet = fastmlip.simulate(atoms, eager_graphs(), steps=20, **options)
     assert np.abs(run.atoms.positions - verlet.atoms.positions).max() < 1e-9
     assert np.abs(run.atoms.get_momenta() - verlet.atoms.get_momenta()).max() < 1e-9

@@ -177,7 +177,7 @@ def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
 def backward(problem: RadialMLPProblem, grad_out, x, weights, row_scale, want_x: bool, want_scale: bool):
     """(grad_x, grad_row_scale) of <grad_out, forward(x, weights, row_scale)>, each empty unless wanted."""
     dt = tl_dtype(x.dtype)
-    rows = settings().mlp_rows
+    rows = settings().mlp_backward_rows
     want_scale = want_scale and row_scale is not None
     x, grad_out = x.contiguous(), grad_out.contiguous()
     weights = [w.contiguous() for w in weights]

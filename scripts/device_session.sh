@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -222,6 +222,25 @@ for phase in "$@"; do
         python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Si:3 --steps 3 --warmup 20 --top 3
       step ncu_sevenn 240 ncu -k "$kernels" --launch-skip 600 --launch-count 54 "${sections[@]}" \
         python3 "$repo/scripts/profile_loop.py" --cases sevenn:Si:3 --steps 3 --warmup 20 --top 3
+      ;;
+    defaults-check)
+      # the kernel defaults of 2026-12-03 (conv unroll 2, radial-MLP backward 64 rows) against the old ones (1, 32)
+      # and against the MLP change alone, at Cu 4000 (eager steps), then the MD loops at 216 atoms
+      # (the MLP change alone last: the least needed if the call runs short)
+      for variant in new old mdloop bwd64; do
+        case $variant in
+          old) knobs=(FASTMLIP_CONV_UNROLL=1 FASTMLIP_MLP_BACKWARD_ROWS=32) ;; bwd64) knobs=(FASTMLIP_CONV_UNROLL=1) ;;
+          *) knobs=() ;;
+        esac
+        if [ $variant = mdloop ]; then
+          step mdloop_new 150 python3 "$repo/scripts/bench_md.py" --models sevenn,mace-medium --systems Si216 \
+            --backends fastmlip-md --md-steps 300 --md-warmup 50 --no-sweep --out "$out/mdloop_new"
+        else
+          step "cu4000_$variant" 120 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
+            --models sevenn,mace-medium --systems Cu4000 --backends fastmlip --no-sweep --out "$out/cu4000_$variant"
+        fi
+      done
+      rm -f "$out"/*.png
       ;;
     conv-small)
       # the convolution at a 216-atom graph (216 nodes x 30 edges), where a profiled aggregate took ~45 us a launch:

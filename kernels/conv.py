@@ -422,7 +422,14 @@ def forward(problem, x, edge_attr, w, src, dst, dst_ptr, num_nodes):
     _check_supported(problem)
     tl_dtype(x.dtype)
     x, edge_attr, w = x.contiguous(), edge_attr.contiguous(), w.contiguous()
+    if _few_rows(num_nodes):
+        dst_ptr = None
     return _aggregate(problem, "fwd", x, edge_attr, w, src, dst, dst_ptr, num_nodes, problem.dim_out)
+
+
+def _few_rows(num_nodes: int) -> bool:
+    """Whether receiver- and sender-owned programs would be too few here (``conv_atomic_rows``)."""
+    return num_nodes < settings().conv_atomic_rows
 
 
 def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want):
@@ -474,7 +481,7 @@ def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, sr
     _check_supported(problem)
     tl_dtype(x.dtype)
     grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
-    if src_perm is not None and src_ptr is not None:
+    if src_perm is not None and src_ptr is not None and not _few_rows(x.shape[0]):
         if _fused_backward_fits(problem) or not (want[1] or want[2]):
             return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, want)
         gx = _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, (want[0], False, False))[0]

@@ -47,6 +47,11 @@ class Settings:
     conv_warps: int = _setting(
         "FASTMLIP_CONV_WARPS", 0,
         "warps per convolution program (0: one per 32 channel lanes, 1 to 4)")
+    conv_atomic_rows: int = _setting(
+        "FASTMLIP_CONV_ATOMIC_ROWS", 0,
+        "below this many nodes the convolution runs its edge-chunk kernels (atomic adds) even where edges come "
+        "sorted: 216 receivers walking their edges are 216 x channel-block programs of one warp, ~10% occupancy "
+        "measured on an H200 (0: never)")
     conv_edges_per_program: int = _setting(
         "FASTMLIP_CONV_EDGES_PER_PROGRAM", 4,
         "edges per program of the convolution's per-edge kernels (edge gradients, atomic scatter)")

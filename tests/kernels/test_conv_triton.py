@@ -192,6 +192,21 @@ def test_unrolled_edge_loop(monkeypatch, kernel_settings):
     assert_close(got, want, torch.float64)
 
 
+def test_few_rows_take_the_edge_chunk_kernels(monkeypatch, kernel_settings):
+    """FASTMLIP_CONV_ATOMIC_ROWS above the node count: sorted edges run the atomic forward and the per-edge
+    backward (first and second derivatives), with the reference's results."""
+    kernel_settings(conv_atomic_rows=6)
+    monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
+    prob = problem("mace-like")
+    src, dst = random_graph(5, 11, seed=15)
+    x, y, w = inputs(prob, 5, 11, torch.float64, seed=16)
+    want = run(prob, x, y, w, src, dst, 5, True, "reference", monkeypatch)
+    got = run(prob, x, y, w, src, dst, 5, True, "triton", monkeypatch)
+    assert_close(got, want, torch.float64)
+    variants = {label.split("/")[1] for label in conv.compile_report()}
+    assert variants == {"fwd_atomic", "gx_atomic", "edge_yw", "edge_y", "edge_w"}, variants
+
+
 @pytest.mark.parametrize("sorted_edges", [True, False], ids=["sorted", "atomic"])
 def test_zero_edges(sorted_edges, monkeypatch):
     prob = problem("sevenn-like")

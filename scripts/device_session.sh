@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -52,6 +52,19 @@ as_installed() {  # as_installed COMMAND...: run it on packages as a user's inst
   mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null
   "$@"
   mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
+}
+
+profile_knobs() {  # profile_knobs NAME VARIANT:[VAR=VALUE] ...: the 216-atom MD loops of SevenNet-0 and
+  # MACE-medium-like profiled inside fastmlip.simulate once per variant, merged into $out/NAME.json
+  local name=$1 spec variant
+  shift
+  for spec in "$@"; do
+    variant=${spec%%:*}
+    step "${name}_$variant" 150 env ${spec#*:} python3 "$repo/scripts/profile_loop.py" \
+      --cases sevenn:Si:3,mace-medium:Si:3 --steps 100 --warmup 30 --top 8 --out "$out/$name/$variant"
+  done
+  python3 -c "import json, sys; json.dump({v: json.load(open(f'$out/$name/{v}/profile_loop.json')) for v in sys.argv[1:]}, open('$out/$name.json', 'w'), indent=1)" "${@%%:*}"
+  rm -rf "${out:?}/$name"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -199,20 +212,15 @@ for phase in "$@"; do
       done
       ;;
     knobs-small)
-      # the latency-bound 216-atom step (SevenNet-0 and MACE-medium-like, inside fastmlip.simulate) under each
-      # edge-loop and radial-MLP knob, profiled: which kernels each knob speeds up or slows down (2026-12-03: unroll
-      # 2 and 64 backward rows won and became the defaults; these are the next candidates)
-      variants=(base u4 atomic bwd128 fwd16)
-      for variant in "${variants[@]}"; do
-        case $variant in
-          base) knobs=() ;; u4) knobs=(FASTMLIP_CONV_UNROLL=4) ;; atomic) knobs=(FASTMLIP_CONV_ATOMIC_ROWS=1000000) ;;
-          bwd128) knobs=(FASTMLIP_MLP_BACKWARD_ROWS=128) ;; fwd16) knobs=(FASTMLIP_MLP_ROWS=16) ;;
-        esac
-        step "knobs_$variant" 150 env "${knobs[@]}" python3 "$repo/scripts/profile_loop.py" \
-          --cases sevenn:Si:3,mace-medium:Si:3 --steps 100 --warmup 30 --top 8 --out "$out/knobs/$variant"
-      done
-      python3 -c "import json, sys; json.dump({v: json.load(open(f'$out/knobs/{v}/profile_loop.json')) for v in sys.argv[1:]}, open('$out/knobs_small.json', 'w'), indent=1)" "${variants[@]}"
-      rm -rf "$out/knobs"
+      # the latency-bound 216-atom step under each convolution and radial-MLP knob, profiled (2026-12-03: unroll 2
+      # and 64 backward rows won and became the defaults; these are the next candidates)
+      profile_knobs knobs_small base: u4:FASTMLIP_CONV_UNROLL=4 atomic:FASTMLIP_CONV_ATOMIC_ROWS=1000000 \
+        bwd128:FASTMLIP_MLP_BACKWARD_ROWS=128 fwd16:FASTMLIP_MLP_ROWS=16
+      ;;
+    knobs-linear)
+      # the same for the o3.Linear tiles, whose wide programs used 255 registers and spilled at 216 atoms (ncu-small)
+      profile_knobs knobs_linear base: k32:FASTMLIP_LINEAR_K=32 b32:FASTMLIP_LINEAR_BLOCK=32 \
+        rows32:FASTMLIP_LINEAR_ROWS=32
       ;;
     ncu-small)
       # hardware counters of one MD step's own kernels at 216 atoms (occupancy, stall reasons, throughput): why

@@ -3,7 +3,8 @@
 Positions, momenta, cell and the random-number generator stay on the device in float64; each step is the
 integrator's tensor arithmetic (:mod:`fastmlip.integrators`) around one force evaluation of
 ``Calculator.evaluate`` (CUDA graph replays where the calculator uses them). The host sees the state only every
-``interval`` steps (thermo, trajectory frames) and when the restart file is written.
+``interval`` steps (thermo, trajectory frames: copied without waiting, :mod:`fastmlip.host_copies`) and when the
+restart file is written.
 
 Restarts: the file holds positions, momenta, cell, step, the generator's state, the run's settings and the
 thermo so far, written atomically every ``restart_every`` steps and at the end; running again with the same file
@@ -23,6 +24,7 @@ import torch
 from ase import units
 
 from . import integrators
+from .host_copies import HostCopies
 from .replayed_steps import CaptureFailed
 
 ENSEMBLES = ("nve", "nvt", "npt")
@@ -87,24 +89,15 @@ def _initial_momenta(atoms, settings) -> np.ndarray:
     return drawn.get_momenta()
 
 
-def _thermo_row(state: integrators.State, settings: dict, npt: bool) -> list:
-    ekin = integrators.kinetic_energy(state.momenta, state.masses)
-    row = [state.step, state.step * settings["timestep"], float(state.energy), float(ekin),
-           float(integrators.temperature(state.momenta, state.masses))]
-    if npt:
-        row += [float(integrators.pressure(state)) / units.GPa, float(torch.linalg.det(state.cell).abs())]
-    return row
-
-
-def _frame(atoms, state: integrators.State):
+def _frame(atoms, positions, momenta, forces, cell, energy):
+    """``atoms`` at this state (host or device tensors), energy and forces attached."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     frame = atoms.copy()
-    frame.set_cell(state.cell.detach().cpu().numpy())
-    frame.set_positions(state.positions.detach().cpu().numpy())
-    frame.set_momenta(state.momenta.detach().cpu().numpy())
-    frame.calc = SinglePointCalculator(frame, energy=float(state.energy),
-                                       forces=state.forces.detach().cpu().numpy())
+    frame.set_cell(cell.detach().cpu().numpy())
+    frame.set_positions(positions.detach().cpu().numpy())
+    frame.set_momenta(momenta.detach().cpu().numpy())
+    frame.calc = SinglePointCalculator(frame, energy=float(energy), forces=forces.detach().cpu().numpy())
     return frame
 
 
@@ -200,10 +193,10 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
                                                  lambda evaluate: _integrator(settings, evaluate))
     replay_counts = replayed.counts() if replayed else None
     writer = _trajectory_writer(trajectory, resume=step > 0)
+    copies = HostCopies(thermo, settings["timestep"], npt, progress=progress,
+                        write_frame=(lambda tensors: writer.write(_frame(atoms, *tensors))) if writer else None)
     if step == 0:
-        thermo.append(_thermo_row(state, settings, npt))
-        if writer:
-            writer.write(_frame(atoms, state))
+        copies.add(state, frame=writer is not None, report=False)
     setup = time.perf_counter() - started
     loop_start, first_step = time.perf_counter(), state.step
     try:
@@ -217,13 +210,11 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
                 while state.step < boundary:
                     state = integrator.step(state, generator)
             if state.step % interval == 0 or state.step == steps:
-                thermo.append(_thermo_row(state, settings, npt))
-                if writer:
-                    writer.write(_frame(atoms, state))
-                if progress:
-                    progress(state.step)
+                copies.add(state, frame=writer is not None)
             if restart and (state.step % restart_every == 0 or state.step == steps):
+                copies.drain()
                 _save_restart(restart, state, generator, settings, thermo)
+        copies.drain()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
@@ -233,7 +224,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     ms = 1e3 * (time.perf_counter() - loop_start) / done if done else float("nan")
     names = THERMO_FIELDS + (("pressure", "volume") if npt else ())
     columns = np.array(thermo, dtype=float).reshape(-1, len(names)).T
-    return Run(atoms=_frame(atoms, state), thermo=dict(zip(names, columns)),
+    final = _frame(atoms, state.positions, state.momenta, state.forces, state.cell, state.energy)
+    return Run(atoms=final, thermo=dict(zip(names, columns)),
                timing={"setup_s": setup, "ms_per_step": ms, "ns_per_day": timestep * 86400 / 1e6 / ms * 1e3
                        if done else float("nan"), "steps": done,
                        "list_checks": deferred.summary() if deferred else "every step",

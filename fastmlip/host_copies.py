@@ -46,7 +46,7 @@ class HostCopies:
             values = _pinned_copy(values)
             tensors = tuple(_pinned_copy(t) for t in tensors)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(state.positions.device))  # where the copies were queued
         self.pending.append((state.step, event, values, tensors or None, report))
         self.poll()
 

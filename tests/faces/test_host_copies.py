@@ -39,3 +39,23 @@ def test_rows_frames_and_progress_in_step_order(npt):
         positions, momenta, forces, cell, energy = frame
         assert torch.equal(positions, state.positions) and torch.equal(forces, state.forces)
         assert torch.equal(momenta, state.momenta) and torch.equal(cell, state.cell) and energy == state.energy
+
+
+@pytest.mark.gpu
+def test_copies_from_the_gpu_equal_those_on_the_cpu():
+    """On CUDA the rows and frames come through pinned buffers and an event; they equal the CPU's."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        thermo, frames = [], []
+        copies = HostCopies(thermo, timestep=1.0, npt=True, write_frame=frames.append)
+        for step in (0, 5):
+            state = _state(step, seed=3 + step)
+            state = integrators.State(**{k: v.to(device) if torch.is_tensor(v) else v
+                                         for k, v in state.tensors().items()})
+            copies.add(state, frame=True)
+            copies.poll()
+        copies.drain()
+        results[device] = (thermo, frames)
+    assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-12)
+    for got, want in zip(results["cuda"][1], results["cpu"][1]):
+        assert all(g.device.type == "cpu" and torch.allclose(g, w, rtol=1e-12, atol=0) for g, w in zip(got, want))

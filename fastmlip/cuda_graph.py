@@ -84,7 +84,7 @@ class CapturedStep:
         self.shifts = torch.zeros(self.capacity, 3, dtype=torch.long, device=device)
         self.num_pairs = torch.zeros((), dtype=torch.long, device=device)
         self.slots = torch.arange(self.capacity, device=device)
-        self.exact_pairs = graph_pairs.ExactPairs(n, device) if pairs_in_graph else None
+        self.exact_pairs = graph_pairs.ExactPairs(n, device, cell, pbc, cutoff) if pairs_in_graph else None
         self.outgrown = torch.zeros((), dtype=torch.bool, device=device)
         self.graph = None
         self.output = None

@@ -11,38 +11,80 @@ small, so the caller can redo those steps with more room.
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from .neighbors import binning_basis, wrap_basis
 
 # The torch reference holds N^2 entries of a few float64 temporaries each (4096 atoms: ~1.5 GB in a graph's memory
-# pool); the kernels hold none but still test N^2 pairs per step. Where the crossover with a cell list lies on a GPU
-# is not measured yet.
+# pool); the kernels hold none but still test N^2 pairs per step. Above this many atoms the kernels walk a cell list
+# instead (CellBins), and pairs are rebuilt in the graph only where FASTMLIP_GRAPH_PAIRS_MAX_ATOMS allows it: the
+# cell list has not been measured on a GPU yet, and the Verlet candidates have.
 MAX_ATOMS = 4096
+MAX_ATOMS_VARIABLE = "FASTMLIP_GRAPH_PAIRS_MAX_ATOMS"
+
+
+def max_atoms() -> int:
+    """The most atoms whose pairs a captured step rebuilds itself: ``MAX_ATOMS`` unless the variable says more."""
+    return int(os.environ.get(MAX_ATOMS_VARIABLE, MAX_ATOMS))
 
 
 def applies(cell, pbc, cutoff: float, num_atoms: int) -> bool:
-    """Whether :class:`ExactPairs` is exact and affordable here: at most ``MAX_ATOMS`` atoms and a cutoff below
-    half of every periodic height (then no pair has two images within reach, and no atom sees itself)."""
-    if num_atoms > MAX_ATOMS or num_atoms < 2:
+    """Whether :class:`ExactPairs` is exact and affordable here: at most :func:`max_atoms` atoms and a cutoff
+    below half of every periodic height (then no pair has two images within reach, and no atom sees itself)."""
+    if num_atoms > max_atoms() or num_atoms < 2:
         return False
     cell = torch.as_tensor(cell, dtype=torch.float64).reshape(3, 3).cpu()
     _, heights = binning_basis(cell, pbc)
     return all(cutoff * (1 + 1e-6) < heights[c] / 2 for c in range(3) if pbc[c])
 
 
+class CellBins:
+    """The atoms sorted into bins at least ``reach`` wide, every step, with fixed shapes (no host reads).
+
+    Along a periodic axis the cell is cut into as many bins as fit (one where fewer than three would: with three
+    or more, the bins around a bin are distinct, so no pair is seen twice); along a non-periodic axis there is one
+    bin. A pair within reach is then in the same or adjacent bins: its fractional gap along an axis is at most
+    reach / height, one bin's width."""
+
+    def __init__(self, cell, pbc, reach: float, device):
+        _, heights = binning_basis(torch.as_tensor(cell, dtype=torch.float64).reshape(3, 3).cpu(), pbc)
+        shape = [int(h // reach) if p else 1 for h, p in zip(heights, pbc)]
+        self.shape = tuple(n if n >= 3 else 1 for n in shape)
+        self.scale = torch.tensor(self.shape, dtype=torch.float64, device=device)
+        self.last = torch.tensor(self.shape, device=device) - 1
+        self.strides = torch.tensor([self.shape[1] * self.shape[2], self.shape[2], 1], device=device)
+        self.bounds = torch.arange(math.prod(self.shape) + 1, device=device)
+
+    def __call__(self, fractional):
+        """``(bins [N, 3], order, starts, shape)``: each atom's bin, the atoms sorted by bin, where each bin
+        begins among them; ``fractional`` as :func:`fastmlip.neighbors.wrap_basis` gives it (zero off the
+        periodic axes)."""
+        wrapped = fractional - torch.floor(fractional)
+        bins = torch.minimum((wrapped * self.scale).long(), self.last)
+        ordered, order = torch.sort((bins * self.strides).sum(1), stable=True)
+        return bins.contiguous(), order, torch.searchsorted(ordered, self.bounds), self.shape
+
+
 class ExactPairs:
     """The exact pair list of ``num_atoms`` atoms on ``device``, rebuilt per call with fixed shapes: Triton's two
     launches (:mod:`fastmlip.kernels.pair_list`) where the dispatch picks kernels, else the torch reference over
-    the whole N^2 grid of pairs (kept here, it is the same every step)."""
+    the whole N^2 grid of pairs (kept here, it is the same every step). The kernels walk all N atoms per atom, or
+    with ``cell_list`` (default: above ``MAX_ATOMS`` atoms) the :class:`CellBins` of ``cell``, ``pbc`` and
+    ``cutoff`` around it."""
 
-    def __init__(self, num_atoms: int, device):
+    def __init__(self, num_atoms: int, device, cell=None, pbc=None, cutoff=None, cell_list=None):
         from .ops.dispatch import backend_for
 
         probe = torch.empty(0, device=device)
         self.kernels = backend_for(probe) == "triton"
         index = torch.arange(num_atoms, device=device)
         self.grid = None if self.kernels else (index.repeat_interleave(num_atoms), index.repeat(num_atoms))
+        if cell_list is None:
+            cell_list = num_atoms > MAX_ATOMS
+        self.bins = CellBins(cell, pbc, cutoff * (1 + 1e-12), device) if cell_list and self.kernels else None
 
     def __call__(self, positions, cell, basis, cutoff: float, capacity: int):
         """``(i, j, S, count)``: the pairs with ``|positions[j] - positions[i] + S @ cell| < cutoff``, i != j,
@@ -55,12 +97,17 @@ class ExactPairs:
         :func:`fastmlip.neighbors.within_cutoff`.
         """
         if self.kernels:
-            from .kernels.pair_list import pairs_within
+            from .kernels.pair_list import pairs_within, pairs_within_bins
 
             slots = [torch.empty(capacity, dtype=torch.long, device=positions.device) for _ in range(2)]
             shifts = torch.empty(capacity, 3, dtype=torch.long, device=positions.device)
-            count = pairs_within(positions.contiguous(), (positions @ basis).contiguous(), cell.contiguous(),
-                                 cutoff * (1 + 1e-12), slots[0], slots[1], shifts)
+            fractional = (positions @ basis).contiguous()
+            if self.bins is None:
+                count = pairs_within(positions.contiguous(), fractional, cell.contiguous(), cutoff * (1 + 1e-12),
+                                     slots[0], slots[1], shifts)
+            else:
+                count = pairs_within_bins(positions.contiguous(), fractional, cell.contiguous(),
+                                          self.bins(fractional), cutoff * (1 + 1e-12), slots[0], slots[1], shifts)
             return _padded(slots[0], slots[1], shifts, count, capacity)
         return self._reference(positions, cell, basis, cutoff, capacity)
 
@@ -86,7 +133,8 @@ def pair_count(positions, cell, pbc, cutoff: float) -> int:
     """How many exact pairs there are now (a host read): what a new step's capacity is sized from."""
     cell = torch.as_tensor(cell, dtype=torch.float64, device=positions.device)
     basis = wrap_basis(cell, pbc).to(positions.device)
-    return int(ExactPairs(positions.shape[0], positions.device)(positions, cell, basis, cutoff, 1)[3])
+    builder = ExactPairs(positions.shape[0], positions.device, cell, pbc, cutoff)
+    return int(builder(positions, cell, basis, cutoff, 1)[3])
 
 
 def _padded(edge_i, edge_j, shifts, count, capacity: int):

@@ -55,7 +55,7 @@ MACE_HIDDEN = {"mace-medium": "128x0e+128x1o", "mace-large": "128x0e+128x1o+128x
 # (model, crystal, cubic cells per axis): SevenNet-0 Si 216 / Cu 4000, MACE Cu 4000 (ANCHORS.md)
 ANCHOR_CASES = [("sevenn", "Si", 3), ("sevenn", "Cu", 10), ("mace-medium", "Cu", 10), ("mace-large", "Cu", 10)]
 QUICK_CASES = [("sevenn", "Si", 1), ("mace-medium", "Cu", 1)]
-SYSTEMS = {"Si216": ("Si", 3), "Cu4000": ("Cu", 10)}  # --systems: these for every chosen model
+SYSTEMS = {"Si216": ("Si", 3), "Cu4000": ("Cu", 10), "Cu32000": ("Cu", 20)}  # --systems: for every chosen model
 SWEEP_REPEATS = [3, 4, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 63]  # Cu fcc: 108 ... 1,000,188 atoms
 QUICK_SWEEP_REPEATS = [1, 2]
 

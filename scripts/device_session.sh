@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -251,6 +251,18 @@ for phase in "$@"; do
         fi
       done
       rm -f "$out"/*.png
+      ;;
+    cell-pairs)
+      # whole MD steps above 4096 atoms: pairs rebuilt in the graph through the cell list against the Verlet
+      # candidates (the default there until this is measured), SevenNet-0 Cu 32000, then the GPU test of the list
+      for variant in verlet cells; do
+        knobs=(); [ $variant = cells ] && knobs=(FASTMLIP_GRAPH_PAIRS_MAX_ATOMS=1000000000)
+        step "mdloop_cu32000_$variant" 200 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --models sevenn \
+          --systems Cu32000 --backends fastmlip-md --md-steps 100 --md-warmup 20 --no-sweep \
+          --out "$out/mdloop_cu32000_$variant"
+      done
+      rm -f "$out"/*.png
+      step cell_pairs_test 120 python3 -m pytest -q -p no:cacheprovider -m gpu -k cell_list "$repo/tests/faces/test_graph_pairs.py"
       ;;
     conv-small)
       # the convolution at a 216-atom graph (216 nodes x 30 edges), where a profiled aggregate took ~45 us a launch:

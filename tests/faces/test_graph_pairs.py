@@ -57,13 +57,59 @@ def test_a_capacity_too_small_keeps_the_first_pairs_and_says_how_many_there_are(
     assert torch.equal(gi, i[:-25]) and torch.equal(gj, j[:-25])
 
 
-def test_applies_only_where_the_minimum_image_is_exact_and_affordable():
+CELL_LIST_CASES = {  # atoms, pbc, cutoff, bins per axis: a slab (one bin across), triclinic (the interpreter is slow)
+    "si64-slab": (bulk("Si", "diamond", a=5.43, cubic=True).repeat(2), (True, False, True), 3.0, (3, 1, 3)),
+    "cu-triclinic": (bulk("Cu", "fcc", a=3.61).repeat(4), (True, True, True), 2.7, (3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CELL_LIST_CASES))
+def test_cell_list_kernels_list_the_same_pairs(name, monkeypatch):
+    """The cell-list walk (used above MAX_ATOMS atoms; here asked for) finds exactly the neighbour list's pairs
+    and shifts, atom by atom (each atom's in bin order)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
+    atoms, pbc, cutoff, shape = CELL_LIST_CASES[name]
+    atoms = atoms.copy()
+    atoms.rattle(0.3, seed=4)
+    atoms.positions += 7.3  # unwrapped: the shifts must refer to the positions as given
+    positions, cell = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array)
+    i, j, shifts = neighbor_list(positions, cell, pbc, cutoff)
+    builder = graph_pairs.ExactPairs(len(atoms), positions.device, cell, pbc, cutoff, cell_list=True)
+    assert builder.bins.shape == shape
+    gi, gj, gshifts, count = builder(positions, cell, wrap_basis(cell, pbc), cutoff, i.numel())
+    assert int(count) == i.numel()
+    assert torch.equal(gi, i)  # atom by atom
+    want = sorted(zip(i.tolist(), j.tolist(), map(tuple, shifts.tolist())))
+    assert sorted(zip(gi.tolist(), gj.tolist(), map(tuple, gshifts.tolist()))) == want
+
+
+def test_applies_only_where_the_minimum_image_is_exact_and_affordable(monkeypatch):
     si8 = bulk("Si", "diamond", a=5.43, cubic=True)
     assert not graph_pairs.applies(si8.cell.array, (True,) * 3, 5.0, len(si8))  # 5.43 A cell, 5 A cutoff
     assert graph_pairs.applies(si8.cell.array, (True, True, False), 2.6, len(si8))
     assert not graph_pairs.applies(si8.cell.array, (True,) * 3, 2.72, len(si8))  # just above half the height
     assert graph_pairs.applies(np.zeros((3, 3)), (False,) * 3, 50.0, 12)
     assert not graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, graph_pairs.MAX_ATOMS + 1)
+    monkeypatch.setenv(graph_pairs.MAX_ATOMS_VARIABLE, str(10 * graph_pairs.MAX_ATOMS))  # cell lists beyond
+    assert graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, graph_pairs.MAX_ATOMS + 1)
+
+
+@pytest.mark.gpu
+def test_cell_list_kernels_on_gpu_list_the_pairs_of_32000_copper_atoms():
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(20)
+    atoms.rattle(0.1, seed=5)
+    positions, cell = torch.tensor(atoms.positions, device="cuda"), torch.tensor(atoms.cell.array, device="cuda")
+    pbc = (True, True, True)
+    i, j, shifts = neighbor_list(positions, cell, pbc, 5.0)
+    builder = graph_pairs.ExactPairs(len(atoms), "cuda", cell, pbc, 5.0)
+    assert builder.kernels and builder.bins is not None and builder.bins.shape == (14, 14, 14)
+    gi, gj, gshifts, count = builder(positions, cell, wrap_basis(cell, pbc).cuda(), 5.0, i.numel() + 100)
+    n = int(count)
+    assert n == i.numel() and torch.equal(gi[:n], i)
+    got = torch.cat([gi[:n, None], gj[:n, None], gshifts[:n]], 1).tolist()
+    want = torch.cat([i[:, None], j[:, None], shifts], 1).tolist()
+    assert sorted(map(tuple, got)) == sorted(map(tuple, want))
 
 
 @pytest.mark.gpu

@@ -42,11 +42,17 @@ def _kernel_cache() -> dict:
 
 
 def _settings() -> dict:
-    """The kernel tuning variables: value in force, with the default and what each tunes."""
+    """The tuning variables (the kernels', and the pair list's in captured steps): value in force, with the
+    default and what each tunes."""
     from .kernels.launch import describe_settings
+
+    from . import graph_pairs
 
     try:
         described = describe_settings()
+        described.append((graph_pairs.MAX_ATOMS_VARIABLE, graph_pairs.max_atoms(), graph_pairs.MAX_ATOMS,
+                          "most atoms whose pairs a captured MD step rebuilds itself (above 4096 through a cell "
+                          "list, not measured on a GPU yet)"))
     except ValueError as exc:  # a variable set to something unusable: say which, as a run would
         return {"invalid": str(exc)}
     return {name: {"value": value, "default": default, "tunes": tunes} for name, value, default, tunes in described}

@@ -28,7 +28,10 @@ MAX_ATOMS_VARIABLE = "FASTMLIP_GRAPH_PAIRS_MAX_ATOMS"
 
 def max_atoms() -> int:
     """The most atoms whose pairs a captured step rebuilds itself: ``MAX_ATOMS`` unless the variable says more."""
-    return int(os.environ.get(MAX_ATOMS_VARIABLE, MAX_ATOMS))
+    value = os.environ.get(MAX_ATOMS_VARIABLE, str(MAX_ATOMS))
+    if not value.strip().isdigit():
+        raise ValueError(f"{MAX_ATOMS_VARIABLE}={value!r}: give a whole number of atoms")
+    return int(value)
 
 
 def applies(cell, pbc, cutoff: float, num_atoms: int) -> bool:

@@ -87,7 +87,7 @@ class ExactPairs:
         self.grid = None if self.kernels else (index.repeat_interleave(num_atoms), index.repeat(num_atoms))
         if cell_list is None:
             cell_list = num_atoms > MAX_ATOMS
-        self.bins = CellBins(cell, pbc, cutoff * (1 + 1e-12), device) if cell_list and self.kernels else None
+        self.bins = CellBins(cell, pbc, _reach(cutoff), device) if cell_list and self.kernels else None
 
     def __call__(self, positions, cell, basis, cutoff: float, capacity: int):
         """``(i, j, S, count)``: the pairs with ``|positions[j] - positions[i] + S @ cell| < cutoff``, i != j,
@@ -104,13 +104,12 @@ class ExactPairs:
 
             slots = [torch.empty(capacity, dtype=torch.long, device=positions.device) for _ in range(2)]
             shifts = torch.empty(capacity, 3, dtype=torch.long, device=positions.device)
-            fractional = (positions @ basis).contiguous()
+            positions, fractional, cell = positions.contiguous(), (positions @ basis).contiguous(), cell.contiguous()
             if self.bins is None:
-                count = pairs_within(positions.contiguous(), fractional, cell.contiguous(), cutoff * (1 + 1e-12),
-                                     slots[0], slots[1], shifts)
+                count = pairs_within(positions, fractional, cell, _reach(cutoff), *slots, shifts)
             else:
-                count = pairs_within_bins(positions.contiguous(), fractional, cell.contiguous(),
-                                          self.bins(fractional), cutoff * (1 + 1e-12), slots[0], slots[1], shifts)
+                count = pairs_within_bins(positions, fractional, cell, self.bins(fractional), _reach(cutoff), *slots,
+                                          shifts)
             return _padded(slots[0], slots[1], shifts, count, capacity)
         return self._reference(positions, cell, basis, cutoff, capacity)
 
@@ -138,6 +137,11 @@ def pair_count(positions, cell, pbc, cutoff: float) -> int:
     basis = wrap_basis(cell, pbc).to(positions.device)
     builder = ExactPairs(positions.shape[0], positions.device, cell, pbc, cutoff)
     return int(builder(positions, cell, basis, cutoff, 1)[3])
+
+
+def _reach(cutoff: float) -> float:
+    """How far the kernels look: a hair beyond the cutoff (see :mod:`fastmlip.kernels.pair_list`)."""
+    return cutoff * (1 + 1e-12)
 
 
 def _padded(edge_i, edge_j, shifts, count, capacity: int):

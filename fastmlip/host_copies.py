@@ -53,7 +53,8 @@ class HostCopies:
     def poll(self) -> None:
         """Hand over, in step order, the rows and frames whose copies have arrived."""
         while self.pending and (self.pending[0][1] is None or self.pending[0][1].query()):
-            self._hand_over(*self.pending.popleft())
+            step, _, values, tensors, report = self.pending.popleft()
+            self._hand_over(step, values, tensors, report)
 
     def drain(self) -> None:
         """Wait for every queued copy and hand it over."""
@@ -61,9 +62,9 @@ class HostCopies:
             step, event, values, tensors, report = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-            self._hand_over(step, event, values, tensors, report)
+            self._hand_over(step, values, tensors, report)
 
-    def _hand_over(self, step, _event, values, tensors, report) -> None:
+    def _hand_over(self, step, values, tensors, report) -> None:
         row = [step, step * self.timestep, *values.tolist()]
         if self.npt:
             row[-2] = row[-2] / units.GPa

@@ -110,8 +110,9 @@ class ReplayedSteps:
         count = graph_pairs.pair_count(positions, self.state.cell, self.pbc, self.calculator.cutoff)
         if count == 0:
             raise ValueError("no pairs within the cutoff: nothing for a captured step to pad with")
-        self.step = self.calculator.replays.captured_step(self.state.cell, self.pbc, False, count, pairs_in_graph=True,
-                                                  growth=REGROWTH if self._outgrown else GROWTH)
+        self.step = self.calculator.replays.captured_step(self.state.cell, self.pbc, False, count,
+                                                          pairs_in_graph=True,
+                                                          growth=REGROWTH if self._outgrown else GROWTH)
         self.graph = None
         self._outgrown = False
 
@@ -122,7 +123,7 @@ class ReplayedSteps:
         outgrown = self.step is not None and not self.step.load_pairs(edge_i, edge_j, shifts)
         if self.step is None or outgrown:
             self.step = self.calculator.replays.captured_step(self.state.cell, self.pbc, False, edge_i.numel(),
-                                                      growth=REGROWTH if outgrown else GROWTH)
+                                                              growth=REGROWTH if outgrown else GROWTH)
             self.graph = None
             if not self.step.load_pairs(edge_i, edge_j, shifts):
                 raise ValueError("no candidate pairs within cutoff + skin: nothing for a captured step to pad with")

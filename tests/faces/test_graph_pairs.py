@@ -80,8 +80,12 @@ def test_cell_list_kernels_list_the_same_pairs(name, monkeypatch):
     gi, gj, gshifts, count = builder(positions, cell, wrap_basis(cell, pbc), cutoff, i.numel())
     assert int(count) == i.numel()
     assert torch.equal(gi, i)  # atom by atom
-    want = sorted(zip(i.tolist(), j.tolist(), map(tuple, shifts.tolist())))
-    assert sorted(zip(gi.tolist(), gj.tolist(), map(tuple, gshifts.tolist()))) == want
+    assert _pair_set(gi, gj, gshifts) == _pair_set(i, j, shifts)
+
+
+def _pair_set(i, j, shifts) -> list:
+    """The pairs (i, j, shift) in one order, whatever order they were listed in."""
+    return sorted(map(tuple, torch.cat([i[:, None], j[:, None], shifts], 1).tolist()))
 
 
 def test_applies_only_where_the_minimum_image_is_exact_and_affordable(monkeypatch):
@@ -95,33 +99,32 @@ def test_applies_only_where_the_minimum_image_is_exact_and_affordable(monkeypatc
     assert graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, graph_pairs.MAX_ATOMS + 1)
 
 
-@pytest.mark.gpu
-def test_cell_list_kernels_on_gpu_list_the_pairs_of_32000_copper_atoms():
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(20)
-    atoms.rattle(0.1, seed=5)
+def _copper_on_gpu(repeat: int, seed: int, cutoff: float):
+    """Rattled fcc Cu on the GPU, its neighbour list, and its exact pairs as ``ExactPairs`` lists them (room for
+    100 more): ``(builder, (i, j, shifts), (gi, gj, gshifts, count))``."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    atoms.rattle(0.1, seed=seed)
     positions, cell = torch.tensor(atoms.positions, device="cuda"), torch.tensor(atoms.cell.array, device="cuda")
     pbc = (True, True, True)
-    i, j, shifts = neighbor_list(positions, cell, pbc, 5.0)
-    builder = graph_pairs.ExactPairs(len(atoms), "cuda", cell, pbc, 5.0)
+    expected = neighbor_list(positions, cell, pbc, cutoff)
+    builder = graph_pairs.ExactPairs(len(atoms), "cuda", cell, pbc, cutoff)
+    got = builder(positions, cell, wrap_basis(cell, pbc).cuda(), cutoff, expected[0].numel() + 100)
+    return builder, expected, got
+
+
+@pytest.mark.gpu
+def test_cell_list_kernels_on_gpu_list_the_pairs_of_32000_copper_atoms():
+    builder, (i, j, shifts), (gi, gj, gshifts, count) = _copper_on_gpu(20, seed=5, cutoff=5.0)
     assert builder.kernels and builder.bins is not None and builder.bins.shape == (14, 14, 14)
-    gi, gj, gshifts, count = builder(positions, cell, wrap_basis(cell, pbc).cuda(), 5.0, i.numel() + 100)
     n = int(count)
     assert n == i.numel() and torch.equal(gi[:n], i)
-    got = torch.cat([gi[:n, None], gj[:n, None], gshifts[:n]], 1).tolist()
-    want = torch.cat([i[:, None], j[:, None], shifts], 1).tolist()
-    assert sorted(map(tuple, got)) == sorted(map(tuple, want))
+    assert _pair_set(gi[:n], gj[:n], gshifts[:n]) == _pair_set(i, j, shifts)
 
 
 @pytest.mark.gpu
 def test_kernels_on_gpu_list_the_pairs_of_4000_copper_atoms():
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(10)
-    atoms.rattle(0.1, seed=3)
-    positions, cell = torch.tensor(atoms.positions, device="cuda"), torch.tensor(atoms.cell.array, device="cuda")
-    pbc = (True, True, True)
-    i, j, shifts = neighbor_list(positions, cell, pbc, 6.0)
-    builder = graph_pairs.ExactPairs(len(atoms), "cuda")
+    builder, (i, j, shifts), (gi, gj, gshifts, count) = _copper_on_gpu(10, seed=3, cutoff=6.0)
     assert builder.kernels
-    gi, gj, gshifts, count = builder(positions, cell, wrap_basis(cell, pbc).cuda(), 6.0, i.numel() + 100)
     n = int(count)
     assert n == i.numel()
     assert torch.equal(gi[:n], i) and torch.equal(gj[:n], j) and torch.equal(gshifts[:n], shifts)

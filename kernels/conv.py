@@ -81,8 +81,8 @@ def _block_size(problem: TensorProductProblem) -> int:
     return max(1, min(settings().conv_block, 1 << (largest - 1).bit_length()))
 
 
-def _warps(block: int) -> int:
-    return settings().conv_warps or max(1, min(4, block // 32))
+def _warps(block: int, lanes: int = 1) -> int:
+    return settings().conv_warps or max(1, min(4, lanes * block // 32))
 
 
 class _Loads:
@@ -99,16 +99,27 @@ class _Loads:
         return name
 
 
-def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, load_y=True, load_w=True):
-    """Loads for the r-th edge of an unrolled loop step (masked off past the row's last edge)."""
-    valid = "" if r == 0 else f", mask=p + {r} < end, other=0"
-    mask = "m" if r == 0 else f"m_{r}"
-    if r:  # a vector comparison: the interpreter cannot combine a vector mask with a scalar one
-        body(f"m_{r} = m & (lane * 0 + (p + {r}) < end)")
+def _edge_slots(body, r, lanes):
+    """(edge index, index mask, lane mask) of the r-th edge slot of a loop step: one edge (``lanes`` 1), or a
+    column of ``lanes`` consecutive edges, one per row of a [lanes, block] tile (masked off past the row's end)."""
+    if lanes > 1:
+        body(f"slot_{r} = p + {r * lanes} + edge_lane")
+        body(f"v_{r} = slot_{r} < end")
+        body(f"m_{r} = m & v_{r}")
+        return f"slot_{r}", f", mask=v_{r}, other=0", f"m_{r}"
+    if r == 0:
+        return "p", "", "m"
+    # a vector comparison: the interpreter cannot combine a vector mask with a scalar one
+    body(f"m_{r} = m & (lane * 0 + (p + {r}) < end)")
+    return f"p + {r}", f", mask=p + {r} < end, other=0", f"m_{r}"
+
+
+def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, lanes, load_y=True, load_w=True):
+    """Loads for the r-th edge slot of an unrolled loop step (see :func:`_edge_slots`)."""
     if r == 0:
         body.comment("Per edge: the gathered row's channel vectors, the edge's attributes (one scalar each) and "
                      "its per-channel weights.")
-    index = f"p + {r}" if r else "p"
+    index, valid, mask = _edge_slots(body, r, lanes)
     body(f"e_{r} = tl.load(perm + {index}{valid}).to(tl.int64)" if mode == "csr_perm" else f"e_{r} = {index}")
     body(f"g_row_{r} = inp + tl.load(gather + e_{r}{valid}).to(tl.int64) * {in_stride}")
     g_needed = sorted({(t.in_off, t.in_d, a) for t in group for a, _, _, _ in t.nonzeros})
@@ -138,15 +149,18 @@ def _emit_accumulate(body, consts, group, r):
                 body(f"acc{t.out_off + b} += w{t.w_off + v}_{r} * ({' + '.join(parts)})")
 
 
-def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb):
+def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb, lanes):
     """gw and this channel block's share of gy for the r-th edge of the sender walk (transposed terms: g = the
     gathered grad_out[dst], n = the row's own x): s_j[u] = sum C x[u] g[u], gw[e, u, v] = sum_j y[v, j] s_j[u],
     gy_partial[e, blk, (v, j)] = sum over the block's u of w[u, v] s_j[u]. Columns no term here touches get 0,
-    so every partial is written."""
+    so every partial is written. With edge lanes a slot is a column of edges, and gy sums along its rows."""
     _, _, dim_in2, n_w = strides
     if r == 0:
         body.comment("This edge's gradients from the loads above: gw per channel, this block's share of gy.")
-    mask, valid = ("m", "") if r == 0 else (f"m_{r}", f", mask=p + {r} < end")
+    if lanes > 1:
+        mask, valid, tile = f"m_{r}", f", mask=v_{r}", f"[{lanes}, {block}]"
+    else:
+        mask, valid, tile = ("m", "", f"[{block}]") if r == 0 else (f"m_{r}", f", mask=p + {r} < end", f"[{block}]")
     q = set()
     for ti, t in enumerate(group):
         by_j = defaultdict(list)
@@ -158,7 +172,7 @@ def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb):
             if "w" in edge:
                 dot = " + ".join(f"y{t.y_off + v * t.y_d + j}_{r} * s{ti}_{j}" for j in sorted(by_j))
                 body(f"tl.store(gw + e_{r} * {n_w} + {t.w_off + v} + u * {t.mul2}, "
-                     f"{dot or f'tl.zeros([{block}], DT)'}, mask={mask})")
+                     f"{dot or f'tl.zeros({tile}, DT)'}, mask={mask})")
             if "y" in edge:
                 for j in sorted(by_j):
                     idx = t.y_off + v * t.y_d + j
@@ -166,7 +180,8 @@ def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb):
                     q.add(idx)
     if "y" in edge:
         for idx in range(dim_in2):
-            value = f"tl.sum(q{idx}, 0)" if idx in q else consts(0.0)
+            total = f"tl.sum(q{idx}, 1, keep_dims=True)" if lanes > 1 else f"tl.sum(q{idx}, 0)"
+            value = total if idx in q else consts(0.0)
             body(f"tl.store(gy + (e_{r} * {n_cb} + blk) * {dim_in2} + {idx}, {value}{valid})")
 
 
@@ -210,18 +225,22 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", abo
                 body.comment("The row's own x block, loaded once for every edge's gradients.")
             for off, d, b in outs if edge else ():
                 body(f"n{off + b} = tl.load(node + row * {out_stride} + {off + b} + u * {d}, mask=m, other=0.0)")
+            unroll, stages, lanes = (1, 0, 1) if mode == "atomic" else _edge_loop_settings()
             if accumulate and mode != "atomic":
+                tile = f"[{lanes}, {block}]" if lanes > 1 else f"[{block}]"
                 for off, _, b in outs:
-                    body(f"acc{off + b} = tl.zeros([{block}], DT)")
-            unroll = 1 if mode == "atomic" else settings().conv_unroll
-            stages = 0 if mode == "atomic" else settings().conv_stages
-            loop = f"tl.range(start, end, {unroll}, num_stages={stages})" if stages else f"range(start, end, {unroll})"
+                    body(f"acc{off + b} = tl.zeros({tile}, DT)")
+            step = unroll * lanes
+            loop = f"tl.range(start, end, {step}, num_stages={stages})" if stages else f"range(start, end, {step})"
             if unroll > 1:
-                body.comment(f"{unroll} edges per step, every load first: their latencies overlap.")
+                body.comment(f"{unroll} edge slots per step, every load first: their latencies overlap.")
+            if lanes > 1:
+                body.comment(f"A slot is {lanes} consecutive edges, one per row of the tile (their warps run side by "
+                             "side); the rows are summed once, after the loop.")
             body(f"for p in {loop}:")
             with body.indent():
                 for r in range(unroll):
-                    _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride,
+                    _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, lanes,
                                      load_y=accumulate or "w" in edge, load_w=accumulate or "y" in edge)
                 if mode == "atomic":
                     for off, _, b in outs:
@@ -230,19 +249,22 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", abo
                     if accumulate:
                         _emit_accumulate(body, consts, group, r)
                     if edge:
-                        _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb)
+                        _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb, lanes)
                 if mode == "atomic":
                     body(f"s_row = out + tl.load(scatter + e_0).to(tl.int64) * {out_stride}")
                     for off, d, b in outs:
                         body(f"tl.atomic_add(s_row + {off + b} + u * {d}, acc{off + b}, mask=m)")
             if accumulate and mode != "atomic":
                 for off, d, b in outs:
-                    body(f"tl.store(out + row * {out_stride} + {off + b} + u * {d}, acc{off + b}, mask=m)")
+                    total = f"tl.sum(acc{off + b}, 0)" if lanes > 1 else f"acc{off + b}"
+                    body(f"tl.store(out + row * {out_stride} + {off + b} + u * {d}, {total}, mask=m)")
         first += nb
     with src.indent():
         src.comment(f"Channels across {block} lanes; program axis 1 is the channel block, which picks the "
                     "group of paths below.")
         src(f"lane = tl.arange(0, {block})")
+        if mode != "atomic" and settings().conv_edge_lanes > 1:
+            src(f"edge_lane = tl.arange(0, {settings().conv_edge_lanes})[:, None]")
         src("blk = tl.program_id(1)")
         consts.emit(src)
     src.lines.extend(body.lines)
@@ -320,12 +342,22 @@ def _check_supported(problem: TensorProductProblem) -> None:
 _PLANS: dict = {}
 
 
+def _row_owned(variant: str) -> bool:
+    return not (variant.startswith("edge") or variant.endswith("atomic"))
+
+
+def _edge_loop_settings() -> tuple:
+    """(unroll, stages, edge lanes) of the row-owned kernels' edge loop."""
+    tuning = settings()
+    return tuning.conv_unroll, tuning.conv_stages, tuning.conv_edge_lanes
+
+
 def _edge_loop(variant: str, separator: str) -> str:
     """The row-owned kernels' edge-loop settings as part of a name ("" for the per-edge and atomic kernels)."""
-    if variant.startswith("edge") or variant.endswith("atomic"):
+    if not _row_owned(variant):
         return ""
-    tuning = settings()
-    return f"{separator}u{tuning.conv_unroll}{separator}s{tuning.conv_stages}"
+    unroll, stages, lanes = _edge_loop_settings()
+    return f"{separator}u{unroll}{separator}s{stages}" + (f"{separator}l{lanes}" if lanes > 1 else "")
 
 
 _ABOUT = {
@@ -357,7 +389,7 @@ def _kernel(problem, variant, block):
 
 def _launch(problem, variant, grid, args, dtype, block):
     kernel = _kernel(problem, variant, block)
-    warps = _warps(block)
+    warps = _warps(block, settings().conv_edge_lanes if _row_owned(variant) else 1)
     label = f"{problem.key}/{variant}/b{block}{_edge_loop(variant, '/')}/w{warps}/{dtype_name(dtype)}"
     first = label not in COMPILE_SECONDS
     t0 = time.perf_counter()

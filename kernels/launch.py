@@ -44,6 +44,10 @@ class Settings:
     conv_stages: int = _setting(
         "FASTMLIP_CONV_STAGES", 0,
         "software-pipelining depth of the convolution's row-owned edge loop (0: a plain loop)")
+    conv_edge_lanes: int = _setting(
+        "FASTMLIP_CONV_EDGE_LANES", 1,
+        "edges side by side in the convolution's row-owned kernels: a [lanes, channels] tile per edge slot, one "
+        "warp per row, summed once per program (more warps per program where rows are few; 1: one edge a slot)")
     conv_warps: int = _setting(
         "FASTMLIP_CONV_WARPS", 0,
         "warps per convolution program (0: one per 32 channel lanes, 1 to 4)")
@@ -70,6 +74,10 @@ class Settings:
     mlp_rows: int = _setting(
         "FASTMLIP_MLP_ROWS", 32,
         "edges per radial-MLP forward program (64 measured 1.8-2.1x slower at 216 atoms on an H200)")
+    mlp_column_groups: int = _setting(
+        "FASTMLIP_MLP_COLUMN_GROUPS", 1,
+        "programs that share one block of radial-MLP forward rows, each writing a share of the last layer's "
+        "columns (more programs in flight where edges are few; each recomputes the hidden layers)")
     mlp_backward_rows: int = _setting(
         "FASTMLIP_MLP_BACKWARD_ROWS", 64,
         "edges per radial-MLP backward program (64 against 32: 1.7x faster for SevenNet-0, 3.5x for "
@@ -109,6 +117,10 @@ class Settings:
         if self.dot_precision not in DOT_PRECISIONS:
             raise ValueError(f"FASTMLIP_DOT_PRECISION={self.dot_precision!r}: expected one of "
                              f"{', '.join(DOT_PRECISIONS)}")
+        if self.conv_edge_lanes < 1 or self.conv_edge_lanes & (self.conv_edge_lanes - 1):
+            raise ValueError(f"FASTMLIP_CONV_EDGE_LANES={self.conv_edge_lanes!r}: expected a power of two")
+        if self.mlp_column_groups < 1:
+            raise ValueError(f"FASTMLIP_MLP_COLUMN_GROUPS={self.mlp_column_groups!r}: expected a positive integer")
         if self.compile_workers is not None and self.compile_workers < 1:
             raise ValueError(f"FASTMLIP_COMPILE_WORKERS={self.compile_workers!r}: expected a positive integer")
 

@@ -58,7 +58,13 @@ def _emit_hidden(code, consts, problem: RadialMLPProblem, precision: str) -> Non
         code(f"h{i + 1} = {codegen.times(value, layer.out_scale, consts)}")
 
 
-def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
+def _column_span(problem: RadialMLPProblem, groups: int) -> int:
+    """Last-layer columns per program when ``groups`` programs share each block of rows (whole column blocks)."""
+    blocks = -(-problem.dim_out // _COLUMNS)
+    return -(-blocks // max(1, min(groups, blocks))) * _COLUMNS
+
+
+def _forward_source(problem: RadialMLPProblem, rows: int, precision: str, span: int) -> str:
     code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
     codegen.jit_header(code, "radial_mlp_forward", ["x", *_weight_args(problem), "row_scale", "has_scale", "out",
                                                     "num_rows", "DT: tl.constexpr"], flags=["has_scale"],
@@ -66,7 +72,9 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str
     code.depth = body.depth = 1
     last, n = len(problem.layers) - 1, problem.dim_out
     layer = problem.layers[-1]
-    body.comment(f"Each program owns {rows} rows (edges) and runs every layer on them.")
+    body.comment(f"Each program owns {rows} rows (edges) and runs every layer on them; program axis 1 picks "
+                 f"which {span} of the last layer's {n} columns it writes (the hidden layers are recomputed per "
+                 "column group: cheaper than fewer programs in flight).")
     body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
     body("row_ok = rows < num_rows")
     body("rows = rows.to(tl.int64)")
@@ -75,7 +83,8 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str
     body("factor = tl.load(row_scale + rows, mask=scaled, other=1.0)  # 1 without a scale")
     p_in = _pad(layer.dim_in)
     body.comment(f"The last layer in blocks of {_COLUMNS} output columns, each scaled and stored once.")
-    body(f"for col0 in range(0, {n}, {_COLUMNS}):")
+    body(f"first_col = tl.program_id(1) * {span}")
+    body(f"for col0 in range(first_col, tl.minimum(first_col + {span}, {n}), {_COLUMNS}):")
     with body.indent():
         body(f"cols = col0 + tl.arange(0, {_COLUMNS})")
         body(f"W = tl.load(w{last} + tl.arange(0, {p_in})[:, None] * {n} + cols[None, :], "
@@ -153,10 +162,15 @@ def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> st
     return code.text()
 
 
-def _kernel(problem: RadialMLPProblem, kind: str, rows: int, precision: str):
-    build = _forward_source if kind == "forward" else _backward_source
-    module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}_{precision}",
-                                 lambda: build(problem, rows, precision))
+def _kernel(problem: RadialMLPProblem, kind: str, rows: int, precision: str, span: int = 0):
+    """The forward's kernel writes ``span`` columns a program (its name says so where that is not all of them)."""
+    if kind == "forward":
+        span_name = f"_c{span}" if span < problem.dim_out else ""
+        module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}{span_name}_{precision}",
+                                     lambda: _forward_source(problem, rows, precision, span))
+    else:
+        module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}_{precision}",
+                                     lambda: _backward_source(problem, rows, precision))
     return getattr(module, f"radial_mlp_{kind}")
 
 
@@ -164,11 +178,13 @@ def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
     """FullyConnectedNet(x) [E, dim_out], times ``row_scale`` [E] per row if given: one launch."""
     dt = tl_dtype(x.dtype)
     rows = settings().mlp_rows
+    span = _column_span(problem, settings().mlp_column_groups)
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
     out = new_output((x.shape[0], problem.dim_out), x)
     if x.shape[0]:
-        _kernel(problem, "forward", rows, dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
+        grid = (triton.cdiv(x.shape[0], rows), triton.cdiv(problem.dim_out, span))
+        _kernel(problem, "forward", rows, dot_precision(x.dtype), span)[grid](
             x, *weights, x if row_scale is None else row_scale.contiguous(), int(row_scale is not None), out,
             x.shape[0], DT=dt, num_warps=4)
     return out

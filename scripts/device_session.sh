@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: knobs-wide (216-atom loop profiles with edges side by side in the aggregate and the radial-MLP forward split by columns, then Cu 4000), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -216,6 +216,21 @@ for phase in "$@"; do
       # and 64 backward rows won and became the defaults; these are the next candidates)
       profile_knobs knobs_small base: u4:FASTMLIP_CONV_UNROLL=4 atomic:FASTMLIP_CONV_ATOMIC_ROWS=1000000 \
         bwd128:FASTMLIP_MLP_BACKWARD_ROWS=128 fwd16:FASTMLIP_MLP_ROWS=16
+      ;;
+    knobs-wide)
+      # more warps in flight at 216 atoms: edges side by side in the aggregate (FASTMLIP_CONV_EDGE_LANES: [lanes,
+      # channels] tiles on the 216 x 4-7 row programs ncu-small found at 8-11% occupancy) and radial-MLP forward
+      # programs sharing a row block by columns (FASTMLIP_MLP_COLUMN_GROUPS); then Cu 4000 steps under both wide
+      # settings against the defaults (a winner at 216 must not lose at 4000)
+      profile_knobs knobs_wide base: l2:FASTMLIP_CONV_EDGE_LANES=2 l4:FASTMLIP_CONV_EDGE_LANES=4 \
+        l4u1:"FASTMLIP_CONV_EDGE_LANES=4 FASTMLIP_CONV_UNROLL=1" c2:FASTMLIP_MLP_COLUMN_GROUPS=2 \
+        c4:FASTMLIP_MLP_COLUMN_GROUPS=4
+      for variant in base wide; do
+        knobs=(); [ $variant = wide ] && knobs=(FASTMLIP_CONV_EDGE_LANES=4 FASTMLIP_MLP_COLUMN_GROUPS=4)
+        step "cu4000_$variant" 120 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
+          --models sevenn,mace-medium --systems Cu4000 --backends fastmlip --no-sweep --out "$out/cu4000_$variant"
+      done
+      rm -f "$out"/*.png
       ;;
     knobs-linear)
       # the same for the o3.Linear tiles, whose wide programs used 255 registers and spilled at 216 atoms (ncu-small)

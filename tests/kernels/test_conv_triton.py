@@ -192,6 +192,22 @@ def test_unrolled_edge_loop(monkeypatch, kernel_settings):
     assert_close(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("lanes, unroll", [(4, 1), (2, 3)])
+def test_edge_lanes(lanes, unroll, monkeypatch, kernel_settings):
+    """Edges side by side (FASTMLIP_CONV_EDGE_LANES), alone and with unrolled slots: rows with fewer edges than one
+    slot, none at all, and counts that are not a multiple of a step; forward and every backward gradient."""
+    kernel_settings(conv_edge_lanes=lanes, conv_unroll=unroll)
+    monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
+    prob = problem("multi-v")
+    src, dst = random_graph(6, 19, seed=21, isolated=(2,))
+    x, y, w = inputs(prob, 6, 19, torch.float64, seed=22)
+    want = run(prob, x, y, w, src, dst, 6, True, "reference", monkeypatch, second=False)
+    got = run(prob, x, y, w, src, dst, 6, True, "triton", monkeypatch, second=False)
+    assert_close(got, want, torch.float64)
+    row_owned = [label for label in conv.compile_report() if "_csr" in label or "sender" in label]
+    assert row_owned and all(f"/u{unroll}/s0/l{lanes}/" in label for label in row_owned), row_owned
+
+
 def test_few_rows_take_the_edge_chunk_kernels(monkeypatch, kernel_settings):
     """FASTMLIP_CONV_ATOMIC_ROWS above the node count: sorted edges run the atomic forward and the per-edge
     backward (first and second derivatives), with the reference's results."""

@@ -14,6 +14,7 @@ from e3nn import nn as e3nn_nn  # noqa: E402
 
 from fastmlip.descriptors import radial_mlp_problem  # noqa: E402
 from fastmlip.kernels import launch  # noqa: E402
+from fastmlip.kernels import radial_mlp as mlp_kernels  # noqa: E402
 from fastmlip.ops import radial_mlp as mlp_ops  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
 from fastmlip.patches import e3nn_modules, swaps  # noqa: E402
@@ -116,6 +117,28 @@ def test_kernels_match_reference(name, dtype, triton_poisoned, monkeypatch):
     for what, a, b in zip(("value", "x", "scale"), got, expected):
         assert torch.isfinite(a).all(), what
         assert_close(a.double(), b.double(), dtype, what)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("name", ["sevennet0", "mace-mp0", "odd-widths", "out-act"])
+def test_forward_column_groups(name, groups, triton_poisoned, kernel_settings, monkeypatch):
+    """FASTMLIP_MLP_COLUMN_GROUPS: programs sharing a row block each write their columns (uneven last groups,
+    more groups than column blocks) with the one-program values."""
+    net = build(name)
+    problem = radial_mlp_problem(net)
+    x, scale, _ = data(net, torch.float64)
+    spans = []
+    kernel = mlp_kernels._kernel
+    monkeypatch.setattr(mlp_kernels, "_kernel", lambda *args: spans.append(args[4:]) or kernel(*args))
+    with torch.no_grad():
+        whole = mlp_ops.radial_mlp(problem, x, weights_of(net), scale)
+        kernel_settings(mlp_column_groups=groups)
+        split = mlp_ops.radial_mlp(problem, x, weights_of(net), scale)
+    torch.testing.assert_close(split, whole, rtol=1e-14, atol=1e-14)
+    blocks = -(-problem.dim_out // 64)
+    assert spans == [(blocks * 64,), (-(-blocks // min(groups, blocks)) * 64,)]
+    with pytest.raises(ValueError, match="FASTMLIP_MLP_COLUMN_GROUPS='0'|FASTMLIP_MLP_COLUMN_GROUPS=0"):
+        launch.read_settings({"FASTMLIP_MLP_COLUMN_GROUPS": "0"})
 
 
 def test_kernels_without_scale_and_without_rows(triton_poisoned):

@@ -50,9 +50,10 @@ def _settings() -> dict:
 
     try:
         described = describe_settings()
-        described.append((graph_pairs.MAX_ATOMS_VARIABLE, graph_pairs.max_atoms(), graph_pairs.MAX_ATOMS,
-                          "most atoms whose pairs a captured MD step rebuilds itself (above 4096 through a cell "
-                          "list, not measured on a GPU yet)"))
+        described.append((graph_pairs.MAX_ATOMS_VARIABLE, graph_pairs.max_atoms(), None,
+                          f"most atoms whose pairs a captured MD step rebuilds itself (default: no limit with the "
+                          f"kernels, above {graph_pairs.MAX_ATOMS} through a cell list; {graph_pairs.MAX_ATOMS} "
+                          "with the torch reference)"))
     except ValueError as exc:  # a variable set to something unusable: say which, as a run would
         return {"invalid": str(exc)}
     return {name: {"value": value, "default": default, "tunes": tunes} for name, value, default, tunes in described}

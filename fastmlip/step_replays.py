@@ -80,7 +80,8 @@ class StepReplays:
         known = self._pairs_in_graph_for
         if known is None or known[0] is not cell or known[1] != (pbc, positions.shape[0]):
             known = (cell, (pbc, positions.shape[0]),
-                     graph_pairs.applies(cell, pbc, self.calculator.cutoff, positions.shape[0]))
+                     graph_pairs.applies(cell, pbc, self.calculator.cutoff, positions.shape[0],
+                                         graph_pairs.kernels_for(positions.device)))
             self._pairs_in_graph_for = known
         return known[2]
 

@@ -94,9 +94,13 @@ def test_applies_only_where_the_minimum_image_is_exact_and_affordable(monkeypatc
     assert graph_pairs.applies(si8.cell.array, (True, True, False), 2.6, len(si8))
     assert not graph_pairs.applies(si8.cell.array, (True,) * 3, 2.72, len(si8))  # just above half the height
     assert graph_pairs.applies(np.zeros((3, 3)), (False,) * 3, 50.0, 12)
-    assert not graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, graph_pairs.MAX_ATOMS + 1)
-    monkeypatch.setenv(graph_pairs.MAX_ATOMS_VARIABLE, str(10 * graph_pairs.MAX_ATOMS))  # cell lists beyond
-    assert graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, graph_pairs.MAX_ATOMS + 1)
+    many = graph_pairs.MAX_ATOMS + 1
+    assert graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, many)  # the kernels: a cell list, no limit
+    assert not graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, many, kernels=False)  # N^2 temporaries
+    monkeypatch.setenv(graph_pairs.MAX_ATOMS_VARIABLE, str(10 * graph_pairs.MAX_ATOMS))
+    assert graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, many, kernels=False)
+    monkeypatch.setenv(graph_pairs.MAX_ATOMS_VARIABLE, "100")
+    assert not graph_pairs.applies(np.eye(3) * 1e3, (True,) * 3, 5.0, many)
 
 
 def _copper_on_gpu(repeat: int, seed: int, cutoff: float):

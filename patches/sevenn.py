@@ -21,10 +21,11 @@ import torch
 
 from fastmlip.graph import edge_vectors
 from fastmlip.ops.derivatives import gradient_or_zeros
+from fastmlip.ops.node_sums import node_difference
 
 from . import files, swaps
 from .sevenn_modules import (EDGE_MASK_KEY, FastEdgeEmbedding, FastEquivariantGate,  # noqa: F401 (API)
-                             FastIrrepsConvolution, accelerate, plan)
+                             FastIrrepsConvolution, accelerate, plan, sorted_edges_of)
 
 FRAMEWORK = "sevenn"
 # Key in a checkpoint dict written by ``fastmlip convert --to fast``; sevenn ignores unknown keys.
@@ -384,7 +385,9 @@ def capture_obstacle(model) -> Optional[str]:
 
 def _edge_forces_and_stress(head, data, num_atoms: int):
     """sevenn's ``ForceStressOutputFromEdge`` term for term, without reading the atom count or the cell volume
-    back to the host (its forward does both: two syncs per step, and a CUDA graph cannot wait for the host)."""
+    back to the host (its forward does both: two syncs per step, and a CUDA graph cannot wait for the host), and
+    with every sum in a fixed order (its scatters add with atomics on a GPU): forces by
+    :func:`fastmlip.ops.node_sums.node_difference`, the stress as one sum over the edges."""
     from sevenn.nn.util import broadcast
 
     rij = data[head.key_edge]
@@ -393,20 +396,17 @@ def _edge_forces_and_stress(head, data, num_atoms: int):
     if fij is None:
         return data
     edge_idx = data[head.key_edge_idx]
-    pf = torch.zeros(num_atoms, 3, dtype=fij.dtype, device=fij.device)
-    nf = torch.zeros(num_atoms, 3, dtype=fij.dtype, device=fij.device)
-    pf.scatter_reduce_(0, broadcast(edge_idx[0], fij, 0), fij, reduce="sum")
-    nf.scatter_reduce_(0, broadcast(edge_idx[1], fij, 0), fij, reduce="sum")
-    data[head.key_force] = pf - nf
+    edges = sorted_edges_of(data, edge_idx, num_atoms)
+    data[head.key_force] = node_difference(fij, edges, edge_idx[1], edge_idx[0], plus="dst")
     virial = torch.cat([rij * fij, (rij[..., 0] * fij[..., 1]).unsqueeze(-1),
                         (rij[..., 1] * fij[..., 2]).unsqueeze(-1), (rij[..., 2] * fij[..., 0]).unsqueeze(-1)], dim=-1)
-    per_atom = torch.zeros(num_atoms, 6, dtype=virial.dtype, device=virial.device)
-    per_atom.scatter_reduce_(0, broadcast(edge_idx[1], virial, 0), virial, reduce="sum")
     if head.use_atomic_virial:
+        per_atom = torch.zeros(num_atoms, 6, dtype=virial.dtype, device=virial.device)
+        per_atom.scatter_reduce_(0, broadcast(edge_idx[1], virial, 0), virial, reduce="sum")
         data[head.key_atomic_virial] = torch.neg(per_atom)
     volume = data[head.key_cell_volume]
     volume = torch.where(volume < 1e-3, torch.full_like(volume, 1e-3), volume)  # sevenn's floor for molecules
-    data[head.key_stress] = torch.neg(per_atom.sum(0)) / volume.unsqueeze(-1)
+    data[head.key_stress] = torch.neg(virial.sum(0)) / volume.unsqueeze(-1)
     return data
 
 

@@ -28,6 +28,15 @@ SORTED_EDGES_KEY = "_fastmlip_sorted_edges"
 EDGE_MASK_KEY = "_fastmlip_edge_mask"
 
 
+def sorted_edges_of(data, edge_index: torch.Tensor, num_nodes: int):
+    """The receiver-sorted edges of ``edge_index``: those the convolutions of this pass over ``data`` sorted,
+    else sorted now (sevenn's ``edge_index[0]`` is the receiver)."""
+    cached = data[SORTED_EDGES_KEY] if SORTED_EDGES_KEY in data else None
+    if cached is not None and cached["inputs"][0] is edge_index:
+        return cached["edges"]
+    return sort_edges(edge_index[1], edge_index[0], num_nodes)
+
+
 class FastIrrepsConvolution(nn.Module):
     """``sevenn.nn.convolution.IrrepsConvolution`` with the gather-TP-scatter fused into one fastmlip op.
 

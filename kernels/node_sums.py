@@ -1,0 +1,56 @@
+"""Triton kernel for per-node sums of per-edge rows in a fixed order: forces from the edge-vector gradient.
+
+Why: ``index_add_`` on CUDA adds with float atomics, so the order of a node's terms, and with it the last bits of
+every force, changes from run to run; a restarted MD run could then never repeat the uninterrupted one bit for bit.
+Here each lane owns one node and walks that node's edges through CSR offsets (the receiver-sorted lists that the
+convolution kernels already use), adding one edge per loop step: the order is the edges' order, as a sequential
+``index_add_`` on a CPU takes them, and an edge whose row is zero (a masked Verlet candidate) changes nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import new_output
+
+NODES = 64  # nodes per program, one per lane row
+
+
+@triton.jit
+def _walk(acc, values, perm, ptr, node, live, columns, WIDTH: tl.constexpr, SIGN: tl.constexpr):
+    """acc[n] += SIGN * values[perm[k]] for k from ptr[n] to ptr[n + 1], one edge per step in that order."""
+    start = tl.load(ptr + node, mask=live, other=0).to(tl.int64)
+    end = tl.load(ptr + node + 1, mask=live, other=0).to(tl.int64)
+    for step in range(0, tl.max(end - start, axis=0)):
+        on = start + step < end
+        edge = tl.load(perm + start + step, mask=on, other=0).to(tl.int64)
+        row = tl.load(values + edge[:, None] * WIDTH + columns[None, :], mask=on[:, None] & (columns[None, :] < WIDTH),
+                      other=0.0)
+        acc += SIGN * row
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_nodes"])
+def node_difference(values, plus_perm, plus_ptr, minus_perm, minus_ptr, out, num_nodes, WIDTH: tl.constexpr,
+                    PAD: tl.constexpr, NODES: tl.constexpr):
+    """out[n] = sum of values over n's "plus" edges, then minus the sum over its "minus" edges."""
+    node = tl.program_id(0).to(tl.int64) * NODES + tl.arange(0, NODES)
+    live = node < num_nodes
+    columns = tl.arange(0, PAD)
+    acc = tl.zeros([NODES, PAD], values.dtype.element_ty)
+    acc = _walk(acc, values, plus_perm, plus_ptr, node, live, columns, WIDTH, 1.0)
+    acc = _walk(acc, values, minus_perm, minus_ptr, node, live, columns, WIDTH, -1.0)
+    tl.store(out + node[:, None] * WIDTH + columns[None, :], acc, mask=live[:, None] & (columns[None, :] < WIDTH))
+
+
+def difference(values: torch.Tensor, plus: tuple, minus: tuple) -> torch.Tensor:
+    """[N, W] per-node sums of ``values`` [E, W] over the ``plus`` edges minus those over the ``minus`` edges;
+    each side is ``(perm, ptr)``: node n's edges are ``perm[ptr[n]:ptr[n + 1]]``."""
+    values = values.contiguous()
+    num_nodes, width = plus[1].numel() - 1, values.shape[1]
+    out = new_output((num_nodes, width), values)
+    if num_nodes:
+        node_difference[(triton.cdiv(num_nodes, NODES),)](
+            values, *plus, *minus, out, num_nodes, WIDTH=width, PAD=triton.next_power_of_2(width), NODES=NODES)
+    return out

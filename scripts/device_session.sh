@@ -7,7 +7,7 @@
 # (phases that need no cuEquivariance can carry a lighter .devlite: .devbundle/site.tar.xz and an unpack.sh
 #  that extracts only it)
 # Device calls (carry [".devbundle"]), e.g.:
-#   bash scripts/device_session.sh gpu-tests                   (~6-9 min on a fresh machine)
+#   bash scripts/device_session.sh gpu-tests-faces             (one half of the GPU tests; gpu-tests-kernels the other)
 #   bash scripts/device_session.sh tests                       (~9 min: cold kernel compiles on a fresh machine)
 #   bash scripts/device_session.sh profile md-sevenn           (~7 min)
 #   bash scripts/device_session.sh md-mace node                (~9 min)
@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: knobs-wide (216-atom loop profiles with edges side by side in the aggregate and the radial-MLP forward split by columns, then Cu 4000), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: knobs-wide (216-atom loop profiles with edges side by side in the aggregate and the radial-MLP forward split by columns), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -74,12 +74,19 @@ for phase in "$@"; do
     coldstart)
       as_installed step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" --importtime --out "$out"
       ;;
-    gpu-tests)
-      # ~6 min on a fresh machine for everything (kernel compiles): alone in a call, or narrowed with GPU_TESTS_K
-      # (then only the selected tests run)
-      step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -m gpu --durations 15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
-        "$repo/tests"
-      [ -n "${GPU_TESTS_K:-}" ] || step chunk_tests 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/ops/test_radial_conv.py"
+    gpu-tests|gpu-tests-faces|gpu-tests-kernels)
+      # every test marked gpu (2026-12-03: cut at 540 s after 20 of ~45 on a fresh machine: kernel compiles), or
+      # one half per call: the faces and patches, or the kernels and ops; narrowed further with GPU_TESTS_K. One
+      # line per test (-v), so a log cut by the time limit still names every result
+      case $phase in
+        gpu-tests-faces) dirs=("$repo/tests/faces" "$repo/tests/patches") ;;
+        gpu-tests-kernels) dirs=("$repo/tests/kernels" "$repo/tests/ops" "$repo/tests/reference" "$repo/tests/descriptors") ;;
+        *) dirs=("$repo/tests") ;;
+      esac
+      step gpu_tests 540 python3 -m pytest -v -rf -p no:cacheprovider -m gpu --durations 15 \
+        ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} "${dirs[@]}"
+      [ -n "${GPU_TESTS_K:-}" ] || [ "$phase" = gpu-tests-faces ] || \
+        step chunk_tests 120 python3 -m pytest -q -p no:cacheprovider "$repo/tests/ops/test_radial_conv.py"
       ;;
     tests)
       step gpu_tests 540 python3 -m pytest -q -p no:cacheprovider -x "$repo/tests/patches/test_gpu_models.py" \
@@ -220,13 +227,19 @@ for phase in "$@"; do
     knobs-wide)
       # more warps in flight at 216 atoms: edges side by side in the aggregate (FASTMLIP_CONV_EDGE_LANES: [lanes,
       # channels] tiles on the 216 x 4-7 row programs ncu-small found at 8-11% occupancy) and radial-MLP forward
-      # programs sharing a row block by columns (FASTMLIP_MLP_COLUMN_GROUPS); then Cu 4000 steps under both wide
-      # settings against the defaults (a winner at 216 must not lose at 4000)
+      # programs sharing a row block by columns (FASTMLIP_MLP_COLUMN_GROUPS)
       profile_knobs knobs_wide base: l2:FASTMLIP_CONV_EDGE_LANES=2 l4:FASTMLIP_CONV_EDGE_LANES=4 \
         l4u1:"FASTMLIP_CONV_EDGE_LANES=4 FASTMLIP_CONV_UNROLL=1" c2:FASTMLIP_MLP_COLUMN_GROUPS=2 \
         c4:FASTMLIP_MLP_COLUMN_GROUPS=4
-      for variant in base wide; do
-        knobs=(); [ $variant = wide ] && knobs=(FASTMLIP_CONV_EDGE_LANES=4 FASTMLIP_MLP_COLUMN_GROUPS=4)
+      ;;
+    wide-cu4000)
+      # a winner at 216 atoms must not lose at 4000: Cu 4000 energy+forces steps under each candidate setting
+      # (o3.Linear 32-column tiles won at 216 atoms, knobs-linear 2026-12-03; the wide settings: knobs-wide)
+      for variant in base lin32 lanes4 cols4; do
+        case $variant in
+          lin32) knobs=(FASTMLIP_LINEAR_BLOCK=32) ;; lanes4) knobs=(FASTMLIP_CONV_EDGE_LANES=4) ;;
+          cols4) knobs=(FASTMLIP_MLP_COLUMN_GROUPS=4) ;; *) knobs=() ;;
+        esac
         step "cu4000_$variant" 120 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
           --models sevenn,mace-medium --systems Cu4000 --backends fastmlip --no-sweep --out "$out/cu4000_$variant"
       done
@@ -268,10 +281,11 @@ for phase in "$@"; do
       rm -f "$out"/*.png
       ;;
     cell-pairs)
-      # whole MD steps above 4096 atoms: pairs rebuilt in the graph through the cell list against the Verlet
-      # candidates (the default there until this is measured), SevenNet-0 Cu 32000, then the GPU test of the list
+      # whole MD steps above 4096 atoms: pairs rebuilt in the graph through the cell list (the default since
+      # 2026-12-03: 78.7 against 86.6 ms/step) against the Verlet candidates, SevenNet-0 Cu 32000, then the GPU
+      # test of the list
       for variant in verlet cells; do
-        knobs=(); [ $variant = cells ] && knobs=(FASTMLIP_GRAPH_PAIRS_MAX_ATOMS=1000000000)
+        knobs=(); [ $variant = verlet ] && knobs=(FASTMLIP_GRAPH_PAIRS_MAX_ATOMS=4096)
         step "mdloop_cu32000_$variant" 200 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --models sevenn \
           --systems Cu32000 --backends fastmlip-md --md-steps 100 --md-warmup 20 --no-sweep \
           --out "$out/mdloop_cu32000_$variant"

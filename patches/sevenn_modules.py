@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmlip.descriptors import (Envelope, gate_problem, radial_basis_problem, spherical_harmonics_problem,
-                                  tensor_product_problem)
+from fastmlip.descriptors import (Envelope, gate_problem, radial_basis_problem, scaled_problem,
+                                  spherical_harmonics_problem, tensor_product_problem)
 from fastmlip.graph import sort_edges
 from fastmlip.ops.conv import check_conv_problem
 from fastmlip.ops.gate import gate
@@ -42,7 +42,8 @@ class FastIrrepsConvolution(nn.Module):
 
     Shares ``denominator`` and the radial MLP's layers with the module it replaces (same parameter objects; the
     MLP runs as fastmlip's fused radial MLP when it can be described), reads and
-    writes the same data keys, and uses the tensor product's own coupling blocks and path weights. Edges go to
+    writes the same data keys, and uses the tensor product's own coupling blocks and path weights (divided by a
+    fixed ``denominator``). Edges go to
     the op sorted by receiver with CSR offsets, so GPU kernels take their deterministic, atomic-free path.
     ``chunk_edges`` (set through :func:`fastmlip.chunk_convolutions`) trades a recomputed MLP for memory.
     """
@@ -55,6 +56,11 @@ class FastIrrepsConvolution(nn.Module):
         check_conv_problem(self.problem)
         self.weight_nn = swaps.maybe_fast(original.weight_nn, e3nn_modules.FastFullyConnectedNet)
         self.denominator = original.denominator
+        # A fixed denominator (sevenn's default) goes into the kernels' path weights: no division launch forward
+        # and backward per layer. A trained one stays a division, so its gradient flows.
+        self.folded = not original.denominator.requires_grad
+        if self.folded:
+            self.problem = scaled_problem(self.problem, 1.0 / float(original.denominator))
         self.key_x = original.key_x
         self.key_filter = original.key_filter
         self.key_weight_input = original.key_weight_input
@@ -91,7 +97,7 @@ class FastIrrepsConvolution(nn.Module):
             # placeholder edges (mask 0) weigh zero: their messages and gradients vanish
             out = e3nn_modules.radial_message(self.problem, self.weight_nn, x, cached["filter"],
                                               cached["weight_input"], cached["mask"], edges, self.chunk_edges)
-        data[self.key_x] = out.div(self.denominator)
+        data[self.key_x] = out if self.folded else out.div(self.denominator)
         return data
 
 

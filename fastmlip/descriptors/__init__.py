@@ -23,7 +23,8 @@ from .spherical_harmonics import (NORMALIZE_EPS, SH_NORMALIZATIONS, SphericalHar
 from .symmetric_contraction import (ContractionSpec, SparseArray, SymmetricContractionProblem,
                                     symmetric_contraction_problem)
 from .tensor_product import (CONNECTION_MODES, CGBlock, TensorProductProblem, TPPath, channelwise_instructions,
-                             iter_paths, make_tensor_product_problem, sparsity, tensor_product_problem)
+                             iter_paths, make_tensor_product_problem, scaled_problem, sparsity,
+                             tensor_product_problem)
 
 __all__ = [
     "KNOWN_ACTIVATIONS", "Activation", "activation_of",
@@ -37,5 +38,5 @@ __all__ = [
     "spherical_harmonics_problem",
     "ContractionSpec", "SparseArray", "SymmetricContractionProblem", "symmetric_contraction_problem",
     "CONNECTION_MODES", "CGBlock", "TensorProductProblem", "TPPath", "channelwise_instructions", "iter_paths",
-    "make_tensor_product_problem", "sparsity", "tensor_product_problem",
+    "make_tensor_product_problem", "scaled_problem", "sparsity", "tensor_product_problem",
 ]

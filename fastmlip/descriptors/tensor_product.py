@@ -6,7 +6,7 @@ from the installed e3nn: e3nn's ``wigner_3j`` changed sign for odd l1+l2+l3 afte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -173,6 +173,13 @@ def tensor_product_problem(tp, cg_blocks: dict | None = None) -> TensorProductPr
         raise ValueError(f"weight layout mismatch: paths need {offset} weights, module has {tp.weight_numel}")
     return with_key(TensorProductProblem(irreps_in1, irreps_in2, irreps_out, tuple(paths), offset,
                                           bool(getattr(tp, "shared_weights", False))))
+
+
+def scaled_problem(problem: TensorProductProblem, factor: float) -> TensorProductProblem:
+    """``problem`` with every path weight times ``factor``: a constant scale of the output folded into the kernels'
+    coefficients instead of an elementwise launch (and its backward) after them."""
+    paths = tuple(replace(p, path_weight=p.path_weight * factor) for p in problem.paths)
+    return with_key(replace(problem, paths=paths, key=""))
 
 
 def make_tensor_product_problem(irreps_in1, irreps_in2, irreps_out, instructions: Sequence,

@@ -113,11 +113,35 @@ def test_accelerated_modules_use_loaded_constants():
         assert isinstance(fast, patch.FastIrrepsConvolution)
         original = swaps.originals_in_place
         with original(model):
-            reference = descriptors.tensor_product_problem(model._modules["1_convolution"].convolution)
-        assert fast.problem == reference
+            module = model._modules["1_convolution"]
+            reference = descriptors.tensor_product_problem(module.convolution)
+            denominator = float(module.denominator)
+        assert fast.folded and denominator > 1  # sevenn's fixed average neighbour count, folded into the paths
+        assert fast.problem == descriptors.scaled_problem(reference, 1 / denominator)
         assert any(p.cg.shape == (7, 7, 7) for p in fast.problem.paths)  # l=3 x l=3 -> l=3: odd l1+l2+l3
     finally:
         patch.restore(model)
+
+
+def test_trained_denominator_stays_a_division():
+    """A denominator that trains (sevenn's train_denominator) is not folded into the kernels: it stays a division
+    whose gradient flows, with the original's results."""
+    model = model_for("7net-0", torch.float64)
+    convolutions = [m for m in model.modules() if hasattr(m, "denominator")]
+    for conv in convolutions:
+        conv.denominator.requires_grad_(True)
+    try:
+        compare_accelerated(model, [None], only=("water",))
+        patch.accelerate(model)
+        try:
+            fast = [m for m in model.modules() if isinstance(m, patch.FastIrrepsConvolution)]
+            assert fast and not any(m.folded for m in fast)
+            assert all(m.denominator is conv.denominator for m, conv in zip(fast, convolutions))
+        finally:
+            patch.restore(model)
+    finally:
+        for conv in convolutions:
+            conv.denominator.requires_grad_(False)
 
 
 def test_compute_matches_sevennet_calculator():

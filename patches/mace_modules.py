@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmlip.descriptors import (Envelope, radial_basis_problem, species_linear_problem, symmetric_contraction_problem,
-                                  tensor_product_problem)
+from fastmlip.descriptors import (Envelope, radial_basis_problem, scaled_problem, species_linear_problem,
+                                  symmetric_contraction_problem, tensor_product_problem)
 from fastmlip.graph import sort_edges
-from fastmlip.memo import attached, derived
+from fastmlip.memo import attach, attached, derived
 from fastmlip.ops.conv import check_conv_problem
 from fastmlip.ops.linear import species_linear
 from fastmlip.ops.radial_basis import radial_basis
@@ -34,6 +34,17 @@ def sorted_edges(edge_index: torch.Tensor, num_nodes: int):
     edge_index tensor itself: see :mod:`fastmlip.memo`)."""
     return derived(edge_index, ("sorted_edges", num_nodes),
                    lambda: sort_edges(edge_index[0], edge_index[1], num_nodes))
+
+
+def in_receiver_order(tensor: torch.Tensor, edges) -> torch.Tensor:
+    """``tensor`` [E, ...] permuted into ``edges``' receiver order, once per pass: every interaction block gets the
+    same edge attributes, features and cutoff, and one gather (one scatter in the backward) serves them all."""
+    hit = attached(tensor, "receiver_order")
+    if hit is not None and hit[0] is edges.order:
+        return hit[1]
+    permuted = tensor.index_select(0, edges.order)
+    attach(tensor, "receiver_order", (edges.order, permuted))
+    return permuted
 
 
 def weight_mask(edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -128,7 +139,8 @@ class FastInteraction(nn.Module):
 
     Holds the block's own submodules under the same names (radial MLP, conv_tp kept for its state), with
     ``linear_up``/``linear`` through fastmlip's linear and ``skip_tp`` through the species-indexed linear, and
-    computes exactly the original forward: linear_up, radial weights x cutoff, fused conv, linear / avg_num_neighbors,
+    computes exactly the original forward: linear_up, radial weights x cutoff, fused conv, linear / avg_num_neighbors
+    (a constant average folded into the conv's path weights),
     skip_tp (before the conv in the residual block, after it otherwise), reshape. ``chunk_edges`` (set through
     :func:`fastmlip.chunk_convolutions`) trades a recomputed MLP for memory.
     """
@@ -143,6 +155,11 @@ class FastInteraction(nn.Module):
         for key, value in vars(original).items():
             if not key.startswith("_") and key != "training":
                 setattr(self, key, value)
+        # linear(message) / avg = linear(message / avg): a constant average goes into the conv's path weights, so
+        # no division launches forward and backward
+        self.folded_average = type(self.avg_num_neighbors) in (int, float)
+        if self.folded_average:
+            self.problem = scaled_problem(self.problem, 1.0 / self.avg_num_neighbors)
         self.linear_up = swaps.maybe_fast(original.linear_up, e3nn_modules.FastLinear)
         self.conv_tp = original.conv_tp
         self.conv_tp_weights = swaps.maybe_fast(original.conv_tp_weights, e3nn_modules.FastFullyConnectedNet)
@@ -161,15 +178,16 @@ class FastInteraction(nn.Module):
         sc = self.skip_tp(node_feats, node_attrs) if self.residual else None
         node_feats = self.linear_up(node_feats)
         edges = sorted_edges(edge_index, node_feats.shape[0])
-        row_scale = None if cutoff is None else cutoff.index_select(0, edges.order).reshape(-1)
+        row_scale = None if cutoff is None else in_receiver_order(cutoff, edges).reshape(-1)
         mask = weight_mask(edge_index, node_feats.shape[0], node_feats.dtype)
         if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
             row_scale = mask if row_scale is None else row_scale * mask
         message = e3nn_modules.radial_message(self.problem, self.conv_tp_weights, node_feats,
-                                              edge_attrs.index_select(0, edges.order),
-                                              edge_feats.index_select(0, edges.order), row_scale, edges,
-                                              self.chunk_edges)
-        message = self.linear(message) / self.avg_num_neighbors
+                                              in_receiver_order(edge_attrs, edges), in_receiver_order(edge_feats, edges),
+                                              row_scale, edges, self.chunk_edges)
+        message = self.linear(message)
+        if not self.folded_average:
+            message = message / self.avg_num_neighbors
         if not self.residual:
             message = self.skip_tp(message, node_attrs)
         return self.reshape(message), sc

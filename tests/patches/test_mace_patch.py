@@ -75,6 +75,22 @@ def test_accelerated_matches_original(config, dtype):
     print(f"{config} {dtype}: {dev}")
 
 
+def test_average_neighbour_count_folded_only_when_constant():
+    """A float avg_num_neighbors goes into the conv's path weights; one held as a tensor stays a division. Both
+    reproduce the original."""
+    for as_tensor in (False, True):
+        model = build_model("mp0_medium")
+        if as_tensor:
+            for block in model.interactions:
+                block.avg_num_neighbors = torch.tensor(block.avg_num_neighbors, dtype=torch.float64)
+        atoms = periodic_structure(seed=4)
+        original = run(model, atoms)
+        assert patch.accelerate(model) == []
+        blocks = [m for m in model.modules() if type(m).__name__ == "FastInteraction"]
+        assert blocks and all(block.folded_average != as_tensor for block in blocks)
+        assert_agree(original, run(model, atoms), len(atoms), torch.float64)
+
+
 def test_unsorted_edges_give_the_same_result():
     """Edge order must not matter (a past bug elsewhere: unsorted edges gave energies off 2.5x)."""
     model = build_model("mp0_medium")

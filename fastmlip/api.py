@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastmlip.patches.framework import Framework
 
-FRAMEWORK_MODULES = ("fastmlip.patches.sevenn", "fastmlip.patches.mace")
+# exported first: telling its files apart reads one zip entry and imports no framework (sevenn's test looks up its
+# pretrained checkpoints, which imports sevenn); a refusal gives the frameworks' own reasons first
+FRAMEWORK_MODULES = ("fastmlip.patches.exported", "fastmlip.patches.sevenn", "fastmlip.patches.mace")
 
 
 def _patch_modules() -> list[Framework]:
@@ -64,7 +66,7 @@ def patch_for_file(path_or_name) -> Framework:
     if _looks_like_mace(text) and not any(p.FRAMEWORK == "mace" for p in patches):
         raise ValueError(f"{text}: looks like a MACE model, but fastmlip.patches.mace is not installed here")
     reasons = []
-    for patch in patches:
+    for patch in patches[1:] + patches[:1]:
         try:
             patch.read_checkpoint(text)
         except ValueError as exc:
@@ -126,7 +128,8 @@ def load(path_or_name, device=None, dtype=None, *, trusted: bool = False, sha256
     """The framework's own model from a checkpoint, a pretrained name, or a file ``fastmlip convert`` wrote.
 
     ``dtype``: a torch dtype or "float32"/"float64". Files converted ``--to fast`` come back accelerated (and
-    checked against the original).
+    checked against the original); files converted ``--to exported`` come back as the exported program, without
+    importing their framework (:mod:`fastmlip.patches.exported`; pickled tensors: trusted files only).
 
     No code from the file runs unless you trust it. SevenNet checkpoints hold tensors and arrays and are read
     without running code. A MACE ``.model`` file is a whole pickled model: it is opened only with ``trusted=True``,
@@ -140,6 +143,10 @@ def load(path_or_name, device=None, dtype=None, *, trusted: bool = False, sha256
     stored = model.__dict__.get("_fastmlip_file") or {}
     if stored.get("format") == "fast":
         accelerate(model, check=True)
+    elif stored.get("format") == "exported":  # comes accelerated: its kernels, before anything runs
+        from fastmlip.patches import self_check
+
+        model.__dict__["_fastmlip_kernels"] = self_check.prepare_kernels(model, patch)
     return model
 
 

@@ -1,10 +1,14 @@
-"""``fastmlip convert IN -o OUT --to fast|e3nn``: mark a checkpoint to load accelerated, or take the mark off.
+"""``fastmlip convert IN -o OUT --to fast|e3nn|exported``: mark a checkpoint to load accelerated, take the mark
+off, or export the accelerated model.
 
 Acceleration swaps modules, not weights, so a converted file keeps the framework's own checkpoint format and
 its own loader still reads it (a SevenNet file still runs in ``SevenNetCalculator``); ``--to fast`` adds a
 ``fastmlip`` entry (format, dtype, the self-check it passed) that makes :func:`fastmlip.load` return the model
-accelerated, ``--to e3nn`` removes it. Before anything is written the model is accelerated and checked against
-its original; the file is written to a temporary name next to OUT, re-read and compared, then renamed over OUT.
+accelerated, ``--to e3nn`` removes it. ``--to exported`` writes the accelerated model as a ``torch.export``
+program that :func:`fastmlip.load` reads without importing the framework (:mod:`fastmlip.patches.exported`; for
+one dtype and, for multi-fidelity models, one modal). Before anything is written the model is accelerated and
+checked against its original; the file is written to a temporary name next to OUT, re-read and compared, then
+renamed over OUT.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import tempfile
 
 from .cli import add_trust_arguments
 
-FORMATS = ("fast", "e3nn")
+FORMATS = ("fast", "e3nn", "exported")
 DTYPES = ("float32", "float64")
 EXIT_BAD_INPUT = 2
 EXIT_CHECK_FAILED = 3
@@ -28,7 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("input", metavar="IN", help="checkpoint file (or a pretrained name such as 7net-0)")
     parser.add_argument("-o", "--output", metavar="OUT", required=True, help="file to write (never IN itself)")
     parser.add_argument("--to", choices=FORMATS, required=True,
-                        help="fast: load accelerated by fastmlip.load; e3nn: plain framework checkpoint")
+                        help="fast: load accelerated by fastmlip.load; e3nn: plain framework checkpoint; exported: "
+                             "the accelerated model as a program fastmlip.load reads without the framework")
+    parser.add_argument("--modal", default=None, help="--to exported: the modal/head to export (multi-fidelity)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype the check runs in and fastmlip.load defaults to (default: the model's)")
     parser.add_argument("--device", default="cpu", help="device for the check, e.g. cpu or cuda (default: cpu)")
@@ -76,10 +82,11 @@ def _write_atomically(output: str, write) -> None:
 
 
 def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", progress=None, trusted=False,
-            sha256=None) -> dict:
+            sha256=None, modal=None) -> dict:
     """Convert and return {"check": report or None, "framework": name}; ConvertError/ValueError on bad input.
 
-    ``trusted``/``sha256``: as for :func:`fastmlip.load`; the input is read once."""
+    ``trusted``/``sha256``: as for :func:`fastmlip.load`; the input is read once. ``modal``: ``to="exported"``'s
+    modal or head."""
     import torch
 
     from . import api
@@ -96,6 +103,12 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     step()
     api.accelerate(model, check=True)
     report = api.last_check(model)
+    if to == "exported":
+        _write_atomically(output, lambda temp: _export_checked(patch, model, temp, modal))
+        step(2)
+        return {"check": report, "framework": patch.FRAMEWORK}
+    if modal is not None:
+        raise ConvertError("--modal is for --to exported")
     api.restore(model)
     step()
     fmt_dtype = dtype or str(swaps.first_tensor_placement(model)[1]).replace("torch.", "")
@@ -105,6 +118,24 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     return {"check": report, "framework": patch.FRAMEWORK}
 
 
+def _export_checked(patch, model, path, modal) -> None:
+    """Export the accelerated ``model`` to ``path``, read it back and compare it with the model on the
+    self-check's probe structures; ValueError when they differ beyond the model dtype's tolerances."""
+    from .patches import exported, self_check
+
+    exported.export(patch, model, path, modal=modal)
+    program = exported.load(path, device=patch.model_info(model)["device"], trusted=True)
+    info = patch.model_info(model)
+    tolerance = self_check.tolerances(info["dtype"])
+    for atoms in self_check.probe_structures(info["atomic_numbers"], info["cutoff"]):
+        edges = self_check.neighbor_edges(atoms, info["cutoff"])
+        want = self_check.compute_on_atoms(patch, model, atoms, edges, modal=modal)
+        got = self_check.compute_on_atoms(exported, program, atoms, edges)
+        deviation = self_check.deviation(want, got, len(atoms))
+        if not self_check.within(deviation, tolerance):
+            raise ValueError(f"the exported program disagrees with the accelerated model: {deviation}")
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -112,7 +143,7 @@ def run(args) -> int:
         with tqdm(total=3, desc="convert", unit="step", file=sys.stderr, leave=False,
                   disable=not sys.stderr.isatty()) as progress:
             result = convert(args.input, args.output, args.to, args.dtype, args.device, progress, args.trust,
-                             args.sha256)
+                             args.sha256, args.modal)
     except ValueError as exc:  # bad input, refused output, or a failed self-check (AccelerationCheckError)
         from .patches.self_check import AccelerationCheckError
         from .patches.files import one_line
@@ -131,4 +162,8 @@ def run(args) -> int:
     else:
         print(f"check ({result['framework']}, accelerated vs original): {describe(result['check'])}")
     print(f"wrote {args.output} (--to {args.to})")
+    if args.to == "exported":
+        from .patches.files import file_sha256
+
+        print(f"it holds pickled tensors: load it with trusted=True, or pin it: sha256={file_sha256(args.output)}")
     return 0

@@ -30,8 +30,11 @@ def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
 
 def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> SortedEdges:
     """The sorts take the narrowest integer keys that hold the node indices: a radix sort makes one digit pass
-    over the edges per key byte (on CUDA the sorts were ~8 of a 216-atom MD step's ~260 kernels with int32)."""
-    keys = next(dtype for dtype in (torch.int16, torch.int32, torch.int64) if num_nodes <= torch.iinfo(dtype).max)
+    over the edges per key byte (on CUDA the sorts were ~8 of a 216-atom MD step's ~260 kernels with int32). A
+    symbolic node count (an exported program, one for every size) takes int32 keys."""
+    widths = (torch.int32, torch.int64) if isinstance(num_nodes, torch.SymInt) else (torch.int16, torch.int32,
+                                                                                     torch.int64)
+    keys = next(dtype for dtype in widths if num_nodes <= torch.iinfo(dtype).max)
     order = torch.argsort(dst.to(keys), stable=True)
     src_s, dst_s = src.index_select(0, order), dst.index_select(0, order)
     src_perm = torch.argsort(src_s.to(keys), stable=True)

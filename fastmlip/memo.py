@@ -15,9 +15,17 @@ import torch
 _SLOT = "_fastmlip_derived"
 
 
+def _hashable(key):
+    """``key`` with its symbolic sizes (a node count while a program is exported) as their expressions."""
+    if isinstance(key, tuple):
+        return tuple(_hashable(part) for part in key)
+    return ("symbolic", str(key)) if isinstance(key, torch.SymInt) else key
+
+
 def derived(tensor: torch.Tensor, key: Hashable, compute: Callable):
     """``compute()``, once per ``key`` for this tensor object and its current version (an in-place change of the
     tensor computes it again)."""
+    key = _hashable(key)
     cache = tensor.__dict__.setdefault(_SLOT, {})
     hit = cache.get(key)
     if hit is not None and hit[0] == tensor._version:
@@ -30,9 +38,9 @@ def derived(tensor: torch.Tensor, key: Hashable, compute: Callable):
 def attach(tensor: torch.Tensor, key: Hashable, value) -> None:
     """Give ``tensor`` a value that :func:`attached` returns while the tensor is unchanged (e.g. the edge mask
     that belongs to an edge list)."""
-    tensor.__dict__.setdefault(_SLOT, {})[key] = (tensor._version, value)
+    tensor.__dict__.setdefault(_SLOT, {})[_hashable(key)] = (tensor._version, value)
 
 
 def attached(tensor: torch.Tensor, key: Hashable, default=None):
-    hit = tensor.__dict__.get(_SLOT, {}).get(key)
+    hit = tensor.__dict__.get(_SLOT, {}).get(_hashable(key))
     return hit[1] if hit is not None and hit[0] == tensor._version else default

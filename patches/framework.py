@@ -72,6 +72,12 @@ class Framework(Protocol):
         """{"energies" [N], "energy", "edge_gradient" [E, 3]}: per-atom energies and the gradient of the first
         ``num_local`` atoms' energy by the edge vectors, for callers that hold edges as vectors (LAMMPS)."""
 
+    def energy_module(self, model, modal=None):
+        """An ``nn.Module`` of the accelerated model mapping ``(numbers [N], edge_i [E], edge_j [E], vectors [E, 3],
+        edge_mask [E])`` (ASE "ijS" edges, vectors in the model's dtype, mask 1/0) to ``(energies [N],
+        differentiated [N])``, the per-atom terms forces differentiate: what ``fastmlip convert --to exported``
+        exports (:mod:`fastmlip.patches.exported`). ValueError for a model it cannot describe so."""
+
     # --- acceleration ------------------------------------------------------------------------------------------
 
     def plan(self, model) -> tuple:

@@ -415,5 +415,31 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
             "edge_gradient": gradient}
 
 
+class NodeEnergies(torch.nn.Module):
+    """``(energies, differentiated)`` [N] of one structure from its edges as vectors (ASE "ijS" edges, MACE's
+    sender i and receiver j, vectors ``pos[j] - pos[i] + shift``) and an edge mask: the function
+    :mod:`fastmlip.patches.exported` exports (species known to the model: the caller checks them)."""
+
+    def __init__(self, model, head: int):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, numbers, edge_i, edge_j, vectors, edge_mask):
+        table = self.model.atomic_numbers.to(numbers.device)
+        species = (numbers.long().unsqueeze(-1) == table.unsqueeze(0)).long().argmax(-1)
+        data = {"node_attrs": torch.nn.functional.one_hot(species, table.numel()).to(vectors.dtype),
+                "edge_index": torch.stack([edge_i, edge_j])}
+        memo.attach(data["edge_index"], EDGE_MASK, edge_mask)  # read by every FastInteraction of this call
+        return mace_forward.node_energies(self.model, data, vectors, self.head)
+
+
+def energy_module(model, modal=None) -> torch.nn.Module:
+    """:class:`NodeEnergies` of an accelerated model (see :func:`mask_obstacle`)."""
+    obstacle = mace_forward.obstacle(model) or mask_obstacle(model)
+    if obstacle:
+        raise ValueError(f"this MACE model cannot be exported: {obstacle}")
+    return NodeEnergies(model, select_head(model, modal))
+
+
 restore = swaps.restore_swaps
 is_accelerated = swaps.is_accelerated

@@ -497,5 +497,34 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
     return {"energies": energies.detach(), "energy": local.detach(), "edge_gradient": gradient}
 
 
+class NodeEnergies(torch.nn.Module):
+    """``(energies, energies)`` [N] of one structure from its edges as vectors (ASE "ijS" edges, vectors
+    ``pos[j] - pos[i] + shift``) and an edge mask: the function :mod:`fastmlip.patches.exported` exports. The
+    second output is what forces differentiate (for SevenNet the same)."""
+
+    def __init__(self, model, modal: Optional[str]):
+        super().__init__()
+        self.model, self.modal = model, modal
+
+    def forward(self, numbers, edge_i, edge_j, vectors, edge_mask):
+        import sevenn._keys as KEY
+
+        zeros = vectors.new_zeros(numbers.shape[0], 3)
+        data = _graph_data(self.model, numbers, edge_i, edge_j, vectors, zeros, vectors.new_zeros(()), self.modal,
+                           edge_mask)
+        energies = _until_head(self.model, data)[KEY.ATOMIC_ENERGY].reshape(-1)
+        return energies, energies
+
+
+def energy_module(model, modal=None) -> torch.nn.Module:
+    """:class:`NodeEnergies` of an accelerated model whose forces come from edge vectors."""
+    if _edge_force_head(model) is None:
+        raise ValueError("this SevenNet model does not take its forces from edge vectors")
+    if mask_obstacle(model):
+        raise ValueError(f"this SevenNet model cannot be exported: {mask_obstacle(model)}")
+    _make_onehots_follow_dtype(model)
+    return NodeEnergies(model, select_modal(model, modal))
+
+
 restore = swaps.restore_swaps
 is_accelerated = swaps.is_accelerated

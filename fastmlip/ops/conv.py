@@ -183,7 +183,10 @@ def fused_conv(problem: TensorProductProblem, x: Tensor, edge_attr: Tensor, edge
     dst; see :func:`fastmlip.graph.sort_edges`.
     """
     check_conv_problem(problem)
-    num_nodes = x.shape[0] if num_nodes is None else int(num_nodes)
+    if num_nodes is None:
+        num_nodes = x.shape[0]
+    elif not isinstance(num_nodes, torch.SymInt):  # a symbolic count (an exported program) stays symbolic
+        num_nodes = int(num_nodes)
     _check_inputs(problem, x, edge_attr, edge_weight, src, dst, num_nodes, dst_ptr)
     key = registry.register(problem)
     return conv_fwd(x, edge_attr, edge_weight, src, dst, dst_ptr, src_perm, src_ptr, num_nodes, key)

@@ -109,13 +109,15 @@ def check_species(problem, species: Tensor, n: int, num_species: int, device) ->
     """Shape, dtype, device and range of a species index.
 
     The range check reads one min/max from the device, so it is skipped while a CUDA graph is captured (a graph
-    cannot wait for the host); the eager warm-up run before every capture checks the same species.
+    cannot wait for the host; the eager warm-up run before every capture checks the same species) and while a
+    program is exported (it has no values; an exported model's caller checks the species).
     """
     if not isinstance(species, Tensor) or species.dtype not in (torch.int32, torch.int64) or species.shape != (n,):
         _fail(problem, f"species_index must be an int32/int64 tensor of shape ({n},)")
     if species.device != device:
         _fail(problem, f"devices differ: x is on {device}, species_index on {species.device}")
-    if n and not (species.is_cuda and torch.cuda.is_current_stream_capturing()):
+    capturing = species.is_cuda and torch.cuda.is_current_stream_capturing()
+    if n and not capturing and not torch.compiler.is_exporting():
         if attached(species, ("species_checked", num_species)):
             return  # the same tensor every layer of a step passes: one device read per step, not per call
         low, high = (int(v) for v in torch.aminmax(species))

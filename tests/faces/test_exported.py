@@ -1,0 +1,150 @@
+"""``fastmlip convert --to exported`` and loading its file: the accelerated model as a torch.export program that
+runs without its framework, with the accelerated model's results.
+
+CPU cost (~1 min on 2 cores): one conversion of 7net-0 in float64 (load, accelerate, check, export, re-read,
+compare), a MACE-medium-like export, a fresh interpreter that loads the file, and small structures.
+"""
+import os
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import pytest
+import torch
+
+pytest.importorskip("sevenn")
+
+from ase import Atoms  # noqa: E402
+from ase.build import bulk, molecule  # noqa: E402
+
+import fastmlip  # noqa: E402
+import fastmlip.api as api  # noqa: E402
+from fastmlip import convert  # noqa: E402
+from fastmlip.descriptors.serialize import problems_from_json, problems_to_json  # noqa: E402
+from fastmlip.patches import exported, self_check  # noqa: E402
+from fastmlip.patches import sevenn as sevenn_patch  # noqa: E402
+from fastmlip.patches.files import UntrustedFileError, file_sha256  # noqa: E402
+
+TOLERANCE = self_check.tolerances(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def sevenn_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("exported") / "7net-0.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = convert.convert("7net-0", str(path), "exported", dtype="float64")
+    assert result["framework"] == "sevenn" and result["check"] is not None
+    return path
+
+
+def structures():
+    """Sizes other than the export's example (8 atoms): the program takes any atom and edge count."""
+    si = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 1, 1))
+    si.rattle(0.05, seed=3)
+    water = molecule("H2O")
+    water.rattle(0.02, seed=4)
+    lone = Atoms("O", positions=[[0, 0, 0]])  # one atom, no edges: the program gets a spare atom and edges
+    apart = Atoms("OH", positions=[[0, 0, 0], [0, 0, 9.0]])  # two atoms beyond the cutoff
+    return {"si16": si, "water": water, "lone": lone, "apart": apart}
+
+
+def assert_same(want, got, num_atoms):
+    deviation = self_check.deviation(want, got, num_atoms)
+    assert self_check.within(deviation, TOLERANCE), deviation
+    assert (want["stress"] is None) == (got["stress"] is None)
+
+
+def test_exported_sevenn_equals_the_accelerated_model(sevenn_file):
+    program = api.load(sevenn_file, trusted=True)
+    assert exported.handles(program) and exported.model_info(program)["source_framework"] == "sevenn"
+    model = api.accelerate(sevenn_patch.load("7net-0", dtype=torch.float64), check=False)
+    for label, atoms in structures().items():
+        edges = self_check.neighbor_edges(atoms, model.cutoff)
+        want = self_check.compute_on_atoms(sevenn_patch, model, atoms, edges)
+        got = self_check.compute_on_atoms(exported, program, atoms, edges)
+        assert_same(want, got, len(atoms))
+        assert got["forces"].shape == (len(atoms), 3), label
+
+
+def test_a_fresh_process_runs_it_without_the_framework(sevenn_file):
+    """The point of the format: the calculator in a new interpreter imports neither sevenn nor e3nn.o3."""
+    script = (
+        "import sys, fastmlip\nfrom ase.build import bulk\n"
+        f"calc = fastmlip.Calculator({str(sevenn_file)!r}, device='cpu', trusted=True)\n"
+        "atoms = bulk('Si', 'diamond', a=5.43, cubic=True)\natoms.rattle(0.05, seed=1)\natoms.calc = calc\n"
+        "print(repr(atoms.get_potential_energy()), [m for m in ('sevenn', 'e3nn.o3', 'mace') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=sevenn_file.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    energy, loaded = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert loaded == "[]"
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.calc = fastmlip.Calculator(str(sevenn_file), device="cpu", trusted=True)
+    assert float(energy) == atoms.get_potential_energy()
+
+
+def test_exported_mace_equals_the_accelerated_model(tmp_path):
+    from helpers.mace_models import build_model, periodic_structure
+
+    from fastmlip.patches import mace as mace_patch
+
+    model = api.accelerate(build_model("mp0_medium"), check=False)
+    path = tmp_path / "mace.pt2"
+    meta = exported.export(mace_patch, model, path)
+    assert meta["framework"] == "mace" and meta["dtype"] == "float64"
+    program = exported.load(path, trusted=True)
+    for atoms in (periodic_structure(seed=5), molecule("CH3OH")):
+        edges = self_check.neighbor_edges(atoms, model.r_max.item())
+        want = self_check.compute_on_atoms(mace_patch, model, atoms, edges)
+        got = self_check.compute_on_atoms(exported, program, atoms, edges)
+        assert_same(want, got, len(atoms))
+
+
+def test_trust_dtype_species_and_foreign_files(sevenn_file, tmp_path):
+    with pytest.raises(UntrustedFileError, match="pickled tensors"):
+        api.load(sevenn_file)
+    assert exported.handles(api.load(sevenn_file, sha256=file_sha256(sevenn_file)))
+    with pytest.raises(ValueError, match="exported in float64; export it again for"):
+        api.load(sevenn_file, dtype="float32", trusted=True)
+    program = api.load(sevenn_file, trusted=True)
+    assert program.to("cpu") is program and program.to(torch.float64) is program
+    with pytest.raises(ValueError, match="an exported model stays on cpu in float64"):
+        program.to(torch.float32)
+    with pytest.raises(ValueError, match="element\\(s\\) Og unknown to this exported model"):
+        atoms = Atoms("SiOg", positions=[[0, 0, 0], [0, 0, 2.0]])
+        self_check.compute_on_atoms(exported, program, atoms, self_check.neighbor_edges(atoms, 5.0))
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(foreign, "w") as archive:
+        archive.writestr("data/fastmlip.json", '{"format": "something else"}')
+    with pytest.raises(ValueError, match="does not describe an exported fastmlip model"):
+        exported.read_checkpoint(foreign)
+    with pytest.raises(ValueError, match="not a model fastmlip can load|does not describe"):
+        api.load(foreign, trusted=True)
+    with pytest.raises(ValueError, match="already a program; export its framework's file instead"):
+        convert.convert(str(sevenn_file), str(tmp_path / "again.pt2"), "exported", trusted=True)
+    with pytest.raises(ValueError, match="written from its framework's file, not converted again"):
+        convert.convert(str(sevenn_file), str(tmp_path / "again.pth"), "fast", trusted=True)
+    assert not os.path.exists(tmp_path / "again.pt2") and not os.path.exists(tmp_path / "again.pth")
+
+
+def test_problem_descriptions_round_trip_and_refuse_tampering():
+    from fastmlip.ops import registry
+
+    model = api.accelerate(sevenn_patch.load("7net-0"), check=False)
+    self_check.compute_on_atoms(sevenn_patch, model, bulk("Si"), self_check.neighbor_edges(bulk("Si"), 5.0))
+    problems = list(registry._PROBLEMS.values())
+    back = problems_from_json(problems_to_json(problems))
+    assert back == problems and [p.key for p in back] == [p.key for p in problems]
+    activations = [r.act for p in back if hasattr(p, "scalar_runs") for r in p.scalar_runs]
+    x = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    originals = [r.act for p in problems if hasattr(p, "scalar_runs") for r in p.scalar_runs]
+    assert activations and all(torch.equal(a(x), b(x)) for a, b in zip(activations, originals))
+    text = problems_to_json(problems[:1])
+    key = problems[0].key
+    with pytest.raises(ValueError, match="does not match its description"):
+        problems_from_json(text.replace(key, key[:-1] + ("0" if key[-1] != "0" else "1")))
+    with pytest.raises(ValueError, match="unknown problem part 'Popen'"):
+        problems_from_json('{"k": {"type": "Popen", "fields": {}}}')

@@ -148,3 +148,14 @@ def test_problem_descriptions_round_trip_and_refuse_tampering():
         problems_from_json(text.replace(key, key[:-1] + ("0" if key[-1] != "0" else "1")))
     with pytest.raises(ValueError, match="unknown problem part 'Popen'"):
         problems_from_json('{"k": {"type": "Popen", "fields": {}}}')
+
+
+def test_simulate_runs_the_exported_model(sevenn_file):
+    """The MD engine takes the exported model as it takes the framework's: the same trajectory."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.03, seed=6)
+    runs = [fastmlip.simulate(atoms, model, ensemble="nvt", steps=4, temperature=300, dtype="float64",
+                              device="cpu", interval=2)
+            for model in (api.load(sevenn_file, trusted=True), sevenn_patch.load("7net-0", dtype=torch.float64))]
+    assert runs[0].atoms.positions == pytest.approx(runs[1].atoms.positions, abs=1e-10)
+    assert runs[0].thermo["epot"] == pytest.approx(runs[1].thermo["epot"], abs=1e-9)

@@ -47,7 +47,9 @@ class Settings:
     conv_edge_lanes: int = _setting(
         "FASTMLIP_CONV_EDGE_LANES", 1,
         "edges side by side in the convolution's row-owned kernels: a [lanes, channels] tile per edge slot, one "
-        "warp per row, summed once per program (more warps per program where rows are few; 1: one edge a slot)")
+        "warp per row, summed once per program (more warps per program where rows are few; 1: one edge a slot). "
+        "Above 1 a row's sum order depends on where its edges sit, so masked placeholder edges change the last "
+        "bits (restarted runs then repeat the uninterrupted one to rounding, not bit for bit)")
     conv_warps: int = _setting(
         "FASTMLIP_CONV_WARPS", 0,
         "warps per convolution program (0: one per 32 channel lanes, 1 to 4)")

@@ -11,6 +11,7 @@ imports, loading the model, preparing kernels, the self-check and the first step
 
     python scripts/bench_cold_start.py --out docs/cold_start            # SevenNet-0 and MACE-medium-like, Si 216
     python scripts/bench_cold_start.py --cases sevenn --repeat 2 --steps 50
+    python scripts/bench_cold_start.py --exported    # also each model as ``fastmlip convert --to exported`` wrote it
 """
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def model_argument(case: str, model_dir: str) -> str:
 # with the framework of the case, so that the profile shows fastmlip's part of the start
 PROFILE_PRELUDE = "import torch, torch._dynamo, e3nn.o3, ase, fastmlip.cli, cProfile, sys; "
 FRAMEWORK_IMPORTS = {"sevenn": "import sevenn.checkpoint; ", "mace-medium": "import mace.modules; "}
+
+
+def exported_file(model: str, workdir: str, case: str) -> str:
+    """``model`` converted ``--to exported`` (float32, on the CPU) into ``workdir``, untimed."""
+    path = os.path.join(workdir, f"{case}.pt2")
+    subprocess.run([sys.executable, "-m", "fastmlip.cli", "convert", model, "-o", path, "--to", "exported",
+                    "--dtype", "float32", "--trust"], check=True, timeout=900)
+    return path
 
 
 def run_md(model: str, cache: str, triton_cache: str, repeat: int, steps: int, extra_env: dict,
@@ -107,6 +116,8 @@ def main():
                     help="one more warm run per case under cProfile (after the heavy imports): the top functions")
     ap.add_argument("--importtime", action="store_true",
                     help="one more warm run per case under -X importtime: the slowest imports and who imported them")
+    ap.add_argument("--exported", action="store_true",
+                    help="also time each model from the file `fastmlip convert --to exported` writes (no framework)")
     args = ap.parse_args()
     import torch
 
@@ -122,8 +133,10 @@ def main():
         results["triton"] = triton.__version__
     except ImportError:
         pass
-    for case in args.cases.split(","):
-        model = model_argument(case, workdir)
+    cases = [(case, model_argument(case, workdir)) for case in args.cases.split(",")]
+    if args.exported:
+        cases += [(f"{case}-exported", exported_file(model, workdir, case)) for case, model in cases]
+    for case, model in cases:
         cache = os.path.join(workdir, f"cache-{case}")
         for state in ("cold", "warm", "warm+triton"):
             triton_cache = os.path.join(workdir, f"triton-{case}-{state.replace('+triton', '')}")
@@ -145,7 +158,7 @@ def main():
 
             path = os.path.join(workdir, f"setup_{case}.prof")
             run = run_md(model, cache, warm_triton, args.repeat, args.steps, {}, path,
-                         prelude=FRAMEWORK_IMPORTS[case])
+                         prelude=FRAMEWORK_IMPORTS.get(case, ""))
             print(f"--- {case} warm+triton, profiled after the imports ({path}; rc {run['returncode']}):")
             pstats.Stats(path).sort_stats("cumulative").print_stats(60)
             pstats.Stats(path).sort_stats("tottime").print_stats(25)

@@ -15,7 +15,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: knobs-wide (216-atom loop profiles with edges side by side in the aggregate and the radial-MLP forward split by columns), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: coldstart-exported (time to the first step from exported files too), knobs-wide (216-atom loop profiles with edges side by side in the aggregate and the radial-MLP forward split by columns), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -71,6 +71,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for phase in "$@"; do
   case "$phase" in
+    coldstart-exported)
+      # time to the first MD step from the file `fastmlip convert --to exported` writes (no framework import)
+      # beside the framework's own file, cold and warm (the <= 5 s warm target of the cold-start issue); one model
+      # per call: COLDSTART_CASES=mace-medium for the other
+      as_installed step coldstart_exported 540 python3 "$repo/scripts/bench_cold_start.py" --exported \
+        --cases "${COLDSTART_CASES:-sevenn}" --out "$out/cold_start_exported"
+      ;;
     coldstart)
       as_installed step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" --importtime --out "$out"
       ;;

@@ -36,13 +36,14 @@ MIN_SIZE = 2  # the program's smallest atom and edge counts (torch.export specia
 
 
 class ExportedModel(torch.nn.Module):
-    """The loaded program and what the file says about it (``meta``: source framework, cutoff, species, dtype,
-    modal, message-passing layers)."""
+    """The loaded program on ``device`` and what the file says about it (``meta``: source framework, cutoff,
+    species, dtype, modal, message-passing layers)."""
 
-    def __init__(self, program: torch.nn.Module, meta: dict):
+    def __init__(self, program: torch.nn.Module, meta: dict, device: torch.device):
         super().__init__()
         self.program = program
         self.meta = meta
+        self.device = device
 
     @property
     def cutoff(self) -> float:
@@ -177,7 +178,7 @@ def load(path, device=None, dtype=None, trusted: bool = False) -> ExportedModel:
     device = torch.device(device or "cpu")
     if device.type != "cpu":
         program = torch.export.passes.move_to_device_pass(program, device)
-    model = ExportedModel(program.module(), meta)
+    model = ExportedModel(program.module(), meta, device)
     for param in model.parameters():
         param.requires_grad_(False)
     model.__dict__["_fastmlip_file"] = {"format": FRAMEWORK, "dtype": meta["dtype"], "path": os.path.abspath(text)}
@@ -198,8 +199,7 @@ def handles(model) -> bool:
 
 
 def _placement(model) -> tuple:
-    tensor = next(iter(model.program.state_dict().values()))
-    return tensor.device, getattr(torch, model.meta["dtype"])
+    return model.device, getattr(torch, model.meta["dtype"])
 
 
 def model_info(model) -> dict:

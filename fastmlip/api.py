@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastmlip.patches.framework import Framework
 
-# exported first: telling its files apart reads one zip entry and imports no framework (sevenn's test looks up its
-# pretrained checkpoints, which imports sevenn); a refusal gives the frameworks' own reasons first
-FRAMEWORK_MODULES = ("fastmlip.patches.exported", "fastmlip.patches.sevenn", "fastmlip.patches.mace")
+FRAMEWORK_MODULES = ("fastmlip.patches.sevenn", "fastmlip.patches.mace", "fastmlip.patches.exported")
 
 
 def _patch_modules() -> list[Framework]:
@@ -66,7 +64,7 @@ def patch_for_file(path_or_name) -> Framework:
     if _looks_like_mace(text) and not any(p.FRAMEWORK == "mace" for p in patches):
         raise ValueError(f"{text}: looks like a MACE model, but fastmlip.patches.mace is not installed here")
     reasons = []
-    for patch in patches[1:] + patches[:1]:
+    for patch in patches:
         try:
             patch.read_checkpoint(text)
         except ValueError as exc:

@@ -12,6 +12,7 @@ SevenNet's conventions (sevenn/train/dataload.py, sevenn/nn/convolution.py): ``e
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pickle
 import time
@@ -43,11 +44,8 @@ _PRETRAINED = {
 
 
 def _sevenn_available() -> bool:
-    try:
-        import sevenn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether sevenn is installed, told without importing it (its import takes seconds: e3nn.o3, torch._dynamo)."""
+    return importlib.util.find_spec("sevenn") is not None
 
 
 def pretrained_checkpoints() -> dict:

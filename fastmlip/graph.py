@@ -48,3 +48,10 @@ def edge_vectors(positions, cell, edge_i, edge_j, shifts) -> torch.Tensor:
     positions64 = positions.detach().to(torch.float64)
     return (positions64.index_select(0, edge_j) - positions64.index_select(0, edge_i)
             + shifts.to(torch.float64) @ cell.to(torch.float64).reshape(3, 3))
+
+
+def edge_stress(vectors: torch.Tensor, gradient: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+    """sym(vectors^T g) / volume with ``g = dE/dvectors``: the stress (dE/d(strain) / V) of an energy that sees
+    the positions through the edge vectors only."""
+    strain_derivative = vectors.detach().transpose(0, 1) @ gradient
+    return 0.5 * (strain_derivative + strain_derivative.transpose(0, 1)) / volume

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from fastmlip.graph import edge_vectors, sort_edges
+from fastmlip.graph import edge_stress, edge_vectors, sort_edges
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
@@ -276,8 +276,7 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     periodic = pbc is not None and bool(torch.as_tensor(pbc).any())
     volume = torch.linalg.det(cell64).abs()
     if compute_stress and periodic and (validated or float(volume) > 1e-12):
-        strain_derivative = vectors.detach().transpose(0, 1) @ gradient
-        stress = (0.5 * (strain_derivative + strain_derivative.transpose(0, 1)) / volume).to(dtype)
+        stress = edge_stress(vectors, gradient, volume).to(dtype)
     return {"energy": energies.sum().to(dtype).detach(), "energies": energies.detach().to(dtype),
             "forces": forces, "stress": stress}
 

@@ -289,12 +289,17 @@ def select_head(model, head: Optional[str]) -> int:
     return heads.index(str(head))
 
 
+def _matches(model, numbers: torch.Tensor) -> torch.Tensor:
+    """[N, species] whether each atom is each of ``model.atomic_numbers`` (argmax: its species index)."""
+    return numbers.long().unsqueeze(-1) == model.atomic_numbers.to(numbers.device).unsqueeze(0)
+
+
 def species_indices(model, numbers: torch.Tensor) -> torch.Tensor:
     """Index into ``model.atomic_numbers`` per atom; ValueError naming unknown elements."""
     from ase.data import chemical_symbols
 
     table = model.atomic_numbers.to(numbers.device)
-    match = numbers.long().unsqueeze(-1) == table.unsqueeze(0)
+    match = _matches(model, numbers)
     known = match.any(-1)
     if not bool(known.all()):
         unknown = sorted(set(int(z) for z in numbers[~known].tolist()))
@@ -313,8 +318,7 @@ def build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, he
     device, dtype = swaps.first_tensor_placement(model)
     n = positions.shape[0]
     if validated:
-        table = model.atomic_numbers.to(device)
-        species = (numbers.to(device).long().unsqueeze(-1) == table.unsqueeze(0)).long().argmax(-1)
+        species = _matches(model, numbers.to(device)).long().argmax(-1)
     else:
         species = species_indices(model, numbers.to(device))
     node_attrs = torch.nn.functional.one_hot(species, model.atomic_numbers.numel()).to(dtype)
@@ -425,9 +429,8 @@ class NodeEnergies(torch.nn.Module):
         self.model, self.head = model, head
 
     def forward(self, numbers, edge_i, edge_j, vectors, edge_mask):
-        table = self.model.atomic_numbers.to(numbers.device)
-        species = (numbers.long().unsqueeze(-1) == table.unsqueeze(0)).long().argmax(-1)
-        data = {"node_attrs": torch.nn.functional.one_hot(species, table.numel()).to(vectors.dtype),
+        species = _matches(self.model, numbers).long().argmax(-1)
+        data = {"node_attrs": torch.nn.functional.one_hot(species, self.model.atomic_numbers.numel()).to(vectors.dtype),
                 "edge_index": torch.stack([edge_i, edge_j])}
         memo.attach(data["edge_index"], EDGE_MASK, edge_mask)  # read by every FastInteraction of this call
         return mace_forward.node_energies(self.model, data, vectors, self.head)

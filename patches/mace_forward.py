@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from fastmlip.graph import edge_stress
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
@@ -90,9 +91,7 @@ def forward(model, data: dict, vectors: torch.Tensor, head: int, compute_stress:
     forces = node_difference(gradient, edges, edge_index[0], edge_index[1], plus="src")
     stress = None
     if compute_stress:
-        strain_derivative = vectors.detach().transpose(0, 1) @ gradient
-        volume = torch.linalg.det(data["cell"].reshape(3, 3)).abs()
-        stress = 0.5 * (strain_derivative + strain_derivative.transpose(0, 1)) / volume
+        stress = edge_stress(vectors, gradient, torch.linalg.det(data["cell"].reshape(3, 3)).abs())
         stress = torch.where(stress.abs() < 1e10, stress, torch.zeros_like(stress))  # as MACE: no cell, no stress
     return {"energy": energy.detach(), "node_energy": node_energy.detach(), "forces": forces, "stress": stress}
 

@@ -21,6 +21,7 @@ import zipfile
 from typing import Optional
 
 import torch
+from torch.export.passes import move_to_device_pass
 
 from fastmlip.graph import edge_stress, edge_vectors, sort_edges
 from fastmlip.ops.derivatives import gradient_or_zeros
@@ -177,7 +178,7 @@ def load(path, device=None, dtype=None, trusted: bool = False) -> ExportedModel:
     built = time.perf_counter()
     device = torch.device(device or "cpu")
     if device.type != "cpu":
-        program = torch.export.passes.move_to_device_pass(program, device)
+        program = move_to_device_pass(program, device)
     model = ExportedModel(program.module(), meta, device)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -159,3 +159,35 @@ def test_simulate_runs_the_exported_model(sevenn_file):
             for model in (api.load(sevenn_file, trusted=True), sevenn_patch.load("7net-0", dtype=torch.float64))]
     assert runs[0].atoms.positions == pytest.approx(runs[1].atoms.positions, abs=1e-10)
     assert runs[0].thermo["epot"] == pytest.approx(runs[1].thermo["epot"], abs=1e-9)
+
+
+@pytest.mark.gpu
+def test_exported_model_on_the_gpu_in_graph_replays(tmp_path):
+    """Exported in float32 on the CPU, loaded onto the GPU (the graph's device moved): steps replayed as CUDA graphs
+    give the accelerated framework model's eager energies and forces to the fp32 tolerances."""
+    import numpy as np
+
+    path = tmp_path / "7net-0-fp32.pt2"
+    convert.convert("7net-0", str(path), "exported", dtype="float32")
+    graphed = fastmlip.Calculator(str(path), device="cuda", trusted=True, cuda_graph=True)
+    eager = fastmlip.Calculator("7net-0", device="cuda", dtype="float32", cuda_graph=False)
+    results = []
+    for calc in (graphed, eager):
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(3)
+        atoms.rattle(0.1, seed=1)
+        atoms.calc = calc
+        rng = np.random.default_rng(0)
+        energies, forces = [], []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and falls back: not here
+            for _ in range(8):
+                atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+                energies.append(atoms.get_potential_energy())
+                forces.append(atoms.get_forces())
+        results.append((np.array(energies), np.array(forces)))
+    assert graphed.cuda_graph and graphed.replays.step is not None and graphed.graph_captures >= 1
+    energy_tolerance, force_tolerance, _ = self_check.tolerances(torch.float32)
+    (e_graph, f_graph), (e_eager, f_eager) = results
+    assert np.abs(e_graph - e_eager).max() / 216 <= energy_tolerance
+    assert np.abs(f_graph - f_eager).max() <= force_tolerance
+    assert np.abs(f_eager).max() > 0.05

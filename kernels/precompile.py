@@ -163,6 +163,9 @@ class Report:
             text += f", {self.launchers} launch stubs built"
         if self.compiled or self.launchers:
             text += f" on {self.workers} processes"
+        if self.compiled:  # the slowest compile bounds the wall time: name it
+            label, seconds = max(self.compiled, key=lambda item: item[1])
+            text += f" (slowest {seconds:.1f} s: {label})"
         if self.failed:
             text += f", {len(self.failed)} left to compile at first launch ({self.failed[0][1]})"
         text += f" in {self.seconds:.1f} s"

@@ -4,6 +4,9 @@
 #
 # Before the first call, here:  bash ../shared/device/pack_baselines.sh .devbundle
 #                               echo /.devbundle/ >> .git/info/exclude
+# and for the GPU tests (carry [".devbundle", ".devcache"]), their models' kernels compiled without a GPU:
+#   echo /.devcache/ >> .git/info/exclude
+#   PYTHONPATH=<a Triton 3.6 site-packages> python scripts/compile_kernels.py --gpu-tests --cache .devcache
 # (phases that need no cuEquivariance can carry a lighter .devlite: .devbundle/site.tar.xz and an unpack.sh
 #  that extracts only it)
 # Device calls (carry [".devbundle"]), e.g.:
@@ -34,6 +37,8 @@ if [ -f .devbundle/unpack.sh ]; then source .devbundle/unpack.sh; elif [ -f .dev
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg/fastmlip
 cp -r fastmlip/* /tmp/pkg/fastmlip/ && cp -r kernels /tmp/pkg/fastmlip/kernels && cp -r patches /tmp/pkg/fastmlip/patches
 export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-} PYTHONUNBUFFERED=1 FASTMLIP_CACHE=/tmp/fastmlip-cache
+# kernels compiled here without a GPU (scripts/compile_kernels.py --gpu-tests --cache .devcache, Triton 3.6), carried
+if [ -d .devcache/compiled ]; then mkdir -p "$FASTMLIP_CACHE" && cp -r .devcache/compiled "$FASTMLIP_CACHE/"; fi
 
 step() {  # step NAME SECONDS COMMAND...: run from /tmp (so the checkout's fastmlip/ does not shadow /tmp/pkg)
   local name=$1 limit=$2

@@ -4,9 +4,10 @@
 #
 # Before the first call, here:  bash ../shared/device/pack_baselines.sh .devbundle
 #                               echo /.devbundle/ >> .git/info/exclude
-# and for the GPU tests (carry [".devbundle", ".devcache"]), their models' kernels compiled without a GPU:
+# and for the GPU tests (carry [".devbundle", ".devcache"]), their models' kernels compiled without a GPU (~5 MB):
 #   echo /.devcache/ >> .git/info/exclude
-#   PYTHONPATH=<a Triton 3.6 site-packages> python scripts/compile_kernels.py --gpu-tests --cache .devcache
+#   PYTHONPATH=<a Triton 3.6 site-packages> python scripts/compile_kernels.py --gpu-tests --cache /tmp/devcache
+#   mkdir -p .devcache && tar cJf .devcache/compiled.tar.xz -C /tmp/devcache compiled
 # (phases that need no cuEquivariance can carry a lighter .devlite: .devbundle/site.tar.xz and an unpack.sh
 #  that extracts only it)
 # Device calls (carry [".devbundle"]), e.g.:
@@ -37,8 +38,8 @@ if [ -f .devbundle/unpack.sh ]; then source .devbundle/unpack.sh; elif [ -f .dev
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg/fastmlip
 cp -r fastmlip/* /tmp/pkg/fastmlip/ && cp -r kernels /tmp/pkg/fastmlip/kernels && cp -r patches /tmp/pkg/fastmlip/patches
 export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-} PYTHONUNBUFFERED=1 FASTMLIP_CACHE=/tmp/fastmlip-cache
-# kernels compiled here without a GPU (scripts/compile_kernels.py --gpu-tests --cache .devcache, Triton 3.6), carried
-if [ -d .devcache/compiled ]; then mkdir -p "$FASTMLIP_CACHE" && cp -r .devcache/compiled "$FASTMLIP_CACHE/"; fi
+# kernels compiled without a GPU (scripts/compile_kernels.py --gpu-tests, Triton 3.6; see above), carried
+if [ -f .devcache/compiled.tar.xz ]; then mkdir -p "$FASTMLIP_CACHE" && tar xJf .devcache/compiled.tar.xz -C "$FASTMLIP_CACHE"; fi
 
 step() {  # step NAME SECONDS COMMAND...: run from /tmp (so the checkout's fastmlip/ does not shadow /tmp/pkg)
   local name=$1 limit=$2

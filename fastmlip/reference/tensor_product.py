@@ -19,15 +19,30 @@ def _couple(a, b, cg):
     return (outer @ cg.reshape(d1 * d2, d3)).reshape(z, u, d3)
 
 
+def _edge_coupling(cg, y):
+    """T[z, i, k] = sum_j C[i, j, k] y[z, j] for a single second-input irrep y [Z, d2] (an edge's harmonics).
+
+    With the second input of multiplicity 1 a "uvu" path is x [Z, U, d1] @ T times the weights: no [Z*U, d1*d2]
+    outer product (the CPU reference spent most of a SevenNet-0 step building those)."""
+    d1, d2, d3 = cg.shape
+    return (y @ cg.transpose(0, 1).reshape(d2, d1 * d3)).reshape(-1, d1, d3)
+
+
 def _path_output(path, x1b, x2b, w, cg):
-    """One instruction: x1b [Z, m1, d1], x2b [Z, m2, d2], w [Z, *weight_shape] or None -> [Z, m_out, d3]."""
-    mode = path.mode
+    """One instruction, its path weight applied: x1b [Z, m1, d1], x2b [Z, m2, d2], w [Z, *weight_shape] or
+    None -> [Z, m_out, d3]."""
+    if path.mode == "uvu" and w is not None and x2b.shape[1] == 1:  # the conv's case: x @ T, scaled per channel
+        return torch.bmm(x1b, _edge_coupling(cg, x2b[:, 0])) * (w * path.path_weight)
+    return path.path_weight * _unweighted_output(path.mode, x1b, x2b, w, cg)
+
+
+def _unweighted_output(mode, x1b, x2b, w, cg):
     if mode in ("uuw", "uuu"):
         xx = torch.einsum("zui,zuj,ijk->zuk", x1b, x2b, cg)
         if mode == "uuu":
             return xx * w.unsqueeze(-1) if w is not None else xx
         return torch.einsum("zuw,zuk->zwk", w, xx) if w is not None else xx.sum(1, keepdim=True)
-    if mode == "uvu" and w is not None:  # the conv's case: one outer product and one GEMM with the CG block
+    if mode == "uvu" and w is not None:  # one outer product and one GEMM with the CG block
         return _couple(x1b, torch.bmm(w, x2b), cg)
     t = torch.einsum("zui,ijk->zujk", x1b, cg)
     if mode == "uvw":
@@ -49,17 +64,19 @@ def tensor_product(problem: TensorProductProblem, x1: torch.Tensor, x2: torch.Te
     z = x1.shape[0]
     if weight is not None and weight.dim() == 1:
         weight = weight.unsqueeze(0).expand(z, -1)
-    blocks = [x1.new_zeros(z, m.mul, m.ir_dim) for m in problem.irreps_out]
+    blocks = [None] * len(problem.irreps_out)
     for path, o1, o2, _, (a, b, c) in iter_paths(problem):
         x1b = x1[:, o1:o1 + a.dim].reshape(z, a.mul, a.ir_dim)
         x2b = x2[:, o2:o2 + b.dim].reshape(z, b.mul, b.ir_dim)
         w = None
         if path.has_weight:
             w = weight[:, path.weight_offset:path.weight_offset + path.weight_numel].reshape(z, *path.weight_shape)
-        blocks[path.i_out] = blocks[path.i_out] + path.path_weight * _path_output(path, x1b, x2b, w, _cg(path, x1))
+        out = _path_output(path, x1b, x2b, w, _cg(path, x1))
+        blocks[path.i_out] = out if blocks[path.i_out] is None else blocks[path.i_out] + out
     if not blocks:
         return x1.new_zeros(z, 0)
-    return torch.cat([b.reshape(z, m.dim) for b, m in zip(blocks, problem.irreps_out)], dim=1)
+    return torch.cat([(x1.new_zeros(z, m.dim) if block is None else block.reshape(z, m.dim))
+                      for block, m in zip(blocks, problem.irreps_out)], dim=1)
 
 
 def fused_conv(problem: TensorProductProblem, x: torch.Tensor, edge_attr: torch.Tensor, edge_weight: torch.Tensor,
@@ -85,18 +102,46 @@ def fused_conv_backward(problem: TensorProductProblem, grad_out: torch.Tensor, x
     for path, o1, o2, oo, (a, b, c) in iter_paths(problem):
         x1b = xs[:, o1:o1 + a.dim].reshape(n_edges, a.mul, a.ir_dim)
         x2b = edge_attr[:, o2:o2 + b.dim].reshape(n_edges, b.mul, b.ir_dim)
-        gob = go[:, oo:oo + c.dim].reshape(n_edges, c.mul, c.ir_dim) * path.path_weight
+        gob = go[:, oo:oo + c.dim].reshape(n_edges, c.mul, c.ir_dim)
         w = edge_weight[:, path.weight_offset:path.weight_offset + path.weight_numel].reshape(n_edges, a.mul, b.mul)
         cg = _cg(path, x)
-        if gx is not None:  # gx[u,i] = sum_jk C[i,j,k] (w.y)[u,j] g[u,k]
-            gx[:, o1:o1 + a.dim] += _couple(torch.bmm(w, x2b), gob, cg.permute(1, 2, 0)).reshape(n_edges, a.dim)
-        if gy is not None or gw is not None:  # s[u,j] = sum_ik C[i,j,k] x[u,i] g[u,k]
-            s = _couple(x1b, gob, cg.permute(0, 2, 1))
-            if gy is not None:
-                gy[:, o2:o2 + b.dim] += torch.bmm(w.transpose(1, 2), s).reshape(n_edges, b.dim)
-            if gw is not None:
-                gw[:, path.weight_offset:path.weight_offset + path.weight_numel] += torch.bmm(
-                    s, x2b.transpose(1, 2)).reshape(n_edges, path.weight_numel)
+        parts = (gx, o1, a.dim), (gy, o2, b.dim), (gw, path.weight_offset, path.weight_numel)
+        if b.mul == 1:
+            _single_irrep_backward(x1b, x2b[:, 0], w, gob, path.path_weight, cg, *parts)
+        else:
+            _path_backward(x1b, x2b, w, gob * path.path_weight, cg, *parts)
     if gx is not None:
         gx = torch.zeros_like(x).index_add_(0, src, gx)
     return gx, gy, gw
+
+
+def _path_backward(x1b, x2b, w, gob, cg, gx, gy, gw):
+    """One path's gradients (``gob`` already scaled by the path weight); each of ``gx``/``gy``/``gw`` is
+    (tensor or None, offset, width) of where the path's part goes."""
+    n_edges = x1b.shape[0]
+    (gx_all, ox, wx), (gy_all, oy, wy), (gw_all, ow, ww) = gx, gy, gw
+    if gx_all is not None:  # gx[u,i] = sum_jk C[i,j,k] (w.y)[u,j] g[u,k]
+        gx_all[:, ox:ox + wx] += _couple(torch.bmm(w, x2b), gob, cg.permute(1, 2, 0)).reshape(n_edges, wx)
+    if gy_all is not None or gw_all is not None:  # s[u,j] = sum_ik C[i,j,k] x[u,i] g[u,k]
+        s = _couple(x1b, gob, cg.permute(0, 2, 1))
+        if gy_all is not None:
+            gy_all[:, oy:oy + wy] += torch.bmm(w.transpose(1, 2), s).reshape(n_edges, wy)
+        if gw_all is not None:
+            gw_all[:, ow:ow + ww] += torch.bmm(s, x2b.transpose(1, 2)).reshape(n_edges, ww)
+
+
+def _single_irrep_backward(x1b, y, w, gob, path_weight, cg, gx, gy, gw):
+    """:func:`_path_backward` when the second input is a single irrep y [E, d2] (see :func:`_edge_coupling`):
+    gx = w (g @ T^T), gw = sum_k (x @ T) g, gy = C : (sum_u w x g^T), the path weight applied to the narrow
+    factors (w, and gw's [E, U]) instead of g."""
+    n_edges, d1, d3 = x1b.shape[0], cg.shape[0], cg.shape[2]
+    t = _edge_coupling(cg, y)
+    weighted = w * path_weight
+    (gx_all, ox, wx), (gy_all, oy, wy), (gw_all, ow, ww) = gx, gy, gw
+    if gx_all is not None:
+        gx_all[:, ox:ox + wx] += (torch.bmm(gob, t.transpose(1, 2)) * weighted).reshape(n_edges, wx)
+    if gw_all is not None:
+        gw_all[:, ow:ow + ww] += (torch.bmm(x1b, t) * gob).sum(-1) * path_weight
+    if gy_all is not None:
+        m = torch.bmm((x1b * weighted).transpose(1, 2), gob).reshape(n_edges, d1 * d3)
+        gy_all[:, oy:oy + wy] += m @ cg.transpose(1, 2).reshape(d1 * d3, wy)

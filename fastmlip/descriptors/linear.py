@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .irreps import Irreps, irreps_dim, irreps_str, parse_irreps, with_key
+from .irreps import Irreps, MulIrrep, irreps_dim, irreps_str, parse_irreps, with_key
 from .tensor_product import tensor_product_problem
 
 
@@ -85,7 +85,49 @@ def linear_problem(module) -> LinearProblem:
     if w_off != module.weight_numel or b_off != module.bias_numel:
         raise ValueError(f"layout mismatch: paths need {w_off} weights and {b_off} biases, module has "
                          f"{module.weight_numel} and {module.bias_numel}")
+    irreps_in, paths = _merge_stacked_inputs(irreps_in, paths)
     return with_key(LinearProblem(irreps_in, irreps_out, tuple(paths), w_off, tuple(biases), b_off))
+
+
+def _merge_stacked_inputs(irreps_in: Irreps, paths: list) -> tuple:
+    """(irreps_in, paths) with each run of neighbouring input irreps of one kind that feed the same output, one
+    path each, equally weighted, weights one after another, made one irrep and one path.
+
+    Nothing moves: in the mul_ir layout the run's blocks are one block already, and its weights are one
+    [sum of mul_in, mul_out] matrix, so the product is the same sum in one longer K loop. MACE's interaction
+    linear reads its tensor product's 10 blocks this way as 4: a third of the kernel code, whose compile bounded
+    MACE's cold start (fwd/bwd 7.8/8.2 s of 30.7 on 2 cores for sm_90).
+    """
+    users = [[p for p in paths if p.i_in == i] for i in range(len(irreps_in))]
+
+    def extends(run: list, i: int) -> bool:
+        """Whether input irrep ``i`` continues ``run``."""
+        if len(users[i]) != 1 or len(users[run[-1]]) != 1:
+            return False
+        path, tail, head = users[i][0], users[run[-1]][0], irreps_in[run[0]]
+        return ((irreps_in[i].l, irreps_in[i].p) == (head.l, head.p) and path.i_out == tail.i_out
+                and path.path_weight == tail.path_weight
+                and path.weight_offset == tail.weight_offset + tail.mul_in * tail.mul_out)
+
+    runs = []
+    for i in range(len(irreps_in)):
+        if runs and extends(runs[-1], i):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    merged_irreps, merged_paths, new_index = [], [], {}
+    for new, run in enumerate(runs):
+        head = irreps_in[run[0]]
+        merged_irreps.append(MulIrrep(sum(irreps_in[i].mul for i in run), head.l, head.p))
+        for i in run:
+            new_index[i] = new
+        if len(run) > 1:
+            first = users[run[0]][0]
+            merged_paths.append(LinearPath(new, first.i_out, first.path_weight, first.weight_offset,
+                                           merged_irreps[-1].mul, first.mul_out))
+    merged_paths += [LinearPath(new_index[p.i_in], p.i_out, p.path_weight, p.weight_offset, p.mul_in, p.mul_out)
+                     for p in paths if len(runs[new_index[p.i_in]]) == 1]
+    return tuple(merged_irreps), sorted(merged_paths, key=lambda p: p.weight_offset)
 
 
 @dataclass(frozen=True)

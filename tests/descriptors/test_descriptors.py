@@ -116,3 +116,19 @@ def test_kernels_learn_what_to_compute_from_the_descriptors_alone():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert "reference" not in (node.module or ""), f"{path.name} imports {node.module}"
+
+
+def test_linear_merges_neighbouring_inputs_of_one_kind():
+    """MACE's interaction linear reads its tensor product's repeated blocks (``2x0e+2x0e+1x1o+1x1o+1x1o``): each run
+    becomes one input irrep and one path, with the module's own weight layout; inputs of one kind that are not
+    neighbours, or that feed several outputs, stay apart."""
+    from fastmlip.descriptors import linear_problem
+
+    stacked = linear_problem(o3.Linear("2x0e+2x0e+1x1o+1x1o+1x1o+3x2e", "4x0e+2x1o+1x2e"))
+    assert irreps_str(stacked.irreps_in) == "4x0e+3x1o+3x2e"
+    assert [(p.i_in, p.i_out, p.mul_in, p.mul_out, p.weight_offset) for p in stacked.paths] == [
+        (0, 0, 4, 4, 0), (1, 1, 3, 2, 16), (2, 2, 3, 1, 22)]
+    apart = linear_problem(o3.Linear("3x0e+2x1o+3x0e", "2x0e+4x1o"))
+    assert irreps_str(apart.irreps_in) == "3x0e+2x1o+3x0e" and len(apart.paths) == 3
+    two_outputs = linear_problem(o3.Linear("2x0e+2x0e", "1x0e+1x0e"))
+    assert len(two_outputs.irreps_in) == 2 and len(two_outputs.paths) == 4

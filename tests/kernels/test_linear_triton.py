@@ -33,6 +33,8 @@ CASES = {
     "scalar-to-unreached": ("1x0e", "3x0e+1x1o", {}),
     "two-paths-into-one": ("3x0e+2x1o+3x0e", "2x0e+4x1o", {"path_normalization": "path"}),
     "instruction-subset": ("2x0e+3x1o", "4x0e+3x1o+2x2e", {"instructions": [(0, 0), (1, 1)]}),
+    # neighbouring inputs of one kind into one output (MACE's interaction linear): merged into one path
+    "stacked-inputs": ("3x0e+3x0e+2x1o+2x1o+2x1o+2x2e", "4x0e+2x1o+3x2e", {"biases": True}),
     # several channel blocks along both the input (k) and output (j) multiplicities, l = 4
     "wide-l4": ("40x0e+2x4e", "70x0e+3x4e", {"biases": True}),
 }

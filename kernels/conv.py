@@ -225,7 +225,7 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", abo
                 body.comment("The row's own x block, loaded once for every edge's gradients.")
             for off, d, b in outs if edge else ():
                 body(f"n{off + b} = tl.load(node + row * {out_stride} + {off + b} + u * {d}, mask=m, other=0.0)")
-            unroll, stages, lanes = (1, 0, 1) if mode == "atomic" else _edge_loop_settings()
+            unroll, stages, lanes = (1, 0, 1) if mode == "atomic" else _edge_loop_settings(mode == "csr_perm")
             if accumulate and mode != "atomic":
                 tile = f"[{lanes}, {block}]" if lanes > 1 else f"[{block}]"
                 for off, _, b in outs:
@@ -346,17 +346,18 @@ def _row_owned(variant: str) -> bool:
     return not (variant.startswith("edge") or variant.endswith("atomic"))
 
 
-def _edge_loop_settings() -> tuple:
-    """(unroll, stages, edge lanes) of the row-owned kernels' edge loop."""
+def _edge_loop_settings(sender: bool) -> tuple:
+    """(unroll, stages, edge lanes) of the row-owned kernels' edge loop (``sender``: the backward's walk)."""
     tuning = settings()
-    return tuning.conv_unroll, tuning.conv_stages, tuning.conv_edge_lanes
+    unroll = tuning.conv_backward_unroll if sender and tuning.conv_backward_unroll else tuning.conv_unroll
+    return unroll, tuning.conv_stages, tuning.conv_edge_lanes
 
 
 def _edge_loop(variant: str, separator: str) -> str:
     """The row-owned kernels' edge-loop settings as part of a name ("" for the per-edge and atomic kernels)."""
     if not _row_owned(variant):
         return ""
-    unroll, stages, lanes = _edge_loop_settings()
+    unroll, stages, lanes = _edge_loop_settings(variant.startswith("sender"))
     return f"{separator}u{unroll}{separator}s{stages}" + (f"{separator}l{lanes}" if lanes > 1 else "")
 
 

@@ -41,6 +41,11 @@ class Settings:
         "FASTMLIP_CONV_UNROLL", 2,
         "edges per loop step of the convolution's row-owned kernels: their loads are in flight together (2 "
         "against 1: aggregate 1.3x faster for SevenNet-0 and MACE-medium-like at 216 atoms on an H200)")
+    conv_backward_unroll: int = _setting(
+        "FASTMLIP_CONV_BACKWARD_UNROLL", 0,
+        "edges per loop step of the convolution's sender-side backward (0: as FASTMLIP_CONV_UNROLL). That kernel is "
+        "the slowest to compile (SevenNet-0's widest layer, sm_90, Triton 3.6: 7.3 s at 2, 3.0 s at 1, mostly "
+        "Triton's coalescing pass), so its unroll bounds a cold start")
     conv_stages: int = _setting(
         "FASTMLIP_CONV_STAGES", 0,
         "software-pipelining depth of the convolution's row-owned edge loop (0: a plain loop)")

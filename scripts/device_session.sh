@@ -19,7 +19,7 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
-# Phases: coldstart-exported (time to the first step from exported files too), knobs-wide (216-atom loop profiles with edges side by side in the aggregate and the radial-MLP forward split by columns), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: coldstart-exported (time to the first step from exported files too), knobs-wide (216-atom loop profiles with edges side by side in the aggregate, the radial-MLP forward split by columns, the backward's walk not unrolled: the slowest compile), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
@@ -243,15 +243,16 @@ for phase in "$@"; do
       # programs sharing a row block by columns (FASTMLIP_MLP_COLUMN_GROUPS)
       profile_knobs knobs_wide base: l2:FASTMLIP_CONV_EDGE_LANES=2 l4:FASTMLIP_CONV_EDGE_LANES=4 \
         l4u1:"FASTMLIP_CONV_EDGE_LANES=4 FASTMLIP_CONV_UNROLL=1" c2:FASTMLIP_MLP_COLUMN_GROUPS=2 \
-        c4:FASTMLIP_MLP_COLUMN_GROUPS=4
+        c4:FASTMLIP_MLP_COLUMN_GROUPS=4 bu1:FASTMLIP_CONV_BACKWARD_UNROLL=1
       ;;
     wide-cu4000)
       # a winner at 216 atoms must not lose at 4000: Cu 4000 energy+forces steps under each candidate setting
       # (o3.Linear 32-column tiles won at 216 atoms, knobs-linear 2026-12-03; the wide settings: knobs-wide)
-      for variant in base lin32 lanes4 cols4; do
+      for variant in base lin32 lanes4 cols4 bu1; do
         case $variant in
           lin32) knobs=(FASTMLIP_LINEAR_BLOCK=32) ;; lanes4) knobs=(FASTMLIP_CONV_EDGE_LANES=4) ;;
-          cols4) knobs=(FASTMLIP_MLP_COLUMN_GROUPS=4) ;; *) knobs=() ;;
+          cols4) knobs=(FASTMLIP_MLP_COLUMN_GROUPS=4) ;; bu1) knobs=(FASTMLIP_CONV_BACKWARD_UNROLL=1) ;;
+          *) knobs=() ;;
         esac
         step "cu4000_$variant" 120 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
           --models sevenn,mace-medium --systems Cu4000 --backends fastmlip --no-sweep --out "$out/cu4000_$variant"

@@ -181,15 +181,22 @@ def test_matches_reference_float32(sorted_edges, monkeypatch):
     assert_close(got, want, torch.float32)
 
 
-def test_unrolled_edge_loop(monkeypatch, kernel_settings):
-    """Several edges per loop step (FASTMLIP_CONV_UNROLL): rows whose edge count is not a multiple of it."""
-    kernel_settings(conv_unroll=3)
+@pytest.mark.parametrize("backward_unroll", [0, 1])
+def test_unrolled_edge_loop(backward_unroll, monkeypatch, kernel_settings):
+    """Several edges per loop step (FASTMLIP_CONV_UNROLL): rows whose edge count is not a multiple of it; the
+    backward's walk at its own unroll (FASTMLIP_CONV_BACKWARD_UNROLL; 0: the same)."""
+    kernel_settings(conv_unroll=3, conv_backward_unroll=backward_unroll)
+    monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
     prob = problem("multi-v")
     src, dst = random_graph(5, 13, seed=13)
     x, y, w = inputs(prob, 5, 13, torch.float64, seed=14)
     want = run(prob, x, y, w, src, dst, 5, True, "reference", monkeypatch, second=False)
     got = run(prob, x, y, w, src, dst, 5, True, "triton", monkeypatch, second=False)
     assert_close(got, want, torch.float64)
+    labels = conv.compile_report()
+    assert all("/u3/" in label for label in labels if "_csr" in label)
+    assert all(f"/u{backward_unroll or 3}/" in label for label in labels if "sender" in label)
+    assert any("sender" in label for label in labels)
 
 
 @pytest.mark.parametrize("lanes, unroll", [(4, 1), (2, 3)])

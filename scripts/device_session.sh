@@ -96,6 +96,8 @@ for phase in "$@"; do
         gpu-tests-kernels) dirs=("$repo/tests/kernels" "$repo/tests/ops" "$repo/tests/reference" "$repo/tests/descriptors") ;;
         *) dirs=("$repo/tests") ;;
       esac
+      # does this machine take the carried kernels (.devcache)? "N from the cache" says so
+      [ -f .devcache/compiled.tar.xz ] && step carried_cache 120 python3 -m fastmlip.cli warmup 7net-0 --dtype float32
       step gpu_tests 540 python3 -m pytest -v -rf -p no:cacheprovider -m gpu --durations 15 \
         ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} "${dirs[@]}"
       [ -n "${GPU_TESTS_K:-}" ] || [ "$phase" = gpu-tests-faces ] || \

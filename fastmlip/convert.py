@@ -123,9 +123,9 @@ def _export_checked(patch, model, path, modal) -> None:
     self-check's probe structures; ValueError when they differ beyond the model dtype's tolerances."""
     from .patches import exported, self_check
 
-    exported.export(patch, model, path, modal=modal)
-    program = exported.load(path, device=patch.model_info(model)["device"], trusted=True)
     info = patch.model_info(model)
+    exported.export(patch, model, path, modal=modal)
+    program = exported.load(path, device=info["device"], trusted=True)
     tolerance = self_check.tolerances(info["dtype"])
     for atoms in self_check.probe_structures(info["atomic_numbers"], info["cutoff"]):
         edges = self_check.neighbor_edges(atoms, info["cutoff"])

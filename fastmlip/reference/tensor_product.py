@@ -105,43 +105,45 @@ def fused_conv_backward(problem: TensorProductProblem, grad_out: torch.Tensor, x
         gob = go[:, oo:oo + c.dim].reshape(n_edges, c.mul, c.ir_dim)
         w = edge_weight[:, path.weight_offset:path.weight_offset + path.weight_numel].reshape(n_edges, a.mul, b.mul)
         cg = _cg(path, x)
-        parts = (gx, o1, a.dim), (gy, o2, b.dim), (gw, path.weight_offset, path.weight_numel)
         if b.mul == 1:
-            _single_irrep_backward(x1b, x2b[:, 0], w, gob, path.path_weight, cg, *parts)
+            gxb, gyb, gwb = _single_irrep_grads(x1b, x2b[:, 0], w, gob, path.path_weight, cg, want)
         else:
-            _path_backward(x1b, x2b, w, gob * path.path_weight, cg, *parts)
+            gxb, gyb, gwb = _path_grads(x1b, x2b, w, gob * path.path_weight, cg, want)
+        if gx is not None:
+            gx[:, o1:o1 + a.dim] += gxb.reshape(n_edges, a.dim)
+        if gy is not None:
+            gy[:, o2:o2 + b.dim] += gyb.reshape(n_edges, b.dim)
+        if gw is not None:
+            span = slice(path.weight_offset, path.weight_offset + path.weight_numel)
+            gw[:, span] += gwb.reshape(n_edges, path.weight_numel)
     if gx is not None:
         gx = torch.zeros_like(x).index_add_(0, src, gx)
     return gx, gy, gw
 
 
-def _path_backward(x1b, x2b, w, gob, cg, gx, gy, gw):
-    """One path's gradients (``gob`` already scaled by the path weight); each of ``gx``/``gy``/``gw`` is
-    (tensor or None, offset, width) of where the path's part goes."""
-    n_edges = x1b.shape[0]
-    (gx_all, ox, wx), (gy_all, oy, wy), (gw_all, ow, ww) = gx, gy, gw
-    if gx_all is not None:  # gx[u,i] = sum_jk C[i,j,k] (w.y)[u,j] g[u,k]
-        gx_all[:, ox:ox + wx] += _couple(torch.bmm(w, x2b), gob, cg.permute(1, 2, 0)).reshape(n_edges, wx)
-    if gy_all is not None or gw_all is not None:  # s[u,j] = sum_ik C[i,j,k] x[u,i] g[u,k]
+def _path_grads(x1b, x2b, w, gob, cg, want):
+    """One path's (gx, gy, gw) blocks, None where not ``want``-ed (``gob`` already scaled by the path weight)."""
+    # gx[u,i] = sum_jk C[i,j,k] (w.y)[u,j] g[u,k]
+    gx = _couple(torch.bmm(w, x2b), gob, cg.permute(1, 2, 0)) if want[0] else None
+    gy = gw = None
+    if want[1] or want[2]:  # s[u,j] = sum_ik C[i,j,k] x[u,i] g[u,k]
         s = _couple(x1b, gob, cg.permute(0, 2, 1))
-        if gy_all is not None:
-            gy_all[:, oy:oy + wy] += torch.bmm(w.transpose(1, 2), s).reshape(n_edges, wy)
-        if gw_all is not None:
-            gw_all[:, ow:ow + ww] += torch.bmm(s, x2b.transpose(1, 2)).reshape(n_edges, ww)
+        gy = torch.bmm(w.transpose(1, 2), s) if want[1] else None
+        gw = torch.bmm(s, x2b.transpose(1, 2)) if want[2] else None
+    return gx, gy, gw
 
 
-def _single_irrep_backward(x1b, y, w, gob, path_weight, cg, gx, gy, gw):
-    """:func:`_path_backward` when the second input is a single irrep y [E, d2] (see :func:`_edge_coupling`):
+def _single_irrep_grads(x1b, y, w, gob, path_weight, cg, want):
+    """:func:`_path_grads` when the second input is a single irrep y [E, d2] (see :func:`_edge_coupling`):
     gx = w (g @ T^T), gw = sum_k (x @ T) g, gy = C : (sum_u w x g^T), the path weight applied to the narrow
     factors (w, and gw's [E, U]) instead of g."""
     n_edges, d1, d3 = x1b.shape[0], cg.shape[0], cg.shape[2]
     t = _edge_coupling(cg, y)
     weighted = w * path_weight
-    (gx_all, ox, wx), (gy_all, oy, wy), (gw_all, ow, ww) = gx, gy, gw
-    if gx_all is not None:
-        gx_all[:, ox:ox + wx] += (torch.bmm(gob, t.transpose(1, 2)) * weighted).reshape(n_edges, wx)
-    if gw_all is not None:
-        gw_all[:, ow:ow + ww] += (torch.bmm(x1b, t) * gob).sum(-1) * path_weight
-    if gy_all is not None:
+    gx = torch.bmm(gob, t.transpose(1, 2)) * weighted if want[0] else None
+    gw = (torch.bmm(x1b, t) * gob).sum(-1) * path_weight if want[2] else None
+    gy = None
+    if want[1]:
         m = torch.bmm((x1b * weighted).transpose(1, 2), gob).reshape(n_edges, d1 * d3)
-        gy_all[:, oy:oy + wy] += m @ cg.transpose(1, 2).reshape(d1 * d3, wy)
+        gy = m @ cg.transpose(1, 2).reshape(d1 * d3, cg.shape[1])
+    return gx, gy, gw

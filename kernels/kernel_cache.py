@@ -107,15 +107,25 @@ def _compile_environment() -> str:
         return repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_")))
 
 
+def _portable_specialization(specialization: str) -> str:
+    """Triton's specialisation JSON without where Triton is installed: its options name the libdevice file by
+    absolute path, which differs between a login node's venv and a compute node's, though the file does not."""
+    data = json.loads(specialization)
+    options = data.get("options", {})
+    if "extern_libs" in options:
+        options["extern_libs"] = [[name, Path(path).name] for name, path in options["extern_libs"]]
+    return json.dumps(data, sort_keys=True)
+
+
 def entry_path(spec, target: Target) -> Path:
     """The cache entry of ``spec`` (a :class:`fastmlip.kernels.precompile.KernelSpec`) compiled for ``target``
-    (it may not exist yet)."""
+    (it may not exist yet); the same on every machine with the same versions."""
     import triton
 
     from fastmlip import __version__
 
-    parts = (__version__, triton.__version__, target, spec.function.cache_key, spec.specialization,
-             _compile_environment())
+    parts = (__version__, triton.__version__, target, spec.function.cache_key,
+             _portable_specialization(spec.specialization), _compile_environment())
     return compiled_dir(target) / hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:40]
 
 

@@ -178,6 +178,27 @@ def test_target_names():
         Target.parse("hopper")
 
 
+def test_cache_entries_do_not_depend_on_where_triton_is_installed(tmp_path, monkeypatch):
+    """A cache filled on a login node serves a compute node whose venv lies elsewhere: Triton's options name the
+    libdevice file by absolute path, the entry's key by file name only."""
+    from types import SimpleNamespace
+
+    from fastmlip.kernels import precompile
+
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path))
+    target = precompile.Target.parse("sm_90")
+
+    def spec(triton_dir, num_warps=4):
+        options = {"num_warps": num_warps, "extern_libs": [["libdevice", f"{triton_dir}/lib/libdevice.10.bc"]]}
+        return SimpleNamespace(function=SimpleNamespace(cache_key="abc"),
+                               specialization=json.dumps({"name": "k", "options": options}))
+
+    here = precompile.entry_path(spec("/home/me/venv/triton/backends/nvidia"), target)
+    there = precompile.entry_path(spec("/opt/site/triton/backends/nvidia"), target)
+    assert here == there
+    assert precompile.entry_path(spec("/opt/site/triton/backends/nvidia", num_warps=8), target) != here
+
+
 def test_warmup_command_errors(capsys, monkeypatch):
     from fastmlip.cli import main
 

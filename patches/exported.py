@@ -8,8 +8,9 @@ The program holds the accelerated model's per-atom energies as a function of the
 operators name travel beside it as JSON (:mod:`fastmlip.descriptors.serialize`). Forces, stress and the edge
 gradient come from differentiating the program here, as :mod:`fastmlip.patches.mace_forward` does for MACE.
 
-The archive holds pickled tensors (``torch.export.load`` unpickles them), so a file is read only when trusted,
-as a MACE ``.model`` file is. This module is a framework patch (:class:`fastmlip.patches.framework.Framework`)
+The program is read from the archive's graph file (:mod:`fastmlip.patches.exported_graph`: milliseconds, where
+``torch.export.load`` takes seconds); files without one load through ``torch.export``. The archive holds pickled
+tensors (``torch.export.load`` unpickles them), so a file is read only when trusted, as a MACE ``.model`` file is. This module is a framework patch (:class:`fastmlip.patches.framework.Framework`)
 whose models come accelerated: there is nothing to swap, restore or check against.
 """
 from __future__ import annotations
@@ -17,20 +18,21 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zipfile
 from typing import Optional
 
 import torch
-from torch.export.passes import move_to_device_pass
 
 from fastmlip.graph import edge_stress, edge_vectors, sort_edges
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
-from . import files, self_check
+from . import exported_graph, files, self_check
 
 FRAMEWORK = "exported"
 META_FILE = "fastmlip.json"  # an extra file of the torch.export archive
+GRAPH_FILE = "fastmlip_graph.json"  # another: the program as exported_graph reads it (absent: torch.export.load)
 FORMAT = "fastmlip-exported"
 VERSION = 1
 MIN_SIZE = 2  # the program's smallest atom and edge counts (torch.export specialises sizes 0 and 1)
@@ -96,16 +98,41 @@ def export(patch, model, path, *, modal=None) -> dict:
             "atomic_numbers": list(info["atomic_numbers"]), "dtype": str(info["dtype"]).replace("torch.", ""),
             "modal": modal, "message_passing_layers": patch.message_passing_layers(model),
             "torch": torch.__version__, "problems": problems_to_json([registry.lookup(key) for key in keys])}
+    extra = {META_FILE: json.dumps(meta)}
+    try:
+        extra[GRAPH_FILE] = exported_graph.to_json(program)
+    except exported_graph.Unsupported as exc:
+        warnings.warn(f"the exported program loads through torch.export only (seconds slower): {exc}", stacklevel=2)
     with open(path, "wb") as stream:  # a stream: torch.export names files by their .pt2 suffix, temp files have none
-        torch.export.save(program, stream, extra_files={META_FILE: json.dumps(meta)})
+        torch.export.save(program, stream, extra_files=extra)
     return meta
 
 
 # --- files ---------------------------------------------------------------------------------------------------------
 
 
-def _meta_entry(archive: zipfile.ZipFile) -> Optional[str]:
-    return next((name for name in archive.namelist() if name.rsplit("/", 1)[-1] == META_FILE), None)
+def _meta_entry(archive: zipfile.ZipFile, name: str = META_FILE) -> Optional[str]:
+    return next((entry for entry in archive.namelist() if entry.rsplit("/", 1)[-1] == name), None)
+
+
+def _read_program(path: str, device: torch.device) -> torch.nn.Module:
+    """The program on ``device``: from its graph file when the archive has one (a fraction of a second), else
+    through ``torch.export.load`` (it imports torch._dynamo and sympy: seconds)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = _meta_entry(archive, GRAPH_FILE)
+        text = archive.read(entry).decode() if entry is not None else None
+    if text is not None:
+        try:
+            return exported_graph.from_json(text, device)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    from torch.export.passes import move_to_device_pass
+
+    with open(path, "rb") as stream:
+        program = torch.export.load(stream)
+    if device.type != "cpu":
+        program = move_to_device_pass(program, device)
+    return program.module()
 
 
 def can_load(path) -> bool:
@@ -173,13 +200,9 @@ def load(path, device=None, dtype=None, trusted: bool = False) -> ExportedModel:
     for problem in problems_from_json(meta.pop("problems")):
         registry.register(problem)
     imported = time.perf_counter()
-    with open(text, "rb") as stream:
-        program = torch.export.load(stream)
-    built = time.perf_counter()
     device = torch.device(device or "cpu")
-    if device.type != "cpu":
-        program = move_to_device_pass(program, device)
-    model = ExportedModel(program.module(), meta, device)
+    model = ExportedModel(_read_program(text, device), meta, device)
+    built = time.perf_counter()
     for param in model.parameters():
         param.requires_grad_(False)
     model.__dict__["_fastmlip_file"] = {"format": FRAMEWORK, "dtype": meta["dtype"], "path": os.path.abspath(text)}

@@ -80,9 +80,10 @@ for phase in "$@"; do
     coldstart-exported)
       # time to the first MD step from the file `fastmlip convert --to exported` writes (no framework import)
       # beside the framework's own file, cold and warm (the <= 5 s warm target of the cold-start issue); one model
-      # per call: COLDSTART_CASES=mace-medium for the other
+      # per call: COLDSTART_CASES=mace-medium for the other; COLDSTART_OPTIONS="--importtime --profile" adds where a
+      # warm start's time goes
       as_installed step coldstart_exported 540 python3 "$repo/scripts/bench_cold_start.py" --exported \
-        --cases "${COLDSTART_CASES:-sevenn}" --out "$out/cold_start_exported"
+        --cases "${COLDSTART_CASES:-sevenn}" ${COLDSTART_OPTIONS:-} --out "$out/cold_start_exported"
       ;;
     coldstart)
       as_installed step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" --importtime --out "$out"

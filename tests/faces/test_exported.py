@@ -86,6 +86,43 @@ def test_a_fresh_process_runs_it_without_the_framework(sevenn_file):
     assert float(energy) == atoms.get_potential_energy()
 
 
+def rewritten(path, target, graph_text=None):
+    """A copy of the archive at ``target`` whose graph file is replaced by ``graph_text`` (None: left out)."""
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(target, "w") as copy:
+        for entry in source.infolist():
+            if entry.filename.endswith(exported.GRAPH_FILE):
+                if graph_text is not None:
+                    copy.writestr(entry, graph_text)
+            else:
+                copy.writestr(entry, source.read(entry))
+    return target
+
+
+def test_the_graph_file_loads_what_torch_export_loads(sevenn_file, tmp_path, monkeypatch):
+    """The archive's graph file (milliseconds to load) and torch.export's copy (seconds) are one program: the
+    same results bit for bit; a file without the graph file (older fastmlip) loads through torch.export."""
+    atoms = structures()["si16"]
+    edges = self_check.neighbor_edges(atoms, 5.0)
+    through_export = api.load(rewritten(sevenn_file, tmp_path / "plain.pt2"), trusted=True)
+    want = self_check.compute_on_atoms(exported, through_export, atoms, edges)
+    monkeypatch.setattr(torch.export, "load", lambda *args, **kwargs: pytest.fail("torch.export.load called"))
+    program = api.load(sevenn_file, trusted=True)
+    got = self_check.compute_on_atoms(exported, program, atoms, edges)
+    for key in ("energy", "energies", "forces", "stress"):
+        assert torch.equal(want[key], got[key]), key
+
+    with zipfile.ZipFile(sevenn_file) as archive:
+        text = archive.read(next(n for n in archive.namelist() if n.endswith(exported.GRAPH_FILE))).decode()
+    assert '"target": "fastmlip.conv_fwd.default"' in text
+    tampered = rewritten(sevenn_file, tmp_path / "tampered.pt2",
+                         text.replace('"fastmlip.conv_fwd.default"', '"builtins.exec"', 1))
+    with pytest.raises(ValueError, match="tampered.pt2: unreadable program graph.*unknown operator 'builtins.exec'"):
+        api.load(tampered, trusted=True)
+    truncated = rewritten(sevenn_file, tmp_path / "truncated.pt2", text[: len(text) // 2])
+    with pytest.raises(ValueError, match="truncated.pt2: unreadable program graph"):
+        api.load(truncated, trusted=True)
+
+
 def test_exported_mace_equals_the_accelerated_model(tmp_path):
     from helpers.mace_models import build_model, periodic_structure
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..descriptors import TensorProductProblem
 from ..reference import tensor_product as ref
-from . import dispatch, registry
+from . import dispatch, library, registry
 
 
 def check_conv_problem(problem: TensorProductProblem) -> None:
@@ -38,7 +38,7 @@ def _use_triton(t: Tensor) -> bool:
     return dispatch.backend_for(t) == "triton"
 
 
-@torch.library.custom_op("fastmlip::conv_fwd", mutates_args=())
+@library.custom_op("fastmlip::conv_fwd")
 def conv_fwd(x: Tensor, edge_attr: Tensor, w: Tensor, src: Tensor, dst: Tensor, dst_ptr: Optional[Tensor],
              src_perm: Optional[Tensor], src_ptr: Optional[Tensor], num_nodes: int, key: str) -> Tensor:
     """``src_perm``/``src_ptr`` are unused here and carried for the backward's x-gradient."""
@@ -53,7 +53,7 @@ def _(x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, num_nodes, key):
     return x.new_empty(num_nodes, registry.lookup(key).dim_out)
 
 
-@torch.library.custom_op("fastmlip::conv_bwd", mutates_args=())
+@library.custom_op("fastmlip::conv_bwd")
 def conv_bwd(grad_out: Tensor, x: Tensor, edge_attr: Tensor, w: Tensor, src: Tensor, dst: Tensor,
              dst_ptr: Optional[Tensor], src_perm: Optional[Tensor], src_ptr: Optional[Tensor], key: str,
              want_x: bool, want_edge_attr: bool, want_w: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..descriptors import GateProblem
 from ..reference import gate as ref
-from . import dispatch, registry
+from . import dispatch, library, registry
 from .derivatives import vjp_of_reference
 
 
@@ -22,7 +22,7 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("fastmlip::gate", mutates_args=())
+@library.custom_op("fastmlip::gate")
 def gate_fwd(x: Tensor, key: str) -> Tensor:
     problem = registry.lookup(key)
     if dispatch.backend_for(x) == "triton":
@@ -35,7 +35,7 @@ def _(x, key):
     return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
 
 
-@torch.library.custom_op("fastmlip::gate_bwd", mutates_args=())
+@library.custom_op("fastmlip::gate_bwd")
 def gate_bwd(grad_out: Tensor, x: Tensor, key: str) -> Tensor:
     """d x of <grad_out, gate(x)>."""
     problem = registry.lookup(key)

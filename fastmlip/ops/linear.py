@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..descriptors import LinearProblem, SpeciesLinearProblem, irreps_offsets
 from ..reference import linear as ref
-from . import dispatch, registry
+from . import dispatch, library, registry
 from .symmetric_contraction import check_species
 
 
@@ -33,7 +33,7 @@ def _linear_kernels():
     return kernels
 
 
-@torch.library.custom_op("fastmlip::linear", mutates_args=())
+@library.custom_op("fastmlip::linear")
 def linear_fwd(x: Tensor, weight: Tensor, key: str, bias: Optional[Tensor] = None) -> Tensor:
     """x [N, dim_in] -> [N, dim_out], plus the bias (flat, the module's layout) on its scalar outputs if given."""
     problem = registry.lookup(key)
@@ -55,7 +55,7 @@ def _bias_gradient(problem: LinearProblem, grad_out: Tensor) -> Tensor:
     return torch.cat(parts) if parts else grad_out.new_zeros(0)
 
 
-@torch.library.custom_op("fastmlip::linear_bwd", mutates_args=())
+@library.custom_op("fastmlip::linear_bwd")
 def linear_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, key: str, want_x: bool, want_w: bool,
                want_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias) of <grad_out, linear(x, weight, bias)>; an unwanted one comes back empty."""
@@ -128,7 +128,7 @@ def _linear_bwd_backward(ctx, h_x, h_w, h_b):
 linear_bwd.register_autograd(_linear_bwd_backward, setup_context=_linear_bwd_setup)
 
 
-@torch.library.custom_op("fastmlip::species_linear", mutates_args=())
+@library.custom_op("fastmlip::species_linear")
 def species_linear_fwd(x: Tensor, species: Tensor, weight: Tensor, key: str) -> Tensor:
     problem = registry.lookup(key)
     if dispatch.backend_for(x) == "triton":
@@ -141,7 +141,7 @@ def _(x, species, weight, key):
     return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
 
 
-@torch.library.custom_op("fastmlip::species_linear_bwd", mutates_args=())
+@library.custom_op("fastmlip::species_linear_bwd")
 def species_linear_bwd(grad_out: Tensor, x: Tensor, species: Tensor, weight: Tensor, key: str, want_x: bool,
                        want_w: bool) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_weight) of <grad_out, species_linear(x, weight)>; an unwanted one comes back empty."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..graph import SortedEdges
-from . import dispatch
+from . import dispatch, library
 
 
 def _reference(values: Tensor, plus_index: Tensor, minus_index: Tensor, num_nodes: int) -> Tensor:
@@ -23,7 +23,7 @@ def _reference(values: Tensor, plus_index: Tensor, minus_index: Tensor, num_node
     return out.index_add_(0, plus_index, values).index_add_(0, minus_index, values, alpha=-1)
 
 
-@torch.library.custom_op("fastmlip::node_difference", mutates_args=())
+@library.custom_op("fastmlip::node_difference")
 def _node_difference(values: Tensor, plus_index: Tensor, minus_index: Tensor, plus_perm: Tensor, plus_ptr: Tensor,
                      minus_perm: Tensor, minus_ptr: Tensor) -> Tensor:
     if dispatch.backend_for(values) == "triton":

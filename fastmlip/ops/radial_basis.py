@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..descriptors import RadialBasisProblem
 from ..reference import radial_basis as ref
-from . import dispatch, registry
+from . import dispatch, library, registry
 from .derivatives import vjp_of_reference
 
 
@@ -21,7 +21,7 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("fastmlip::radial_basis", mutates_args=())
+@library.custom_op("fastmlip::radial_basis")
 def radial_basis_fwd(lengths: Tensor, frequencies: Tensor, key: str) -> Tensor:
     problem = registry.lookup(key)
     if dispatch.backend_for(lengths) == "triton":
@@ -34,7 +34,7 @@ def _(lengths, frequencies, key):
     return lengths.new_empty(lengths.shape[0], registry.lookup(key).num_basis)
 
 
-@torch.library.custom_op("fastmlip::radial_basis_bwd", mutates_args=())
+@library.custom_op("fastmlip::radial_basis_bwd")
 def radial_basis_bwd(grad_out: Tensor, lengths: Tensor, frequencies: Tensor, key: str) -> Tensor:
     """d <grad_out, radial_basis(lengths, frequencies)> / d lengths."""
     problem = registry.lookup(key)

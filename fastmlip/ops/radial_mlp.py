@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..descriptors import RadialMLPProblem
 from ..reference import radial_mlp as ref
-from . import dispatch, registry
+from . import dispatch, library, registry
 from .derivatives import vjp_of_reference
 
 
@@ -25,7 +25,7 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("fastmlip::radial_mlp", mutates_args=())
+@library.custom_op("fastmlip::radial_mlp")
 def radial_mlp_fwd(x: Tensor, weights: list[Tensor], row_scale: Optional[Tensor], key: str) -> Tensor:
     problem = registry.lookup(key)
     if dispatch.backend_for(x) == "triton":
@@ -38,7 +38,7 @@ def _(x, weights, row_scale, key):
     return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
 
 
-@torch.library.custom_op("fastmlip::radial_mlp_bwd", mutates_args=())
+@library.custom_op("fastmlip::radial_mlp_bwd")
 def radial_mlp_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], row_scale: Optional[Tensor], key: str,
                    want_x: bool, want_scale: bool) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_row_scale) of <grad_out, radial_mlp(x, weights, row_scale)>; an unwanted one is empty."""

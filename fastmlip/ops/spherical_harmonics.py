@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..descriptors import NORMALIZE_EPS, SH_NORMALIZATIONS
 from ..reference import spherical_harmonics as ref
-from . import dispatch
+from . import dispatch, library
 from .derivatives import vjp_of_reference
 
 
@@ -28,7 +28,7 @@ def _unit(vectors: Tensor, normalize: bool) -> Tensor:
     return torch.nn.functional.normalize(vectors, dim=-1, eps=NORMALIZE_EPS) if normalize else vectors
 
 
-@torch.library.custom_op("fastmlip::spherical_harmonics", mutates_args=())
+@library.custom_op("fastmlip::spherical_harmonics")
 def spherical_harmonics_fwd(vectors: Tensor, lmax: int, normalize: bool) -> Tensor:
     if dispatch.backend_for(vectors) == "triton":
         return _kernels().forward(lmax, vectors, normalize)
@@ -47,7 +47,7 @@ def _reference_backward(lmax: int, grad: Tensor, vectors: Tensor, normalize: boo
     return ref.normalize_backward(grad_unit, vectors) if normalize else grad_unit
 
 
-@torch.library.custom_op("fastmlip::spherical_harmonics_bwd", mutates_args=())
+@library.custom_op("fastmlip::spherical_harmonics_bwd")
 def spherical_harmonics_bwd(grad: Tensor, vectors: Tensor, lmax: int, normalize: bool) -> Tensor:
     """d <grad, Y^0..Y^lmax(vectors, normalised if asked)> / d vectors."""
     if dispatch.backend_for(vectors) == "triton":

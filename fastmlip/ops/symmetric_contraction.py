@@ -15,7 +15,7 @@ from torch import Tensor
 from ..descriptors import SymmetricContractionProblem
 from ..memo import attach, attached
 from ..reference import symmetric_contraction as ref
-from . import dispatch, registry
+from . import dispatch, library, registry
 from .derivatives import vjp_of_reference
 
 
@@ -25,7 +25,7 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("fastmlip::symmetric_contraction", mutates_args=())
+@library.custom_op("fastmlip::symmetric_contraction")
 def symmetric_contraction_fwd(x: Tensor, species: Tensor, weights: list[Tensor], key: str) -> Tensor:
     problem = registry.lookup(key)
     if dispatch.backend_for(x) == "triton":
@@ -38,7 +38,7 @@ def _(x, species, weights, key):
     return x.new_empty(x.shape[0], registry.lookup(key).dim_out)
 
 
-@torch.library.custom_op("fastmlip::symmetric_contraction_bwd", mutates_args=())
+@library.custom_op("fastmlip::symmetric_contraction_bwd")
 def symmetric_contraction_bwd(grad_out: Tensor, x: Tensor, species: Tensor, weights: list[Tensor], key: str,
                               want_x: bool, want_w: bool) -> list[Tensor]:
     """[grad_x] + [grad_w per weight] of <grad_out, symmetric_contraction(x, weights)>; unwanted ones empty."""

@@ -12,10 +12,10 @@ from torch import Tensor
 
 from ..descriptors import TensorProductProblem
 from ..reference import tensor_product as ref
-from . import dispatch, registry
+from . import dispatch, library, registry
 
 
-@torch.library.custom_op("fastmlip::tensor_product", mutates_args=())
+@library.custom_op("fastmlip::tensor_product")
 def tensor_product_op(x1: Tensor, x2: Tensor, weight: Optional[Tensor], key: str) -> Tensor:
     dispatch.backend_for(x1, has_kernel=False)
     return ref.tensor_product(registry.lookup(key), x1, x2, weight)

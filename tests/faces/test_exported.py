@@ -69,12 +69,14 @@ def test_exported_sevenn_equals_the_accelerated_model(sevenn_file):
 
 
 def test_a_fresh_process_runs_it_without_the_framework(sevenn_file):
-    """The point of the format: the calculator in a new interpreter imports neither sevenn nor e3nn.o3."""
+    """The point of the format: the calculator in a new interpreter imports neither sevenn nor e3nn.o3, nor
+    torch._dynamo and sympy (seconds each on a GPU node: torch.export.load and custom_op's guard import them)."""
     script = (
         "import sys, fastmlip\nfrom ase.build import bulk\n"
         f"calc = fastmlip.Calculator({str(sevenn_file)!r}, device='cpu', trusted=True)\n"
         "atoms = bulk('Si', 'diamond', a=5.43, cubic=True)\natoms.rattle(0.05, seed=1)\natoms.calc = calc\n"
-        "print(repr(atoms.get_potential_energy()), [m for m in ('sevenn', 'e3nn.o3', 'mace') if m in sys.modules])\n")
+        "print(repr(atoms.get_potential_energy()),\n"
+        "      [m for m in ('sevenn', 'e3nn.o3', 'mace', 'torch._dynamo', 'sympy') if m in sys.modules])\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          cwd=sevenn_file.parent)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -177,7 +177,7 @@ def test_ops_pass_torch_opcheck(with_bias):
     cases = [(linear_fwd, (x, weight, key) + ((bias.requires_grad_(True),) if with_bias else ())),
              (linear_bwd, (torch.randn(3, module.irreps_out.dim).double(), x, weight, key, True, True, with_bias))]
     for op, args in cases:
-        results = torch.library.opcheck(op, args)
+        results = torch.library.opcheck(op.overload, args)
         assert all(v == "SUCCESS" for v in results.values()), (op, results)
 
 

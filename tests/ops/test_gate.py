@@ -126,7 +126,7 @@ def test_ops_pass_torch_opcheck_and_gradcheck():
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")
     for op, args, utils in ((gate_ops.gate_fwd, (x, key), quick + ("test_aot_dispatch_dynamic",)),
                             (gate_ops.gate_bwd, (grad_out, x, key), quick)):
-        results = torch.library.opcheck(op, args, test_utils=utils)
+        results = torch.library.opcheck(op.overload, args, test_utils=utils)
         assert all(v == "SUCCESS" for v in results.values()), (op, results)
     assert torch.autograd.gradgradcheck(lambda t: gate_ops.gate(problem, t), (x,))
     batched = gate_ops.gate(problem, x.detach().reshape(3, 1, -1))

@@ -126,9 +126,9 @@ def test_ops_pass_torch_opcheck():
     problem, w, _ = CASES["sevenn-xplor"](torch.float64)
     key = registry.register(problem)
     r = lengths(torch.float64, n=6)
-    torch.library.opcheck(basis_ops.radial_basis_fwd, (r.clone().requires_grad_(True), w.detach().clone()
+    torch.library.opcheck(basis_ops.radial_basis_fwd.overload, (r.clone().requires_grad_(True), w.detach().clone()
                                                        .requires_grad_(True), key))
-    torch.library.opcheck(basis_ops.radial_basis_bwd, (torch.randn(r.shape[0], 8, dtype=torch.float64,
+    torch.library.opcheck(basis_ops.radial_basis_bwd.overload, (torch.randn(r.shape[0], 8, dtype=torch.float64,
                                                                    device=DEVICE), r, w.detach(), key))
 
 

@@ -263,9 +263,9 @@ def test_conv_ops_pass_torch_opcheck():
     x, y, w = conv_inputs(tp, 5, src, torch.float64, 4)
     s = sort_edges(src, dst, 5)
     y, w = y.detach()[s.order].requires_grad_(), w.detach()[s.order].requires_grad_()
-    torch.library.opcheck(conv_ops.conv_fwd, (x, y, w, s.src, s.dst, s.dst_ptr, s.src_perm, s.src_ptr, 5, key))
+    torch.library.opcheck(conv_ops.conv_fwd.overload, (x, y, w, s.src, s.dst, s.dst_ptr, s.src_perm, s.src_ptr, 5, key))
     g = torch.randn(5, problem.dim_out, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(conv_ops.conv_bwd, (g, x, y, w, s.src, s.dst, s.dst_ptr, s.src_perm, s.src_ptr, key,
+    torch.library.opcheck(conv_ops.conv_bwd.overload, (g, x, y, w, s.src, s.dst, s.dst_ptr, s.src_perm, s.src_ptr, key,
                                               True, True, True))
 
 

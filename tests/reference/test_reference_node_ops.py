@@ -383,5 +383,5 @@ def test_ops_pass_torch_opcheck():
                                      registry.register(sc))),
     ]
     for op, args in cases:
-        results = torch.library.opcheck(op, args)
+        results = torch.library.opcheck(op.overload, args)
         assert all(v == "SUCCESS" for v in results.values()), (op, results)

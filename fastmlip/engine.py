@@ -9,7 +9,9 @@ restart file is written.
 Restarts: the file holds positions, momenta, cell, step, the generator's state, the run's settings and the
 thermo so far, written atomically every ``restart_every`` steps and at the end; running again with the same file
 continues where it stopped, and on the same device the trajectory is the one an uninterrupted run makes, bit for
-bit.
+bit. For that it also holds the step's energy, forces and stress (not computed again: another path, a CUDA graph of
+other padding, may round differently) and where the Verlet list was last built (rebuilt there: the candidates a
+step masks decide how its sums are grouped).
 """
 from __future__ import annotations
 
@@ -101,11 +103,14 @@ def _frame(atoms, positions, momenta, forces, cell, energy):
     return frame
 
 
-def _save_restart(path: str, state: integrators.State, generator, settings: dict, thermo: list) -> None:
+def _save_restart(path: str, state: integrators.State, generator, settings: dict, thermo: list,
+                  neighbors) -> None:
     """Write the restart file aside and rename it into place: a killed run leaves the previous one whole."""
     payload = {"positions": state.positions.cpu(), "momenta": state.momenta.cpu(), "cell": state.cell.cpu(),
+               "energy": state.energy.cpu(), "forces": state.forces.cpu(),
+               "stress": None if state.stress is None else state.stress.cpu(),
                "step": state.step, "generator": generator.get_state().cpu(), "settings": settings,
-               "thermo": thermo}
+               "thermo": thermo, "neighbors": [t.cpu() for t in neighbors.reference() or ()]}
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     os.close(handle)
     try:
@@ -172,13 +177,21 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     positions, momenta, cell = as_device(atoms.positions), as_device(_initial_momenta(atoms, settings)), \
         as_device(atoms.cell.array)
     step = 0
+    payload = None
     if restart and os.path.exists(restart):
         payload = _load_restart(restart, settings, atoms)
         positions, momenta, cell = (as_device(payload[k]) for k in ("positions", "momenta", "cell"))
         generator.set_state(payload["generator"].to(generator.get_state().device))
         step, thermo = int(payload["step"]), list(payload["thermo"])
+        if payload.get("neighbors"):
+            calculator.neighbors.restore(as_device(payload["neighbors"][0]), payload["neighbors"][1], pbc)
     masses = as_device(atoms.get_masses()).reshape(-1, 1)
-    energy, forces, stress = evaluate(positions, cell)
+    energy, forces, stress = evaluate(positions, cell)  # also where graphs are captured and lists built
+    if payload is not None and payload.get("forces") is not None:  # files of older versions: evaluated
+        energy = payload["energy"].to(device=device, dtype=energy.dtype)
+        forces = payload["forces"].to(device=device, dtype=forces.dtype)
+        if stress is not None and payload["stress"] is not None:
+            stress = payload["stress"].to(device=device, dtype=stress.dtype)
     state = integrators.State(positions, momenta, masses, cell, energy, forces, stress, step)
     if npt and stress is None:
         raise ValueError("NPT needs a periodic structure with a cell of non-zero volume")
@@ -213,7 +226,7 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
                 copies.add(state, frame=writer is not None)
             if restart and (state.step % restart_every == 0 or state.step == steps):
                 copies.drain()
-                _save_restart(restart, state, generator, settings, thermo)
+                _save_restart(restart, state, generator, settings, thermo, calculator.neighbors)
         copies.drain()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -212,6 +212,21 @@ class VerletList:
         """The positions of the last build, from which :meth:`stale` measures how far atoms moved."""
         return self._reference[0]
 
+    def reference(self):
+        """``(positions, cell)`` of the last build (None before the first), for :meth:`restore`."""
+        return None if self._reference is None else self._reference[:2]
+
+    @torch.no_grad()
+    def restore(self, positions, cell, pbc) -> None:
+        """The list as it was built at ``positions`` and ``cell`` (a restart's :meth:`reference`): a resumed run
+        holds the candidates the interrupted one held, so steps that pad or mask them sum what it summed."""
+        positions, cell_host, pbc, _ = _validate(positions, cell, pbc, self.cutoff)
+        if self._reference is not None and torch.equal(self._reference[0], positions) and \
+                torch.equal(self._reference[1], cell_host) and self._reference[2] == pbc:
+            return
+        self._reference = None
+        self._refresh(positions, cell_host, pbc)
+
     @torch.no_grad()
     def stale(self, positions) -> torch.Tensor:
         """Device bool: whether some atom moved more than skin/2 since the last build (the rebuild test of

@@ -116,8 +116,9 @@ def main():
                     help="one more warm run per case under cProfile (after the heavy imports): the top functions")
     ap.add_argument("--importtime", action="store_true",
                     help="one more warm run per case under -X importtime: the slowest imports and who imported them")
-    ap.add_argument("--exported", action="store_true",
-                    help="also time each model from the file `fastmlip convert --to exported` writes (no framework)")
+    ap.add_argument("--exported", nargs="?", const="also", choices=("also", "only"),
+                    help="also (or only) time each model from the file `fastmlip convert --to exported` writes "
+                         "(no framework)")
     args = ap.parse_args()
     import torch
 
@@ -135,7 +136,8 @@ def main():
         pass
     cases = [(case, model_argument(case, workdir)) for case in args.cases.split(",")]
     if args.exported:
-        cases += [(f"{case}-exported", exported_file(model, workdir, case)) for case, model in cases]
+        exported = [(f"{case}-exported", exported_file(model, workdir, case)) for case, model in cases]
+        cases = exported if args.exported == "only" else cases + exported
     for case, model in cases:
         cache = os.path.join(workdir, f"cache-{case}")
         for state in ("cold", "warm", "warm+triton"):

@@ -98,7 +98,8 @@ for phase in "$@"; do
         *) dirs=("$repo/tests") ;;
       esac
       # does this machine take the carried kernels (.devcache)? "N from the cache" says so
-      [ -f .devcache/compiled.tar.xz ] && step carried_cache 120 python3 -m fastmlip.cli warmup 7net-0 --dtype float32
+      [ -f .devcache/compiled.tar.xz ] && as_installed step carried_cache 120 python3 -m fastmlip.cli warmup 7net-0 \
+        --dtype float32
       step gpu_tests 540 python3 -m pytest -v -rf -p no:cacheprovider -m gpu --durations 15 \
         ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} "${dirs[@]}"
       [ -n "${GPU_TESTS_K:-}" ] || [ "$phase" = gpu-tests-faces ] || \

@@ -132,6 +132,9 @@ def test_restart_continues_bit_for_bit_and_trajectory_is_readable(sevenn64, tmp_
                                 **options)
     assert np.array_equal(whole.atoms.positions, resumed.atoms.positions)
     assert np.array_equal(whole.atoms.get_momenta(), resumed.atoms.get_momenta())
+    saved = torch.load(restart, weights_only=True)  # the step's results and where the list was built, as well
+    assert saved["step"] == 12 and saved["forces"].shape == (len(atoms), 3) and len(saved["neighbors"]) == 2
+    assert np.array_equal(saved["forces"].numpy(), resumed.atoms.get_forces())
     for key in whole.thermo:
         assert np.array_equal(whole.thermo[key], resumed.thermo[key])
     frames = read(trajectory, index=":")

@@ -184,6 +184,26 @@ def test_verlet_list_rebuilds_when_needed():
     assert verlet.rebuilds == 5
 
 
+def test_verlet_list_restored_at_its_reference_holds_the_same_candidates():
+    """A restart rebuilds the list where the interrupted run last built it: the same candidates (which a CUDA graph
+    step pads and masks) as the run that was not interrupted, not those of a build at the resumed positions."""
+    atoms = _rattled(bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3), 0.05, 5)
+    positions = torch.tensor(atoms.positions)
+    cell, pbc = torch.tensor(atoms.cell[:]), (True, True, True)
+    running = VerletList(cutoff=4.0, skin=0.6)
+    running.candidates(positions, cell, pbc)
+    moved = _perturbed(positions, 0.29, 0)  # within skin / 2: the running list is kept
+    kept = running.candidates(moved, cell, pbc)
+    assert not kept[3] and running.rebuilds == 1
+    resumed = VerletList(cutoff=4.0, skin=0.6)
+    resumed.restore(*running.reference(), pbc)
+    restored = resumed.candidates(moved, cell, pbc)
+    assert not restored[3] and all(torch.equal(a, b) for a, b in zip(kept[:3], restored[:3]))
+    assert not torch.equal(neighbor_list(moved, cell, pbc, 4.6)[0], restored[0].long())  # a fresh build differs
+    resumed.restore(*running.reference(), pbc)  # already there: kept
+    assert resumed.rebuilds == 1
+
+
 def test_verlet_list_kept_under_strain_equals_a_fresh_build():
     """Random small strains (shear included) and displacements of a triclinic cell: whenever the list is kept,
     its filtered edges are exactly a fresh build's."""

@@ -28,16 +28,27 @@ def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     return torch.searchsorted(sorted_index, nodes).to(torch.int64)
 
 
-def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int) -> SortedEdges:
+def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int, mask=None) -> SortedEdges:
     """The sorts take the narrowest integer keys that hold the node indices: a radix sort makes one digit pass
     over the edges per key byte (on CUDA the sorts were ~8 of a 216-atom MD step's ~260 kernels with int32). A
-    symbolic node count (an exported program, one for every size) takes int32 keys."""
-    widths = (torch.int32, torch.int64) if isinstance(num_nodes, torch.SymInt) else (torch.int16, torch.int32,
-                                                                                     torch.int64)
-    keys = next(dtype for dtype in widths if num_nodes <= torch.iinfo(dtype).max)
-    order = torch.argsort(dst.to(keys), stable=True)
+    symbolic node count (an exported program, one for every size) takes int32 keys (int64 with a mask).
+
+    ``mask`` ([E], 0 where an edge is absent: a captured step's padding and candidates beyond the cutoff): absent
+    edges go last in their receiver's and their sender's group, so every sum meets the present edges grouped the
+    same whatever else a step carries (a CUDA graph's padding depends on its capacity: restarts stay bitwise).
+    """
+    bound = num_nodes if mask is None else 2 * num_nodes + 1
+    widths = ((torch.int32, torch.int64) if mask is None else (torch.int64,)) if isinstance(num_nodes, torch.SymInt) \
+        else (torch.int16, torch.int32, torch.int64)
+    keys = next(dtype for dtype in widths if bound <= torch.iinfo(dtype).max)
+
+    def sort_keys(index, absent):
+        return index.to(keys) if absent is None else index.to(keys) * 2 + absent
+
+    absent = None if mask is None else (mask == 0).to(keys)
+    order = torch.argsort(sort_keys(dst, absent), stable=True)
     src_s, dst_s = src.index_select(0, order), dst.index_select(0, order)
-    src_perm = torch.argsort(src_s.to(keys), stable=True)
+    src_perm = torch.argsort(sort_keys(src_s, None if absent is None else absent.index_select(0, order)), stable=True)
     return SortedEdges(order, src_s, dst_s, csr_offsets(dst_s, num_nodes), src_perm,
                        csr_offsets(src_s.index_select(0, src_perm), num_nodes))
 

@@ -294,7 +294,7 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     with torch.enable_grad():
         energies, differentiated = _energies(model, numbers, edge_i, edge_j, vectors, edge_mask)
         gradient = gradient_or_zeros(differentiated.sum(), vectors)
-    edges = sort_edges(edge_i, edge_j, numbers.numel())
+    edges = sort_edges(edge_i, edge_j, numbers.numel(), edge_mask)
     forces = node_difference(gradient, edges, edge_i, edge_j, plus="src")
     stress = None
     periodic = pbc is not None and bool(torch.as_tensor(pbc).any())

@@ -33,7 +33,7 @@ def sorted_edges(edge_index: torch.Tensor, num_nodes: int):
     """Receiver-sorted edges of ``edge_index``, computed once per forward pass for every layer (kept on the
     edge_index tensor itself: see :mod:`fastmlip.memo`)."""
     return derived(edge_index, ("sorted_edges", num_nodes),
-                   lambda: sort_edges(edge_index[0], edge_index[1], num_nodes))
+                   lambda: sort_edges(edge_index[0], edge_index[1], num_nodes, attached(edge_index, EDGE_MASK)))
 
 
 def in_receiver_order(tensor: torch.Tensor, edges) -> torch.Tensor:

@@ -34,7 +34,7 @@ def sorted_edges_of(data, edge_index: torch.Tensor, num_nodes: int):
     cached = data[SORTED_EDGES_KEY] if SORTED_EDGES_KEY in data else None
     if cached is not None and cached["inputs"][0] is edge_index:
         return cached["edges"]
-    return sort_edges(edge_index[1], edge_index[0], num_nodes)
+    return sort_edges(edge_index[1], edge_index[0], num_nodes, data[EDGE_MASK_KEY] if EDGE_MASK_KEY in data else None)
 
 
 class FastIrrepsConvolution(nn.Module):
@@ -79,7 +79,7 @@ class FastIrrepsConvolution(nn.Module):
         inputs = (edge_index, data[self.key_filter], data[self.key_weight_input], mask)
         cached = data[SORTED_EDGES_KEY] if SORTED_EDGES_KEY in data else None
         if cached is None or any(a is not b for a, b in zip(cached["inputs"], inputs)):
-            edges = sort_edges(edge_index[1], edge_index[0], num_nodes)
+            edges = sort_edges(edge_index[1], edge_index[0], num_nodes, mask)
             cached = {"inputs": inputs, "edges": edges, "filter": inputs[1].index_select(0, edges.order),
                       "weight_input": inputs[2].index_select(0, edges.order),
                       "mask": None if mask is None else mask.index_select(0, edges.order).to(inputs[2].dtype)}

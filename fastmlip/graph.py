@@ -41,14 +41,13 @@ def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int, mask=None) 
     widths = ((torch.int32, torch.int64) if mask is None else (torch.int64,)) if isinstance(num_nodes, torch.SymInt) \
         else (torch.int16, torch.int32, torch.int64)
     keys = next(dtype for dtype in widths if bound <= torch.iinfo(dtype).max)
-
-    def sort_keys(index, absent):
-        return index.to(keys) if absent is None else index.to(keys) * 2 + absent
-
-    absent = None if mask is None else (mask == 0).to(keys)
-    order = torch.argsort(sort_keys(dst, absent), stable=True)
+    dst_keys, src_keys = dst.to(keys), src.to(keys)
+    if mask is not None:
+        absent = (mask == 0).to(keys)
+        dst_keys, src_keys = dst_keys * 2 + absent, src_keys * 2 + absent
+    order = torch.argsort(dst_keys, stable=True)
     src_s, dst_s = src.index_select(0, order), dst.index_select(0, order)
-    src_perm = torch.argsort(sort_keys(src_s, None if absent is None else absent.index_select(0, order)), stable=True)
+    src_perm = torch.argsort(src_keys.index_select(0, order), stable=True)
     return SortedEdges(order, src_s, dst_s, csr_offsets(dst_s, num_nodes), src_perm,
                        csr_offsets(src_s.index_select(0, src_perm), num_nodes))
 

@@ -10,8 +10,9 @@ gradient come from differentiating the program here, as :mod:`fastmlip.patches.m
 
 The program is read from the archive's graph file (:mod:`fastmlip.patches.exported_graph`: milliseconds, where
 ``torch.export.load`` takes seconds); files without one load through ``torch.export``. The archive holds pickled
-tensors (``torch.export.load`` unpickles them), so a file is read only when trusted, as a MACE ``.model`` file is. This module is a framework patch (:class:`fastmlip.patches.framework.Framework`)
-whose models come accelerated: there is nothing to swap, restore or check against.
+tensors (``torch.export.load`` unpickles them), so a file is read only when trusted, as a MACE ``.model`` file is.
+This module is a framework patch (:class:`fastmlip.patches.framework.Framework`) whose models come accelerated:
+there is nothing to swap, restore or check against.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def export(patch, model, path, *, modal=None) -> dict:
 # --- files ---------------------------------------------------------------------------------------------------------
 
 
-def _meta_entry(archive: zipfile.ZipFile, name: str = META_FILE) -> Optional[str]:
+def _archive_entry(archive: zipfile.ZipFile, name: str) -> Optional[str]:
     return next((entry for entry in archive.namelist() if entry.rsplit("/", 1)[-1] == name), None)
 
 
@@ -119,7 +120,7 @@ def _read_program(path: str, device: torch.device) -> torch.nn.Module:
     """The program on ``device``: from its graph file when the archive has one (a fraction of a second), else
     through ``torch.export.load`` (it imports torch._dynamo and sympy: seconds)."""
     with zipfile.ZipFile(path) as archive:
-        entry = _meta_entry(archive, GRAPH_FILE)
+        entry = _archive_entry(archive, GRAPH_FILE)
         text = archive.read(entry).decode() if entry is not None else None
     if text is not None:
         try:
@@ -140,7 +141,7 @@ def can_load(path) -> bool:
     if not os.path.isfile(text) or not zipfile.is_zipfile(text):
         return False
     with zipfile.ZipFile(text) as archive:
-        return _meta_entry(archive) is not None
+        return _archive_entry(archive, META_FILE) is not None
 
 
 def read_checkpoint(path) -> dict:
@@ -150,7 +151,7 @@ def read_checkpoint(path) -> dict:
     if not os.path.isfile(text) or not zipfile.is_zipfile(text):
         raise ValueError(f"{text}: not an exported fastmlip model (not a zip archive)")
     with zipfile.ZipFile(text) as archive:
-        entry = _meta_entry(archive)
+        entry = _archive_entry(archive, META_FILE)
         if entry is None:
             raise ValueError(f"{text}: not an exported fastmlip model (no {META_FILE})")
         try:

@@ -195,10 +195,10 @@ def test_ops_pass_torch_opcheck():
     key = registry.register(problem)
     x, scale, grad = data(net, torch.float64, n=7)
     ws = [w.detach().clone().requires_grad_(True) for w in weights_of(net)]
-    torch.library.opcheck(mlp_ops.radial_mlp_fwd.overload, (x.requires_grad_(True), ws, scale.requires_grad_(True), key))
-    torch.library.opcheck(mlp_ops.radial_mlp_fwd.overload, (x, ws, None, key))
-    torch.library.opcheck(mlp_ops.radial_mlp_bwd.overload, (grad, x.detach(), [w.detach() for w in ws], scale.detach(), key,
-                                                   True, True))
+    forward, backward = mlp_ops.radial_mlp_fwd.overload, mlp_ops.radial_mlp_bwd.overload
+    torch.library.opcheck(forward, (x.requires_grad_(True), ws, scale.requires_grad_(True), key))
+    torch.library.opcheck(forward, (x, ws, None, key))
+    torch.library.opcheck(backward, (grad, x.detach(), [w.detach() for w in ws], scale.detach(), key, True, True))
 
 
 def test_module_swap_keeps_parameters_and_falls_back_for_unknown_activations():

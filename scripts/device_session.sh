@@ -202,6 +202,15 @@ for phase in "$@"; do
         --warmup 1 --backends fastmlip --sweep-model mace-medium --sweep-backends cueq,fastmlip \
         --sweep-repeats 10,20,32,50,63 --max-step-ms 8000 --out "$out/sweep_mace"
       ;;
+    sweep-fastmace)
+      # the largest MACE-medium-like Cu fcc per GPU: fastmlip and FastMACE 1.0 in the same run (the memory issue's
+      # sweep; cuEquivariance's limit, 32,000 ran and 131,072 did not, is in docs/memory.md), a few whole MD steps
+      # per size for FastMACE, whose setup alone takes ~80 s
+      step sweep_fastmace 560 python3 "$repo/scripts/bench_md.py" --models mace-medium --systems Cu4000 --steps 3 \
+        --warmup 1 --backends fastmlip --sweep-model mace-medium --sweep-backends fastmlip,fastmace \
+        --sweep-repeats 10,32,50,63 --md-steps 5 --md-warmup 2 --fastmace-timeout 200 --max-step-ms 8000 \
+        --out "$out/sweep_fastmace"
+      ;;
     loop-profile)
       # is the GPU busy during fastmlip.simulate at 216 atoms, and with how many kernels per step?
       step profile_loop 240 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Si:3,sevenn:Si:3 \
@@ -245,9 +254,9 @@ for phase in "$@"; do
       # more warps in flight at 216 atoms: edges side by side in the aggregate (FASTMLIP_CONV_EDGE_LANES: [lanes,
       # channels] tiles on the 216 x 4-7 row programs ncu-small found at 8-11% occupancy) and radial-MLP forward
       # programs sharing a row block by columns (FASTMLIP_MLP_COLUMN_GROUPS)
+      # (six variants: ~70 s each fits one call)
       profile_knobs knobs_wide base: l2:FASTMLIP_CONV_EDGE_LANES=2 l4:FASTMLIP_CONV_EDGE_LANES=4 \
-        l4u1:"FASTMLIP_CONV_EDGE_LANES=4 FASTMLIP_CONV_UNROLL=1" c2:FASTMLIP_MLP_COLUMN_GROUPS=2 \
-        c4:FASTMLIP_MLP_COLUMN_GROUPS=4 bu1:FASTMLIP_CONV_BACKWARD_UNROLL=1
+        c2:FASTMLIP_MLP_COLUMN_GROUPS=2 c4:FASTMLIP_MLP_COLUMN_GROUPS=4 bu1:FASTMLIP_CONV_BACKWARD_UNROLL=1
       ;;
     wide-cu4000)
       # a winner at 216 atoms must not lose at 4000: Cu 4000 energy+forces steps under each candidate setting

@@ -110,12 +110,6 @@ class Settings:
     linear_stack: int = _setting(
         "FASTMLIP_LINEAR_STACK", 1,
         "1: an o3.Linear program takes every component of an l > 0 irrep in one tile (rows x components)")
-    radial_ahead: int = _setting(
-        "FASTMLIP_RADIAL_AHEAD", 0,
-        "1: on a GPU the radial MLPs of a pass's later convolutions run on a second CUDA stream while the first "
-        "layers run (their forward and, through autograd, their backward overlap the convolutions; at a few "
-        "hundred atoms the kernels leave most of the GPU idle). Same operations: the energy bit for bit, forces to "
-        "rounding (the MLP inputs' gradients add in another order)")
     radial_block: int = _setting(
         "FASTMLIP_RADIAL_BLOCK", 128,
         "edges per radial-basis program")

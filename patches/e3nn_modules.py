@@ -102,69 +102,14 @@ def radial_weights(net: nn.Module, x: torch.Tensor, row_scale: Optional[torch.Te
 
 
 def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Tensor, radial: torch.Tensor,
-                   row_scale: Optional[torch.Tensor], edges, chunk_edges: Optional[int],
-                   ahead: Optional[WeightsAhead] = None, key=None) -> torch.Tensor:
+                   row_scale: Optional[torch.Tensor], edges, chunk_edges: Optional[int]) -> torch.Tensor:
     """The fused convolution of ``x`` with per-edge weights ``net(radial) * row_scale`` over receiver-sorted
     ``edges``; with ``chunk_edges`` the weights are recomputed in the backward, receivers in chunks of at most that
-    many edges (:func:`fastmlip.ops.radial_conv.radial_conv`). The weights ``ahead`` holds for ``key`` are used
-    when it has them (:func:`weights_ahead`)."""
-    from fastmlip.ops.radial_conv import radial_conv, sorted_conv
+    many edges (:func:`fastmlip.ops.radial_conv.radial_conv`)."""
+    from fastmlip.ops.radial_conv import radial_conv
 
-    weights = ahead.take(key, radial, row_scale) if ahead is not None and chunk_edges is None else None
-    if weights is not None:
-        return sorted_conv(problem, x, edge_attr, weights, edges)
     return radial_conv(problem, lambda rows, scale: radial_weights(net, rows, scale), list(net.parameters()), x,
                        edge_attr, radial, row_scale, edges, chunk_edges)
-
-
-def _has_streams(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda
-
-
-class WeightsAhead:
-    """Per-edge weights of a pass's later convolutions, launched on a second CUDA stream by :func:`weights_ahead`;
-    each convolution takes its own with :meth:`take`, which makes the current stream wait for just those."""
-
-    def __init__(self, inputs: tuple, weights: dict):
-        self.inputs = inputs  # (radial, row_scale) the weights were computed from
-        self.weights = weights  # key -> (weights, CUDA event recorded after them)
-
-    def take(self, key, radial: torch.Tensor, row_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The weights launched for ``key`` from these very inputs (None otherwise: compute them in place)."""
-        entry = self.weights.get(key)
-        if entry is None or radial is not self.inputs[0] or row_scale is not self.inputs[1]:
-            return None
-        weights, done = entry
-        stream = torch.cuda.current_stream(weights.device)
-        stream.wait_event(done)
-        weights.record_stream(stream)  # made on the side stream, read here: not reused before these reads end
-        return weights
-
-
-def weights_ahead(nets, radial: torch.Tensor, row_scale: Optional[torch.Tensor]) -> Optional[WeightsAhead]:
-    """``radial_weights(net, radial, row_scale)`` for every ``(key, net)`` in ``nets``, launched now on a second CUDA
-    stream, where ``FASTMLIP_RADIAL_AHEAD`` asks for it (None elsewhere: CPU, tracing, the setting off).
-
-    Why: at a few hundred atoms a step's kernels leave most of the GPU idle, and a later layer's radial MLP
-    depends only on the edges, so it can run beside the layers before it; autograd runs each MLP's backward on
-    the stream of its forward, so the backward overlaps too. The operations are the same: the energy is the same
-    bit for bit, forces and stress to rounding (autograd adds the MLP inputs' gradients in another order).
-    """
-    if not (_has_streams(radial) and settings().radial_ahead) or torch.compiler.is_compiling():
-        return None
-    side = torch.cuda.Stream(radial.device)
-    side.wait_stream(torch.cuda.current_stream(radial.device))
-    weights = {}
-    with torch.cuda.stream(side):
-        for key, net in nets:
-            out = radial_weights(net, radial, row_scale)
-            done = torch.cuda.Event()
-            done.record(side)
-            weights[key] = (out, done)
-    for tensor in (radial, row_scale):  # made on the current stream, read on the side one
-        if tensor is not None:
-            tensor.record_stream(side)
-    return WeightsAhead((radial, row_scale), weights)
 
 
 def e3nn_factories() -> dict:

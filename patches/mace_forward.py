@@ -26,7 +26,7 @@ from fastmlip.graph import edge_stress
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
-from .mace_modules import sorted_edges, weights_ahead
+from .mace_modules import sorted_edges
 
 # mace model classes whose forward :func:`forward` reproduces (mace-torch 0.3.x), and the extras it does not
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
@@ -63,7 +63,6 @@ def node_energies(model, data: dict, vectors: torch.Tensor, head: int) -> tuple:
     edge_attrs = model.spherical_harmonics(vectors)
     edge_feats, cutoff = model.radial_embedding(lengths, node_attrs, edge_index, model.atomic_numbers)
     node_feats_list = []
-    weights_ahead(model.interactions, edge_index, num_atoms, edge_feats, cutoff)
     for k, (interaction, product) in enumerate(zip(model.interactions, model.products)):
         node_feats, sc = interaction(node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
                                      edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,

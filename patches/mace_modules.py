@@ -27,7 +27,6 @@ SUPPORTED_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualI
 
 
 EDGE_MASK = "edge_mask"  # memo key: the mask of placeholder edges that belongs to an edge_index (see mace.compute)
-WEIGHTS_AHEAD = "weights_ahead"  # memo key: the later blocks' radial weights launched early (see weights_ahead)
 
 
 def sorted_edges(edge_index: torch.Tensor, num_nodes: int):
@@ -55,36 +54,6 @@ def weight_mask(edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype) ->
         return None
     return derived(edge_index, ("sorted_mask", num_nodes, dtype),
                    lambda: mask.index_select(0, sorted_edges(edge_index, num_nodes).order).to(dtype))
-
-
-def conv_inputs(edge_index: torch.Tensor, num_nodes: int, edge_feats: torch.Tensor, cutoff) -> tuple:
-    """(receiver-sorted edges, the radial MLP's input, its row scale: cutoff x placeholder mask) of a pass, in
-    receiver order: the same objects for every interaction block (kept on ``edge_index``)."""
-    return derived(edge_index, ("conv_inputs", num_nodes, edge_feats, cutoff),
-                   lambda: _conv_inputs(edge_index, num_nodes, edge_feats, cutoff))
-
-
-def _conv_inputs(edge_index, num_nodes, edge_feats, cutoff):
-    edges = sorted_edges(edge_index, num_nodes)
-    row_scale = None if cutoff is None else in_receiver_order(cutoff, edges).reshape(-1)
-    mask = weight_mask(edge_index, num_nodes, edge_feats.dtype)
-    if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
-        row_scale = mask if row_scale is None else row_scale * mask
-    return edges, in_receiver_order(edge_feats, edges), row_scale
-
-
-def weights_ahead(interactions, edge_index: torch.Tensor, num_nodes: int, edge_feats: torch.Tensor, cutoff) -> None:
-    """Before the first interaction block runs: the radial weights of the later ones, launched on a second CUDA
-    stream and kept on ``edge_index`` for them (:func:`.e3nn_modules.weights_ahead`; nothing where that does not
-    apply, or where the blocks recompute their weights in chunks)."""
-    blocks = list(interactions)
-    if len(blocks) < 2 or edge_index.shape[1] == 0 or \
-            not all(isinstance(block, FastInteraction) and block.chunk_edges is None for block in blocks):
-        return
-    _, radial, row_scale = conv_inputs(edge_index, num_nodes, edge_feats, cutoff)
-    ahead = e3nn_modules.weights_ahead([(block, block.conv_tp_weights) for block in blocks[1:]], radial, row_scale)
-    if ahead is not None:
-        attach(edge_index, WEIGHTS_AHEAD, ahead)
 
 
 def species_of(node_attrs: torch.Tensor) -> torch.Tensor:
@@ -208,10 +177,14 @@ class FastInteraction(nn.Module):
                                       "restore the model (fastmlip.restore) for LAMMPS")
         sc = self.skip_tp(node_feats, node_attrs) if self.residual else None
         node_feats = self.linear_up(node_feats)
-        edges, radial, row_scale = conv_inputs(edge_index, node_feats.shape[0], edge_feats, cutoff)
+        edges = sorted_edges(edge_index, node_feats.shape[0])
+        row_scale = None if cutoff is None else in_receiver_order(cutoff, edges).reshape(-1)
+        mask = weight_mask(edge_index, node_feats.shape[0], node_feats.dtype)
+        if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
+            row_scale = mask if row_scale is None else row_scale * mask
         message = e3nn_modules.radial_message(self.problem, self.conv_tp_weights, node_feats,
-                                              in_receiver_order(edge_attrs, edges), radial, row_scale, edges,
-                                              self.chunk_edges, attached(edge_index, WEIGHTS_AHEAD), self)
+                                              in_receiver_order(edge_attrs, edges), in_receiver_order(edge_feats, edges),
+                                              row_scale, edges, self.chunk_edges)
         message = self.linear(message)
         if not self.folded_average:
             message = message / self.avg_num_neighbors

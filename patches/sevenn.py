@@ -26,7 +26,7 @@ from fastmlip.ops.node_sums import node_difference
 
 from . import files, swaps
 from .sevenn_modules import (EDGE_MASK_KEY, FastEdgeEmbedding, FastEquivariantGate,  # noqa: F401 (API)
-                             FastIrrepsConvolution, accelerate, plan, sorted_edges_of, weights_ahead)
+                             FastIrrepsConvolution, accelerate, plan, sorted_edges_of)
 
 FRAMEWORK = "sevenn"
 # Key in a checkpoint dict written by ``fastmlip convert --to fast``; sevenn ignores unknown keys.
@@ -419,11 +419,7 @@ def _edge_force_head(model):
 def _until_head(model, data):
     """``model(data)`` without its final force/stress module: the per-atom energies and the graph behind them."""
     data = model._preprocess(data)
-    modules = list(model)[:-1]
-    convolutions = [module for module in modules if isinstance(module, FastIrrepsConvolution)]
-    for module in modules:
-        if convolutions and module is convolutions[0]:
-            weights_ahead(convolutions, data)
+    for module in list(model)[:-1]:
         data = module(data)
     return data
 

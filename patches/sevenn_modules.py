@@ -26,8 +26,6 @@ from . import e3nn_modules, files, swaps
 SORTED_EDGES_KEY = "_fastmlip_sorted_edges"
 # Data-dict entry with the per-edge mask of placeholder edges (see ``sevenn.compute``).
 EDGE_MASK_KEY = "_fastmlip_edge_mask"
-# Data-dict entry with the later convolutions' radial weights launched on a second stream (see weights_ahead).
-WEIGHTS_AHEAD_KEY = "_fastmlip_weights_ahead"
 
 
 def sorted_edges_of(data, edge_index: torch.Tensor, num_nodes: int):
@@ -37,21 +35,6 @@ def sorted_edges_of(data, edge_index: torch.Tensor, num_nodes: int):
     if cached is not None and cached["inputs"][0] is edge_index:
         return cached["edges"]
     return sort_edges(edge_index[1], edge_index[0], num_nodes, data[EDGE_MASK_KEY] if EDGE_MASK_KEY in data else None)
-
-
-def weights_ahead(convolutions, data) -> None:
-    """Before the first of a pass's fused convolutions runs: the radial weights of the others, launched on a
-    second CUDA stream and left in ``data`` for them (:func:`.e3nn_modules.weights_ahead`; nothing where that
-    does not apply, or where the convolutions recompute their weights in chunks)."""
-    first = convolutions[0]
-    if len(convolutions) < 2 or any(conv.chunk_edges is not None for conv in convolutions) or \
-            data[first.key_edge_idx].shape[1] == 0:
-        return
-    cached = first._sorted_edges(data, data[first.key_x].shape[0])
-    ahead = e3nn_modules.weights_ahead([(conv, conv.weight_nn) for conv in convolutions[1:]],
-                                       cached["weight_input"], cached["mask"])
-    if ahead is not None:
-        data[WEIGHTS_AHEAD_KEY] = ahead
 
 
 class FastIrrepsConvolution(nn.Module):
@@ -112,10 +95,8 @@ class FastIrrepsConvolution(nn.Module):
             cached = self._sorted_edges(data, x.shape[0])
             edges = cached["edges"]
             # placeholder edges (mask 0) weigh zero: their messages and gradients vanish
-            ahead = data[WEIGHTS_AHEAD_KEY] if WEIGHTS_AHEAD_KEY in data else None
             out = e3nn_modules.radial_message(self.problem, self.weight_nn, x, cached["filter"],
-                                              cached["weight_input"], cached["mask"], edges, self.chunk_edges,
-                                              ahead, self)
+                                              cached["weight_input"], cached["mask"], edges, self.chunk_edges)
         data[self.key_x] = out if self.folded else out.div(self.denominator)
         return data
 

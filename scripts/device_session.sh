@@ -202,20 +202,6 @@ for phase in "$@"; do
         --warmup 1 --backends fastmlip --sweep-model mace-medium --sweep-backends cueq,fastmlip \
         --sweep-repeats 10,20,32,50,63 --max-step-ms 8000 --out "$out/sweep_mace"
       ;;
-    radial-ahead)
-      # the later layers' radial MLPs on a second CUDA stream (FASTMLIP_RADIAL_AHEAD=1): its GPU tests and the
-      # graph-replay and model tests under it, then the 216-atom loops profiled and Cu 4000 steps, off against on
-      step ahead_tests 300 env FASTMLIP_RADIAL_AHEAD=1 python3 -m pytest -v -rf -p no:cacheprovider -m gpu \
-        "$repo/tests/patches/test_weights_ahead.py" "$repo/tests/faces/test_cuda_graph.py" \
-        "$repo/tests/patches/test_gpu_models.py"
-      profile_knobs radial_ahead base: ahead:FASTMLIP_RADIAL_AHEAD=1
-      for variant in base ahead; do
-        knobs=(); [ $variant = ahead ] && knobs=(FASTMLIP_RADIAL_AHEAD=1)
-        step "cu4000_$variant" 120 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 --warmup 3 \
-          --models sevenn,mace-medium --systems Cu4000 --backends fastmlip --no-sweep --out "$out/cu4000_$variant"
-      done
-      rm -f "$out"/*.png
-      ;;
     sweep-fastmace)
       # the largest MACE-medium-like Cu fcc per GPU: fastmlip and FastMACE 1.0 in the same run (the memory issue's
       # sweep; cuEquivariance's limit, 32,000 ran and 131,072 did not, is in docs/memory.md), a few whole MD steps

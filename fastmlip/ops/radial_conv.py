@@ -131,13 +131,6 @@ def _sum(terms):
     return None if not terms else sum(terms[1:], terms[0])
 
 
-def sorted_conv(problem: TensorProductProblem, x: Tensor, edge_attr: Tensor, w: Tensor, edges: SortedEdges) -> Tensor:
-    """``fused_conv`` over receiver-sorted ``edges`` with weights ``w`` kept for the backward (per-edge tensors in
-    that order): the deterministic kernels, no atomics."""
-    return fused_conv(problem, x, edge_attr, w, edges.src, edges.dst, x.shape[0], dst_ptr=edges.dst_ptr,
-                      src_perm=edges.src_perm, src_ptr=edges.src_ptr)
-
-
 def radial_conv(problem: TensorProductProblem, weights_fn: Callable, params: Sequence[Tensor], x: Tensor,
                 edge_attr: Tensor, radial: Tensor, row_scale: Optional[Tensor], edges: SortedEdges,
                 chunk_edges: Optional[int] = None) -> Tensor:
@@ -150,7 +143,9 @@ def radial_conv(problem: TensorProductProblem, weights_fn: Callable, params: Seq
     chunks of at most that many edges (one host read of the CSR offsets per edge list).
     """
     if chunk_edges is None:
-        return sorted_conv(problem, x, edge_attr, weights_fn(radial, row_scale), edges)
+        w = weights_fn(radial, row_scale)
+        return fused_conv(problem, x, edge_attr, w, edges.src, edges.dst, x.shape[0], dst_ptr=edges.dst_ptr,
+                          src_perm=edges.src_perm, src_ptr=edges.src_ptr)
     check_conv_problem(problem)
     num_edges = edge_attr.shape[0]
     chunks = (receiver_chunks(edges.dst_ptr, chunk_edges) if num_edges > chunk_edges

@@ -185,26 +185,42 @@ def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb, lanes):
             body(f"tl.store(gy + (e_{r} * {n_cb} + blk) * {dim_in2} + {idx}, {value}{valid})")
 
 
-def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", about="") -> str:
+def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", about="", split=False) -> str:
     """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'.
 
     ``edge`` ('y', 'w' or both; transposed terms, mode 'csr_perm': the backward's sender walk) also writes those
     per-edge gradients, reusing the loads of the x-gradient and the row's x block, loaded once per program;
-    ``accumulate`` False drops the x-gradient itself.
+    ``accumulate`` False drops the x-gradient itself. ``split`` (row-owned modes): ``num_parts`` programs share a
+    row, each walking ``num_chunk`` of its edges (the last one the rest), and each stores its own partial row of
+    ``out`` [num_parts, rows, ...] (summed by the caller).
     """
     in_stride, out_stride, y_stride, w_stride = strides
     n_cb = _n_channel_blocks(terms, block)
     src, consts = codegen.Source(), codegen.Constants()
     args = ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out"]
     args += ["node", "gy", "gw"] if mode == "csr_perm" else []
-    codegen.jit_header(src, "aggregate", args + ["num_edges", "EPP: tl.constexpr", "DT: tl.constexpr"], about=about)
+    args += ["num_edges"] + (["num_parts", "num_chunk"] if split else [])
+    codegen.jit_header(src, "aggregate", args + ["EPP: tl.constexpr", "DT: tl.constexpr"], about=about)
     body = codegen.Source()
     body.depth = 1
+    out_row = "row"
     if mode == "atomic":
         body.comment("Each program owns EPP edges (in any order) and one channel block; each edge's contribution "
                      "is added atomically to its row.")
         body("start = tl.program_id(0).to(tl.int64) * EPP")
         body("end = tl.minimum(start + EPP, num_edges)")
+    elif split:
+        body.comment("num_parts programs share one row (and one channel block): part k walks the row's edges "
+                     "from k * num_chunk on, num_chunk of them (the last part all the rest), with the sums in "
+                     "registers, and stores its partial row once at the end (no atomics). The parts' bounds sit at "
+                     "fixed offsets from the row's start, so absent edges (sorted last) change no part's sum.")
+        body("row = tl.program_id(0).to(tl.int64) // num_parts")
+        body("part = tl.program_id(0).to(tl.int64) % num_parts")
+        body("row_start = tl.load(ptr + row).to(tl.int64)")
+        body("row_end = tl.load(ptr + row + 1).to(tl.int64)")
+        body("start = tl.minimum(row_start + part * num_chunk, row_end)")
+        body("end = tl.where(part == num_parts - 1, row_end, tl.minimum(start + num_chunk, row_end))")
+        out_row = "(part * (tl.num_programs(0) // num_parts) + row)"
     else:
         body.comment("Each program owns one row and one channel block: it walks the row's edges ptr[row] to "
                      "ptr[row + 1] with the sums in registers and stores once at the end (no atomics).")
@@ -257,7 +273,7 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", abo
             if accumulate and mode != "atomic":
                 for off, d, b in outs:
                     total = f"tl.sum(acc{off + b}, 0)" if lanes > 1 else f"acc{off + b}"
-                    body(f"tl.store(out + row * {out_stride} + {off + b} + u * {d}, {total}, mask=m)")
+                    body(f"tl.store(out + {out_row} * {out_stride} + {off + b} + u * {d}, {total}, mask=m)")
         first += nb
     with src.indent():
         src.comment(f"Channels across {block} lanes; program axis 1 is the channel block, which picks the "
@@ -373,11 +389,14 @@ _ABOUT = {
 def _kernel(problem, variant, block):
     """The kernel for (problem, variant): its source is generated once per process and setting."""
     dims = (problem.dim_in1, problem.dim_in2, problem.dim_out, problem.weight_numel)
-    about = f"{problem} [{variant}]: {_ABOUT.get(variant) or _ABOUT[variant.split('_')[0]]}"
+    split = variant.endswith("_split")
+    base = variant.removesuffix("_split")
+    about = f"{problem} [{variant}]: {_ABOUT.get(base) or _ABOUT[base.split('_')[0]]}"
+    about += "; a row's edges shared by several programs" if split else ""
     if variant.startswith("edge"):
         return codegen.load_module(f"{problem.key}_{variant}_b{block}", lambda: _edge_source(
             _terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims, about)).edge_grads
-    kind, rest = variant.split("_", 1)  # fwd_csr, fwd_atomic, gx_atomic, sender_<wanted subset of "xyw">
+    kind, rest = base.split("_", 1)  # fwd_csr, fwd_atomic, gx_atomic, sender_<wanted subset of "xyw">
     sender = kind == "sender"
     mode = "csr_perm" if sender else rest
     transpose = kind != "fwd"
@@ -385,7 +404,7 @@ def _kernel(problem, variant, block):
     strides = (in_stride, out_stride, problem.dim_in2, problem.weight_numel)
     return codegen.load_module(f"{problem.key}_{variant}_b{block}{_edge_loop(variant, '_')}", lambda: _aggregate_source(
         _terms(problem, transpose), block, mode, strides, accumulate=not sender or "x" in rest,
-        edge=rest.replace("x", "") if sender else "", about=about)).aggregate
+        edge=rest.replace("x", "") if sender else "", about=about, split=split)).aggregate
 
 
 def _launch(problem, variant, grid, args, dtype, block):
@@ -432,16 +451,35 @@ def _plan(problem, kind, out_dim):
     return _PLANS[key]
 
 
+def _split_parts(num_rows: int) -> int:
+    """Programs per row of the row-owned kernels: 0 where rows are never split (the kernels without the split),
+    else ``conv_split_parts`` below ``conv_split_rows`` rows and 1 above (one kernel for every size: what the dry
+    run before the first step records is what every later step launches)."""
+    tuning = settings()
+    if not tuning.conv_split_rows:
+        return 0
+    return tuning.conv_split_parts if num_rows < tuning.conv_split_rows else 1
+
+
+def _split_sum(partial: torch.Tensor) -> torch.Tensor:
+    """The rows of a split kernel's [parts, rows, ...] output, its parts added in a fixed order."""
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
 def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, num_rows, out_dim):
     block, n_cb, covers = _plan(problem, kind, out_dim)
     n_edges = y.shape[0]
     dummy = gather
     if ptr is not None:
-        out = new_output((num_rows, out_dim), inp, written_everywhere=covers)
+        parts = _split_parts(num_rows)
+        out = new_output((max(parts, 1) * num_rows, out_dim), inp, written_everywhere=covers)
         if num_rows and n_cb:
-            _launch(problem, f"{kind}_csr", (num_rows, n_cb), (inp, y, w, gather, dummy, ptr, dummy, out, n_edges),
+            args = (inp, y, w, gather, dummy, ptr, dummy, out, n_edges)
+            variant, grid = ((f"{kind}_csr_split", (num_rows * parts, n_cb)) if parts
+                             else (f"{kind}_csr", (num_rows, n_cb)))
+            _launch(problem, variant, grid, args + ((parts, settings().conv_split_edges) if parts else ()),
                     inp.dtype, block)
-        return out
+        return _split_sum(out.view(parts, num_rows, out_dim)) if parts else out
     out = inp.new_zeros(num_rows, out_dim)
     if n_edges and n_cb:
         grid = (-(-n_edges // settings().conv_edges_per_program), n_cb)
@@ -471,14 +509,21 @@ def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want):
     atomics). gy comes as one partial sum per channel block, added up here in a fixed order (deterministic)."""
     block, n_cb, covers = _plan(problem, "gx", problem.dim_in1)
     n_nodes, n_edges = x.shape[0], y.shape[0]
-    gx = new_output(x.shape, x, written_everywhere=covers) if want[0] else x.new_empty(0)
+    parts = _split_parts(n_nodes)
+    gx = new_output((max(parts, 1) * n_nodes, x.shape[1]), x, written_everywhere=covers) if want[0] \
+        else x.new_empty(0)
     gy_partial = new_output((n_edges, n_cb, problem.dim_in2), y) if want[1] else y.new_empty(0)
     gw = new_output(w.shape, w) if want[2] else w.new_empty(0)
     if n_cb and ((want[0] and n_nodes) or (n_edges and (want[1] or want[2]))):
         wanted = "".join(name for name, flag in zip("xyw", want) if flag)
-        _launch(problem, f"sender_{wanted}", (n_nodes, n_cb),
-                (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if want[0] else x, x,
-                 gy_partial if want[1] else x, gw if want[2] else x, n_edges), x.dtype, block)
+        args = (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if want[0] else x, x, gy_partial if want[1] else x,
+                gw if want[2] else x, n_edges)
+        variant, grid = ((f"sender_{wanted}_split", (n_nodes * parts, n_cb)) if parts
+                         else (f"sender_{wanted}", (n_nodes, n_cb)))
+        _launch(problem, variant, grid, args + ((parts, settings().conv_split_edges) if parts else ()), x.dtype,
+                block)
+    if want[0] and parts:
+        gx = _split_sum(gx.view(parts, n_nodes, x.shape[1]))
     return gx, gy_partial.sum(1) if want[1] else gy_partial, gw
 
 

@@ -63,6 +63,18 @@ class Settings:
         "below this many nodes the convolution runs its edge-chunk kernels (atomic adds) even where edges come "
         "sorted: 216 receivers walking their edges are 216 x channel-block programs of one warp, ~10% occupancy "
         "measured on an H200 (0: never)")
+    conv_split_rows: int = _setting(
+        "FASTMLIP_CONV_SPLIT_ROWS", 0,
+        "below this many rows (receivers, or senders in the backward) the convolution's row-owned kernels share "
+        "each row among FASTMLIP_CONV_SPLIT_PARTS programs and add their partial rows after (more warps in flight "
+        "where rows are few; 0: never). Parts start at fixed offsets from a row's start, so absent edges, sorted "
+        "last, change no bit")
+    conv_split_parts: int = _setting(
+        "FASTMLIP_CONV_SPLIT_PARTS", 4,
+        "programs per row where FASTMLIP_CONV_SPLIT_ROWS splits rows")
+    conv_split_edges: int = _setting(
+        "FASTMLIP_CONV_SPLIT_EDGES", 12,
+        "edges of a row each split part walks (the last part takes the rest)")
     conv_edges_per_program: int = _setting(
         "FASTMLIP_CONV_EDGES_PER_PROGRAM", 4,
         "edges per program of the convolution's per-edge kernels (edge gradients, atomic scatter)")
@@ -126,6 +138,8 @@ class Settings:
                              f"{', '.join(DOT_PRECISIONS)}")
         if self.conv_edge_lanes < 1 or self.conv_edge_lanes & (self.conv_edge_lanes - 1):
             raise ValueError(f"FASTMLIP_CONV_EDGE_LANES={self.conv_edge_lanes!r}: expected a power of two")
+        if self.conv_split_parts < 1 or self.conv_split_edges < 1:
+            raise ValueError("FASTMLIP_CONV_SPLIT_PARTS and FASTMLIP_CONV_SPLIT_EDGES: expected positive integers")
         if self.mlp_column_groups < 1:
             raise ValueError(f"FASTMLIP_MLP_COLUMN_GROUPS={self.mlp_column_groups!r}: expected a positive integer")
         if self.compile_workers is not None and self.compile_workers < 1:

@@ -202,6 +202,24 @@ for phase in "$@"; do
         --warmup 1 --backends fastmlip --sweep-model mace-medium --sweep-backends cueq,fastmlip \
         --sweep-repeats 10,20,32,50,63 --max-step-ms 8000 --out "$out/sweep_mace"
       ;;
+    conv-split)
+      # rows shared by several programs in the convolution's row-owned kernels (FASTMLIP_CONV_SPLIT_ROWS): the
+      # 216-atom aggregate ran ~80 us a launch with 8-11% of an SM's warps (ncu-small); its tests on the GPU, the
+      # 216-atom loops profiled per split, then Cu 4000 steps with one part (above the row limit) and with four
+      step split_tests 150 python3 -m pytest -q -p no:cacheprovider -k "split" "$repo/tests/kernels/test_conv_triton.py"
+      profile_knobs conv_split base: p4e12:FASTMLIP_CONV_SPLIT_ROWS=1000 \
+        p2e24:"FASTMLIP_CONV_SPLIT_ROWS=1000 FASTMLIP_CONV_SPLIT_PARTS=2 FASTMLIP_CONV_SPLIT_EDGES=24" \
+        p8e6:"FASTMLIP_CONV_SPLIT_ROWS=1000 FASTMLIP_CONV_SPLIT_PARTS=8 FASTMLIP_CONV_SPLIT_EDGES=6"
+      for variant in base one four; do
+        case $variant in
+          one) knobs=(FASTMLIP_CONV_SPLIT_ROWS=1000) ;; four) knobs=(FASTMLIP_CONV_SPLIT_ROWS=100000) ;; *) knobs=() ;;
+        esac
+        step "cu4000_split_$variant" 120 env "${knobs[@]}" python3 "$repo/scripts/bench_md.py" --steps 10 \
+          --warmup 3 --models sevenn,mace-medium --systems Cu4000 --backends fastmlip --no-sweep \
+          --out "$out/cu4000_split_$variant"
+      done
+      rm -f "$out"/*.png
+      ;;
     sweep-fastmace)
       # the largest MACE-medium-like Cu fcc per GPU: fastmlip and FastMACE 1.0 in the same run (the memory issue's
       # sweep; cuEquivariance's limit, 32,000 ran and 131,072 did not, is in docs/memory.md), a few whole MD steps

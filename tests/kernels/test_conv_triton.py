@@ -215,6 +215,47 @@ def test_edge_lanes(lanes, unroll, monkeypatch, kernel_settings):
     assert row_owned and all(f"/u{unroll}/s0/l{lanes}/" in label for label in row_owned), row_owned
 
 
+@pytest.mark.parametrize("split_rows", [100, 3], ids=["split", "one-part"])
+def test_rows_split_over_programs(split_rows, monkeypatch, kernel_settings):
+    """FASTMLIP_CONV_SPLIT_ROWS: below it each row's edges are shared by FASTMLIP_CONV_SPLIT_PARTS programs (rows
+    with none, with fewer than a part, and with more than all parts but the last take), above it the same kernels
+    with one part; forward, every gradient and second derivatives, against the reference."""
+    kernel_settings(conv_split_rows=split_rows, conv_split_parts=3, conv_split_edges=2)
+    monkeypatch.setattr(conv, "COMPILE_SECONDS", {})
+    prob = problem("mace-like")
+    src, dst = random_graph(5, 17, seed=31, isolated=(3,))
+    x, y, w = inputs(prob, 5, 17, torch.float64, seed=32)
+    want = run(prob, x, y, w, src, dst, 5, True, "reference", monkeypatch)
+    got = run(prob, x, y, w, src, dst, 5, True, "triton", monkeypatch)
+    assert_close(got, want, torch.float64)
+    row_owned = [label for label in conv.compile_report() if "_csr" in label or "sender" in label]
+    assert row_owned and all("_split/" in label for label in row_owned), row_owned
+
+
+def test_split_rows_ignore_absent_edges(monkeypatch, kernel_settings):
+    """Absent (masked, zero-weight) edges sort last in each row, behind parts that start at fixed offsets: the
+    split forward and x-gradient are the same bit for bit with or without them (restarts stay bitwise)."""
+    kernel_settings(conv_split_rows=100, conv_split_parts=2, conv_split_edges=2)
+    monkeypatch.setenv("FASTMLIP_BACKEND", "triton")
+    prob = problem("mace-like")
+    src, dst = random_graph(5, 13, seed=33)
+    x, y, w = inputs(prob, 5, 13, torch.float64, seed=34)
+    results = []
+    for extra in (0, 6):
+        pad_src, pad_dst = random_graph(5, extra, seed=35)
+        s_all, d_all = torch.cat([src, pad_src]), torch.cat([dst, pad_dst])
+        mask = torch.arange(13 + extra, device=DEVICE) < 13
+        y_all = torch.cat([y, torch.ones(extra, y.shape[1], dtype=y.dtype, device=DEVICE)]).detach()
+        w_all = torch.cat([w, torch.zeros(extra, w.shape[1], dtype=w.dtype, device=DEVICE)]).detach()
+        x_in = x.detach().clone().requires_grad_()
+        se = sort_edges(s_all, d_all, 5, mask)
+        out = fused_conv(prob, x_in, y_all[se.order], w_all[se.order], se.src, se.dst, 5, dst_ptr=se.dst_ptr,
+                         src_perm=se.src_perm, src_ptr=se.src_ptr)
+        g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+        results.append((out.detach(), torch.autograd.grad(out, x_in, g)[0]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_few_rows_take_the_edge_chunk_kernels(monkeypatch, kernel_settings):
     """FASTMLIP_CONV_ATOMIC_ROWS above the node count: sorted edges run the atomic forward and the per-edge
     backward (first and second derivatives), with the reference's results."""

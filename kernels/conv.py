@@ -461,9 +461,22 @@ def _split_parts(num_rows: int) -> int:
     return tuning.conv_split_parts if num_rows < tuning.conv_split_rows else 1
 
 
-def _split_sum(partial: torch.Tensor) -> torch.Tensor:
-    """The rows of a split kernel's [parts, rows, ...] output, its parts added in a fixed order."""
-    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+def _launch_rows(problem, variant, parts, num_rows, n_cb, args, dtype, block) -> None:
+    """A row-owned kernel: one program per (row, channel block), or with ``parts`` (:func:`_split_parts`) that many
+    per row through the split kernel, whose output holds ``parts`` partial rows (:func:`_split_sum`)."""
+    if parts:
+        _launch(problem, f"{variant}_split", (num_rows * parts, n_cb), args + (parts, settings().conv_split_edges),
+                dtype, block)
+    else:
+        _launch(problem, variant, (num_rows, n_cb), args, dtype, block)
+
+
+def _split_sum(out: torch.Tensor, parts: int) -> torch.Tensor:
+    """The rows of a row-owned kernel's output: with ``parts``, its [parts * rows, ...] partial rows added in a
+    fixed order."""
+    if parts <= 1:
+        return out
+    return out.view(parts, -1, out.shape[1]).sum(0)
 
 
 def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, num_rows, out_dim):
@@ -474,12 +487,9 @@ def _aggregate(problem, kind, inp, y, w, gather, scatter, ptr, num_rows, out_dim
         parts = _split_parts(num_rows)
         out = new_output((max(parts, 1) * num_rows, out_dim), inp, written_everywhere=covers)
         if num_rows and n_cb:
-            args = (inp, y, w, gather, dummy, ptr, dummy, out, n_edges)
-            variant, grid = ((f"{kind}_csr_split", (num_rows * parts, n_cb)) if parts
-                             else (f"{kind}_csr", (num_rows, n_cb)))
-            _launch(problem, variant, grid, args + ((parts, settings().conv_split_edges) if parts else ()),
-                    inp.dtype, block)
-        return _split_sum(out.view(parts, num_rows, out_dim)) if parts else out
+            _launch_rows(problem, f"{kind}_csr", parts, num_rows, n_cb, (inp, y, w, gather, dummy, ptr, dummy, out,
+                                                                          n_edges), inp.dtype, block)
+        return _split_sum(out, parts)
     out = inp.new_zeros(num_rows, out_dim)
     if n_edges and n_cb:
         grid = (-(-n_edges // settings().conv_edges_per_program), n_cb)
@@ -516,15 +526,10 @@ def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want):
     gw = new_output(w.shape, w) if want[2] else w.new_empty(0)
     if n_cb and ((want[0] and n_nodes) or (n_edges and (want[1] or want[2]))):
         wanted = "".join(name for name, flag in zip("xyw", want) if flag)
-        args = (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if want[0] else x, x, gy_partial if want[1] else x,
-                gw if want[2] else x, n_edges)
-        variant, grid = ((f"sender_{wanted}_split", (n_nodes * parts, n_cb)) if parts
-                         else (f"sender_{wanted}", (n_nodes, n_cb)))
-        _launch(problem, variant, grid, args + ((parts, settings().conv_split_edges) if parts else ()), x.dtype,
-                block)
-    if want[0] and parts:
-        gx = _split_sum(gx.view(parts, n_nodes, x.shape[1]))
-    return gx, gy_partial.sum(1) if want[1] else gy_partial, gw
+        _launch_rows(problem, f"sender_{wanted}", parts, n_nodes, n_cb,
+                     (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if want[0] else x, x,
+                      gy_partial if want[1] else x, gw if want[2] else x, n_edges), x.dtype, block)
+    return _split_sum(gx, parts) if want[0] else gx, gy_partial.sum(1) if want[1] else gy_partial, gw
 
 
 def _fused_backward_fits(problem) -> bool:

@@ -206,7 +206,8 @@ for phase in "$@"; do
       # rows shared by several programs in the convolution's row-owned kernels (FASTMLIP_CONV_SPLIT_ROWS): the
       # 216-atom aggregate ran ~80 us a launch with 8-11% of an SM's warps (ncu-small); its tests on the GPU, the
       # 216-atom loops profiled per split, then Cu 4000 steps with one part (above the row limit) and with four
-      step split_tests 150 python3 -m pytest -q -p no:cacheprovider -k "split" "$repo/tests/kernels/test_conv_triton.py"
+      step split_tests 150 python3 -m pytest -q -p no:cacheprovider -k "split" \
+        "$repo/tests/kernels/test_conv_triton.py"
       profile_knobs conv_split base: p4e12:FASTMLIP_CONV_SPLIT_ROWS=1000 \
         p2e24:"FASTMLIP_CONV_SPLIT_ROWS=1000 FASTMLIP_CONV_SPLIT_PARTS=2 FASTMLIP_CONV_SPLIT_EDGES=24" \
         p8e6:"FASTMLIP_CONV_SPLIT_ROWS=1000 FASTMLIP_CONV_SPLIT_PARTS=8 FASTMLIP_CONV_SPLIT_EDGES=6"

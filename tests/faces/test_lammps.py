@@ -153,7 +153,7 @@ def main(argv) -> None:
     if lmp.extract_setting("world_rank") == 0:
         print(json.dumps({"energy": lmp.get_thermo("pe"), "energies": energies.tolist(), "forces": forces.tolist(),
                           "stress": stress.tolist(), "ranks": lmp.extract_setting("world_size")}))
-    lmp.close()
+    lmp.finalize()  # MPI_Finalize on every rank before Python tears down (left to exit, a rank was killed 1 in 4)
 
 
 # ---- the cases: SevenNet-0 (5 layers) and a small MACE (2 layers) ----

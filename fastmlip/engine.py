@@ -339,10 +339,12 @@ class DeferredChecks:
 
     def summary(self) -> str:
         timing = self.calculator.cuda_graph_timing
+        why = self.calculator.replays.capture_reasons
+        reasons = f": {'; '.join(why)}" if why else ""
         chosen = f" (at setup a replay took {timing['replay_ms']:.2f} ms, an eager step {timing['eager_ms']:.2f})" \
             if timing else ""
         return (f"deferred: {self.chunks} device reads, {len(self.rebuild_steps) - 1} list rebuilds, "
-                f"{self.redone} steps redone, {self.calculator.graph_captures} captures{chosen}")
+                f"{self.redone} steps redone, {self.calculator.graph_captures} captures{reasons}{chosen}")
 
 
 class _NoCapturedStep(Exception):

@@ -60,6 +60,7 @@ class StepReplays:
         self.timing = None  # {"replay_ms", "eager_ms"} measured at the first capture ("auto")
         self.step = None  # the CapturedStep being replayed
         self.captures = 0
+        self.capture_reasons = []  # why each capture was made, in order (the engine's summary names them)
         self.kept = None
         self._pairs_in_graph_for = None  # (cell tensor, (pbc, atoms), whether its pairs are rebuilt in the graph)
 
@@ -106,6 +107,8 @@ class StepReplays:
         usable = self._fits(step, cell, pbc, with_stress) and step.exact_pairs is None
         outgrown = usable and rebuilt and not step.load_pairs(edge_i, edge_j, shifts)
         if not usable or outgrown:
+            self.capture_reasons.append("pairs outgrew the room" if outgrown else self._mismatch(step, cell, pbc,
+                                                                                                 with_stress))
             step = self._new_step(positions, cell, pbc, with_stress, edge_i.numel(), (edge_i, edge_j, shifts),
                                   REGROWTH if outgrown else GROWTH)
             if step is None:
@@ -132,6 +135,18 @@ class StepReplays:
             self.kept = ReplayedSteps(self.calculator, make_integrator, state, pbc, length, built_for)
         return self.kept
 
+    def _mismatch(self, step, cell, pbc, with_stress) -> str:
+        """Why ``step`` cannot be replayed for this call (it is about to be captured again)."""
+        if step is None:
+            return "first"
+        if step.numbers is not self.calculator.numbers:
+            return "other atoms"
+        if step.cell_source is not cell or step.pbc != pbc:
+            return "other cell tensor"
+        if step.with_stress != with_stress:
+            return "stress wanted" if with_stress else "stress not wanted"
+        return "pairs now rebuilt in the graph" if step.exact_pairs is None else "pairs now from the Verlet list"
+
     def _fits(self, step, cell, pbc, with_stress) -> bool:
         return step is not None and step.matches(self.calculator.numbers, cell, pbc, with_stress)
 
@@ -140,11 +155,13 @@ class StepReplays:
         capacity (one small device read per checked step)."""
         step = self.step
         if not self._fits(step, cell, pbc, with_stress) or step.exact_pairs is None:
+            self.capture_reasons.append(self._mismatch(step, cell, pbc, with_stress))
             step = self._new_exact_pairs_step(positions, cell, pbc, with_stress)
             if step is None:
                 return None
         flat = step.replay(positions)
         if bool(step.outgrown):
+            self.capture_reasons.append("pairs outgrew the room")
             step = self._new_exact_pairs_step(positions, cell, pbc, with_stress, REGROWTH)
             flat = None if step is None else step.replay(positions)
         return flat

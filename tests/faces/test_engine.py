@@ -212,6 +212,9 @@ def test_replays_with_pairs_rebuilt_in_the_graph_follow_the_verlet_replays(eager
     assert exact.replays_exact_pairs and exact.neighbor_list_rebuilds == 0, checks
     assert exact.graph_captures >= 2 and len(sizes) >= 2, checks  # captured again with room for all pairs
     assert exact.replays.step.capacity == math.ceil(REGROWTH * sizes[-1])  # and more room than at first
+    reasons = exact.replays.capture_reasons  # the summary says why each capture was made
+    assert reasons[0] == "first" and "pairs outgrew the room" in reasons[1:], reasons
+    assert checks.split(" captures: ")[1].startswith("first; pairs outgrew the room"), checks
     verlet = fastmlip.simulate(atoms, eager_graphs(), steps=20, **options)
     assert np.abs(run.atoms.positions - verlet.atoms.positions).max() < 1e-9
     assert np.abs(run.atoms.get_momenta() - verlet.atoms.get_momenta()).max() < 1e-9

@@ -31,10 +31,11 @@ WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, T
 
 @contextlib.contextmanager
 def collector_paused():
-    """Collect Python's garbage now and not again until the block ends: a capture that frees an unreferenced
-    graph of an earlier run (kept alive by a reference cycle) fails with "operation failed due to a previous
-    error during capture", and collections come when the captured Python code allocates, not when we choose."""
-    gc.collect()
+    """No garbage collection until the block ends: a capture that frees an unreferenced graph of an earlier run
+    (kept alive by a reference cycle) fails with "operation failed due to a previous error during capture", and
+    collections come when the captured Python code allocates, not when we choose. Such garbage is freed by the
+    first collection after the block; collecting it first (gc.collect) took 0.15 s per capture on the H200 with a
+    model loaded, 0.29 s of a 2.1 s warm start."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

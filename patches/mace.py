@@ -309,33 +309,38 @@ def species_indices(model, numbers: torch.Tensor) -> torch.Tensor:
     return match.long().argmax(-1)
 
 
+def _one_hot(model, numbers: torch.Tensor, device, dtype, validated: bool) -> torch.Tensor:
+    on_device = numbers.to(device)
+    species = _matches(model, on_device).long().argmax(-1) if validated else species_indices(model, on_device)
+    return torch.nn.functional.one_hot(species, model.atomic_numbers.numel()).to(dtype)
+
+
 def build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head: Optional[str] = None,
-                validated: bool = False) -> dict:
+                validated: bool = False, whole: bool = True) -> dict:
     """MACE's input dict for one structure from ASE "ijS" edges (any order), in the model's dtype and device.
 
     ``validated``: the caller checked the species on the host; nothing here then reads from the device.
+    ``whole`` False: only what fastmlip's own forward reads (node attributes, edges, unit shifts, cell), not the
+    batch, ptr, head, positions and shifts MACE's forward needs, and the one-hot species made once per numbers
+    tensor (kept on it, :mod:`fastmlip.memo`): every step of a structure reuses it, so a captured step launches
+    none of that.
     """
     device, dtype = swaps.first_tensor_placement(model)
-    n = positions.shape[0]
-    if validated:
-        species = _matches(model, numbers.to(device)).long().argmax(-1)
-    else:
-        species = species_indices(model, numbers.to(device))
-    node_attrs = torch.nn.functional.one_hot(species, model.atomic_numbers.numel()).to(dtype)
     cell = (torch.zeros(3, 3) if cell is None else cell).to(device=device, dtype=dtype)
     unit_shifts = shifts.to(device=device, dtype=dtype).reshape(-1, 3)
-    return {
-        "positions": positions.detach().to(device=device, dtype=dtype).clone(),
-        "node_attrs": node_attrs,
-        "edge_index": torch.stack([edge_i.to(device).long(), edge_j.to(device).long()]),
-        "shifts": unit_shifts @ cell,
-        "unit_shifts": unit_shifts,
-        "cell": cell,
-        "batch": torch.zeros(n, dtype=torch.long, device=device),
-        "ptr": torch.arange(0, 2 * n, n, dtype=torch.long, device=device) if n else torch.zeros(2, dtype=torch.long,
-                                                                                               device=device),
-        "head": torch.full((1,), select_head(model, head), dtype=torch.long, device=device),
-    }
+    edge_index = torch.stack([edge_i.to(device).long(), edge_j.to(device).long()])
+    if not whole:
+        attrs = memo.derived(numbers, ("mace_node_attrs", model.atomic_numbers, dtype, str(device)),
+                             lambda: _one_hot(model, numbers, device, dtype, validated))
+        return {"node_attrs": attrs, "edge_index": edge_index, "unit_shifts": unit_shifts, "cell": cell}
+    n = positions.shape[0]
+    return {"positions": positions.detach().to(device=device, dtype=dtype).clone(),
+            "node_attrs": _one_hot(model, numbers, device, dtype, validated), "edge_index": edge_index,
+            "shifts": unit_shifts @ cell, "unit_shifts": unit_shifts, "cell": cell,
+            "batch": torch.zeros(n, dtype=torch.long, device=device),
+            "ptr": torch.arange(0, 2 * n, n, dtype=torch.long, device=device) if n else torch.zeros(
+                2, dtype=torch.long, device=device),
+            "head": torch.full((1,), select_head(model, head), dtype=torch.long, device=device)}
 
 
 def _has_volume(cell, pbc) -> bool:
@@ -371,25 +376,27 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     (with ``validated`` the caller has checked the species and the cell, and nothing waits for the device).
     ``edge_mask``: which edges exist; the others contribute exactly zero (see :func:`mask_obstacle`).
     """
-    data = build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head=modal, validated=validated)
+    fast = swaps.is_accelerated(model) and mace_forward.obstacle(model) is None
+    data = build_input(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, head=modal, validated=validated,
+                       whole=not fast)
     want_stress = bool(compute_stress) and (validated or _has_volume(cell, pbc))
     if edge_mask is not None:
         obstacle = mask_obstacle(model)
         if obstacle:
             raise ValueError(f"edge_mask needs an accelerated model: {obstacle}")
         memo.attach(data["edge_index"], EDGE_MASK, edge_mask)  # read by every FastInteraction of this call
-    if swaps.is_accelerated(model) and mace_forward.obstacle(model) is None:
+    if fast:
         device = data["cell"].device
         exact_cell = data["cell"] if cell is None else torch.as_tensor(cell, device=device).reshape(3, 3)
         edge_index = data["edge_index"]
         vectors = edge_vectors(torch.as_tensor(positions, device=device), exact_cell, edge_index[0], edge_index[1],
-                               data["unit_shifts"]).to(data["positions"].dtype)
+                               data["unit_shifts"]).to(data["cell"].dtype)
         with torch.enable_grad():
             out = mace_forward.forward(model, data, vectors, select_head(model, modal), want_stress)
     else:
         with torch.enable_grad():
             out = model(data, training=False, compute_force=True, compute_stress=want_stress)
-    dtype = data["positions"].dtype
+    dtype = data["cell"].dtype
     return {
         "energy": out["energy"].reshape(()).detach(),
         "energies": out["node_energy"].detach().to(dtype),

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from fastmlip import memo
 from fastmlip.graph import edge_stress
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
@@ -55,7 +56,8 @@ def node_energies(model, data: dict, vectors: torch.Tensor, head: int) -> tuple:
     a constant), MACE the total."""
     node_attrs, edge_index = data["node_attrs"], data["edge_index"]
     num_atoms = node_attrs.shape[0]
-    node_heads = torch.full((num_atoms,), head, dtype=torch.long, device=node_attrs.device)
+    node_heads = memo.derived(node_attrs, ("node_heads", head),  # kept: the node attributes are (see mace.build_input)
+                              lambda: torch.full((num_atoms,), head, dtype=torch.long, device=node_attrs.device))
     lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
 
     node_e0 = _head_column(model.atomic_energies_fn(node_attrs), head)

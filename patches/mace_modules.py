@@ -166,6 +166,7 @@ class FastInteraction(nn.Module):
         self.linear = swaps.maybe_fast(original.linear, e3nn_modules.FastLinear)
         self.skip_tp = swaps.maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
+        self.register_buffer("reshape_index", _reshape_index(original.reshape), persistent=False)
 
     def extra_repr(self) -> str:
         return f"problem={self.problem}, residual={self.residual}"
@@ -190,7 +191,25 @@ class FastInteraction(nn.Module):
             message = message / self.avg_num_neighbors
         if not self.residual:
             message = self.skip_tp(message, node_attrs)
-        return self.reshape(message), sc
+        if self.reshape_index is None:
+            return self.reshape(message), sc
+        # MACE's reshape_irreps as one gather: its slices and cat cost ~11 launches a layer forward and backward
+        # (a zeroed gradient and a copy per irrep, then the sums), index_select's backward two
+        reshaped = message.index_select(1, self.reshape_index)
+        return reshaped.view(message.shape[0], self.reshape.muls[0], -1), sc
+
+
+def _reshape_index(reshape: nn.Module) -> Optional[torch.Tensor]:
+    """The column each output column of MACE's ``reshape_irreps`` reads, in its "mul_ir" layout (without
+    cuEquivariance, or with it in "mul_ir"): output [N, mul, sum of dims] column (u, offset of irrep i + k) is input
+    column (start of irrep i + u * dim i + k). None where the layout is another (the module then runs as it is)."""
+    config = getattr(reshape, "cueq_config", None)
+    muls, dims = list(getattr(reshape, "muls", ())), list(getattr(reshape, "dims", ()))
+    if (config is not None and config.layout_str != "mul_ir") or not muls or len(set(muls)) != 1:
+        return None
+    starts = [sum(m * d for m, d in zip(muls[:i], dims[:i])) for i in range(len(muls))]
+    return torch.tensor([start + u * d + k for u in range(muls[0]) for start, d in zip(starts, dims)
+                         for k in range(d)], dtype=torch.long)
 
 
 def _interaction_obstacle(module) -> Optional[str]:

@@ -28,6 +28,7 @@ class DispatchRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls = collections.Counter()
+        self.names = collections.Counter()  # every operator, by name
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -35,6 +36,7 @@ class DispatchRecorder(TorchDispatchMode):
         if name.startswith("fastmlip::"):
             with self:
                 return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        self.names[name] += 1
         accumulate = kwargs.get("accumulate", args[3] if len(args) > 3 else False)
         if "index_put" in name and accumulate:
             self.calls[name, _call_site()] += 1
@@ -77,6 +79,35 @@ def test_mace_step_has_no_index_backward(kernels_skipped):
         warnings.simplefilter("ignore")
         assert patch.accelerate(model) == []
     assert accumulating_index_puts(patch, model, mace_models.periodic_structure(1), mace_models.R_MAX) == {}
+
+
+def test_mace_step_gathers_its_reshape_and_keeps_its_species(kernels_skipped):
+    """Launches a MACE step no longer makes: reshape_irreps as one gather (its slices cost a zeroed gradient and
+    a copy per irrep in the backward, then the sums), and the one-hot species made once per numbers tensor (a
+    second step of the same structure computes none of it)."""
+    pytest.importorskip("mace.modules")
+    from helpers import mace_models
+
+    from fastmlip.patches import mace as patch
+
+    model = mace_models.build_model("mp0_medium", channels=16).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert patch.accelerate(model) == []
+    atoms = mace_models.periodic_structure(1)
+    i, j, shifts = self_check.neighbor_edges(atoms, mace_models.R_MAX)
+    structure = (torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array), torch.as_tensor(atoms.pbc),
+                 torch.as_tensor(atoms.numbers), i, j, shifts)
+    first = DispatchRecorder()
+    with first:
+        patch.compute(model, *structure, validated=True)
+    second = DispatchRecorder()
+    with second:
+        patch.compute(model, *structure, validated=True)
+    once = {"aten::argmax", "aten::scatter_"}  # the species' one-hot
+    assert once <= set(first.names) and not once & set(second.names), second.names
+    # before: a slice_backward per irrep and layer (8 here) and a cat per layer; one is left, the readout's head
+    assert first.names["aten::slice_backward"] <= 1 and "aten::cat" not in first.names, first.names
 
 
 def test_sevennet_step_has_no_index_backward(kernels_skipped):

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from fastmlip import memo
 from fastmlip.graph import edge_vectors
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
@@ -320,9 +321,20 @@ def build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, mo
     edge_j = torch.as_tensor(edge_j, device=device).long()
     shifts = torch.as_tensor(shifts, device=device).reshape(-1, 3)
     edge_vec = edge_vectors(positions, cell64, edge_i, edge_j, shifts)
-    volume = torch.dot(cell64[0], torch.linalg.cross(cell64[1], cell64[2])).abs().to(dtype)
+    volume = _volume(cell, cell64, dtype)
     return _graph_data(model, numbers, edge_i, edge_j, edge_vec.to(dtype), positions.to(dtype), volume, modal,
                        edge_mask)
+
+
+def _volume(cell, cell64: torch.Tensor, dtype) -> torch.Tensor:
+    """|det cell| in ``dtype``: the same every step of a cell, so kept on the caller's cell tensor
+    (:mod:`fastmlip.memo`) and a captured step launches none of it."""
+    def volume():
+        return torch.dot(cell64[0], torch.linalg.cross(cell64[1], cell64[2])).abs().to(dtype)
+
+    if not isinstance(cell, torch.Tensor):
+        return volume()
+    return memo.derived(cell, ("sevenn_volume", dtype, str(cell64.device)), volume)
 
 
 class GraphData(dict):
@@ -381,11 +393,12 @@ def capture_obstacle(model) -> Optional[str]:
     return mask_obstacle(model)
 
 
-def _edge_forces_and_stress(head, data, num_atoms: int):
+def _edge_forces_and_stress(head, data, num_atoms: int, with_stress: bool = True):
     """sevenn's ``ForceStressOutputFromEdge`` term for term, without reading the atom count or the cell volume
     back to the host (its forward does both: two syncs per step, and a CUDA graph cannot wait for the host), and
     with every sum in a fixed order (its scatters add with atomics on a GPU): forces by
-    :func:`fastmlip.ops.node_sums.node_difference`, the stress as one sum over the edges."""
+    :func:`fastmlip.ops.node_sums.node_difference`, the stress as one sum over the edges. ``with_stress`` False
+    leaves the virial and stress out (MD without a barostat: ~11 launches a step)."""
     from sevenn.nn.util import broadcast
 
     rij = data[head.key_edge]
@@ -396,6 +409,8 @@ def _edge_forces_and_stress(head, data, num_atoms: int):
     edge_idx = data[head.key_edge_idx]
     edges = sorted_edges_of(data, edge_idx, num_atoms)
     data[head.key_force] = node_difference(fij, edges, edge_idx[1], edge_idx[0], plus="dst")
+    if not with_stress:
+        return data
     virial = torch.cat([rij * fij, (rij[..., 0] * fij[..., 1]).unsqueeze(-1),
                         (rij[..., 1] * fij[..., 2]).unsqueeze(-1), (rij[..., 2] * fij[..., 0]).unsqueeze(-1)], dim=-1)
     if head.use_atomic_virial:
@@ -424,12 +439,13 @@ def _until_head(model, data):
     return data
 
 
-def _run(model, data, num_atoms: int):
-    """``model(data)``, with a single-structure edge force/stress head evaluated by fastmlip (no host syncs)."""
+def _run(model, data, num_atoms: int, with_stress: bool = True):
+    """``model(data)``, with a single-structure edge force/stress head evaluated by fastmlip (no host syncs;
+    ``with_stress`` False: no virial)."""
     head = _edge_force_head(model)
     if head is None or getattr(model, "is_batch_data", True):
         return model(data)
-    return _edge_forces_and_stress(head, _until_head(model, data), num_atoms)
+    return _edge_forces_and_stress(head, _until_head(model, data), num_atoms, with_stress)
 
 
 def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None,
@@ -453,11 +469,12 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     device, dtype = swaps.first_tensor_placement(model)
     data = build_graph(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, modal, edge_mask)
     n = numbers.numel()
-    output = _run(model, data, n)
-    zeros = torch.zeros(n, 3, dtype=dtype, device=device)
-    forces = output[KEY.PRED_FORCE].detach() if KEY.PRED_FORCE in output else zeros
+    want_stress = bool(compute_stress) and any(bool(p) for p in torch.as_tensor(pbc).flatten().tolist())
+    output = _run(model, data, n, want_stress)
+    forces = output[KEY.PRED_FORCE].detach() if KEY.PRED_FORCE in output else torch.zeros(n, 3, dtype=dtype,
+                                                                                          device=device)
     stress = None
-    if compute_stress and any(bool(p) for p in torch.as_tensor(pbc).flatten().tolist()):
+    if want_stress:
         if KEY.PRED_STRESS in output:
             xx, yy, zz, xy, yz, zx = (-output[KEY.PRED_STRESS].detach().reshape(6)).unbind()
             stress = torch.stack([xx, xy, zx, xy, yy, yz, zx, yz, zz]).reshape(3, 3)

@@ -11,6 +11,7 @@ bookkeeping on CPU tensors would launch none there. Calibrate it against ``scrip
 
     python scripts/count_launches.py                       # SevenNet-0 on Si, MACE-medium-like on Cu
     python scripts/count_launches.py --cases sevenn:Si --top 40 --json launches.json
+    python scripts/count_launches.py --engine              # the MD engine's steps: one cell tensor, no stress
 """
 from __future__ import annotations
 
@@ -124,8 +125,28 @@ def step(atoms) -> None:
         atoms.calc.reset()
 
 
-def count_steps(atoms, counter, steps, rng) -> tuple:
-    """(launches per step by name, host reads per step by name) over ``steps`` steps."""
+class EngineSteps:
+    """Steps as :func:`fastmlip.simulate` asks for them without a barostat: ``Calculator.evaluate`` on tensors,
+    one cell tensor for the whole run, no stress (what a replayed MD step launches, where ``step`` counts the ASE
+    calculator's energy+forces+stress calls)."""
+
+    def __init__(self, atoms):
+        import torch
+
+        calc = atoms.calc
+        calc.bind(atoms)
+        self.calc, self.pbc = calc, tuple(bool(p) for p in atoms.pbc)
+        self.cell = torch.as_tensor(atoms.cell.array, dtype=torch.float64, device=calc.device)
+
+    def __call__(self, atoms) -> None:
+        import torch
+
+        positions = torch.as_tensor(atoms.positions, dtype=torch.float64, device=self.calc.device)
+        self.calc.evaluate(positions, self.cell, self.pbc, False)
+
+
+def count_steps(atoms, counter, steps, rng, step=step) -> tuple:
+    """(launches per step by name, host reads per step by name) over ``steps`` steps of ``step(atoms)``."""
     counter.counts.clear()
     counter.host_reads.clear()
     if counter.sites is not None:
@@ -148,6 +169,9 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", default=None, help="write the full counts here")
     ap.add_argument("--sites", action="store_true", help="also list launches and host reads by calling line")
+    ap.add_argument("--engine", action="store_true",
+                    help="count the MD engine's steps (Calculator.evaluate, one cell tensor, no stress) instead of "
+                         "the ASE calculator's energy+forces+stress calls")
     args = ap.parse_args()
     counter = LaunchCounter(sites=args.sites)
     counter.install()
@@ -158,11 +182,13 @@ def main():
         atoms = crystal(kind, 1)
         atoms.calc = make_calculator(model, args.backend, "cpu", args.dtype, model_dir, check=False)
         counter.active = True
-        step(atoms)  # builds the Verlet list, as the first MD step does; later steps reuse it
-        launches, host_reads = count_steps(atoms, counter, args.steps, np.random.default_rng(0))
+        one_step = EngineSteps(atoms) if args.engine else step
+        one_step(atoms)  # builds the Verlet list, as the first MD step does; later steps reuse it
+        launches, host_reads = count_steps(atoms, counter, args.steps, np.random.default_rng(0), one_step)
         triton = sum(v for k, v in launches.items() if k.startswith("triton::"))
         total = sum(launches.values())
-        print(f"\n=== {model} {kind}{len(atoms)} ({args.backend}, {args.dtype}, FASTMLIP_BACKEND="
+        print(f"\n=== {model} {kind}{len(atoms)} ({args.backend}{', engine steps' if args.engine else ''}, "
+              f"{args.dtype}, FASTMLIP_BACKEND="
               f"{os.environ['FASTMLIP_BACKEND']}): {total:.0f} launches/step ({total - triton:.0f} aten, "
               f"{triton:.0f} Triton); host reads/step: {sum(host_reads.values()):.0f} {dict(host_reads)}")
         for name, count in collections.Counter(launches).most_common(args.top):
@@ -172,6 +198,7 @@ def main():
             for (name, site), count in counter.sites.most_common(args.top):
                 print(f"  {count / args.steps:7.1f}  {name:24s} {site}")
         report.append({"case": f"{model} {kind}{len(atoms)}", "backend": args.backend, "dtype": args.dtype,
+                       "engine_steps": args.engine,
                        "launches": total, "triton": triton, "by_name": launches, "host_reads": host_reads})
     if args.json:
         with open(args.json, "w") as handle:

@@ -127,6 +127,38 @@ def test_sevennet_step_has_no_index_backward(kernels_skipped):
     assert accumulating_index_puts(patch, model, atoms, model.cutoff) == {}
 
 
+def test_sevennet_step_without_stress_builds_no_virial(kernels_skipped):
+    """MD without a barostat asks for no stress: no virial (~11 launches a step), and the cell volume is made
+    once per cell tensor."""
+    pytest.importorskip("sevenn")
+    from ase.build import bulk
+
+    from fastmlip.patches import sevenn as patch
+
+    if patch.resolve("7net-0") is None:
+        pytest.skip("7net-0 is not installed with sevenn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = patch.load("7net-0", dtype=torch.float32)
+        assert patch.accelerate(model) == []
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=3)
+    i, j, shifts = self_check.neighbor_edges(atoms, model.cutoff)
+    structure = (torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array), atoms.pbc,
+                 torch.as_tensor(atoms.numbers), i, j, shifts)
+    first = DispatchRecorder()
+    with first:
+        assert patch.compute(model, *structure, compute_stress=False, validated=True)["stress"] is None
+    again = DispatchRecorder()
+    with again:
+        patch.compute(model, *structure, compute_stress=False, validated=True)
+    stressed = DispatchRecorder()
+    with stressed:
+        assert patch.compute(model, *structure, compute_stress=True, validated=True)["stress"] is not None
+    assert "aten::linalg_cross" in first.names and "aten::linalg_cross" not in again.names, again.names
+    assert "aten::cat" not in again.names and "aten::cat" in stressed.names, again.names
+
+
 def test_the_recorder_sees_an_index_backward():
     """The recorder itself: ``x[idx]``'s backward is what it must catch."""
     x = torch.randn(5, 3, requires_grad=True)

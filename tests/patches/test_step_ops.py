@@ -81,6 +81,39 @@ def test_mace_step_has_no_index_backward(kernels_skipped):
     assert accumulating_index_puts(patch, model, mace_models.periodic_structure(1), mace_models.R_MAX) == {}
 
 
+def dispatched(call) -> collections.Counter:
+    """The operators ``call()`` dispatches, by name."""
+    recorder = DispatchRecorder()
+    with recorder:
+        call()
+    return recorder.names
+
+
+def structure_tensors(atoms, cutoff) -> tuple:
+    """``compute``'s structure arguments as tensors, kept for the calls that follow (as the MD engine keeps them)."""
+    i, j, shifts = self_check.neighbor_edges(atoms, cutoff)
+    return (torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array), tuple(atoms.pbc),
+            torch.as_tensor(atoms.numbers), i, j, shifts)
+
+
+def accelerated_sevennet():
+    """(patch, SevenNet-0 accelerated in float32, rattled Si)."""
+    pytest.importorskip("sevenn")
+    from ase.build import bulk
+
+    from fastmlip.patches import sevenn as patch
+
+    if patch.resolve("7net-0") is None:
+        pytest.skip("7net-0 is not installed with sevenn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = patch.load("7net-0", dtype=torch.float32)
+        assert patch.accelerate(model) == []
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=3)
+    return patch, model, atoms
+
+
 def test_mace_step_gathers_its_reshape_and_keeps_its_species(kernels_skipped):
     """Launches a MACE step no longer makes: reshape_irreps as one gather (its slices cost a zeroed gradient and
     a copy per irrep in the backward, then the sums), and the one-hot species made once per numbers tensor (a
@@ -94,69 +127,34 @@ def test_mace_step_gathers_its_reshape_and_keeps_its_species(kernels_skipped):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert patch.accelerate(model) == []
-    atoms = mace_models.periodic_structure(1)
-    i, j, shifts = self_check.neighbor_edges(atoms, mace_models.R_MAX)
-    structure = (torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array), torch.as_tensor(atoms.pbc),
-                 torch.as_tensor(atoms.numbers), i, j, shifts)
-    first = DispatchRecorder()
-    with first:
-        patch.compute(model, *structure, validated=True)
-    second = DispatchRecorder()
-    with second:
-        patch.compute(model, *structure, validated=True)
+    structure = structure_tensors(mace_models.periodic_structure(1), mace_models.R_MAX)
+    first = dispatched(lambda: patch.compute(model, *structure, validated=True))
+    second = dispatched(lambda: patch.compute(model, *structure, validated=True))
     once = {"aten::argmax", "aten::scatter_"}  # the species' one-hot
-    assert once <= set(first.names) and not once & set(second.names), second.names
+    assert once <= set(first) and not once & set(second), second
     # before: a slice_backward per irrep and layer (8 here) and a cat per layer; one is left, the readout's head
-    assert first.names["aten::slice_backward"] <= 1 and "aten::cat" not in first.names, first.names
+    assert first["aten::slice_backward"] <= 1 and "aten::cat" not in first, first
 
 
 def test_sevennet_step_has_no_index_backward(kernels_skipped):
-    pytest.importorskip("sevenn")
-    from ase.build import bulk
-
-    from fastmlip.patches import sevenn as patch
-
-    if patch.resolve("7net-0") is None:
-        pytest.skip("7net-0 is not installed with sevenn")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = patch.load("7net-0", dtype=torch.float32)
-        assert patch.accelerate(model) == []
-    atoms = bulk("Si", "diamond", a=5.43)
-    atoms.rattle(0.05, seed=3)
+    patch, model, atoms = accelerated_sevennet()
     assert accumulating_index_puts(patch, model, atoms, model.cutoff) == {}
 
 
 def test_sevennet_step_without_stress_builds_no_virial(kernels_skipped):
     """MD without a barostat asks for no stress: no virial (~11 launches a step), and the cell volume is made
     once per cell tensor."""
-    pytest.importorskip("sevenn")
-    from ase.build import bulk
+    patch, model, atoms = accelerated_sevennet()
+    structure = structure_tensors(atoms, model.cutoff)
 
-    from fastmlip.patches import sevenn as patch
+    def step(stress: bool):
+        out = patch.compute(model, *structure, compute_stress=stress, validated=True)
+        assert (out["stress"] is not None) == stress
 
-    if patch.resolve("7net-0") is None:
-        pytest.skip("7net-0 is not installed with sevenn")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = patch.load("7net-0", dtype=torch.float32)
-        assert patch.accelerate(model) == []
-    atoms = bulk("Si", "diamond", a=5.43)
-    atoms.rattle(0.05, seed=3)
-    i, j, shifts = self_check.neighbor_edges(atoms, model.cutoff)
-    structure = (torch.as_tensor(atoms.positions), torch.as_tensor(atoms.cell.array), atoms.pbc,
-                 torch.as_tensor(atoms.numbers), i, j, shifts)
-    first = DispatchRecorder()
-    with first:
-        assert patch.compute(model, *structure, compute_stress=False, validated=True)["stress"] is None
-    again = DispatchRecorder()
-    with again:
-        patch.compute(model, *structure, compute_stress=False, validated=True)
-    stressed = DispatchRecorder()
-    with stressed:
-        assert patch.compute(model, *structure, compute_stress=True, validated=True)["stress"] is not None
-    assert "aten::linalg_cross" in first.names and "aten::linalg_cross" not in again.names, again.names
-    assert "aten::cat" not in again.names and "aten::cat" in stressed.names, again.names
+    first, again, stressed = dispatched(lambda: step(False)), dispatched(lambda: step(False)), \
+        dispatched(lambda: step(True))
+    assert "aten::linalg_cross" in first and "aten::linalg_cross" not in again, again
+    assert "aten::cat" not in again and "aten::cat" in stressed, again
 
 
 def test_the_recorder_sees_an_index_backward():

@@ -28,6 +28,7 @@ from .cuda_graph import GROWTH, REGROWTH, CapturedStep
 from .replayed_steps import ReplayedSteps
 
 REQUESTS = ("auto", True, False)
+OUTGROWN = "pairs outgrew the room"  # a capture reason (see StepReplays.capture_reasons)
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -107,10 +108,9 @@ class StepReplays:
         usable = self._fits(step, cell, pbc, with_stress) and step.exact_pairs is None
         outgrown = usable and rebuilt and not step.load_pairs(edge_i, edge_j, shifts)
         if not usable or outgrown:
-            self.capture_reasons.append("pairs outgrew the room" if outgrown else self._mismatch(step, cell, pbc,
-                                                                                                 with_stress))
+            reason = OUTGROWN if outgrown else self._mismatch(step, cell, pbc, with_stress)
             step = self._new_step(positions, cell, pbc, with_stress, edge_i.numel(), (edge_i, edge_j, shifts),
-                                  REGROWTH if outgrown else GROWTH)
+                                  reason, REGROWTH if outgrown else GROWTH)
             if step is None:
                 return None
         return step.replay(positions)
@@ -155,26 +155,26 @@ class StepReplays:
         capacity (one small device read per checked step)."""
         step = self.step
         if not self._fits(step, cell, pbc, with_stress) or step.exact_pairs is None:
-            self.capture_reasons.append(self._mismatch(step, cell, pbc, with_stress))
-            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress)
+            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress,
+                                              self._mismatch(step, cell, pbc, with_stress))
             if step is None:
                 return None
         flat = step.replay(positions)
         if bool(step.outgrown):
-            self.capture_reasons.append("pairs outgrew the room")
-            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress, REGROWTH)
+            step = self._new_exact_pairs_step(positions, cell, pbc, with_stress, OUTGROWN, REGROWTH)
             flat = None if step is None else step.replay(positions)
         return flat
 
-    def _new_exact_pairs_step(self, positions, cell, pbc, with_stress, growth=GROWTH):
+    def _new_exact_pairs_step(self, positions, cell, pbc, with_stress, reason: str, growth=GROWTH):
         count = graph_pairs.pair_count(positions, cell, pbc, self.calculator.cutoff)
         if count == 0:  # nothing to pad with
             return None
-        return self._new_step(positions, cell, pbc, with_stress, count, None, growth)
+        return self._new_step(positions, cell, pbc, with_stress, count, None, reason, growth)
 
-    def _new_step(self, positions, cell, pbc, with_stress, num_pairs, pairs, growth=GROWTH):
+    def _new_step(self, positions, cell, pbc, with_stress, num_pairs, pairs, reason: str, growth=GROWTH):
         """Capture a step with room for ``growth`` x ``num_pairs``: the Verlet candidates ``pairs`` loaded, or
-        (None) pairs rebuilt in the graph; None when this structure runs eagerly from now on."""
+        (None) pairs rebuilt in the graph; None when this structure runs eagerly from now on. ``reason``: why
+        (:attr:`capture_reasons`)."""
         self.step = None  # frees the old graph's memory before the new capture
         if self.calculator.chunking(num_pairs) is not None:
             self.turn_off("the convolutions run in chunks to fit memory (chunks read the host)")
@@ -184,6 +184,7 @@ class StepReplays:
             step.load_pairs(*pairs)
         try:
             self.captures += 1
+            self.capture_reasons.append(reason)
             step.capture(positions)
         except Exception as exc:  # capture limits differ across models and torch versions: run eagerly
             warnings.warn(f"fastmlip: CUDA graph capture failed, running eager steps instead "

@@ -131,16 +131,12 @@ class EngineSteps:
     calculator's energy+forces+stress calls)."""
 
     def __init__(self, atoms):
-        import torch
-
         calc = atoms.calc
         calc.bind(atoms)
         self.calc, self.pbc = calc, tuple(bool(p) for p in atoms.pbc)
         self.cell = torch.as_tensor(atoms.cell.array, dtype=torch.float64, device=calc.device)
 
     def __call__(self, atoms) -> None:
-        import torch
-
         positions = torch.as_tensor(atoms.positions, dtype=torch.float64, device=self.calc.device)
         self.calc.evaluate(positions, self.cell, self.pbc, False)
 

@@ -158,8 +158,8 @@ for phase in "$@"; do
       # the 1 ns NVE run (SevenNet-0, Si 216, fp32, 1 fs) in slices: each call continues the restart file kept in
       # docs/ for ~8 minutes (killed runs lose at most 1000 steps); copy $OUT's file back into docs/ after a call
       cp "$repo/docs/nve_1ns_sevenn_si216.restart" "$out/" 2> /dev/null
-      step nve_1ns "${NVE_NS_LIMIT:-480}" python3 -m fastmlip.cli md --demo si --repeat 3 --ensemble nve --temperature 300 \
-        --steps 1000000 --interval 1000 --restart "$out/nve_1ns_sevenn_si216.restart" --no-progress
+      step nve_1ns "${NVE_NS_LIMIT:-480}" python3 -m fastmlip.cli md --demo si --repeat 3 --ensemble nve \
+        --temperature 300 --steps 1000000 --interval 1000 --restart "$out/nve_1ns_sevenn_si216.restart" --no-progress
       ;;
     mlp-layers)
       # the radial MLP's dense layers at Cu 4000 edge counts: fastmlip tiles (ieee, tf32x3) vs cuBLAS fp32 and TF32

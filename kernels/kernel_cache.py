@@ -1,8 +1,8 @@
 """The on-disk cache of compiled kernels, and the GPU targets they are compiled for.
 
 ``<cache_root>/compiled/<backend>_<arch>/<digest>/`` holds Triton's metadata (json) and binary (cubin) of one
-kernel and a manifest with their SHA-256. The digest covers the function's source and dependencies (Triton's own
-``cache_key``), its specialisation, the target, the Triton and fastmlip versions and Triton's compile-affecting
+kernel and a manifest with their SHA-256. The digest covers the function's code (:func:`code_digest`), its
+specialisation, the target, the Triton and fastmlip versions and Triton's compile-affecting
 environment. An entry is written into a temporary folder and renamed into place (atomic: when several processes
 of an MPI job or job array compile the same kernel, one rename wins and the others discard theirs); a file lock
 per entry lets one process compile while the others wait for its result; an entry whose files do not match its
@@ -11,6 +11,7 @@ manifest is moved aside, to be compiled again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -117,6 +118,33 @@ def _portable_specialization(specialization: str) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _package_digest() -> str:
+    return hashlib.sha256("".join(_file_digest(p) for p in sorted(PACKAGE_DIR.glob("*.py"))).encode()).hexdigest()
+
+
+def code_digest(function) -> str:
+    """What a kernel's code is: the file that defines it and fastmlip's kernel package, where every helper a
+    kernel calls lives, hashed once per process.
+
+    Triton's own ``cache_key`` walks the function's syntax tree and every function it calls: ~10 ms a kernel,
+    half a second of a warm start on an H200. A generated file is named by its content and never changes; the
+    package changes only with fastmlip. A function defined anywhere else keeps Triton's key.
+    """
+    path = Path(function.fn.__code__.co_filename).resolve()
+    if path.parent not in (PACKAGE_DIR, (codegen.cache_root() / "generated").resolve()):
+        return function.cache_key
+    return f"{_file_digest(path)}:{function.fn.__name__}:{_package_digest()}"
+
+
 def entry_path(spec, target: Target) -> Path:
     """The cache entry of ``spec`` (a :class:`fastmlip.kernels.precompile.KernelSpec`) compiled for ``target``
     (it may not exist yet); the same on every machine with the same versions."""
@@ -124,7 +152,7 @@ def entry_path(spec, target: Target) -> Path:
 
     from fastmlip import __version__
 
-    parts = (__version__, triton.__version__, target, spec.function.cache_key,
+    parts = (__version__, triton.__version__, target, code_digest(spec.function),
              _portable_specialization(spec.specialization), _compile_environment())
     return compiled_dir(target) / hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:40]
 

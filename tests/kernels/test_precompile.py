@@ -109,6 +109,34 @@ def compile_small(install: str) -> dict:
             "failed": report.failed, "entries": entries, "installed": installed}
 
 
+def code_digests() -> dict:
+    """Entry keys of a generated kernel with Triton's cache_key made to fail, and of a function defined elsewhere."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from triton.runtime.jit import JITFunction
+
+    from fastmlip.kernels import kernel_cache, precompile
+
+    spec = precompile.unique(small_specs())[0]
+    target = precompile.Target.parse("sm_90")
+
+    def no_walk(self):
+        raise AssertionError("Triton's cache_key was computed")
+
+    triton_key, JITFunction.cache_key = JITFunction.cache_key, property(no_walk)
+    try:
+        key = kernel_cache.code_digest(spec.function)
+        same_entry = precompile.entry_path(spec, target) == precompile.entry_path(spec, target)
+    finally:
+        JITFunction.cache_key = triton_key
+    path = Path(spec.function.fn.__code__.co_filename).resolve()
+    return {"generated": spec.function.module.startswith("fastmlip_generated_"), "key": key,
+            "same_entry": same_entry, "file_digest": kernel_cache._file_digest(path),
+            "package_digest": kernel_cache._package_digest(),
+            "elsewhere": kernel_cache.code_digest(SimpleNamespace(cache_key="triton's", fn=code_digests))}
+
+
 # --- the tests -------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -190,13 +218,22 @@ def test_cache_entries_do_not_depend_on_where_triton_is_installed(tmp_path, monk
 
     def spec(triton_dir, num_warps=4):
         options = {"num_warps": num_warps, "extern_libs": [["libdevice", f"{triton_dir}/lib/libdevice.10.bc"]]}
-        return SimpleNamespace(function=SimpleNamespace(cache_key="abc"),
+        return SimpleNamespace(function=SimpleNamespace(cache_key="abc", fn=test_target_names),
                                specialization=json.dumps({"name": "k", "options": options}))
 
     here = precompile.entry_path(spec("/home/me/venv/triton/backends/nvidia"), target)
     there = precompile.entry_path(spec("/opt/site/triton/backends/nvidia"), target)
     assert here == there
     assert precompile.entry_path(spec("/opt/site/triton/backends/nvidia", num_warps=8), target) != here
+
+
+def test_cache_entries_key_generated_kernels_by_their_file(tmp_path):
+    """A generated kernel's entry is keyed by its file and the kernel package, without Triton's cache_key (an AST
+    walk of each kernel, half a second of a warm start); a kernel defined elsewhere keeps Triton's key."""
+    result = child("digest", tmp_path / "cache")
+    assert result["generated"] and result["same_entry"]
+    assert result["file_digest"] in result["key"] and result["package_digest"] in result["key"]
+    assert result["elsewhere"] == "triton's"
 
 
 def test_warmup_command_errors(capsys, monkeypatch):
@@ -221,5 +258,5 @@ def test_info_shows_the_cache(tmp_path, monkeypatch, capsys):
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    result = steps_against_dry_run() if mode == "steps" else compile_small(sys.argv[2])
+    result = {"steps": steps_against_dry_run, "digest": code_digests}.get(mode, lambda: compile_small(sys.argv[2]))()
     print(json.dumps(result))

@@ -134,7 +134,8 @@ def _load_restart(path: str, settings: dict, atoms) -> dict:
 def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timestep: float = 1.0,
              temperature=None, thermostat: str = "langevin", friction: float = 0.01, pressure=None, seed: int = 0,
              device="auto", dtype="float32", trajectory=None, interval: int = 10, restart=None,
-             restart_every: int = 1000, steps_per_replay: int = 1, progress=None, **calculator_options) -> Run:
+             restart_every: int = 1000, steps_per_replay: int = 1, progress=None, on_setup=None,
+             **calculator_options) -> Run:
     """Run ``steps`` MD steps of ``atoms`` (not modified) with ``model`` (anything :class:`Calculator` takes).
 
     ``ensemble``: "nve" (velocity Verlet), "nvt" (``thermostat`` "langevin": BAOAB, or "csvr": Bussi rescaling;
@@ -143,7 +144,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     momenta and with a temperature, Maxwell-Boltzmann velocities are drawn from ``seed``. ``trajectory``: a file
     (.extxyz, .xyz, .traj) that gets a frame every ``interval`` steps. ``restart``: see the module docstring;
     ``steps`` is the whole run's length, resumed runs included. ``progress(step)`` is called every ``interval``
-    steps. ``steps_per_replay`` > 1 (NVE, NVT): that many steps, integrator included, per CUDA graph replay
+    steps; ``on_setup(seconds)`` once the first forces are in, before the first step (``fastmlip md`` prints its
+    setup line there). ``steps_per_replay`` > 1 (NVE, NVT): that many steps, integrator included, per CUDA graph replay
     (:mod:`fastmlip.replayed_steps`; on a CPU the same steps run eagerly; on CUDA only where the calculator
     replays its steps, else a warning says why not); the calculator keeps them, so a later run on it with the same
     settings (the seed aside), atoms, cell and ``steps_per_replay`` replays the same graph instead of capturing
@@ -211,6 +213,8 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     if step == 0:
         copies.add(state, frame=writer is not None, report=False)
     setup = time.perf_counter() - started
+    if on_setup:
+        on_setup(setup)
     loop_start, first_step = time.perf_counter(), state.step
     try:
         while state.step < steps:

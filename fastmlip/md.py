@@ -277,24 +277,26 @@ def simulate(args):
     dynamics = make_dynamics(atoms, args) if args.engine == "ase" else None
     if dynamics is None and not np.any(atoms.get_momenta()):
         thermalize(atoms, args.temperature, np.random.default_rng(args.seed))
+
+    def announce(first_step_seconds: float) -> None:
+        load_seconds = time.perf_counter() - load_start
+        modules = "fastmlip modules" if calculator.framework.is_accelerated(calculator.model) else "e3nn modules"
+        framework = calculator.framework.FRAMEWORK
+        dtype = str(calculator.dtype).replace("torch.", "")
+        steps_as = "CUDA graph replays" if calculator.cuda_graph else f"eager steps: {calculator.cuda_graph_obstacle}"
+        if calculator.chunk_edges is not None:
+            steps_as += (f"; convolutions in chunks of at most {calculator.chunk_edges} edges (weights recomputed in "
+                         "the backward: they would not fit whole)")
+        print(f"{len(atoms)} atoms {atoms.get_chemical_formula()}, model {args.model} ({framework}, {modules}, "
+              f"{dtype}, {calculator.device}{f', {threads} thread(s)' if threads else ''}; {steps_as}), "
+              f"{args.ensemble.upper()} at {args.temperature:g} K, dt {args.timestep:g} fs", flush=True)
+        print(f"setup {load_seconds:.1f} s: {describe_setup(calculator, first_step_seconds)}", flush=True)
+
+    if args.engine == "device":  # its first step is the engine's own: forces without stress, its cell tensor
+        return atoms, calculator, *_run_engine(args, atoms, calculator, announce)
     first_step = time.perf_counter()
     atoms.get_forces()  # first step: neighbour list, CUDA graph capture; timed separately
-    first_step_seconds = time.perf_counter() - first_step
-    load_seconds = time.perf_counter() - load_start
-    modules = "fastmlip modules" if calculator.framework.is_accelerated(calculator.model) else "e3nn modules"
-    framework = calculator.framework.FRAMEWORK
-    dtype = str(calculator.dtype).replace("torch.", "")
-    steps_as = "CUDA graph replays" if calculator.cuda_graph else f"eager steps: {calculator.cuda_graph_obstacle}"
-    if calculator.chunk_edges is not None:
-        steps_as += (f"; convolutions in chunks of at most {calculator.chunk_edges} edges (weights recomputed in "
-                     "the backward: they would not fit whole)")
-    print(f"{len(atoms)} atoms {atoms.get_chemical_formula()}, model {args.model} ({framework}, {modules}, "
-          f"{dtype}, {calculator.device}{f', {threads} thread(s)' if threads else ''}; {steps_as}), "
-          f"{args.ensemble.upper()} at {args.temperature:g} K, dt {args.timestep:g} fs", flush=True)
-    print(f"setup {load_seconds:.1f} s: {describe_setup(calculator, first_step_seconds)}", flush=True)
-
-    if args.engine == "device":
-        return atoms, calculator, *_run_engine(args, atoms, calculator)
+    announce(time.perf_counter() - first_step)
     writer = TrajectoryWriter(args.traj) if args.traj else None
     n_atoms = len(atoms)
     records = []  # (time ps, potential eV/atom, kinetic eV/atom, temperature K)
@@ -326,19 +328,29 @@ def simulate(args):
     return atoms, calculator, np.array(records).reshape(-1, 4), np.array(step_seconds)
 
 
-def _run_engine(args, atoms, calculator) -> tuple:
+def _run_engine(args, atoms, calculator, announce) -> tuple:
     """MD through fastmlip.simulate; (records, step_seconds) as the ASE loop returns them (every step the same:
-    the engine times the whole loop, it does not wait for each step)."""
+    the engine times the whole loop, it does not wait for each step). ``announce(seconds)`` prints the setup line
+    once the engine's first forces are in."""
     from tqdm import tqdm
 
     from .engine import simulate
 
-    with tqdm(total=args.steps, unit="step", disable=args.no_progress, file=sys.stderr) as bar:
+    bars = []  # opened after the setup line, which must not land inside the bar
+
+    def setup_done(seconds: float) -> None:
+        announce(seconds)
+        bars.append(tqdm(total=args.steps, unit="step", disable=args.no_progress, file=sys.stderr))
+
+    try:
         run = simulate(atoms, calculator, ensemble=args.ensemble, steps=args.steps, timestep=args.timestep,
                        temperature=args.temperature, thermostat=args.thermostat, friction=args.friction,
                        pressure=args.pressure, seed=args.seed, trajectory=args.traj, interval=args.interval,
                        restart=args.restart, steps_per_replay=args.steps_per_replay,
-                       progress=lambda step: bar.update(step - bar.n))
+                       progress=lambda step: bars[0].update(step - bars[0].n), on_setup=setup_done)
+    finally:
+        for bar in bars:
+            bar.close()
     if run.timing["replays"]:
         print(f"replays: {run.timing['replays']}")
     atoms.set_cell(run.atoms.cell)

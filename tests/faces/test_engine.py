@@ -320,3 +320,30 @@ def test_a_later_run_reuses_the_replayed_steps_its_calculator_kept(tmp_path):
         fastmlip.simulate(run_atoms, calc, steps=1, steps_per_replay=length, **run_options)
         assert calc.kept_replay is not kept, (length, run_options)  # one change from the run before each
         kept = calc.kept_replay
+
+
+def test_fastmlip_md_captures_one_step_at_setup(eager_graphs, monkeypatch, capsys):
+    """``fastmlip md``'s first step is the engine's own (forces without stress, the engine's cell tensor): one
+    capture at setup, not one for an ASE step with stress and another for the engine. Its setup line comes once
+    the engine's first forces are in."""
+    import argparse
+
+    from fastmlip import md
+
+    enable = StepReplays.__init__
+
+    def replaying(replays, *args, **kwargs):
+        enable(replays, *args, **kwargs)
+        replays.enabled, replays.request = True, True
+
+    monkeypatch.setattr(StepReplays, "__init__", replaying)
+    parser = argparse.ArgumentParser()
+    md.add_arguments(parser)
+    args = parser.parse_args(["--demo", "si", "--repeat", "1", "--steps", "4", "--interval", "2", "--device", "cpu",
+                              "--dtype", "float64", "--accelerate", "yes", "--no-progress", "--threads", "1"])
+    atoms, calculator, records, _ = md.simulate(args)
+    assert calculator.replays.capture_reasons == ["first"]
+    assert not calculator.replays.step.with_stress
+    setup_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("setup ")]
+    assert len(setup_lines) == 1 and "first step" in setup_lines[0], setup_lines
+    assert len(records) == 3  # steps 0, 2, 4

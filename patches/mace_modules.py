@@ -166,7 +166,8 @@ class FastInteraction(nn.Module):
         self.linear = swaps.maybe_fast(original.linear, e3nn_modules.FastLinear)
         self.skip_tp = swaps.maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
-        self.register_buffer("reshape_index", _reshape_index(original.reshape), persistent=False)
+        device = next(original.parameters()).device  # surgery happens where the model already is
+        self.register_buffer("reshape_index", _reshape_index(original.reshape, device), persistent=False)
 
     def extra_repr(self) -> str:
         return f"problem={self.problem}, residual={self.residual}"
@@ -199,7 +200,7 @@ class FastInteraction(nn.Module):
         return reshaped.view(message.shape[0], self.reshape.muls[0], -1), sc
 
 
-def _reshape_index(reshape: nn.Module) -> Optional[torch.Tensor]:
+def _reshape_index(reshape: nn.Module, device) -> Optional[torch.Tensor]:
     """The column each output column of MACE's ``reshape_irreps`` reads, in its "mul_ir" layout (without
     cuEquivariance, or with it in "mul_ir"): output [N, mul, sum of dims] column (u, offset of irrep i + k) is input
     column (start of irrep i + u * dim i + k). None where the layout is another (the module then runs as it is)."""
@@ -209,7 +210,7 @@ def _reshape_index(reshape: nn.Module) -> Optional[torch.Tensor]:
         return None
     starts = [sum(m * d for m, d in zip(muls[:i], dims[:i])) for i in range(len(muls))]
     return torch.tensor([start + u * d + k for u in range(muls[0]) for start, d in zip(starts, dims)
-                         for k in range(d)], dtype=torch.long)
+                         for k in range(d)], dtype=torch.long, device=device)
 
 
 def _interaction_obstacle(module) -> Optional[str]:

@@ -5,6 +5,7 @@ After an intended change, regenerate them with ``python tests/kernels/test_gener
 """
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -40,6 +41,29 @@ def test_generator_writes_the_checked_in_source(name):
     assert generated(name) == (FIXTURES / name).read_text(), (
         f"the generator's {name} changed: if intended, run `python tests/kernels/test_generated_kernels.py` and review the "
         "diff of tests/fixtures/kernels/")
+
+
+@pytest.mark.parametrize("name", NAMES + ("two_functions",))
+def test_kernel_source_lines_are_what_inspect_finds(name, tmp_path):
+    """codegen answers Triton's ``inspect.getsourcelines`` for a generated kernel without tokenising its file (a
+    warm start reads ~50 of them): the lines inspect itself finds."""
+    import inspect
+
+    from fastmlip.kernels import codegen
+
+    text = generated(name) if name in NAMES else (
+        "import triton\n\n\n@triton.jit\ndef first(x):\n    y = x\n\n    return y\n\n\n"
+        "@triton.jit(do_not_specialize=['n'])\ndef second(x, n):\n    return x\n")
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    module = codegen._import(f"fastmlip_generated_lines_{path.stem.replace('-', '_')}", path)
+    functions = [getattr(value, "fn", value) for value in vars(module).values() if hasattr(value, "fn")]
+    assert functions
+    for function in functions:
+        with codegen._kernel_sources_of(path), mock.patch.object(inspect, "getblock", side_effect=AssertionError):
+            answered = inspect.getsourcelines(function)  # inspect's own would tokenise (getblock)
+        assert answered == inspect.getsourcelines(function)
+        assert answered[0][-1].strip()  # ends on the kernel's last line, not on blank lines
 
 
 if __name__ == "__main__":

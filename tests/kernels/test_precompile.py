@@ -236,6 +236,24 @@ def test_cache_entries_key_generated_kernels_by_their_file(tmp_path):
     assert result["elsewhere"] == "triton's"
 
 
+def test_generated_modules_import_from_bytecode_written_once(tmp_path, monkeypatch):
+    """A generated module's bytecode is written beside it even under PYTHONDONTWRITEBYTECODE (its imports are part
+    of every warm start); damaged bytecode is removed and the source imported instead."""
+    import importlib.util
+    from pathlib import Path
+
+    from fastmlip.kernels import codegen
+
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module = codegen.load_module("bytecode-check", lambda: "VALUE = 42\n")
+    bytecode = Path(importlib.util.cache_from_source(module.__file__))
+    assert module.VALUE == 42 and bytecode.is_file() and bytecode.parent.parent == tmp_path / "generated"
+    bytecode.write_bytes(bytecode.read_bytes()[:20])  # its header, then nothing
+    again = codegen._import("fastmlip_generated_bytecode_check_again", Path(module.__file__))
+    assert again.VALUE == 42 and not bytecode.exists()
+
+
 def test_warmup_command_errors(capsys, monkeypatch):
     from fastmlip.cli import main
 

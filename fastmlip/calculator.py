@@ -175,11 +175,7 @@ class Calculator(AseCalculator):
             raise PropertyNotImplementedError(
                 "stress needs a periodic structure with a cell of non-zero volume; "
                 f"this one has pbc={list(pbc)} and cell {cell_host.tolist()}")
-        if self._cell is None or self._cell[0] is None or not np.array_equal(self._cell[0], cell_host) or \
-                self._cell[2] != pbc:
-            self._cell = (cell_host.copy(), torch.as_tensor(cell_host, device=self.device), pbc,
-                          wrap_basis(cell_host, pbc).to(self.device))
-        cell = self._cell[1]
+        cell = self.device_cell(cell_host, pbc)
 
         positions = torch.as_tensor(positions, device=self.device)  # the one host->device copy
         flat = self.replays.replay(positions, cell, pbc, with_stress)
@@ -190,8 +186,22 @@ class Calculator(AseCalculator):
         self.results = results
 
     def bind(self, atoms) -> None:
-        """Check ``atoms``' species, cell and positions once, for a run of :meth:`evaluate` calls on them."""
-        self._numbers = self.check(atoms)
+        """Check ``atoms``' species, cell and positions once, for a run of :meth:`evaluate` calls on them. The
+        same atomic numbers keep their device tensor (captured steps are matched to it by identity), so a later
+        run on them replays what an earlier one captured."""
+        numbers = self.check(atoms)
+        if self._numbers is None or not torch.equal(numbers, self._numbers):
+            self._numbers = numbers
+
+    def device_cell(self, cell, pbc) -> torch.Tensor:
+        """``cell`` (3x3, A) as the float64 device tensor to pass to :meth:`evaluate`: the same tensor while the
+        cell and ``pbc`` stay (captured steps are matched to it by identity)."""
+        cell_host = np.asarray(cell, dtype=np.float64)
+        if self._cell is None or self._cell[0] is None or not np.array_equal(self._cell[0], cell_host) or \
+                self._cell[2] != pbc:
+            self._cell = (cell_host.copy(), torch.as_tensor(cell_host, device=self.device), pbc,
+                          wrap_basis(cell_host, pbc).to(self.device))
+        return self._cell[1]
 
     def check(self, atoms) -> torch.Tensor:
         """The atomic numbers of ``atoms`` on the device; :class:`StructureError` for no atoms, elements the model

@@ -176,13 +176,14 @@ def simulate(atoms, model="7net-0", *, ensemble: str = "nve", steps: int, timest
     as_device = lambda array: torch.as_tensor(np.asarray(array), dtype=torch.float64, device=device)  # noqa: E731
     generator = torch.Generator(device=device).manual_seed(seed)
     thermo = []
-    positions, momenta, cell = as_device(atoms.positions), as_device(_initial_momenta(atoms, settings)), \
-        as_device(atoms.cell.array)
+    positions, momenta = as_device(atoms.positions), as_device(_initial_momenta(atoms, settings))
+    cell = calculator.device_cell(atoms.cell.array, pbc)  # the tensor an earlier run's captured steps know
     step = 0
     payload = None
     if restart and os.path.exists(restart):
         payload = _load_restart(restart, settings, atoms)
-        positions, momenta, cell = (as_device(payload[k]) for k in ("positions", "momenta", "cell"))
+        positions, momenta = as_device(payload["positions"]), as_device(payload["momenta"])
+        cell = calculator.device_cell(payload["cell"], pbc)
         generator.set_state(payload["generator"].to(generator.get_state().device))
         step, thermo = int(payload["step"]), list(payload["thermo"])
         if payload.get("neighbors"):

@@ -347,3 +347,13 @@ def test_fastmlip_md_captures_one_step_at_setup(eager_graphs, monkeypatch, capsy
     setup_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("setup ")]
     assert len(setup_lines) == 1 and "first step" in setup_lines[0], setup_lines
     assert len(records) == 3  # steps 0, 2, 4
+
+
+def test_a_later_run_replays_the_step_an_earlier_run_captured(eager_graphs):
+    """simulate() in chunks on one calculator: the same atoms and cell keep their device tensors, so the second
+    run replays the step the first captured instead of capturing again."""
+    atoms, options = _hot_silicon(1, interval=2)
+    calc = eager_graphs()
+    fastmlip.simulate(atoms, calc, steps=4, **options)
+    fastmlip.simulate(atoms, calc, steps=4, **options)
+    assert calc.replays.capture_reasons == ["first"]

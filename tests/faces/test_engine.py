@@ -357,3 +357,27 @@ def test_a_later_run_replays_the_step_an_earlier_run_captured(eager_graphs):
     fastmlip.simulate(atoms, calc, steps=4, **options)
     fastmlip.simulate(atoms, calc, steps=4, **options)
     assert calc.replays.capture_reasons == ["first"]
+
+
+@pytest.mark.parametrize("make, operations", [
+    (lambda evaluate: integrators.VelocityVerlet(1.0, evaluate), 3),  # two kicks and a drift
+    (lambda evaluate: integrators.Langevin(1.0, evaluate, 300.0, 0.01), 9),  # and noise, its spread, no drift
+])
+def test_an_integrator_step_is_a_few_fused_operations(make, operations):
+    """Every tensor operation of an integrator step is a kernel launch of each replayed MD step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    state = argon()
+    integrator = make(lambda positions, cell: (state.energy, state.forces, state.stress))
+    generator = torch.Generator().manual_seed(0)
+    integrator.step(state, generator)  # what depends on the masses only is made once
+    dispatched = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            dispatched.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        integrator.step(state, generator)
+    assert len(dispatched) == operations, dispatched

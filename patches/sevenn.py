@@ -432,10 +432,39 @@ def _edge_force_head(model):
 
 
 def _until_head(model, data):
-    """``model(data)`` without its final force/stress module: the per-atom energies and the graph behind them."""
-    data = model._preprocess(data)
+    """``model(data)`` without its final force/stress module: the per-atom energies and the graph behind them.
+
+    The species lookup and the one-hot embedding are the same every step of a structure, so they are kept on its
+    atomic-numbers tensor (:mod:`fastmlip.memo`): a captured step launches none of them (4 launches)."""
+    from sevenn.nn.node_embedding import OnehotEmbedding
+
+    data = _preprocess(model, data)
     for module in list(model)[:-1]:
-        data = module(data)
+        data = _embedded(module, data) if type(module) is OnehotEmbedding else module(data)
+    return data
+
+
+def _preprocess(model, data):
+    """``model._preprocess(data)`` (sevenn's AtomGraphSequential) with its species lookup kept per structure."""
+    if model.eval_type_map:
+        numbers = data[model.key_atomic_numbers]
+        table = tuple(sorted((model.type_map or {}).items()))  # the key says which model's lookup it is
+        data[model.key_node_feature] = memo.derived(numbers, ("sevenn_type_index", table),
+                                                    lambda: model._atomic_numbers_to_onehot(numbers))
+    if model.eval_modal_map:
+        model._eval_modal_map(data)
+    if model.key_grad is not None:
+        data[model.key_grad].requires_grad_(True)
+    return data
+
+
+def _embedded(module, data):
+    """A one-hot embedding module's outputs, kept on the species index they come from."""
+    index = data[module.key_x]
+    reference = module._buffers.get("_dtype_reference")  # the dtype it casts to (_make_onehots_follow_dtype)
+    key = ("sevenn_onehot", module.num_classes, module.key_output, module.key_save, module.key_additional_output,
+           None if reference is None else reference.dtype)
+    data.update(memo.derived(index, key, lambda: dict(module(GraphData({module.key_x: index})))))
     return data
 
 

@@ -157,6 +157,17 @@ def test_sevennet_step_without_stress_builds_no_virial(kernels_skipped):
     assert "aten::cat" not in again and "aten::cat" in stressed, again
 
 
+def test_sevennet_species_embedding_is_made_once_per_structure(kernels_skipped):
+    """The species lookup and one-hot embedding are kept on the atomic-numbers tensor: a second step of the same
+    structure launches neither."""
+    patch, model, atoms = accelerated_sevennet()
+    structure = structure_tensors(atoms, model.cutoff)
+    first = dispatched(lambda: patch.compute(model, *structure, validated=True))
+    second = dispatched(lambda: patch.compute(model, *structure, validated=True))
+    assert "aten::scatter_" in first and "aten::scatter_" not in second, second
+    assert second["aten::index_select"] == first["aten::index_select"] - 1, (first, second)
+
+
 def test_the_recorder_sees_an_index_backward():
     """The recorder itself: ``x[idx]``'s backward is what it must catch."""
     x = torch.randn(5, 3, requires_grad=True)

@@ -175,9 +175,8 @@ def _kernel_sources_of(path: Path):
     without tokenising the file: Triton reads every kernel's source that way, and the tokeniser walking ~50 long
     kernel files cost 0.3 s of a warm start on the H200 (11 ms a file here). A generated file holds its kernel
     as a top-level function (:func:`jit_header`), so its lines run from its first decorator to the last
-    non-blank line before the next one that starts at column 0, or the file's end (what inspect answers:
-    ``tests/kernels/test_generated_kernels.py``).
-    Functions of every other file get inspect's own answer."""
+    non-blank line before the next line that starts at column 0, or to the file's end: what inspect answers
+    (``tests/kernels/test_generated_kernels.py``). Functions of other files get inspect's own answer."""
     lines = path.read_text().splitlines(keepends=True)
     original = inspect.getsourcelines
 

@@ -434,13 +434,20 @@ def _edge_force_head(model):
 def _until_head(model, data):
     """``model(data)`` without its final force/stress module: the per-atom energies and the graph behind them.
 
-    The species lookup and the one-hot embedding are the same every step of a structure, so they are kept on its
-    atomic-numbers tensor (:mod:`fastmlip.memo`): a captured step launches none of them (4 launches)."""
+    The species lookup, the one-hot embedding and the per-species energy scale and shift are the same every step
+    of a structure, so they are kept on its atomic-numbers tensor (:mod:`fastmlip.memo`): a captured step
+    launches none of them (7 launches)."""
     from sevenn.nn.node_embedding import OnehotEmbedding
+    from sevenn.nn.scale import SpeciesWiseRescale
 
     data = _preprocess(model, data)
     for module in list(model)[:-1]:
-        data = _embedded(module, data) if type(module) is OnehotEmbedding else module(data)
+        if type(module) is OnehotEmbedding:
+            data = _embedded(module, data)
+        elif type(module) is SpeciesWiseRescale:
+            data = _rescaled(module, data)
+        else:
+            data = module(data)
     return data
 
 
@@ -455,6 +462,18 @@ def _preprocess(model, data):
         model._eval_modal_map(data)
     if model.key_grad is not None:
         data[model.key_grad].requires_grad_(True)
+    return data
+
+
+def _rescaled(module, data):
+    """sevenn's ``SpeciesWiseRescale``: x * scale[species] + shift[species], the gathered factors kept on the
+    species index and the rest one fused operation. The key names the parameters by identity, which the kept
+    value holds (so no other tensor can take their id while it is kept), and by version."""
+    index = data[module.key_indices]
+    scale, shift = module.scale, module.shift
+    kept = memo.derived(index, ("sevenn_rescale", id(scale), scale._version, id(shift), shift._version),
+                        lambda: (scale, shift, scale[index].view(-1, 1), shift[index].view(-1, 1)))
+    data[module.key_output] = torch.addcmul(kept[3], data[module.key_input], kept[2])
     return data
 
 

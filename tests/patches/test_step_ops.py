@@ -158,14 +158,15 @@ def test_sevennet_step_without_stress_builds_no_virial(kernels_skipped):
 
 
 def test_sevennet_species_embedding_is_made_once_per_structure(kernels_skipped):
-    """The species lookup and one-hot embedding are kept on the atomic-numbers tensor: a second step of the same
-    structure launches neither."""
+    """The species lookup, one-hot embedding and per-species energy scale and shift are kept on the
+    atomic-numbers tensor: a second step of the same structure launches none of them."""
     patch, model, atoms = accelerated_sevennet()
     structure = structure_tensors(atoms, model.cutoff)
     first = dispatched(lambda: patch.compute(model, *structure, validated=True))
     second = dispatched(lambda: patch.compute(model, *structure, validated=True))
     assert "aten::scatter_" in first and "aten::scatter_" not in second, second
     assert second["aten::index_select"] == first["aten::index_select"] - 1, (first, second)
+    assert first["aten::index"] - second.get("aten::index", 0) == 2, (first, second)  # scale[z], shift[z]
 
 
 def test_the_recorder_sees_an_index_backward():

@@ -35,6 +35,14 @@ def derived(tensor: torch.Tensor, key: Hashable, compute: Callable):
     return value
 
 
+def derived_with(tensor: torch.Tensor, key: Hashable, sources: tuple, compute: Callable):
+    """:func:`derived` for a value that also depends on ``sources`` (a model's parameters or buffers): they are
+    named in the key by identity and version, and the kept value holds them, so no other tensor can take their
+    ids while it is kept (a model freed and another built in its place computes anew)."""
+    full_key = (key, tuple((id(source), source._version) for source in sources))
+    return derived(tensor, full_key, lambda: (sources, compute()))[1]
+
+
 def attach(tensor: torch.Tensor, key: Hashable, value) -> None:
     """Give ``tensor`` a value that :func:`attached` returns while the tensor is unchanged (e.g. the edge mask
     that belongs to an edge list)."""

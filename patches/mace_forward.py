@@ -60,7 +60,9 @@ def node_energies(model, data: dict, vectors: torch.Tensor, head: int) -> tuple:
                               lambda: torch.full((num_atoms,), head, dtype=torch.long, device=node_attrs.device))
     lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
 
-    node_e0 = _head_column(model.atomic_energies_fn(node_attrs), head)
+    energies_fn = model.atomic_energies_fn  # e0 per node: the same every step of a structure, kept
+    node_e0, node_e0_double = memo.derived_with(node_attrs, ("node_e0", head), (energies_fn.atomic_energies,),
+                                                lambda: _with_double(_head_column(energies_fn(node_attrs), head)))
     node_feats = model.node_embedding(node_attrs)
     edge_attrs = model.spherical_harmonics(vectors)
     edge_feats, cutoff = model.radial_embedding(lengths, node_attrs, edge_index, model.atomic_numbers)
@@ -75,10 +77,24 @@ def node_energies(model, data: dict, vectors: torch.Tensor, head: int) -> tuple:
     node_es = [_head_column(readout(node_feats_list[-1 if single else k], node_heads), head)
                for k, readout in enumerate(model.readouts)]
     if type(model).__name__ == "ScaleShiftMACE":
-        node_interaction = model.scale_shift(torch.stack(node_es).sum(0), node_heads)
-        return node_e0.double() + node_interaction.double(), node_interaction
+        node_interaction = _scaled_and_shifted(model.scale_shift, torch.stack(node_es).sum(0), node_heads)
+        return node_e0_double + node_interaction.double(), node_interaction
     node_energy = torch.stack([node_e0] + node_es, dim=-1).sum(-1)
     return node_energy, node_energy
+
+
+def _with_double(values: torch.Tensor) -> tuple:
+    return values, values.double()
+
+
+def _scaled_and_shifted(block, x: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
+    """MACE's ``ScaleShiftBlock`` (scale[head] * x + shift[head]) with the per-node factors kept on the node heads,
+    which are the same every step of a structure."""
+    scale, shift = block.scale, block.shift
+    scales, shifts = memo.derived_with(node_heads, "scale_shift", (scale, shift),
+                                       lambda: (torch.atleast_1d(scale)[node_heads],
+                                                torch.atleast_1d(shift)[node_heads]))
+    return scales * x + shifts
 
 
 def forward(model, data: dict, vectors: torch.Tensor, head: int, compute_stress: bool) -> dict:

@@ -467,13 +467,11 @@ def _preprocess(model, data):
 
 def _rescaled(module, data):
     """sevenn's ``SpeciesWiseRescale``: x * scale[species] + shift[species], the gathered factors kept on the
-    species index and the rest one fused operation. The key names the parameters by identity, which the kept
-    value holds (so no other tensor can take their id while it is kept), and by version."""
-    index = data[module.key_indices]
-    scale, shift = module.scale, module.shift
-    kept = memo.derived(index, ("sevenn_rescale", id(scale), scale._version, id(shift), shift._version),
-                        lambda: (scale, shift, scale[index].view(-1, 1), shift[index].view(-1, 1)))
-    data[module.key_output] = torch.addcmul(kept[3], data[module.key_input], kept[2])
+    species index and the rest one fused operation."""
+    index, scale, shift = data[module.key_indices], module.scale, module.shift
+    scales, shifts = memo.derived_with(index, "sevenn_rescale", (scale, shift),
+                                       lambda: (scale[index].view(-1, 1), shift[index].view(-1, 1)))
+    data[module.key_output] = torch.addcmul(shifts, data[module.key_input], scales)
     return data
 
 

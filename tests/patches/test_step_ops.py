@@ -116,8 +116,9 @@ def accelerated_sevennet():
 
 def test_mace_step_gathers_its_reshape_and_keeps_its_species(kernels_skipped):
     """Launches a MACE step no longer makes: reshape_irreps as one gather (its slices cost a zeroed gradient and
-    a copy per irrep in the backward, then the sums), and the one-hot species made once per numbers tensor (a
-    second step of the same structure computes none of it)."""
+    a copy per irrep in the backward, then the sums), and the one-hot species, the e0 per node and
+    ScaleShiftMACE's per-node scale and shift made once per numbers tensor (a second step of the same structure
+    computes none of it)."""
     pytest.importorskip("mace.modules")
     from helpers import mace_models
 
@@ -132,6 +133,8 @@ def test_mace_step_gathers_its_reshape_and_keeps_its_species(kernels_skipped):
     second = dispatched(lambda: patch.compute(model, *structure, validated=True))
     once = {"aten::argmax", "aten::scatter_"}  # the species' one-hot
     assert once <= set(first) and not once & set(second), second
+    assert first["aten::mm"] - second["aten::mm"] == 1, (first, second)  # the e0 per node
+    assert first["aten::index"] - second.get("aten::index", 0) == 2, (first, second)  # scale[head], shift[head]
     # before: a slice_backward per irrep and layer (8 here) and a cat per layer; one is left, the readout's head
     assert first["aten::slice_backward"] <= 1 and "aten::cat" not in first, first
 

@@ -362,9 +362,10 @@ def test_a_later_run_replays_the_step_an_earlier_run_captured(eager_graphs):
 @pytest.mark.parametrize("make, operations", [
     (lambda evaluate: integrators.VelocityVerlet(1.0, evaluate), 3),  # two kicks and a drift
     (lambda evaluate: integrators.Langevin(1.0, evaluate, 300.0, 0.01), 9),  # and noise, its spread, no drift
+    (lambda evaluate: integrators.CSVR(1.0, evaluate, 300.0, 100.0), 17),  # the rescaling's 13, then Verlet's 3
 ])
 def test_an_integrator_step_is_a_few_fused_operations(make, operations):
-    """Every tensor operation of an integrator step is a kernel launch of each replayed MD step."""
+    """Every tensor operation of an integrator step (views aside) is a kernel launch of each replayed MD step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     state = argon()
@@ -375,7 +376,8 @@ def test_an_integrator_step_is_a_few_fused_operations(make, operations):
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            dispatched.append(func._schema.name)
+            if not func.is_view:
+                dispatched.append(func._schema.name)
             return func(*args, **(kwargs or {}))
 
     with Record():

@@ -455,9 +455,8 @@ def _preprocess(model, data):
     """``model._preprocess(data)`` (sevenn's AtomGraphSequential) with its species lookup kept per structure."""
     if model.eval_type_map:
         numbers = data[model.key_atomic_numbers]
-        table = tuple(sorted((model.type_map or {}).items()))  # the key says which model's lookup it is
-        data[model.key_node_feature] = memo.derived(numbers, ("sevenn_type_index", table),
-                                                    lambda: model._atomic_numbers_to_onehot(numbers))
+        data[model.key_node_feature] = memo.derived_with(numbers, "sevenn_type_index", (model.z_to_onehot_tensor,),
+                                                         lambda: model._atomic_numbers_to_onehot(numbers))
     if model.eval_modal_map:
         model._eval_modal_map(data)
     if model.key_grad is not None:

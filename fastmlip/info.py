@@ -38,7 +38,8 @@ def _kernel_cache() -> dict:
     summary = cache_summary()
     entries = ", ".join(f"{n} for {t}" for t, n in summary["compiled"].items()) or "none"
     return {"location": summary["location"], "size_MB": round(summary["bytes"] / 2**20, 1),
-            "compiled_kernels": entries, "generated_sources": summary["generated_sources"]}
+            "compiled_kernels": entries, "generated_sources": summary["generated_sources"],
+            "launch_stubs": summary["launch_stubs"]}
 
 
 def _settings() -> dict:

@@ -191,21 +191,42 @@ def read_entry(entry: Path) -> Optional["Entry"]:
 
 
 def write_entry(entry: Path, kernel) -> None:
-    """Store a CompiledKernel's metadata and binary as ``entry``: written aside, then renamed into place."""
+    """Store a CompiledKernel's metadata and binary as ``entry``."""
     from triton.compiler.compiler import make_backend
 
     binary = "." + make_backend(kernel.metadata.target).binary_ext
-    chosen = {Path(p).name: Path(p) for name, p in kernel.metadata_group.items()
+    chosen = {Path(p).name: Path(p).read_bytes() for name, p in kernel.metadata_group.items()
               if name.endswith(".json") or name.endswith(binary)}
+    _write_files(entry, chosen, {"hash": kernel.hash, "name": kernel.name})
+
+
+def launcher_path(key: str, name: str) -> Path:
+    """The cache entry of a C launch stub: Triton's key for it (its source and the platform) and its file name
+    (which names the Python ABI)."""
+    return codegen.cache_root() / "launchers" / f"{key}_{name}"
+
+
+def write_launcher(key: str, name: str, data: bytes) -> None:
+    """Keep a launch stub Triton built (a shared library of this platform) beside the kernels, so that a machine
+    with this cache but an empty Triton cache (a job on another node) copies it instead of running the C compiler."""
+    _write_files(launcher_path(key, name), {name: data}, {"hash": key, "name": name})
+
+
+def read_launcher(key: str, name: str) -> Optional[bytes]:
+    entry = read_entry(launcher_path(key, name))
+    return None if entry is None or name not in entry.files else Path(entry.files[name]).read_bytes()
+
+
+def _write_files(entry: Path, files: dict, manifest: dict) -> None:
+    """``files`` (name -> bytes) and a manifest of their SHA-256 as ``entry``: written aside, then renamed."""
     staging = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
         digests = {}
-        for name, source in chosen.items():
-            data = source.read_bytes()
+        for name, data in files.items():
             (staging / name).write_bytes(data)
             digests[name] = hashlib.sha256(data).hexdigest()
-        (staging / MANIFEST).write_text(json.dumps({"hash": kernel.hash, "name": kernel.name, "files": digests}))
+        (staging / MANIFEST).write_text(json.dumps({**manifest, "files": digests}))
         try:
             os.rename(staging, entry)
         except OSError:
@@ -241,4 +262,7 @@ def cache_summary() -> dict:
         with contextlib.suppress(OSError):
             size += path.stat().st_size if path.is_file() else 0
     sources = len(list((root / "generated").glob("*.py"))) if (root / "generated").is_dir() else 0
-    return {"location": str(root), "bytes": size, "compiled": targets, "generated_sources": sources}
+    launchers = root / "launchers"
+    stubs = sum(not p.name.startswith(".") for p in launchers.iterdir()) if launchers.is_dir() else 0
+    return {"location": str(root), "bytes": size, "compiled": targets, "generated_sources": sources,
+            "launch_stubs": stubs}

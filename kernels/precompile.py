@@ -151,6 +151,7 @@ class Report:
     compiled: list = field(default_factory=list)  # (label, seconds)
     failed: list = field(default_factory=list)  # (label, reason)
     launchers: int = 0  # C launch stubs built (Triton 3.6)
+    launchers_cached: int = 0  # C launch stubs copied from fastmlip's cache into Triton's
     workers: int = 0
     seconds: float = 0.0
     dry_run_passes: list = field(default_factory=list)  # seconds of each pass of the dry run that found them
@@ -159,6 +160,8 @@ class Report:
         text = f"{self.kernels} kernels for {self.target}: {self.cached} from the cache"
         if self.compiled:
             text += f", {len(self.compiled)} compiled"
+        if self.launchers_cached:
+            text += f", {self.launchers_cached} launch stubs from the cache"
         if self.launchers:
             text += f", {self.launchers} launch stubs built"
         if self.compiled or self.launchers:
@@ -208,7 +211,9 @@ def prepare(specs, *, target: Optional[Target] = None, install: bool = True, wor
         report.cached += 1
         if install:
             _install(spec, entry)
-    launchers = compile_workers.launcher_jobs(specs) if install and compile_workers.cuda_here() else []
+    launchers = []
+    if install and compile_workers.cuda_here():
+        launchers, report.launchers_cached = compile_workers.launcher_jobs(specs)
     if missing or launchers:
         _compile(missing, launchers, target, install, workers or compile_workers.default_workers(), progress, report)
     report.seconds = time.perf_counter() - start

@@ -1,8 +1,8 @@
 """Time to the first MD step, as a new user meets it: ``fastmlip md`` in a fresh process, cold and warm.
 
 cold: an empty fastmlip cache and an empty Triton cache, so every kernel is generated and compiled.
-warm: the fastmlip cache the cold run filled, and again an empty Triton cache (fastmlip's cache alone must do;
-      Triton 3.6's C launch stubs are built again).
+warm: the fastmlip cache the cold run filled, and again an empty Triton cache (fastmlip's cache alone must do:
+      a job on another node; Triton 3.6's C launch stubs come from fastmlip's cache).
 warm+triton: both caches as the warm run left them (a second run on the same machine).
 Each run is a fresh ``python`` process; "to first step" is measured from just before the process starts to the
 moment it prints its ``setup`` line, which comes right after the first step (so it includes Python's start, the

@@ -197,6 +197,43 @@ def test_processes_starting_at_once_share_the_cache(tmp_path):
     assert final["cached"] == 2 and final["compiled"] == 0  # ...and every entry whole afterwards
 
 
+def test_launch_stubs_are_kept_and_copied_into_an_empty_triton_cache(tmp_path, monkeypatch):
+    """A node whose Triton cache is empty takes Triton's C launch stubs from fastmlip's cache instead of
+    running the C compiler; a damaged copy is built again, not loaded. (Triton 3.6 has such stubs; here a stand-in
+    stub and key, since the CPU's Triton may have none.)"""
+    import shutil
+
+    from triton.runtime.cache import get_cache_manager
+
+    from fastmlip.kernels import compile_workers
+
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path / "fastmlip"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    key, name = "ab" * 32, compile_workers._launcher_name()
+    monkeypatch.setattr(compile_workers, "_launch_stubs", lambda specs: [(key, "/* stub */", "a kernel")])
+
+    jobs, copied = compile_workers.launcher_jobs([])
+    assert copied == 0 and [job["key"] for job in jobs] == [key]  # in neither cache: a worker builds it
+    get_cache_manager(key).put(b"built stub", name, binary=True)  # what the worker's C compile leaves there
+    compile_workers.keep_launcher(key)
+
+    shutil.rmtree(tmp_path / "triton")
+    assert compile_workers.launcher_jobs([]) == ([], 1)
+    with open(get_cache_manager(key).get_file(name), "rb") as handle:
+        assert handle.read() == b"built stub"
+
+    shutil.rmtree(tmp_path / "triton")
+    kept = tmp_path / "fastmlip" / "launchers" / f"{key}_{name}" / name
+    kept.write_bytes(b"built stu")
+    jobs, copied = compile_workers.launcher_jobs([])
+    assert copied == 0 and len(jobs) == 1 and get_cache_manager(key).get_file(name) is None
+
+    shutil.rmtree(tmp_path / "fastmlip")  # Triton's cache has it, fastmlip's not (filled before this): kept
+    get_cache_manager(key).put(b"built stub", name, binary=True)
+    assert compile_workers.launcher_jobs([]) == ([], 0)
+    assert kept.read_bytes() == b"built stub"
+
+
 def test_target_names():
     from fastmlip.kernels.precompile import Target
 
@@ -271,7 +308,8 @@ def test_info_shows_the_cache(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path / "somewhere"))
     assert main(["info"]) == 0
-    assert str(tmp_path / "somewhere") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(tmp_path / "somewhere") in out and "launch_stubs" in out
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ def load(path_or_name, device=None, dtype=None, *, trusted: bool = False, sha256
     elif stored.get("format") == "exported":  # comes accelerated: its kernels, before anything runs
         from fastmlip.patches import self_check
 
+        start = time.perf_counter()
         model.__dict__["_fastmlip_kernels"] = self_check.prepare_kernels(model, patch)
+        model.__dict__["_fastmlip_timing"] = {"kernels": time.perf_counter() - start}
     return model
 
 
@@ -210,11 +212,11 @@ def last_check(model):
 
 def setup_timing(model) -> dict:
     """Seconds the last :func:`accelerate` spent on the surgery, the kernels (dry run and compile or cache) and
-    the self-check."""
+    the self-check; for an exported file, what :func:`load` spent on its kernels."""
     return dict(model.__dict__.get("_fastmlip_timing") or {})
 
 
 def kernel_report(model):
-    """What the last :func:`accelerate` did to make the model's kernels ready
+    """What the last :func:`accelerate` (or :func:`load` of an exported file) did to make the model's kernels ready
     (:class:`fastmlip.kernels.precompile.Report`; None where the model runs no Triton kernels)."""
     return model.__dict__.get("_fastmlip_kernels")

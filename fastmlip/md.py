@@ -237,14 +237,16 @@ def describe_setup(calculator, first_step_seconds: float) -> str:
 
     parts = [f"model {calculator.setup_seconds['load']:.1f} s"]
     loading = calculator.model.__dict__.get(files.LOAD_TIMING_ATTRIBUTE)
+    timing, report = setup_timing(calculator.model), kernel_report(calculator.model)
+    kernels = f"kernels {timing['kernels']:.1f} s ({report.summary()})" if report is not None else None
     if loading:
         parts[0] += (f" (imports {loading['imports']:.1f}, build {loading['build']:.1f}, to "
-                     f"{calculator.device.type} {loading['to_device']:.1f})")
+                     f"{calculator.device.type} {loading['to_device']:.1f}"
+                     f"{'; ' + kernels if kernels and 'accelerate' not in calculator.setup_seconds else ''})")
     if "accelerate" in calculator.setup_seconds:
-        timing, report = setup_timing(calculator.model), kernel_report(calculator.model)
         parts.append(f"surgery {timing['surgery']:.1f} s")
-        if report is not None:
-            parts.append(f"kernels {timing['kernels']:.1f} s ({report.summary()})")
+        if kernels:
+            parts.append(kernels)
         if "check" in timing:
             parts.append(f"self-check {timing['check']:.1f} s")
     parts.append(f"first step {first_step_seconds:.1f} s")

@@ -145,6 +145,16 @@ for phase in "$@"; do
         --backends fastmlip-md,fastmlip-md-verlet,fastmlip-md-replay,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 240 --no-sweep \
         --out "$out/mdloop_mace"
       ;;
+    mdloop-fastmace)
+      # the default engine alone against FastMACE 1.0 (its setup is ~100 s a case): MACE-medium-like Si 216 and
+      # Cu 4000, then MACE-large-like Cu 4000
+      step mdloop_fastmace 330 python3 "$repo/scripts/bench_md.py" --models mace-medium --systems Si216,Cu4000 \
+        --backends fastmlip-md,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 200 --no-sweep \
+        --out "$out/mdloop_fastmace"
+      step mdloop_fastmace_large 240 python3 "$repo/scripts/bench_md.py" --models mace-large --systems Cu4000 \
+        --backends fastmlip-md,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 200 --no-sweep \
+        --out "$out/mdloop_fastmace_large"
+      ;;
     mdloop-sevenn)
       step mdloop_sevenn 300 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Si216,Cu4000 \
         --backends fastmlip,fastmlip-md,fastmlip-md-verlet,fastmlip-md-replay,cueq --md-steps 300 --md-warmup 50 --no-sweep \

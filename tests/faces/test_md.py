@@ -131,3 +131,29 @@ def test_thermalize_draws_what_ase_draws(temperature_K):
     Stationary(expected)
     thermalize(atoms, temperature_K, np.random.default_rng(7))
     np.testing.assert_allclose(atoms.get_momenta(), expected.get_momenta(), rtol=1e-14, atol=1e-15)
+
+
+def test_setup_line_names_an_exported_files_kernels():
+    """An exported file comes accelerated: the setup line says what loading it spent on its kernels (the cold
+    start's largest part on a GPU), inside the model's share; an accelerated one lists them after the surgery."""
+    from types import SimpleNamespace
+
+    from fastmlip.kernels.precompile import Report
+    from fastmlip.md import describe_setup
+    from fastmlip.patches import files
+
+    report = Report("sm_90", kernels=42, cached=42, launchers_cached=12, seconds=0.1)
+    model = SimpleNamespace()
+    model.__dict__.update({files.LOAD_TIMING_ATTRIBUTE: {"imports": 0.0, "build": 0.1, "to_device": 0.0},
+                           "_fastmlip_kernels": report, "_fastmlip_timing": {"kernels": 0.9}})
+    exported = SimpleNamespace(model=model, setup_seconds={"load": 1.2}, device=SimpleNamespace(type="cuda"))
+    assert describe_setup(exported, 0.2) == (
+        "model 1.2 s (imports 0.0, build 0.1, to cuda 0.0; kernels 0.9 s (42 kernels for sm_90: 42 from the cache, "
+        "12 launch stubs from the cache in 0.1 s)); first step 0.2 s")
+
+    model.__dict__["_fastmlip_timing"] = {"surgery": 0.0, "kernels": 0.9, "check": 0.4}
+    accelerated = SimpleNamespace(model=model, setup_seconds={"load": 1.2, "accelerate": 1.3},
+                                  device=SimpleNamespace(type="cuda"))
+    assert describe_setup(accelerated, 0.2).endswith(
+        "surgery 0.0 s; kernels 0.9 s (42 kernels for sm_90: 42 from the cache, 12 launch stubs from the cache in "
+        "0.1 s); self-check 0.4 s; first step 0.2 s")

@@ -155,6 +155,12 @@ for phase in "$@"; do
         --backends fastmlip-md,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 200 --no-sweep \
         --out "$out/mdloop_fastmace_large"
       ;;
+    loop-vs-step-cu4000)
+      # #13's "4000-atom rows no slower than the calculator path": whole MD steps against energy+forces steps
+      step loop_vs_step_cu4000 280 python3 "$repo/scripts/bench_md.py" --models sevenn,mace-medium --systems Cu4000 \
+        --backends fastmlip,fastmlip-md --steps 10 --warmup 3 --md-steps 100 --md-warmup 20 --no-sweep \
+        --out "$out/loop_vs_step_cu4000"
+      ;;
     mdloop-sevenn)
       step mdloop_sevenn 300 python3 "$repo/scripts/bench_md.py" --models sevenn --systems Si216,Cu4000 \
         --backends fastmlip,fastmlip-md,fastmlip-md-verlet,fastmlip-md-replay,cueq --md-steps 300 --md-warmup 50 --no-sweep \

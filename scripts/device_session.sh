@@ -155,6 +155,14 @@ for phase in "$@"; do
         --backends fastmlip-md,fastmace --md-steps 300 --md-warmup 50 --fastmace-timeout 200 --no-sweep \
         --out "$out/mdloop_fastmace_large"
       ;;
+    mlp-rows-cu4000)
+      # the radial MLP's forward with 32 (default), 64 and 128 edges per program in 4000-atom MD loops (wgmma tiles
+      # need 64 rows; at 216 atoms 64 rows lost, short of programs)
+      for rows in 32 64 128; do
+        step "mlp_rows_cu4000_$rows" 100 env FASTMLIP_MLP_ROWS=$rows python3 "$repo/scripts/profile_loop.py" \
+          --cases sevenn:Cu:10,mace-medium:Cu:10 --steps 30 --warmup 10 --top 6 --out "$out/mlp_rows_cu4000/$rows"
+      done
+      ;;
     loop-vs-step-cu4000)
       # #13's "4000-atom rows no slower than the calculator path": whole MD steps against energy+forces steps
       step loop_vs_step_cu4000 280 python3 "$repo/scripts/bench_md.py" --models sevenn,mace-medium --systems Cu4000 \

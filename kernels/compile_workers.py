@@ -130,10 +130,11 @@ def launcher_jobs(specs) -> tuple:
             continue
         stored = read_launcher(key, name)
         if stored is not None:
-            triton_cache.put(stored, name, binary=True)
-            copied += 1
-        else:
-            jobs.append({"launcher": source, "key": key, "label": f"launch stub of {label}"})
+            with contextlib.suppress(OSError):  # else a worker tries, and its failure is reported, not raised
+                triton_cache.put(stored, name, binary=True)
+                copied += 1
+                continue
+        jobs.append({"launcher": source, "key": key, "label": f"launch stub of {label}"})
     return jobs, copied
 
 
@@ -200,14 +201,16 @@ def _build_launcher(source: str, key: str) -> None:
 
 
 def keep_launcher(key: str) -> None:
-    """Copy the launch stub Triton's cache holds under ``key`` into fastmlip's cache."""
+    """Copy the launch stub Triton's cache holds under ``key`` into fastmlip's cache; a cache that cannot be
+    written (read-only, full) keeps no copy and the run goes on: the stub in Triton's cache serves it."""
     from triton.runtime.cache import get_cache_manager
 
     name = _launcher_name()
     built = get_cache_manager(key).get_file(name)
     if built is None:
         raise RuntimeError(f"Triton's cache has no launch stub {name} under {key}")
-    write_launcher(key, name, Path(built).read_bytes())
+    with contextlib.suppress(OSError):
+        write_launcher(key, name, Path(built).read_bytes())
 
 
 def _serve() -> None:

@@ -233,6 +233,14 @@ def test_launch_stubs_are_kept_and_copied_into_an_empty_triton_cache(tmp_path, m
     assert compile_workers.launcher_jobs([]) == ([], 0)
     assert kept.read_bytes() == b"built stub"
 
+    def unwritable(*args):
+        raise PermissionError("read-only file system")
+
+    shutil.rmtree(tmp_path / "fastmlip")  # a cache nobody may write: no copy kept, nothing fails
+    monkeypatch.setattr(compile_workers, "write_launcher", unwritable)
+    assert compile_workers.launcher_jobs([]) == ([], 0)
+    assert not kept.exists()
+
 
 def test_target_names():
     from fastmlip.kernels.precompile import Target

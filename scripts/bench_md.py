@@ -9,7 +9,9 @@ Two kinds of rows, never mixed in a ratio (``"kind"`` in each row; a table each)
   e3nn            SevenNetCalculator / MACECalculator as shipped
   cueq, oeq       the same with enable_cueq / enable_oeq (needs cuEquivariance / OpenEquivariance)
 "md-loop" rows time whole MD steps of an engine that owns the loop (scripts/bench_md_loops.py): NVT Langevin
-300 K, 1 fs, --md-steps timed after --md-warmup, same model file and crystal; selected by default on CUDA only:
+300 K, 1 fs, --md-steps timed after --md-warmup, same model file and crystal, peak memory from before the warm-up
+(the engines' graph captures included; until 2026-12-04 it covered the timed steps only); selected by default on
+CUDA only:
   fastmlip-md     fastmlip.simulate (device-resident state around Calculator.evaluate)
   fastmlip-md-replay  the same, 10 steps (integrator included) per CUDA graph replay
   fastmlip-md-verlet  fastmlip-md whose replays evaluate the Verlet candidates (Calculator(pairs="verlet"))

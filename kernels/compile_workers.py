@@ -215,8 +215,13 @@ def keep_launcher(key: str) -> None:
 
 def _serve() -> None:
     """Worker main loop. Results go to a private copy of stdout; anything else printed goes to stderr."""
+    from triton import knobs
+
+    from .compile_passes import StagesHook
+
     results = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    knobs.runtime.add_stages_inspection_hook = StagesHook()  # this process compiles fastmlip's kernels only
     active = None
     for line in sys.stdin:
         job = json.loads(line)

@@ -95,6 +95,39 @@ def small_specs():
     return specs
 
 
+def coalescing_skipped() -> dict:
+    """PTX of small kernels compiled for sm_90 with and without the workers' stage hook, and how many compiles the
+    hook ran without the coalescing pass: the spherical harmonics' lane tiles (one element per thread) and the
+    node sums' [nodes, columns] tiles (two-dimensional: coalesced as ever)."""
+    import hashlib
+    import tempfile
+
+    import torch
+    from triton import knobs
+
+    from fastmlip.graph import sort_edges
+    from fastmlip.kernels import compile_passes, precompile
+    from fastmlip.ops import dispatch
+    from fastmlip.ops.node_sums import node_difference
+
+    src, dst = torch.tensor([0, 1, 2, 2]), torch.tensor([1, 2, 0, 1])
+    with precompile.target_only(precompile.Target.parse("sm_90")), dispatch.kernels_on_cpu():
+        with precompile.recording() as sums:
+            node_difference(torch.randn(4, 3), sort_edges(src, dst, 3), src, dst, "dst")
+        specs = precompile.unique(small_specs() + sums)
+        ptx, skipped = {}, None
+        for hook in (None, compile_passes.StagesHook()):
+            knobs.runtime.add_stages_inspection_hook = hook
+            os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+            for spec in specs:
+                spec.function.device_caches.clear()
+                kernel = spec.function.preload(spec.specialization)
+                ptx.setdefault(spec.label, []).append(hashlib.sha256(kernel.asm["ptx"].encode()).hexdigest())
+            skipped = None if hook is None else hook.skipped
+        knobs.runtime.add_stages_inspection_hook = None
+    return {"labels": sorted(ptx), "same": all(a == b for a, b in ptx.values()), "skipped": skipped}
+
+
 def compile_small(install: str) -> dict:
     from fastmlip.kernels import precompile
 
@@ -195,6 +228,15 @@ def test_processes_starting_at_once_share_the_cache(tmp_path):
     assert not leftovers
     final = child("compile", cache, "store")
     assert final["cached"] == 2 and final["compiled"] == 0  # ...and every entry whole afterwards
+
+
+def test_workers_skip_coalescing_only_where_it_changes_nothing(tmp_path):
+    """The workers' stage hook leaves Triton's coalescing pass out for kernels of one-dimensional lane tiles
+    (seconds of the long convolution kernels' compiles) and the PTX stays the same; two-dimensional tiles keep it."""
+    result = child("coalescing", tmp_path / "cache")
+    assert len(result["labels"]) == 3 and any("node_difference" in label for label in result["labels"])
+    assert result["same"]
+    assert result["skipped"] == 2  # the two spherical-harmonics kernels, not the node sums
 
 
 def test_launch_stubs_are_kept_and_copied_into_an_empty_triton_cache(tmp_path, monkeypatch):
@@ -322,5 +364,6 @@ def test_info_shows_the_cache(tmp_path, monkeypatch, capsys):
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    result = {"steps": steps_against_dry_run, "digest": code_digests}.get(mode, lambda: compile_small(sys.argv[2]))()
+    result = {"steps": steps_against_dry_run, "digest": code_digests, "coalescing": coalescing_skipped}.get(
+        mode, lambda: compile_small(sys.argv[2]))()
     print(json.dumps(result))

@@ -239,11 +239,12 @@ def describe_setup(calculator, first_step_seconds: float) -> str:
     loading = calculator.model.__dict__.get(files.LOAD_TIMING_ATTRIBUTE)
     timing, report = setup_timing(calculator.model), kernel_report(calculator.model)
     kernels = f"kernels {timing['kernels']:.1f} s ({report.summary()})" if report is not None else None
+    accelerated_here = "accelerate" in calculator.setup_seconds  # else an exported file's load prepared them
     if loading:
         parts[0] += (f" (imports {loading['imports']:.1f}, build {loading['build']:.1f}, to "
                      f"{calculator.device.type} {loading['to_device']:.1f}"
-                     f"{'; ' + kernels if kernels and 'accelerate' not in calculator.setup_seconds else ''})")
-    if "accelerate" in calculator.setup_seconds:
+                     f"{f'; {kernels}' if kernels and not accelerated_here else ''})")
+    if accelerated_here:
         parts.append(f"surgery {timing['surgery']:.1f} s")
         if kernels:
             parts.append(kernels)

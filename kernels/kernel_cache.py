@@ -250,19 +250,21 @@ def entry_lock(entry: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _entry_count(directory: Path) -> int:
+    """Whole entries in ``directory`` (not the staging folders and locks, whose names start with a dot)."""
+    return sum(p.is_dir() and not p.name.startswith(".") for p in directory.iterdir()) if directory.is_dir() else 0
+
+
 def cache_summary() -> dict:
     """For ``fastmlip info``: the cache's location, size and entries per target."""
     root = codegen.cache_root()
-    targets, size = {}, 0
+    size = 0
     compiled = root / "compiled"
-    for directory in sorted(compiled.iterdir()) if compiled.is_dir() else ():
-        entries = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        targets[directory.name] = len(entries)
+    targets = {directory.name: _entry_count(directory)
+               for directory in (sorted(compiled.iterdir()) if compiled.is_dir() else ())}
     for path in root.rglob("*") if root.is_dir() else ():
         with contextlib.suppress(OSError):
             size += path.stat().st_size if path.is_file() else 0
     sources = len(list((root / "generated").glob("*.py"))) if (root / "generated").is_dir() else 0
-    launchers = root / "launchers"
-    stubs = sum(not p.name.startswith(".") for p in launchers.iterdir()) if launchers.is_dir() else 0
     return {"location": str(root), "bytes": size, "compiled": targets, "generated_sources": sources,
-            "launch_stubs": stubs}
+            "launch_stubs": _entry_count(root / "launchers")}

@@ -8,11 +8,8 @@ convolution kernels already use), adding one edge at a time: the order is the ed
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-from .launch import new_output
 
 NODES = 64  # nodes per program, one per lane row
 
@@ -61,9 +58,11 @@ def node_difference(values, plus_perm, plus_ptr, minus_perm, minus_ptr, out, num
     tl.store(out + node[:, None] * WIDTH + columns[None, :], acc, mask=live[:, None] & (columns[None, :] < WIDTH))
 
 
-def difference(values: torch.Tensor, plus: tuple, minus: tuple) -> torch.Tensor:
+def difference(values, plus: tuple, minus: tuple):
     """[N, W] per-node sums of ``values`` [E, W] over the ``plus`` edges minus those over the ``minus`` edges;
     each side is ``(perm, ptr)``: node n's edges are ``perm[ptr[n]:ptr[n + 1]]``."""
+    from .launch import new_output  # here: compile workers import this module for its kernel, without torch
+
     values = values.contiguous()
     num_nodes, width = plus[1].numel() - 1, values.shape[1]
     out = new_output((num_nodes, width), values)

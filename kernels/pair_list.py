@@ -14,7 +14,6 @@ edges, so a pair on the cutoff's edge can be listed and masked, never missed.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -129,7 +128,7 @@ def pairs_within_bins(positions, fractional, cell, binned, reach: float, edge_i,
     :class:`fastmlip.graph_pairs.CellBins`. Pairs come atom by atom (i ascending), each atom's in bin order."""
     n = positions.shape[0]
     bins, order, starts, shape = binned
-    counts = torch.zeros(n, dtype=torch.long, device=positions.device)
+    counts = edge_i.new_zeros(n)
     common = (fractional, positions, cell, bins, order, starts)
     rest = (n, edge_i.numel(), *shape, reach * reach)
     cell_pairs[(n,)](*common, counts, edge_i, edge_j, shifts, *rest, BLOCK=CELL_BLOCK, WRITE=False)
@@ -143,7 +142,7 @@ def pairs_within(positions, fractional, cell, reach: float, edge_i, edge_j, shif
     in (i, j) order, as far as they fit; return the device count of all of them. ``positions``, ``fractional``
     (positions in periodic-axis fractions, zero elsewhere) [N, 3] and ``cell`` [3, 3] are float64 and contiguous."""
     n = positions.shape[0]
-    counts = positions.new_empty(n, dtype=torch.long)
+    counts = edge_i.new_empty(n)
     count_pairs[(n,)](fractional, positions, cell, counts, n, reach * reach, BLOCK=BLOCK)
     ends = counts.cumsum(0)
     write_pairs[(n,)](fractional, positions, cell, ends - counts, edge_i, edge_j, shifts, n, edge_i.numel(),
@@ -156,6 +155,8 @@ def dry_run(device) -> None:
     (:func:`fastmlip.kernels.precompile.recording` records them and runs nothing): the pair list's kernels depend on
     no model, only on float64 positions. The cell list's, used only above ``graph_pairs.MAX_ATOMS`` atoms where
     asked for, compile at their first step."""
+    import torch  # here: compile workers import this module for its kernels, and torch's import costs them seconds
+
     positions = torch.zeros(2, 3, dtype=torch.float64, device=device)
     slots = [torch.empty(2, dtype=torch.long, device=device) for _ in range(2)]
     shifts = torch.empty(2, 3, dtype=torch.long, device=device)

@@ -44,6 +44,14 @@ PROFILE_PRELUDE = "import torch, torch._dynamo, e3nn.o3, ase, fastmlip.cli, cPro
 FRAMEWORK_IMPORTS = {"sevenn": "import sevenn.checkpoint; ", "mace-medium": "import mace.modules; "}
 
 
+def import_seconds(module: str) -> float:
+    """Seconds a fresh interpreter takes to import ``module`` (the second of two runs shows the page cache warm;
+    without bytecode, as on a machine whose packages were installed with none, every run compiles the source)."""
+    code = f"import time; start = time.perf_counter(); import {module}; print(time.perf_counter() - start)"
+    return round(float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                      text=True).stdout.split()[-1]), 3)
+
+
 def exported_file(model: str, workdir: str, case: str) -> str:
     """``model`` converted ``--to exported`` (float32, on the CPU) into ``workdir``, untimed."""
     path = os.path.join(workdir, f"{case}.pt2")
@@ -134,6 +142,7 @@ def main():
         results["triton"] = triton.__version__
     except ImportError:
         pass
+    results["import_torch_s"] = [import_seconds("torch") for _ in range(2)]  # part of every start, none of ours
     cases = [(case, model_argument(case, workdir)) for case in args.cases.split(",")]
     if args.exported:
         exported = [(f"{case}-exported", exported_file(model, workdir, case)) for case, model in cases]
@@ -164,7 +173,8 @@ def main():
             print(f"--- {case} warm+triton, profiled after the imports ({path}; rc {run['returncode']}):")
             pstats.Stats(path).sort_stats("cumulative").print_stats(60)
             pstats.Stats(path).sort_stats("tottime").print_stats(25)
-    print(f"\n{'case':12s} {'state':11s} {'to first step s':>16s} {'setup s':>8s} {'ms/step':>8s}")
+    print(f"\nimport torch in a fresh process (part of every start): {results['import_torch_s']} s")
+    print(f"{'case':12s} {'state':11s} {'to first step s':>16s} {'setup s':>8s} {'ms/step':>8s}")
     for run in results["runs"]:
         first = f"{run['to_first_step_s']:.1f}" if run["to_first_step_s"] is not None else "failed"
         setup = f"{run['setup_s']:.1f}" if run["setup_s"] is not None else "-"

@@ -51,10 +51,15 @@ step() {  # step NAME SECONDS COMMAND...: run from /tmp (so the checkout's fastm
 }
 
 as_installed() {  # as_installed COMMAND...: run it on packages as a user's install has them, for start-up timings:
-  # bytecode written, as pip writes it at install time (else the first run compiles it); openequivariance off the
-  # path meanwhile: sevenn and mace import it when present, and the packed copy (an sdist, no prebuilt extension)
-  # JIT-builds its CUDA extension at its first import (~35 s in one process)
-  python3 -m compileall -q -j 0 /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
+  # bytecode written, as pip writes it at install time (else every start compiles it: the machine's own torch
+  # comes without any, and with PYTHONDONTWRITEBYTECODE `import torch` took 3.2 s there, every time);
+  # openequivariance off the path meanwhile: sevenn and mace import it when present, and the packed copy (an
+  # sdist, no prebuilt extension) JIT-builds its CUDA extension at its first import (~35 s in one process)
+  local site timed="import time; t = time.perf_counter(); import torch; print('import torch', time.perf_counter() - t)"
+  site=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+  python3 -c "$timed"
+  python3 -m compileall -q -j 0 "$site" /tmp/baselines/site /tmp/pkg > /dev/null 2>&1
+  python3 -c "$timed, '(bytecode written)'"
   mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null
   "$@"
   mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null

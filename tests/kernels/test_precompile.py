@@ -314,6 +314,24 @@ def test_cache_entries_do_not_depend_on_where_triton_is_installed(tmp_path, monk
     assert precompile.entry_path(spec("/opt/site/triton/backends/nvidia", num_warps=8), target) != here
 
 
+def test_compile_workers_import_kernel_modules_without_torch():
+    """A worker imports the module that defines its kernel; a module that imports torch costs that worker
+    torch's import (3.2 s on the H200 machine, whose torch has no bytecode), and the slowest worker bounds a cold
+    start. Every hand-written kernel module, and the tiles the generated ones import, must load without it."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "kernels"
+    modules = sorted(f"fastmlip.kernels.{path.stem}" for path in package.glob("*.py")
+                     if "@triton.jit" in path.read_text() or path.stem == "tiles")
+    assert "fastmlip.kernels.pair_list" in modules and "fastmlip.kernels.node_sums" in modules
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "    assert 'torch' not in sys.modules, name\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_cache_entries_key_generated_kernels_by_their_file(tmp_path):
     """A generated kernel's entry is keyed by its file and the kernel package, without Triton's cache_key (an AST
     walk of each kernel, half a second of a warm start); a kernel defined elsewhere keeps Triton's key."""

@@ -31,15 +31,16 @@ def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
 def sort_edges(src: torch.Tensor, dst: torch.Tensor, num_nodes: int, mask=None) -> SortedEdges:
     """The sorts take the narrowest integer keys that hold the node indices: a radix sort makes one digit pass
     over the edges per key byte (on CUDA the sorts were ~8 of a 216-atom MD step's ~260 kernels with int32). A
-    symbolic node count (an exported program, one for every size) takes int32 keys (int64 with a mask).
+    symbolic node count (an exported program, one for every size) takes int32 keys: its range of atoms keeps
+    ``2 * num_nodes + 1`` within them (see :data:`fastmlip.patches.exported.MAX_ATOMS`).
 
     ``mask`` ([E], 0 where an edge is absent: a captured step's padding and candidates beyond the cutoff): absent
     edges go last in their receiver's and their sender's group, so every sum meets the present edges grouped the
     same whatever else a step carries (a CUDA graph's padding depends on its capacity: restarts stay bitwise).
     """
     bound = num_nodes if mask is None else 2 * num_nodes + 1
-    widths = ((torch.int32, torch.int64) if mask is None else (torch.int64,)) if isinstance(num_nodes, torch.SymInt) \
-        else (torch.int16, torch.int32, torch.int64)
+    symbolic = isinstance(num_nodes, torch.SymInt)
+    widths = (torch.int32, torch.int64) if symbolic else (torch.int16, torch.int32, torch.int64)
     keys = next(dtype for dtype in widths if bound <= torch.iinfo(dtype).max)
     dst_keys, src_keys = dst.to(keys), src.to(keys)
     if mask is not None:

@@ -101,9 +101,9 @@ class Settings:
         "FASTMLIP_MLP_BACKWARD_ROWS", 64,
         "edges per radial-MLP backward program (64 against 32: 1.7x faster for SevenNet-0, 3.5x for "
         "MACE-medium-like at 216 atoms on an H200, where at 32 MACE's used 255 registers a thread and spilled)")
-    mlp_fused_max_rows: int = _setting(
-        "FASTMLIP_MLP_FUSED_MAX_ROWS", 1 << 40,
-        "edges up to which a CUDA radial MLP runs the fused kernels (more: e3nn's own matmuls)")
+    mlp_fused_max_rows: Optional[int] = _setting(
+        "FASTMLIP_MLP_FUSED_MAX_ROWS", None,
+        "edges up to which a CUDA radial MLP runs the fused kernels (more: e3nn's own matmuls; unset: no limit)")
     dot_precision: str = _setting(
         "FASTMLIP_DOT_PRECISION", "tf32x3",
         "float32 tl.dot of the radial MLP and the linears: ieee (exact float32) or tf32x3 (tensor cores)")

@@ -76,19 +76,22 @@ class FastFullyConnectedNet(nn.Module):
     def forward(self, x, row_scale=None):
         from fastmlip.ops.radial_mlp import radial_mlp
 
-        if x.is_cuda and x.shape[0] > fused_mlp_max_rows():  # cuBLAS wins on many edges (docs/kernels.md)
+        limit = fused_mlp_max_rows()
+        if x.is_cuda and limit is not None and x.shape[0] > limit:  # cuBLAS wins on many edges (docs/kernels.md)
             for layer in self.children():
                 x = layer(x)
             return x if row_scale is None else x * row_scale.reshape(-1, 1)
         return radial_mlp(self.problem, x, [layer.weight for layer in self.children()], row_scale)
 
 
-def fused_mlp_max_rows() -> int:
+def fused_mlp_max_rows() -> Optional[int]:
     """Edges up to which a CUDA radial MLP runs as fastmlip's fused kernels (``FASTMLIP_MLP_FUSED_MAX_ROWS``).
 
     With ieee dots the fused backward lost to e3nn's cuBLAS matmuls on many edges (0.6x at 160k edges, H200);
     with tf32x3 dots (the default) it wins: SevenNet-0 Cu 4000 steps (216k edges) took 15.8 ms fused against
-    21.8 with e3nn's matmuls, MACE-medium-like was even (docs/md.md). So by default every edge count is fused.
+    21.8 with e3nn's matmuls, MACE-medium-like was even (docs/md.md). So by default (None) every edge count is
+    fused, and no comparison with the edge count is made: ``torch.export`` would turn one into a guard on its
+    symbolic edge count that the exported program's range does not satisfy.
     """
     return settings().mlp_fused_max_rows
 

@@ -37,6 +37,9 @@ GRAPH_FILE = "fastmlip_graph.json"  # another: the program as exported_graph rea
 FORMAT = "fastmlip-exported"
 VERSION = 1
 MIN_SIZE = 2  # the program's smallest atom and edge counts (torch.export specialises sizes 0 and 1)
+# The program's largest atom count: its edge sorts' keys (2 x atom + absent) then fit int32, half the radix passes
+# of int64 keys (16 sort launches a 216-atom step with int64, on an H200).
+MAX_ATOMS = (torch.iinfo(torch.int32).max - 1) // 2
 
 
 class ExportedModel(torch.nn.Module):
@@ -89,7 +92,7 @@ def export(patch, model, path, *, modal=None) -> dict:
     vectors = edge_vectors(positions, torch.as_tensor(atoms.cell.array, device=info["device"]), i, j, shifts)
     numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=info["device"])
     example = (numbers, i, j, vectors.to(info["dtype"]), torch.ones(i.numel(), dtype=info["dtype"], device=i.device))
-    atoms_dim = Dim("atoms", min=MIN_SIZE, max=torch.iinfo(torch.int32).max - 1)
+    atoms_dim = Dim("atoms", min=MIN_SIZE, max=MAX_ATOMS)
     edges_dim = Dim("edges", min=MIN_SIZE)
     shapes = ({0: atoms_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim})
     program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)

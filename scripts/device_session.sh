@@ -264,6 +264,11 @@ for phase in "$@"; do
       step profile_loop 240 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Si:3,sevenn:Si:3 \
         --steps 200 --warmup 50 --out "$out"
       ;;
+    loop-profile-exported)
+      # the same loops beside the models as `fastmlip convert --to exported` writes them (the fast-start path)
+      step profile_loop_exported 400 python3 "$repo/scripts/profile_loop.py" --cases sevenn:Si:3,mace-medium:Si:3 \
+        --steps 200 --warmup 50 --top 12 --exported --out "$out/exported"
+      ;;
     loop-profile-cu4000)
       # the same at 4000 atoms (Cu fcc 10x10x10): what the MD loop adds to an energy+forces step there
       step profile_loop_cu4000 300 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Cu:10,sevenn:Cu:10 \

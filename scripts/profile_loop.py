@@ -9,6 +9,7 @@ short kernels is latency-bound (cut launches); one that is busy with few long ke
 
     python scripts/profile_loop.py --cases mace-medium:Si:3,sevenn:Si:3 --out prof    # GPU
     python scripts/profile_loop.py --cases sevenn:Si:1 --device cpu --steps 3 --warmup 1 --out /tmp/p  # smoke
+    python scripts/profile_loop.py --cases sevenn:Si:3 --exported        # the exported file's loop beside it
 """
 from __future__ import annotations
 
@@ -53,11 +54,25 @@ def gpu_kernels(profiler):
     return kernels
 
 
-def profile_case(which, kind, repeat, args, model_dir):
+def exported_calculator(which, args, model_dir):
+    """The case's model written by ``fastmlip convert --to exported`` (checked there against the accelerated
+    model), in a calculator as ``fastmlip md`` makes one for such a file."""
+    from bench_md import model_source
+
+    from fastmlip.calculator import Calculator
+    from fastmlip.convert import convert
+
+    path = os.path.join(model_dir, f"{which}-{args.dtype}.pt2")
+    convert(model_source(which, model_dir), path, "exported", dtype=args.dtype, device=args.device, trusted=True)
+    return Calculator(path, device=args.device, dtype=args.dtype, trusted=True)  # a file this script wrote
+
+
+def profile_case(which, kind, repeat, args, model_dir, exported=False):
     import fastmlip
 
     atoms = thermalised(crystal(kind, repeat))
-    calculator = make_calculator(which, "fastmlip", args.device, args.dtype, model_dir)
+    calculator = exported_calculator(which, args, model_dir) if exported else \
+        make_calculator(which, "fastmlip", args.device, args.dtype, model_dir)
     options = dict(ensemble="nvt", temperature=300.0, thermostat="langevin", friction=0.01, seed=1,
                    interval=args.interval)
     warm = fastmlip.simulate(atoms, calculator, steps=args.warmup, **options)
@@ -80,7 +95,7 @@ def profile_case(which, kind, repeat, args, model_dir):
         by_name[name][0] += duration / 1e3
         by_name[name][1] += 1
     top = sorted(by_name.items(), key=lambda item: -item[1][0])[:args.top]
-    return {"model": which, "system": f"{kind}{len(atoms)}", "natoms": len(atoms), "steps": steps,
+    return {"model": which + (" (exported)" if exported else ""), "system": f"{kind}{len(atoms)}", "natoms": len(atoms), "steps": steps,
             "wall_ms_per_step": wall / steps, "loop_ms_per_step": run.timing["ms_per_step"],
             "gpu_busy_ms_per_step": busy / steps, "gpu_idle_ms_per_step": (wall - busy) / steps,
             "kernels_per_step": len(kernels) / steps, "list_checks": run.timing.get("list_checks"),
@@ -107,14 +122,17 @@ def main(argv=None) -> int:
     parser.add_argument("--interval", type=int, default=100, help="thermo every this many steps")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out", default=None, help="folder for profile_loop.json")
+    parser.add_argument("--exported", action="store_true",
+                        help="also each case's model as `fastmlip convert --to exported` writes it")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
         for item in args.cases.split(","):
             which, kind, repeat = item.split(":")
-            row = profile_case(which, kind, int(repeat), args, model_dir)
-            print(report(row), flush=True)
-            rows.append(row)
+            for exported in (False, True) if args.exported else (False,):
+                row = profile_case(which, kind, int(repeat), args, model_dir, exported)
+                print(report(row), flush=True)
+                rows.append(row)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile_loop.json"), "w") as handle:

@@ -125,6 +125,27 @@ def test_the_graph_file_loads_what_torch_export_loads(sevenn_file, tmp_path, mon
         api.load(truncated, trusted=True)
 
 
+def sort_key_dtypes(graph) -> set:
+    """The dtypes the edge sorts of a program's graph take their keys in (the casts a few nodes above each
+    argsort)."""
+    dtypes = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and "argsort" in str(node.target):
+            frontier = list(node.all_input_nodes)
+            for _ in range(3):
+                dtypes |= {n.args[1] for n in frontier if str(n.target) == "aten.to.dtype"}
+                frontier = [parent for n in frontier for parent in n.all_input_nodes]
+    return dtypes
+
+
+def test_exported_edge_sorts_take_int32_keys(sevenn_file):
+    """A symbolic atom count with a mask once took int64 keys: twice the radix passes of int32 (16 sort launches a
+    216-atom step on an H200). The program's atom range keeps 2 x atoms + 1 within int32."""
+    program = api.load(sevenn_file, trusted=True)
+    assert sort_key_dtypes(program.program.graph) == {torch.int32}
+    assert 2 * exported.MAX_ATOMS + 1 <= torch.iinfo(torch.int32).max
+
+
 def test_exported_mace_equals_the_accelerated_model(tmp_path):
     from helpers.mace_models import build_model, periodic_structure
 
@@ -201,13 +222,15 @@ def test_simulate_runs_the_exported_model(sevenn_file):
 
 
 @pytest.mark.gpu
-def test_exported_model_on_the_gpu_in_graph_replays(tmp_path):
-    """Exported in float32 on the CPU, loaded onto the GPU (the graph's device moved): steps replayed as CUDA graphs
-    give the accelerated framework model's eager energies and forces to the fp32 tolerances."""
+@pytest.mark.parametrize("export_device", ["cpu", "cuda"])
+def test_exported_model_on_the_gpu_in_graph_replays(tmp_path, export_device):
+    """Exported in float32 on the CPU (the graph's device moved at loading) or on the GPU (its kernels' dispatch
+    traced: no guard on the symbolic edge count): steps replayed as CUDA graphs give the accelerated framework
+    model's eager energies and forces to the fp32 tolerances."""
     import numpy as np
 
     path = tmp_path / "7net-0-fp32.pt2"
-    convert.convert("7net-0", str(path), "exported", dtype="float32")
+    convert.convert("7net-0", str(path), "exported", dtype="float32", device=export_device)
     graphed = fastmlip.Calculator(str(path), device="cuda", trusted=True, cuda_graph=True)
     eager = fastmlip.Calculator("7net-0", device="cuda", dtype="float32", cuda_graph=False)
     results = []

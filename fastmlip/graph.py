@@ -21,6 +21,10 @@ class SortedEdges:
     src_perm: torch.Tensor
     src_ptr: torch.Tensor
 
+    def tensors(self) -> tuple:
+        """The six tensors in field order (an exported program returns them; ``SortedEdges(*tensors)``)."""
+        return self.order, self.src, self.dst, self.dst_ptr, self.src_perm, self.src_ptr
+
 
 def csr_offsets(sorted_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """ptr[n] = first position whose index is >= n; a binary search, so no device->host sync (CUDA graphs)."""

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from fastmlip.graph import edge_stress, edge_vectors, sort_edges
+from fastmlip.graph import SortedEdges, edge_stress, edge_vectors, sort_edges
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
@@ -35,7 +35,8 @@ FRAMEWORK = "exported"
 META_FILE = "fastmlip.json"  # an extra file of the torch.export archive
 GRAPH_FILE = "fastmlip_graph.json"  # another: the program as exported_graph reads it (absent: torch.export.load)
 FORMAT = "fastmlip-exported"
-VERSION = 1
+VERSION = 2  # 2: the program also returns the edges its convolutions sorted (forces reuse them)
+READS = (1, 2)
 MIN_SIZE = 2  # the program's smallest atom and edge counts (torch.export specialises sizes 0 and 1)
 # The program's largest atom count: its edge sorts' keys (2 x atom + absent) then fit int32, half the radix passes
 # of int64 keys (16 sort launches a 216-atom step with int64, on an H200).
@@ -101,6 +102,7 @@ def export(patch, model, path, *, modal=None) -> dict:
     meta = {"format": FORMAT, "version": VERSION, "framework": info["framework"], "cutoff": info["cutoff"],
             "atomic_numbers": list(info["atomic_numbers"]), "dtype": str(info["dtype"]).replace("torch.", ""),
             "modal": modal, "message_passing_layers": patch.message_passing_layers(model),
+            "receivers": module.RECEIVERS,
             "torch": torch.__version__, "problems": problems_to_json([registry.lookup(key) for key in keys])}
     extra = {META_FILE: json.dumps(meta)}
     try:
@@ -163,9 +165,9 @@ def read_checkpoint(path) -> dict:
             raise ValueError(f"{text}: unreadable {META_FILE} ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{text}: {META_FILE} does not describe an exported fastmlip model")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READS:
         raise ValueError(f"{text}: exported model format version {meta.get('version')}, this fastmlip reads "
-                         f"{VERSION}; export it again")
+                         f"{' and '.join(map(str, READS))}; export it again")
     return meta
 
 
@@ -273,12 +275,25 @@ def _padded(model, numbers, edge_i, edge_j, vectors, mask):
 
 
 def _energies(model, numbers, edge_i, edge_j, vectors, edge_mask) -> tuple:
-    """(energies [N], differentiated [N]) of the program for the real atoms; ``vectors`` requires grad."""
+    """(energies [N], differentiated [N], the edges the program sorted or None) of the program for the real atoms;
+    ``vectors`` requires grad. The sorted edges come from programs of format 2, for inputs it took unpadded."""
     n, e = numbers.numel(), edge_i.numel()
     mask = vectors.new_ones(e) if edge_mask is None else edge_mask.to(vectors.dtype)
     inputs = _padded(model, numbers, edge_i, edge_j, vectors, mask)
-    energies, differentiated = model.program(*inputs)
-    return energies[:n], differentiated[:n]
+    energies, differentiated, *sorted_tensors = model.program(*inputs)
+    if inputs[0].numel() == n and inputs[1].numel() == e:  # no slice: its backward adds a zero fill and a copy
+        return energies, differentiated, SortedEdges(*sorted_tensors) if sorted_tensors else None
+    return energies[:n], differentiated[:n], None
+
+
+def _forces(model, gradient, edges, numbers, edge_i, edge_j, edge_mask):
+    """Forces by :func:`fastmlip.ops.node_difference` (sum of the gradient over a node's edges i -> j as i minus
+    that as j, in a fixed order), on the edges the program sorted where it returned them, else sorted here."""
+    if edges is None:
+        edges = sort_edges(edge_i, edge_j, numbers.numel(), edge_mask)
+    elif model.meta.get("receivers") == "edge_i":  # sorted by i: i is the side its "dst" lists
+        return node_difference(gradient, edges, edge_j, edge_i, plus="dst")
+    return node_difference(gradient, edges, edge_i, edge_j, plus="src")
 
 
 def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, compute_stress=True, modal=None,
@@ -296,15 +311,14 @@ def compute(model, positions, cell, pbc, numbers, edge_i, edge_j, shifts, *, com
     vectors = edge_vectors(torch.as_tensor(positions, device=device), cell64, edge_i, edge_j,
                            shifts.to(device)).to(dtype).requires_grad_(True)
     with torch.enable_grad():
-        energies, differentiated = _energies(model, numbers, edge_i, edge_j, vectors, edge_mask)
+        energies, differentiated, edges = _energies(model, numbers, edge_i, edge_j, vectors, edge_mask)
         gradient = gradient_or_zeros(differentiated.sum(), vectors)
-    edges = sort_edges(edge_i, edge_j, numbers.numel(), edge_mask)
-    forces = node_difference(gradient, edges, edge_i, edge_j, plus="src")
+    forces = _forces(model, gradient, edges, numbers, edge_i, edge_j, edge_mask)
     stress = None
-    periodic = pbc is not None and bool(torch.as_tensor(pbc).any())
-    volume = torch.linalg.det(cell64).abs()
-    if compute_stress and periodic and (validated or float(volume) > 1e-12):
-        stress = edge_stress(vectors, gradient, volume).to(dtype)
+    if compute_stress and pbc is not None and bool(torch.as_tensor(pbc).any()):
+        volume = torch.linalg.det(cell64).abs()
+        if validated or float(volume) > 1e-12:
+            stress = edge_stress(vectors, gradient, volume).to(dtype)
     return {"energy": energies.sum().to(dtype).detach(), "energies": energies.detach().to(dtype),
             "forces": forces, "stress": stress}
 
@@ -319,7 +333,7 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
     edge_i, edge_j = (torch.as_tensor(t, device=device).long() for t in (edge_i, edge_j))
     vectors = torch.as_tensor(vectors, device=device).detach().to(dtype).requires_grad_(True)
     with torch.enable_grad():
-        energies, differentiated = _energies(model, numbers, edge_i, edge_j, vectors, None)
+        energies, differentiated, _ = _energies(model, numbers, edge_i, edge_j, vectors, None)
         local = slice(0, numbers.numel() if num_local is None else num_local)
         gradient = gradient_or_zeros(differentiated[local].sum(), vectors)
     return {"energies": energies.detach().to(dtype), "energy": energies[local].sum().to(dtype).detach(),

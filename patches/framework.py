@@ -75,8 +75,10 @@ class Framework(Protocol):
     def energy_module(self, model, modal=None):
         """An ``nn.Module`` of the accelerated model mapping ``(numbers [N], edge_i [E], edge_j [E], vectors [E, 3],
         edge_mask [E])`` (ASE "ijS" edges, vectors in the model's dtype, mask 1/0) to ``(energies [N],
-        differentiated [N])``, the per-atom terms forces differentiate: what ``fastmlip convert --to exported``
-        exports (:mod:`fastmlip.patches.exported`). ValueError for a model it cannot describe so."""
+        differentiated [N], *sorted)``: the per-atom terms forces differentiate, then the six tensors of the
+        :class:`fastmlip.graph.SortedEdges` its convolutions sorted the edges into (its ``RECEIVERS`` attribute
+        says which of ``edge_i``/``edge_j`` they took as dst), for the forces to reuse: what ``fastmlip convert
+        --to exported`` exports (:mod:`fastmlip.patches.exported`). ValueError for a model it cannot describe so."""
 
     # --- acceleration ------------------------------------------------------------------------------------------
 

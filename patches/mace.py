@@ -44,7 +44,7 @@ from fastmlip.ops.derivatives import gradient_or_zeros
 from . import e3nn_compat, files, mace_forward, self_check, swaps
 from .mace_modules import (EDGE_MASK, SUPPORTED_INTERACTIONS, FastInteraction,  # noqa: F401 (API)
                            FastRadialEmbedding, FastSpeciesLinear, FastSymmetricContraction, accelerate, plan,
-                           species_of)
+                           sorted_edges, species_of)
 
 FRAMEWORK = "mace"
 # Attribute of a pickled model written by ``fastmlip convert --to fast`` (and of every model :func:`load` returns).
@@ -428,8 +428,12 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
 
 class NodeEnergies(torch.nn.Module):
     """``(energies, differentiated)`` [N] of one structure from its edges as vectors (ASE "ijS" edges, MACE's
-    sender i and receiver j, vectors ``pos[j] - pos[i] + shift``) and an edge mask: the function
-    :mod:`fastmlip.patches.exported` exports (species known to the model: the caller checks them)."""
+    sender i and receiver j, vectors ``pos[j] - pos[i] + shift``) and an edge mask, then the six tensors of the
+    edges' :class:`fastmlip.graph.SortedEdges` its convolutions sorted (receivers: ``edge_j``, :attr:`RECEIVERS`),
+    which forces reuse: the function :mod:`fastmlip.patches.exported` exports (species known to the model: the
+    caller checks them)."""
+
+    RECEIVERS = "edge_j"
 
     def __init__(self, model, head: int):
         super().__init__()
@@ -440,7 +444,8 @@ class NodeEnergies(torch.nn.Module):
         data = {"node_attrs": torch.nn.functional.one_hot(species, self.model.atomic_numbers.numel()).to(vectors.dtype),
                 "edge_index": torch.stack([edge_i, edge_j])}
         memo.attach(data["edge_index"], EDGE_MASK, edge_mask)  # read by every FastInteraction of this call
-        return mace_forward.node_energies(self.model, data, vectors, self.head)
+        energies, differentiated = mace_forward.node_energies(self.model, data, vectors, self.head)
+        return energies, differentiated, *sorted_edges(data["edge_index"], numbers.shape[0]).tensors()
 
 
 def energy_module(model, modal=None) -> torch.nn.Module:

@@ -559,8 +559,12 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
 
 class NodeEnergies(torch.nn.Module):
     """``(energies, energies)`` [N] of one structure from its edges as vectors (ASE "ijS" edges, vectors
-    ``pos[j] - pos[i] + shift``) and an edge mask: the function :mod:`fastmlip.patches.exported` exports. The
-    second output is what forces differentiate (for SevenNet the same)."""
+    ``pos[j] - pos[i] + shift``) and an edge mask, then the six tensors of the edges'
+    :class:`fastmlip.graph.SortedEdges` its convolutions sorted (sevenn's receivers: ``edge_i``,
+    :attr:`RECEIVERS`), which forces reuse: the function :mod:`fastmlip.patches.exported` exports. The second output
+    is what forces differentiate (for SevenNet the same)."""
+
+    RECEIVERS = "edge_i"
 
     def __init__(self, model, modal: Optional[str]):
         super().__init__()
@@ -572,8 +576,9 @@ class NodeEnergies(torch.nn.Module):
         zeros = vectors.new_zeros(numbers.shape[0], 3)
         data = _graph_data(self.model, numbers, edge_i, edge_j, vectors, zeros, vectors.new_zeros(()), self.modal,
                            edge_mask)
-        energies = _until_head(self.model, data)[KEY.ATOMIC_ENERGY].reshape(-1)
-        return energies, energies
+        data = _until_head(self.model, data)
+        energies = data[KEY.ATOMIC_ENERGY].reshape(-1)
+        return energies, energies, *sorted_edges_of(data, data[KEY.EDGE_IDX], numbers.shape[0]).tensors()
 
 
 def energy_module(model, modal=None) -> torch.nn.Module:

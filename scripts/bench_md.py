@@ -41,6 +41,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -126,6 +128,19 @@ def make_calculator(which, backend, device, dtype, model_dir, check=True):
     from mace.calculators import MACECalculator
 
     return MACECalculator(model_paths=model, device=device, default_dtype=dtype, **flags)
+
+
+def exported_calculator(which, device, dtype, model_dir):
+    """The case's model as ``fastmlip convert --to exported`` writes it (on the CPU, in a process of its own that
+    runs the self-checks with the reference ops whatever this one's kernel settings), in a calculator as ``fastmlip
+    md`` makes one for such a file."""
+    from fastmlip.calculator import Calculator
+
+    path = os.path.join(model_dir, f"{which}-{dtype}.pt2")
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTMLIP_BACKEND", "TRITON_INTERPRET")}
+    subprocess.run([sys.executable, "-m", "fastmlip.cli", "convert", model_source(which, model_dir), "-o", path,
+                    "--to", "exported", "--dtype", dtype, "--trust"], env=env, check=True)
+    return Calculator(path, device=device, dtype=dtype, trusted=True)  # a file this script wrote
 
 
 def synchronize(device):

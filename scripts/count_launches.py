@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_md import crystal, make_calculator  # noqa: E402
+from bench_md import crystal, exported_calculator, make_calculator  # noqa: E402
 
 # aten operators that launch no kernel on CUDA: views, metadata, allocation without a fill.
 NO_KERNEL = {
@@ -168,6 +168,8 @@ def main():
     ap.add_argument("--engine", action="store_true",
                     help="count the MD engine's steps (Calculator.evaluate, one cell tensor, no stress) instead of "
                          "the ASE calculator's energy+forces+stress calls")
+    ap.add_argument("--exported", action="store_true",
+                    help="count the model as `fastmlip convert --to exported` writes it (converted on the CPU)")
     args = ap.parse_args()
     counter = LaunchCounter(sites=args.sites)
     counter.install()
@@ -176,14 +178,16 @@ def main():
     for case in args.cases.split(","):
         model, kind = case.split(":")
         atoms = crystal(kind, 1)
-        atoms.calc = make_calculator(model, args.backend, "cpu", args.dtype, model_dir, check=False)
+        atoms.calc = exported_calculator(model, "cpu", args.dtype, model_dir) if args.exported else \
+            make_calculator(model, args.backend, "cpu", args.dtype, model_dir, check=False)
         counter.active = True
         one_step = EngineSteps(atoms) if args.engine else step
         one_step(atoms)  # builds the Verlet list, as the first MD step does; later steps reuse it
         launches, host_reads = count_steps(atoms, counter, args.steps, np.random.default_rng(0), one_step)
         triton = sum(v for k, v in launches.items() if k.startswith("triton::"))
         total = sum(launches.values())
-        print(f"\n=== {model} {kind}{len(atoms)} ({args.backend}{', engine steps' if args.engine else ''}, "
+        label = f"{model}{' (exported)' if args.exported else ''} {kind}{len(atoms)}"
+        print(f"\n=== {label} ({args.backend}{', engine steps' if args.engine else ''}, "
               f"{args.dtype}, FASTMLIP_BACKEND="
               f"{os.environ['FASTMLIP_BACKEND']}): {total:.0f} launches/step ({total - triton:.0f} aten, "
               f"{triton:.0f} Triton); host reads/step: {sum(host_reads.values()):.0f} {dict(host_reads)}")
@@ -193,7 +197,7 @@ def main():
             print("  by calling line:")
             for (name, site), count in counter.sites.most_common(args.top):
                 print(f"  {count / args.steps:7.1f}  {name:24s} {site}")
-        report.append({"case": f"{model} {kind}{len(atoms)}", "backend": args.backend, "dtype": args.dtype,
+        report.append({"case": label, "backend": args.backend, "dtype": args.dtype,
                        "engine_steps": args.engine,
                        "launches": total, "triton": triton, "by_name": launches, "host_reads": host_reads})
     if args.json:

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_md import crystal, make_calculator  # noqa: E402
+from bench_md import crystal, exported_calculator, make_calculator  # noqa: E402
 from bench_md_loops import thermalised  # noqa: E402
 
 from fastmlip.kernels.launch import settings  # noqa: E402
@@ -54,24 +54,11 @@ def gpu_kernels(profiler):
     return kernels
 
 
-def exported_calculator(which, args, model_dir):
-    """The case's model written by ``fastmlip convert --to exported`` (checked there against the accelerated
-    model), in a calculator as ``fastmlip md`` makes one for such a file."""
-    from bench_md import model_source
-
-    from fastmlip.calculator import Calculator
-    from fastmlip.convert import convert
-
-    path = os.path.join(model_dir, f"{which}-{args.dtype}.pt2")
-    convert(model_source(which, model_dir), path, "exported", dtype=args.dtype, device=args.device, trusted=True)
-    return Calculator(path, device=args.device, dtype=args.dtype, trusted=True)  # a file this script wrote
-
-
 def profile_case(which, kind, repeat, args, model_dir, exported=False):
     import fastmlip
 
     atoms = thermalised(crystal(kind, repeat))
-    calculator = exported_calculator(which, args, model_dir) if exported else \
+    calculator = exported_calculator(which, args.device, args.dtype, model_dir) if exported else \
         make_calculator(which, "fastmlip", args.device, args.dtype, model_dir)
     options = dict(ensemble="nvt", temperature=300.0, thermostat="langevin", friction=0.01, seed=1,
                    interval=args.interval)

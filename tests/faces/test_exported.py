@@ -146,6 +146,34 @@ def test_exported_edge_sorts_take_int32_keys(sevenn_file):
     assert 2 * exported.MAX_ATOMS + 1 <= torch.iinfo(torch.int32).max
 
 
+def test_forces_reuse_the_edges_the_program_sorted(sevenn_file, monkeypatch):
+    """The program sorts the edges once (two argsorts, by receiver then sender) and returns them: the forces take
+    those, with the same bits as from edges sorted again outside, which a step no longer does (4 radix-sort
+    launches, 2 searchsorted and their gathers a step on a GPU)."""
+    program = api.load(sevenn_file, trusted=True)
+    assert program.meta["receivers"] == "edge_i" and program.meta["version"] == exported.VERSION
+    argsorts = [n for n in program.program.graph.nodes if n.op == "call_function" and "argsort" in str(n.target)]
+    assert len(argsorts) == 2
+    atoms = structures()["si16"]
+    edges = self_check.neighbor_edges(atoms, program.cutoff)
+    reused = self_check.compute_on_atoms(exported, program, atoms, edges)["forces"]
+
+    class FormatOne(torch.nn.Module):  # a program of format 1: energies only, the edges sorted outside
+        def __init__(self, program):
+            super().__init__()
+            self.inner = program
+
+        def forward(self, *inputs):
+            return self.inner(*inputs)[:2]
+
+    program.program = FormatOne(program.program)
+    outside = self_check.compute_on_atoms(exported, program, atoms, edges)["forces"]
+    program.program = program.program.inner
+    monkeypatch.setattr(exported, "sort_edges", lambda *args: pytest.fail("edges sorted outside the program"))
+    again = self_check.compute_on_atoms(exported, program, atoms, edges)["forces"]
+    assert torch.equal(reused, outside) and torch.equal(again, reused) and reused.abs().max() > 0.05
+
+
 def test_exported_mace_equals_the_accelerated_model(tmp_path):
     from helpers.mace_models import build_model, periodic_structure
 

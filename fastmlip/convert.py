@@ -62,7 +62,7 @@ def _refuse_bad_output(input_path: str, output: str) -> None:
         raise ConvertError(f"{output}: directory {parent} does not exist")
 
 
-def _write_atomically(output: str, write) -> None:
+def write_atomically(output: str, write) -> None:
     """``write(temp_path)`` next to OUT, then rename over OUT; on any failure no partial file is left."""
     directory = os.path.dirname(os.path.abspath(output))
     handle, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
@@ -104,7 +104,7 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     api.accelerate(model, check=True)
     report = api.last_check(model)
     if to == "exported":
-        _write_atomically(output, lambda temp: _export_checked(patch, model, temp, modal))
+        write_atomically(output, lambda temp: export_checked(patch, model, temp, modal))
         step(2)
         return {"check": report, "framework": patch.FRAMEWORK}
     if modal is not None:
@@ -112,13 +112,13 @@ def convert(input_name: str, output: str, to: str, dtype=None, device="cpu", pro
     api.restore(model)
     step()
     fmt_dtype = dtype or str(swaps.first_tensor_placement(model)[1]).replace("torch.", "")
-    _write_atomically(output, lambda temp: patch.save_converted(input_path, temp, to=to, dtype=fmt_dtype,
+    write_atomically(output, lambda temp: patch.save_converted(input_path, temp, to=to, dtype=fmt_dtype,
                                                                 check=report, reference=model, trusted=trusted))
     step()
     return {"check": report, "framework": patch.FRAMEWORK}
 
 
-def _export_checked(patch, model, path, modal) -> None:
+def export_checked(patch, model, path, modal) -> None:
     """Export the accelerated ``model`` to ``path``, read it back and compare it with the model on the
     self-check's probe structures; ValueError when they differ beyond the model dtype's tolerances."""
     from .patches import exported, self_check

@@ -214,7 +214,7 @@ def write_potential(model: str, output: str, *, dtype=None, device: str = "auto"
 
     from . import api
     from .calculator import Calculator
-    from .convert import _refuse_bad_output, _write_atomically
+    from .convert import _refuse_bad_output, write_atomically
     from .patches.files import file_sha256
 
     if output.endswith((".pt", ".pth")):
@@ -243,7 +243,7 @@ def write_potential(model: str, output: str, *, dtype=None, device: str = "auto"
         with open(temp_path, "wb") as stream:
             pickle.dump(potential, stream, protocol=4)
 
-    _write_atomically(output, dump)
+    write_atomically(output, dump)
     return potential
 
 

@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"CPU threads for torch (default: 1 for up to {SMALL_SYSTEM_ATOMS} atoms on CPU, "
                         "else torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-program-cache", action="store_true",
+                        help="start from the model's own file, not from an exported copy in fastmlip's cache, and "
+                             "keep none (by default a GPU run keeps one, and the next run of that file starts "
+                             "from it without importing its framework)")
     from .cli import add_trust_arguments
 
     add_trust_arguments(parser)
@@ -255,8 +259,6 @@ def describe_setup(calculator, first_step_seconds: float) -> str:
 
 
 def simulate(args):
-    from tqdm import tqdm
-
     from . import cuda_context
     from .api import resolve_device
     from .calculator import DEFAULT_SKIN, Calculator
@@ -271,11 +273,14 @@ def simulate(args):
 
         torch.set_num_threads(threads)
     accelerate = args.accelerate == "yes" or (args.accelerate == "auto" and device.type == "cuda")
+    skin = DEFAULT_SKIN if args.skin is None else args.skin
     load_start = time.perf_counter()
-    calculator = Calculator(args.model, device=device, dtype=args.dtype, accelerate=accelerate, modal=args.modal,
-                            skin=DEFAULT_SKIN if args.skin is None else args.skin,
+    source, copy = kept_program(args, atoms, device, skin) if accelerate else (None, None)
+    calculator = Calculator(str(copy) if copy else args.model, device=device, dtype=args.dtype,
+                            accelerate=accelerate, modal=args.modal, skin=skin,
                             cuda_graph={"auto": "auto", "yes": True, "no": False}[args.cuda_graph],
-                            trusted=args.trust, sha256=args.sha256, pairs=args.pairs)
+                            trusted=args.trust or copy is not None, sha256=None if copy else args.sha256,
+                            pairs=args.pairs)
     atoms.calc = calculator
     dynamics = make_dynamics(atoms, args) if args.engine == "ase" else None
     if dynamics is None and not np.any(atoms.get_momenta()):
@@ -285,6 +290,8 @@ def simulate(args):
         load_seconds = time.perf_counter() - load_start
         modules = "fastmlip modules" if calculator.framework.is_accelerated(calculator.model) else "e3nn modules"
         framework = calculator.framework.FRAMEWORK
+        if copy is not None:
+            framework = f"{calculator.model.meta['framework']}, its exported copy in fastmlip's cache"
         dtype = str(calculator.dtype).replace("torch.", "")
         steps_as = "CUDA graph replays" if calculator.cuda_graph else f"eager steps: {calculator.cuda_graph_obstacle}"
         if calculator.chunk_edges is not None:
@@ -296,7 +303,48 @@ def simulate(args):
         print(f"setup {load_seconds:.1f} s: {describe_setup(calculator, first_step_seconds)}", flush=True)
 
     if args.engine == "device":  # its first step is the engine's own: forces without stress, its cell tensor
-        return atoms, calculator, *_run_engine(args, atoms, calculator, announce)
+        records, step_seconds = _run_engine(args, atoms, calculator, announce)
+    else:
+        records, step_seconds = _run_ase(args, atoms, calculator, dynamics, announce)
+    if source is not None and copy is None and calculator.framework.is_accelerated(calculator.model):
+        keep_program(source, calculator, args)
+    return atoms, calculator, records, step_seconds
+
+
+def kept_program(args, atoms, device, skin: float) -> tuple:
+    """(the model's file when an exported copy of it may be kept in fastmlip's cache, that copy when this run can
+    start from it: :mod:`fastmlip.program_cache`); (None, None) with ``--no-program-cache`` or for a system whose
+    radial weights would not fit whole (the framework's model cuts its convolutions into chunks then, a copy
+    cannot)."""
+    from . import program_cache
+    from .api import resolve_dtype
+
+    source = None if args.no_program_cache else program_cache.source_of(args.model, args.trust, args.sha256)
+    if source is None:
+        return None, None
+    copy, manifest = program_cache.lookup(source, args.dtype, args.modal)
+    if copy is not None and not program_cache.fits_whole(manifest, atoms, skin, resolve_dtype(args.dtype), device):
+        return None, None
+    return source, copy
+
+
+def keep_program(source: str, calculator, args) -> None:
+    """Export the run's accelerated model into fastmlip's cache, for the next run of the same file to start from."""
+    from . import program_cache
+    from .api import chunk_convolutions
+
+    chunk_convolutions(calculator.model, None)  # an exported program keeps its radial weights whole
+    path, detail = program_cache.store(source, calculator.model, args.dtype, args.modal)
+    if path is None:
+        print(f"no exported copy kept for faster starts: {detail}")
+    else:
+        print(f"kept an exported copy for faster starts in {detail:.1f} s: {path} (--no-program-cache: never)")
+
+
+def _run_ase(args, atoms, calculator, dynamics, announce) -> tuple:
+    """MD through ASE's integrator, one calculator call a step; (records, step_seconds)."""
+    from tqdm import tqdm
+
     first_step = time.perf_counter()
     atoms.get_forces()  # first step: neighbour list, CUDA graph capture; timed separately
     announce(time.perf_counter() - first_step)
@@ -328,7 +376,7 @@ def simulate(args):
         bar.close()
         if writer:
             writer.close()
-    return atoms, calculator, np.array(records).reshape(-1, 4), np.array(step_seconds)
+    return np.array(records).reshape(-1, 4), np.array(step_seconds)
 
 
 def _run_engine(args, atoms, calculator, announce) -> tuple:

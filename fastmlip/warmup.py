@@ -1,9 +1,10 @@
 """``fastmlip warmup``: fill the kernel cache for a model before a run needs it.
 
 On a machine with a GPU it compiles for that GPU (what ``accelerate`` does before a first step, without the
-self-check). With ``--arch`` (or without a GPU, e.g. on a cluster's login node) it compiles for the named
-architecture on the CPU: the model's step runs as a dry run that records its kernels and launches nothing.
-Jobs that start later on GPUs of that architecture then find every kernel in the cache.
+self-check), then keeps an exported copy of the model that ``fastmlip md`` starts from without importing the
+framework (:mod:`fastmlip.program_cache`). With ``--arch`` (or without a GPU, e.g. on a cluster's login node) it
+compiles for the named architecture on the CPU: the model's step runs as a dry run that records its kernels and
+launches nothing. Jobs that start later on GPUs of that architecture then find every kernel in the cache.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def _frozen_model(name: str, device: str, dtype, trusted=False, sha256=None):
     return model.eval()
 
 
-def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=False, sha256=None):
+def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=False, sha256=None, keep=None):
     """Compile (or find in the cache) every kernel of the accelerated ``name`` for ``arch`` (default: this GPU).
 
-    Returns the :class:`fastmlip.kernels.precompile.Report`.
+    Returns the :class:`fastmlip.kernels.precompile.Report`. ``keep(model)``: called with the accelerated model
+    on this GPU once its kernels are ready (not with ``arch``).
     """
     import torch
 
@@ -52,7 +54,10 @@ def warm(name: str, dtype, *, arch=None, workers=None, progress=None, trusted=Fa
         model = _frozen_model(name, "cuda", dtype, trusted, sha256)
         patch = api.framework_of(model)
         patch.accelerate(model)
-        return precompile.prepare(self_check.record_kernels(model, patch), workers=workers, progress=progress)
+        report = precompile.prepare(self_check.record_kernels(model, patch), workers=workers, progress=progress)
+        if keep is not None:
+            keep(model)
+        return report
     target = precompile.Target.parse(arch)
     specs = dry_run_kernels(name, dtype, target, trusted=trusted, sha256=sha256)
     return precompile.prepare(specs, target=target, install=False, workers=workers, progress=progress)
@@ -73,7 +78,20 @@ def dry_run_kernels(name: str, dtype, target, *, trusted=False, sha256=None) -> 
         return self_check.record_kernels(model, patch)
 
 
+def _kept(source: str, model, dtype: str) -> str:
+    """Keep an exported copy of the accelerated ``model`` for ``fastmlip md`` (its first modal); what was done."""
+    from . import program_cache
+
+    if program_cache.lookup(source, dtype, None)[0] is not None:
+        return "exported copy for fastmlip md: already in the cache"
+    path, detail = program_cache.store(source, model, dtype, None)
+    if path is None:
+        return f"no exported copy for fastmlip md: {detail}"
+    return f"exported copy for fastmlip md in {detail:.1f} s: {path}"
+
+
 def run(args) -> int:
+    from . import program_cache
     from .api import resolve_dtype
     from .kernels import precompile
 
@@ -83,15 +101,18 @@ def run(args) -> int:
             precompile.Target.parse(args.arch)
         if args.workers is not None and args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        source = program_cache.source_of(args.model, args.trust, args.sha256) if args.arch is None else None
         for dtype in dtypes:
             start = time.perf_counter()
-            report = warm(args.model, dtype, arch=args.arch, workers=args.workers,
+            name = str(dtype).replace("torch.", "")
+            keep = None if source is None else lambda model: print(_kept(source, model, name))
+            report = warm(args.model, dtype, arch=args.arch, workers=args.workers, keep=keep,
                           progress=False if args.no_progress else None, trusted=args.trust, sha256=args.sha256)
             for label, seconds in sorted(report.compiled, key=lambda item: -item[1]):
                 print(f"  compiled {label} ({seconds:.1f} s)")
             for label, reason in report.failed:
                 print(f"  not compiled {label}: {reason}")
-            print(f"{args.model} {str(dtype).replace('torch.', '')}: {report.summary()} "
+            print(f"{args.model} {name}: {report.summary()} "
                   f"({time.perf_counter() - start:.1f} s in all)")
         print(f"cache: {precompile.cache_summary()['location']}")
     except (ValueError, FileNotFoundError) as exc:

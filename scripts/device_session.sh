@@ -91,7 +91,8 @@ for phase in "$@"; do
         --cases "${COLDSTART_CASES:-sevenn}" ${COLDSTART_OPTIONS:-} --out "$out/cold_start_exported"
       ;;
     coldstart)
-      as_installed step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" --importtime --out "$out"
+      as_installed step cold_start 400 python3 "$repo/scripts/bench_cold_start.py" ${COLDSTART_OPTIONS-"--importtime"} \
+        --out "$out"
       ;;
     gpu-tests|gpu-tests-faces|gpu-tests-kernels)
       # every test marked gpu (2026-12-03: cut at 540 s after 20 of ~45 on a fresh machine: kernel compiles), or

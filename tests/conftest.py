@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if "FASTMLIP_CACHE" not in os.environ:
+    # What the tests compile, generate and export (``fastmlip md`` keeps exported copies of models) stays out of the
+    # user's cache; a cache named from outside (the GPU machine's carried kernels) is kept.
+    import tempfile
+
+    os.environ["FASTMLIP_CACHE"] = tempfile.mkdtemp(prefix="fastmlip-tests-")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

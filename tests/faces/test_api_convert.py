@@ -193,14 +193,14 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        convert._write_atomically(str(target), failing_writer)
+        convert.write_atomically(str(target), failing_writer)
     assert target.read_bytes() == b"previous contents"
     assert os.listdir(tmp_path) == ["out.pth"]
-    convert._write_atomically(str(target), lambda temp: open(temp, "wb").write(b"new"))
+    convert.write_atomically(str(target), lambda temp: open(temp, "wb").write(b"new"))
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.pth"]
     umask = os.umask(0o022)
     try:
-        convert._write_atomically(str(target), lambda temp: open(temp, "wb").write(b"newer"))
+        convert.write_atomically(str(target), lambda temp: open(temp, "wb").write(b"newer"))
     finally:
         os.umask(umask)
     assert os.stat(target).st_mode & 0o777 == 0o644  # an ordinary file, not mkstemp's private 0600

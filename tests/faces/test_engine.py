@@ -340,7 +340,8 @@ def test_fastmlip_md_captures_one_step_at_setup(eager_graphs, monkeypatch, capsy
     parser = argparse.ArgumentParser()
     md.add_arguments(parser)
     args = parser.parse_args(["--demo", "si", "--repeat", "1", "--steps", "4", "--interval", "2", "--device", "cpu",
-                              "--dtype", "float64", "--accelerate", "yes", "--no-progress", "--threads", "1"])
+                              "--dtype", "float64", "--accelerate", "yes", "--no-progress", "--threads", "1",
+                              "--no-program-cache"])
     atoms, calculator, records, _ = md.simulate(args)
     assert calculator.replays.capture_reasons == ["first"]
     assert not calculator.replays.step.with_stress

@@ -83,5 +83,19 @@ def test_cache_filled_without_a_gpu_serves_the_gpu(tmp_path):
     assert result["compiled_in_steps"] == []
 
 
+def test_warmup_keeps_the_exported_copy_md_starts_from(tmp_path):
+    """``fastmlip warmup`` on a GPU also keeps the exported copy of the model, and ``fastmlip md`` on that model
+    then starts from it (no framework import) and keeps nothing more."""
+    env = dict(os.environ, FASTMLIP_CACHE=str(tmp_path / "cache"))
+    warmup = subprocess.run([sys.executable, "-m", "fastmlip.cli", "warmup", "7net-0", "--no-progress"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert warmup.returncode == 0, warmup.stderr[-3000:]
+    assert "exported copy for fastmlip md in" in warmup.stdout, warmup.stdout
+    md = subprocess.run([sys.executable, "-m", "fastmlip.cli", "md", "--steps", "10", "--no-progress"], env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert md.returncode == 0, md.stderr[-3000:]
+    assert "sevenn, its exported copy in fastmlip's cache" in md.stdout and "kept" not in md.stdout, md.stdout
+
+
 if __name__ == "__main__":
     print(json.dumps(first_steps()))

@@ -1,4 +1,5 @@
 """``fastmlip md`` end to end in subprocesses on CPU (~1 min: each run loads SevenNet-0 once)."""
+import os
 import re
 import subprocess
 import sys
@@ -9,9 +10,9 @@ import pytest
 pytest.importorskip("sevenn")
 
 
-def run_md(*arguments, cwd):
+def run_md(*arguments, cwd, env=None):
     command = [sys.executable, "-m", "fastmlip.cli", "md", "--no-progress", "--threads", "1", *arguments]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_nve_writes_trajectory_and_plot_with_small_drift(tmp_path):
@@ -41,7 +42,7 @@ def test_nvt_langevin_with_traj_format(tmp_path):
 
     result = run_md("--demo", "cu", "--repeat", "1", "--steps", "4", "--interval", "2", "--ensemble", "nvt",
                     "--temperature", "500", "--traj", "out.traj", "--dtype", "float64", "--accelerate", "yes",
-                    "--steps-per-replay", "2", "--pairs", "graph", cwd=tmp_path)
+                    "--steps-per-replay", "2", "--pairs", "graph", "--no-program-cache", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     frames = read(tmp_path / "out.traj", index=":")
     assert len(frames) == 3 and frames[0].get_chemical_formula() == "Cu4"
@@ -65,6 +66,68 @@ def test_npt_with_csvr_and_a_restart_then_the_ase_engine(tmp_path):
     assert len(frames) == 5 and frames[0].cell.volume != frames[-1].cell.volume  # steps 0..8, the cell moved
     ase_loop = run_md("--demo", "si", "--steps", "3", "--engine", "ase", cwd=tmp_path)
     assert ase_loop.returncode == 0 and "median" in ase_loop.stdout, ase_loop.stderr
+
+
+def final_energy(result) -> float:
+    return float(re.search(r"^final: E_pot (\S+) eV/atom", result.stdout, re.M).group(1))
+
+
+def test_a_second_run_starts_from_the_exported_copy_the_first_kept(tmp_path):
+    """An accelerated run keeps an exported copy of its model in fastmlip's cache; the next run of the same model,
+    dtype and modal starts from it (no framework) and computes the same trajectory; a damaged copy is passed
+    over and written again; --no-program-cache neither uses nor keeps one."""
+    env = dict(os.environ, FASTMLIP_CACHE=str(tmp_path / "cache"))
+    arguments = ("--demo", "si", "--repeat", "1", "--steps", "4", "--dtype", "float64", "--accelerate", "yes")
+    first = run_md(*arguments, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "kept an exported copy for faster starts" in first.stdout, first.stdout
+    copies = list((tmp_path / "cache" / "programs").glob("*/model.pt2"))
+    assert len(copies) == 1 and (copies[0].parent / "manifest.json").is_file()
+    second = run_md(*arguments, cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "sevenn, its exported copy in fastmlip's cache" in second.stdout and "kept" not in second.stdout
+    assert abs(final_energy(second) - final_energy(first)) < 1e-9
+
+    copies[0].write_bytes(copies[0].read_bytes()[:1000])
+    third = run_md(*arguments, cwd=tmp_path, env=env)
+    assert third.returncode == 0, third.stderr
+    assert "exported copy in fastmlip's cache" not in third.stdout and "kept an exported copy" in third.stdout
+    assert abs(final_energy(third) - final_energy(first)) < 1e-9
+    opted_out = run_md(*arguments, "--no-program-cache", cwd=tmp_path, env=env)
+    assert opted_out.returncode == 0 and "exported copy" not in opted_out.stdout, opted_out.stderr
+
+
+def test_copies_follow_the_trust_the_source_needs(tmp_path, monkeypatch):
+    """A copy is kept or used for checkpoints shipped with their package or files the user trusts, never for an
+    exported file itself; a system whose radial weights would not fit whole runs from the framework's file."""
+    import shutil
+
+    import torch
+    from ase.build import bulk
+
+    from fastmlip import memory, program_cache
+    from fastmlip.patches import sevenn as sevenn_patch
+    from fastmlip.patches.files import UntrustedFileError, file_sha256
+
+    shipped = sevenn_patch.resolve("7net-0")
+    assert program_cache.source_of("7net-0", trusted=False) == shipped
+    mine = tmp_path / "mine.pth"
+    shutil.copy(shipped, mine)
+    assert program_cache.source_of(str(mine), trusted=False) is None
+    assert program_cache.source_of(str(mine), trusted=True) == str(mine)
+    assert program_cache.source_of(str(mine), trusted=False, sha256=file_sha256(mine)) == str(mine)
+    with pytest.raises(UntrustedFileError):
+        program_cache.source_of(str(mine), trusted=False, sha256="0" * 64)
+    assert program_cache.source_of(str(tmp_path / "missing.pth"), trusted=True) is None
+
+    manifest = {"cutoff": 5.0, "conv_widths": [1000, 3000]}
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True).repeat(3)
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 80 * 2 ** 30)
+    assert program_cache.fits_whole(manifest, crystal, 0.5, torch.float32, gpu)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 2 ** 20)
+    assert not program_cache.fits_whole(manifest, crystal, 0.5, torch.float32, gpu)
+    assert program_cache.fits_whole(manifest, crystal, 0.5, torch.float32, torch.device("cpu"))
 
 
 FILES = {"notes.txt": "not a structure\n", "unknown.xyz": "2\n\nSi 0 0 0\nXx 1 1 1\n", "empty.xyz": ""}

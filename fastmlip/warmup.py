@@ -8,6 +8,7 @@ launches nothing. Jobs that start later on GPUs of that architecture then find e
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
@@ -78,16 +79,16 @@ def dry_run_kernels(name: str, dtype, target, *, trusted=False, sha256=None) -> 
         return self_check.record_kernels(model, patch)
 
 
-def _kept(source: str, model, dtype: str) -> str:
-    """Keep an exported copy of the accelerated ``model`` for ``fastmlip md`` (its first modal); what was done."""
+def _print_kept(source: str, model, dtype: str) -> None:
+    """Keep an exported copy of the accelerated ``model`` for ``fastmlip md`` (no modal named), and say so."""
     from . import program_cache
 
     if program_cache.lookup(source, dtype, None)[0] is not None:
-        return "exported copy for fastmlip md: already in the cache"
+        print("exported copy for fastmlip md: already in the cache")
+        return
     path, detail = program_cache.store(source, model, dtype, None)
-    if path is None:
-        return f"no exported copy for fastmlip md: {detail}"
-    return f"exported copy for fastmlip md in {detail:.1f} s: {path}"
+    print(f"no exported copy for fastmlip md: {detail}" if path is None else
+          f"exported copy for fastmlip md in {detail:.1f} s: {path}")
 
 
 def run(args) -> int:
@@ -105,7 +106,7 @@ def run(args) -> int:
         for dtype in dtypes:
             start = time.perf_counter()
             name = str(dtype).replace("torch.", "")
-            keep = None if source is None else lambda model: print(_kept(source, model, name))
+            keep = None if source is None else functools.partial(_print_kept, source, dtype=name)
             report = warm(args.model, dtype, arch=args.arch, workers=args.workers, keep=keep,
                           progress=False if args.no_progress else None, trusted=args.trust, sha256=args.sha256)
             for label, seconds in sorted(report.compiled, key=lambda item: -item[1]):

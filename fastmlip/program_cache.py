@@ -99,13 +99,12 @@ def fits_whole(manifest: dict, atoms, skin: float, dtype, device) -> bool:
 
     from fastmlip import memory
 
-    n = len(atoms)
-    reach = manifest["cutoff"] + skin
     if device.type != "cuda":
         return True
-    if all(atoms.pbc) and atoms.get_volume() > 0:
-        neighbours = min(n * 27, 2 * n / atoms.get_volume() * 4 / 3 * math.pi * reach ** 3)  # twice the density
-    else:
+    n, reach = len(atoms), manifest["cutoff"] + skin
+    if all(atoms.pbc) and atoms.get_volume() > 0:  # twice the density within reach, at most 27 images of each atom
+        neighbours = min(27 * n, 2 * n / atoms.get_volume() * 4 / 3 * math.pi * reach ** 3)
+    else:  # a molecule or a slab: every other atom
         neighbours = n - 1
     edges = int(n * neighbours)
     return memory.chunk_edges_for(manifest["conv_widths"], edges, torch.finfo(dtype).bits // 8,

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from fastmlip.graph import SortedEdges, edge_stress, edge_vectors, sort_edges
+from fastmlip.memo import derived
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
@@ -35,8 +36,10 @@ FRAMEWORK = "exported"
 META_FILE = "fastmlip.json"  # an extra file of the torch.export archive
 GRAPH_FILE = "fastmlip_graph.json"  # another: the program as exported_graph reads it (absent: torch.export.load)
 FORMAT = "fastmlip-exported"
-VERSION = 2  # 2: the program also returns the edges its convolutions sorted (forces reuse them)
-READS = (1, 2)
+# 2: the program also returns the edges its convolutions sorted (forces reuse them); 3: where its file names a
+# species table (MACE), its first input is each atom's index into that table instead of the atomic number
+VERSION = 3
+READS = (1, 2, 3)
 MIN_SIZE = 2  # the program's smallest atom and edge counts (torch.export specialises sizes 0 and 1)
 # The program's largest atom count: its edge sorts' keys (2 x atom + absent) then fit int32, half the radix passes
 # of int64 keys (16 sort launches a 216-atom step with int64, on an H200).
@@ -92,7 +95,9 @@ def export(patch, model, path, *, modal=None) -> dict:
     positions = torch.as_tensor(atoms.positions, device=info["device"])
     vectors = edge_vectors(positions, torch.as_tensor(atoms.cell.array, device=info["device"]), i, j, shifts)
     numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=info["device"])
-    example = (numbers, i, j, vectors.to(info["dtype"]), torch.ones(i.numel(), dtype=info["dtype"], device=i.device))
+    table = module.species_table() if hasattr(module, "species_table") else None
+    first = numbers if table is None else _species_index(numbers, table)
+    example = (first, i, j, vectors.to(info["dtype"]), torch.ones(i.numel(), dtype=info["dtype"], device=i.device))
     atoms_dim = Dim("atoms", min=MIN_SIZE, max=MAX_ATOMS)
     edges_dim = Dim("edges", min=MIN_SIZE)
     shapes = ({0: atoms_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim})
@@ -102,7 +107,7 @@ def export(patch, model, path, *, modal=None) -> dict:
     meta = {"format": FORMAT, "version": VERSION, "framework": info["framework"], "cutoff": info["cutoff"],
             "atomic_numbers": list(info["atomic_numbers"]), "dtype": str(info["dtype"]).replace("torch.", ""),
             "modal": modal, "message_passing_layers": patch.message_passing_layers(model),
-            "receivers": module.RECEIVERS,
+            "receivers": module.RECEIVERS, **({} if table is None else {"species_table": table}),
             "torch": torch.__version__, "problems": problems_to_json([registry.lookup(key) for key in keys])}
     extra = {META_FILE: json.dumps(meta)}
     try:
@@ -274,13 +279,28 @@ def _padded(model, numbers, edge_i, edge_j, vectors, mask):
     return numbers, edge_i, edge_j, vectors, mask
 
 
+def _species_index(numbers: torch.Tensor, table: list) -> torch.Tensor:
+    """Each atom's index into ``table`` (atomic numbers; the atoms' species are known to be in it)."""
+    return (numbers.unsqueeze(-1) == torch.tensor(table, device=numbers.device)).long().argmax(-1)
+
+
+def _program_atoms(model, numbers: torch.Tensor) -> torch.Tensor:
+    """The program's first input: the atomic numbers, or where its file names a species table each atom's index
+    into it, made once per numbers tensor (:mod:`fastmlip.memo`): the same index tensor every step of a structure,
+    on which the species-indexed kernels keep their sorting (8 launches a MACE step otherwise)."""
+    table = model.meta.get("species_table")
+    if table is None:
+        return numbers
+    return derived(numbers, ("species_index", tuple(table)), lambda: _species_index(numbers, table))
+
+
 def _energies(model, numbers, edge_i, edge_j, vectors, edge_mask) -> tuple:
     """(energies [N], differentiated [N], the edges the program sorted or None) of the program for the real atoms;
     ``vectors`` requires grad. The sorted edges come from programs of format 2, for inputs it took unpadded."""
     n, e = numbers.numel(), edge_i.numel()
     mask = vectors.new_ones(e) if edge_mask is None else edge_mask.to(vectors.dtype)
     inputs = _padded(model, numbers, edge_i, edge_j, vectors, mask)
-    energies, differentiated, *sorted_tensors = model.program(*inputs)
+    energies, differentiated, *sorted_tensors = model.program(_program_atoms(model, inputs[0]), *inputs[1:])
     if inputs[0].numel() == n and inputs[1].numel() == e:  # no slice: its backward adds a zero fill and a copy
         return energies, differentiated, SortedEdges(*sorted_tensors) if sorted_tensors else None
     return energies[:n], differentiated[:n], None

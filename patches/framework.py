@@ -74,7 +74,8 @@ class Framework(Protocol):
 
     def energy_module(self, model, modal=None):
         """An ``nn.Module`` of the accelerated model mapping ``(numbers [N], edge_i [E], edge_j [E], vectors [E, 3],
-        edge_mask [E])`` (ASE "ijS" edges, vectors in the model's dtype, mask 1/0) to ``(energies [N],
+        edge_mask [E])`` (ASE "ijS" edges, vectors in the model's dtype, mask 1/0; where the module has a
+        ``species_table()``, each atom's index into it instead of its atomic number) to ``(energies [N],
         differentiated [N], *sorted)``: the per-atom terms forces differentiate, then the six tensors of the
         :class:`fastmlip.graph.SortedEdges` its convolutions sorted the edges into (its ``RECEIVERS`` attribute
         says which of ``edge_i``/``edge_j`` they took as dst), for the forces to reuse: what ``fastmlip convert

@@ -42,7 +42,7 @@ from fastmlip.graph import edge_vectors
 from fastmlip.ops.derivatives import gradient_or_zeros
 
 from . import e3nn_compat, files, mace_forward, self_check, swaps
-from .mace_modules import (EDGE_MASK, SUPPORTED_INTERACTIONS, FastInteraction,  # noqa: F401 (API)
+from .mace_modules import (EDGE_MASK, SPECIES, SUPPORTED_INTERACTIONS, FastInteraction,  # noqa: F401 (API)
                            FastRadialEmbedding, FastSpeciesLinear, FastSymmetricContraction, accelerate, plan,
                            sorted_edges, species_of)
 
@@ -427,8 +427,9 @@ def compute_edges(model, numbers, edge_i, edge_j, vectors, *, modal=None, num_lo
 
 
 class NodeEnergies(torch.nn.Module):
-    """``(energies, differentiated)`` [N] of one structure from its edges as vectors (ASE "ijS" edges, MACE's
-    sender i and receiver j, vectors ``pos[j] - pos[i] + shift``) and an edge mask, then the six tensors of the
+    """``(energies, differentiated)`` [N] of one structure from each atom's species index (into
+    :meth:`species_table`) and its edges as vectors (ASE "ijS" edges, MACE's sender i and receiver j, vectors
+    ``pos[j] - pos[i] + shift``) and an edge mask, then the six tensors of the
     edges' :class:`fastmlip.graph.SortedEdges` its convolutions sorted (receivers: ``edge_j``, :attr:`RECEIVERS`),
     which forces reuse: the function :mod:`fastmlip.patches.exported` exports (species known to the model: the
     caller checks them)."""
@@ -439,13 +440,19 @@ class NodeEnergies(torch.nn.Module):
         super().__init__()
         self.model, self.head = model, head
 
-    def forward(self, numbers, edge_i, edge_j, vectors, edge_mask):
-        species = _matches(self.model, numbers).long().argmax(-1)
-        data = {"node_attrs": torch.nn.functional.one_hot(species, self.model.atomic_numbers.numel()).to(vectors.dtype),
-                "edge_index": torch.stack([edge_i, edge_j])}
+    def species_table(self) -> list:
+        """The atomic numbers in the order of the species index its first input holds per atom."""
+        return self.model.atomic_numbers.tolist()
+
+    def forward(self, species, edge_i, edge_j, vectors, edge_mask):
+        node_attrs = torch.nn.functional.one_hot(species, self.model.atomic_numbers.numel()).to(vectors.dtype)
+        # every block's species index is the input itself: the species-indexed kernels keep their sorting of it
+        # (fastmlip.memo) from one step of a structure to the next
+        memo.attach(node_attrs, SPECIES, species)
+        data = {"node_attrs": node_attrs, "edge_index": torch.stack([edge_i, edge_j])}
         memo.attach(data["edge_index"], EDGE_MASK, edge_mask)  # read by every FastInteraction of this call
         energies, differentiated = mace_forward.node_energies(self.model, data, vectors, self.head)
-        return energies, differentiated, *sorted_edges(data["edge_index"], numbers.shape[0]).tensors()
+        return energies, differentiated, *sorted_edges(data["edge_index"], species.shape[0]).tensors()
 
 
 def energy_module(model, modal=None) -> torch.nn.Module:

@@ -56,10 +56,13 @@ def weight_mask(edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype) ->
                    lambda: mask.index_select(0, sorted_edges(edge_index, num_nodes).order).to(dtype))
 
 
+SPECIES = "species"  # memo key: the species index of a node_attrs tensor (species_of); an exported program attaches it
+
+
 def species_of(node_attrs: torch.Tensor) -> torch.Tensor:
     """MACE's species index ``node_attrs.argmax(-1)``, one tensor per forward pass: every block receives the same
     node_attrs, and the kernels keep their species sorting on that index tensor."""
-    return derived(node_attrs, "species", lambda: node_attrs.argmax(-1))
+    return derived(node_attrs, SPECIES, lambda: node_attrs.argmax(-1))
 
 
 class FastSpeciesLinear(nn.Module):

@@ -189,6 +189,20 @@ def test_exported_mace_equals_the_accelerated_model(tmp_path):
         want = self_check.compute_on_atoms(mace_patch, model, atoms, edges)
         got = self_check.compute_on_atoms(exported, program, atoms, edges)
         assert_same(want, got, len(atoms))
+    # Its first input is the species index, found once per numbers tensor and handed to the species-indexed
+    # operators as it is (casts to int64 return it), so the kernels' sorting kept on it serves every step.
+    assert meta["species_table"] == model.atomic_numbers.tolist()
+    numbers = torch.tensor(periodic_structure(seed=5).numbers)
+    assert exported._program_atoms(program, numbers) is exported._program_atoms(program, numbers)
+    graph = program.program.graph
+    species_input = next(node for node in graph.nodes if node.op == "placeholder")
+    species_args = [node.args[1] for node in graph.nodes if node.op == "call_function"
+                    and str(node.target).startswith(("fastmlip.species_linear", "fastmlip.symmetric_contraction"))]
+    assert species_args
+    for arg in species_args:
+        while arg is not species_input:
+            assert str(arg.target) == "aten.to.dtype" and arg.args[1] == torch.int64, arg
+            arg = arg.args[0]
 
 
 def test_trust_dtype_species_and_foreign_files(sevenn_file, tmp_path):

@@ -37,9 +37,11 @@ def _kernel_cache() -> dict:
         return {"unavailable": str(exc)}
     summary = cache_summary()
     entries = ", ".join(f"{n} for {t}" for t, n in summary["compiled"].items()) or "none"
+    from .program_cache import count
+
     return {"location": summary["location"], "size_MB": round(summary["bytes"] / 2**20, 1),
             "compiled_kernels": entries, "generated_sources": summary["generated_sources"],
-            "launch_stubs": summary["launch_stubs"]}
+            "launch_stubs": summary["launch_stubs"], "exported_copies": count()}
 
 
 def _settings() -> dict:

@@ -43,6 +43,13 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+def count() -> int:
+    """How many exported copies the cache holds (for ``fastmlip info``)."""
+    from fastmlip.kernels.codegen import cache_root
+
+    return len(list((cache_root() / DIRECTORY).glob("*/manifest.json")))
+
+
 def _entry(source_sha256: str, dtype: str, modal: Optional[str]) -> Path:
     import torch
 

@@ -1,4 +1,5 @@
 """``fastmlip md`` end to end in subprocesses on CPU (~1 min: each run loads SevenNet-0 once)."""
+import json
 import os
 import re
 import subprocess
@@ -83,6 +84,9 @@ def test_a_second_run_starts_from_the_exported_copy_the_first_kept(tmp_path):
     assert "kept an exported copy for faster starts" in first.stdout, first.stdout
     copies = list((tmp_path / "cache" / "programs").glob("*/model.pt2"))
     assert len(copies) == 1 and (copies[0].parent / "manifest.json").is_file()
+    info = subprocess.run([sys.executable, "-m", "fastmlip.cli", "info", "--json"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert json.loads(info.stdout)["cache"]["exported_copies"] == 1, info.stderr
     second = run_md(*arguments, cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr
     assert "sevenn, its exported copy in fastmlip's cache" in second.stdout and "kept" not in second.stdout

@@ -377,7 +377,7 @@ def test_info_shows_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path / "somewhere"))
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert str(tmp_path / "somewhere") in out and "launch_stubs" in out
+    assert str(tmp_path / "somewhere") in out and "launch_stubs" in out and "'exported_copies': 0" in out
 
 
 if __name__ == "__main__":

@@ -101,6 +101,23 @@ def test_a_second_run_starts_from_the_exported_copy_the_first_kept(tmp_path):
     assert opted_out.returncode == 0 and "exported copy" not in opted_out.stdout, opted_out.stderr
 
 
+def test_a_cache_that_cannot_be_written_keeps_no_copy_and_fails_nothing(tmp_path, monkeypatch):
+    """Keeping the copy comes after the run's last step: where the cache cannot take it, the run says why in one
+    line and ends as it would have."""
+    import torch
+
+    from fastmlip import api, program_cache
+    from fastmlip.patches import sevenn as sevenn_patch
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache would be")
+    monkeypatch.setenv("FASTMLIP_CACHE", str(blocker))
+    model = api.accelerate(sevenn_patch.load("7net-0", dtype=torch.float64), check=False)
+    path, reason = program_cache.store(sevenn_patch.resolve("7net-0"), model, "float64", None)
+    assert path is None and "\n" not in reason and "not-a-folder" in reason
+    assert program_cache.count() == 0
+
+
 def test_copies_follow_the_trust_the_source_needs(tmp_path, monkeypatch):
     """A copy is kept or used for checkpoints shipped with their package or files the user trusts, never for an
     exported file itself; a system whose radial weights would not fit whole runs from the framework's file."""

@@ -325,6 +325,8 @@ def kept_program(args, atoms, device, skin: float) -> tuple:
     if source is None:
         return None, None
     copy, manifest = program_cache.lookup(source, args.dtype, args.modal)
+    if copy is None and manifest is not None:  # an earlier run found this model cannot be exported
+        return None, None
     if copy is not None and not program_cache.fits_whole(manifest, atoms, skin, resolve_dtype(args.dtype), device):
         return None, None
     return source, copy

@@ -77,14 +77,17 @@ def source_of(model, trusted: bool, sha256=None) -> Optional[str]:
 
 
 def lookup(source: str, dtype: str, modal: Optional[str]) -> tuple:
-    """(path, manifest) of the kept copy of ``source`` for ``dtype``/``modal``, or (None, None) where there is none
-    whose SHA-256 matches its manifest."""
+    """(path, manifest) of the kept copy of ``source`` for ``dtype``/``modal``; (None, manifest) where an earlier
+    run found the model cannot be exported (``manifest["unexportable"]`` says why); (None, None) where there is no
+    copy whose SHA-256 matches its manifest."""
     from fastmlip.patches.files import file_sha256
 
     entry = _entry(file_sha256(source), dtype, modal)
     program, manifest_path = entry / "model.pt2", entry / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
+        if "unexportable" in manifest:
+            return None, manifest
         if file_sha256(program) == manifest["sha256"]:
             return program, manifest
     except (OSError, ValueError, KeyError, TypeError):
@@ -120,7 +123,11 @@ def fits_whole(manifest: dict, atoms, skin: float, dtype, device) -> bool:
 
 def store(source: str, model, dtype: str, modal: Optional[str]) -> tuple:
     """Keep an exported copy of the accelerated ``model`` loaded from ``source``: (path, seconds), or (None, the
-    reason in one line) where it cannot be exported or written (nothing fails: the run had what it needed)."""
+    reason in one line) where it cannot be exported or written (nothing fails: the run had what it needed). A
+    model that cannot be exported is remembered as such (:func:`lookup` returns its manifest without a copy), so
+    later runs do not try again; a cache that cannot be written is tried again by the next run."""
+    import torch
+
     from fastmlip.api import framework_of
     from fastmlip.convert import export_checked, write_atomically
     from fastmlip.memory import conv_weight_widths
@@ -128,14 +135,23 @@ def store(source: str, model, dtype: str, modal: Optional[str]) -> tuple:
 
     start = time.perf_counter()
     entry = _entry(file_sha256(source), dtype, modal)
+    facts = {"source": os.path.abspath(source), "dtype": dtype, "modal": modal}
     try:
         entry.mkdir(parents=True, exist_ok=True)
         program = entry / "model.pt2"
-        write_atomically(str(program), lambda temp: export_checked(framework_of(model), model, temp, modal))
-        manifest = {"sha256": file_sha256(program), "source": os.path.abspath(source), "dtype": dtype,
-                    "modal": modal, "cutoff": framework_of(model).model_info(model)["cutoff"],
-                    "conv_widths": conv_weight_widths(model), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_atomically(str(entry / "manifest.json"), lambda temp: Path(temp).write_text(json.dumps(manifest)))
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        try:
+            write_atomically(str(program), lambda temp: export_checked(framework_of(model), model, temp, modal))
+        except torch.OutOfMemoryError as exc:  # this time only: the next run tries again
+            return None, one_line(exc)
+        except (ValueError, RuntimeError, TypeError) as exc:  # this model cannot be exported (e.g. a size fixed)
+            facts["unexportable"] = one_line(exc)[:300]
+        else:
+            facts.update(sha256=file_sha256(program), cutoff=framework_of(model).model_info(model)["cutoff"],
+                         conv_widths=conv_weight_widths(model))
+        facts["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_atomically(str(entry / "manifest.json"), lambda temp: Path(temp).write_text(json.dumps(facts)))
+    except OSError as exc:
         return None, one_line(exc)
+    if "unexportable" in facts:
+        return None, facts["unexportable"]
     return program, time.perf_counter() - start

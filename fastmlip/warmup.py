@@ -83,8 +83,10 @@ def _print_kept(source: str, model, dtype: str) -> None:
     """Keep an exported copy of the accelerated ``model`` for ``fastmlip md`` (no modal named), and say so."""
     from . import program_cache
 
-    if program_cache.lookup(source, dtype, None)[0] is not None:
-        print("exported copy for fastmlip md: already in the cache")
+    copy, manifest = program_cache.lookup(source, dtype, None)
+    if manifest is not None:
+        print("exported copy for fastmlip md: already in the cache" if copy is not None else
+              f"no exported copy for fastmlip md (found before): {manifest['unexportable']}")
         return
     path, detail = program_cache.store(source, model, dtype, None)
     print(f"no exported copy for fastmlip md: {detail}" if path is None else

@@ -118,6 +118,42 @@ def test_a_cache_that_cannot_be_written_keeps_no_copy_and_fails_nothing(tmp_path
     assert program_cache.count() == 0
 
 
+def test_a_model_that_cannot_be_exported_is_remembered(tmp_path, monkeypatch):
+    """An export that fails (7net-MF-0's modal path fixes the atom count) is tried once: the cache remembers why,
+    so later runs go through the framework without trying again; an out-of-memory failure is not remembered."""
+    import argparse
+
+    import torch
+    from ase.build import bulk
+
+    from fastmlip import api, convert, md, program_cache
+    from fastmlip.patches import sevenn as sevenn_patch
+
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path / "cache"))
+    source = sevenn_patch.resolve("7net-0")
+    model = api.accelerate(sevenn_patch.load(source, dtype=torch.float64), check=False)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(convert, "export_checked", out_of_memory)
+    assert program_cache.store(source, model, "float64", None)[0] is None
+    assert program_cache.lookup(source, "float64", None) == (None, None)
+
+    def specialised(*args):
+        raise ValueError("Constraints violated (atoms)! ... specialized it to be a constant (8)")
+
+    monkeypatch.setattr(convert, "export_checked", specialised)
+    path, reason = program_cache.store(source, model, "float64", None)
+    assert path is None and reason.startswith("Constraints violated")
+    copy, manifest = program_cache.lookup(source, "float64", None)
+    assert copy is None and manifest["unexportable"] == reason
+    parser = argparse.ArgumentParser()
+    md.add_arguments(parser)
+    args = parser.parse_args(["--dtype", "float64"])
+    assert md.kept_program(args, bulk("Si", "diamond", a=5.43), torch.device("cpu"), 0.5) == (None, None)
+
+
 def test_copies_follow_the_trust_the_source_needs(tmp_path, monkeypatch):
     """A copy is kept or used for checkpoints shipped with their package or files the user trusts, never for an
     exported file itself; a system whose radial weights would not fit whole runs from the framework's file."""

@@ -437,6 +437,7 @@ def _until_head(model, data):
     The species lookup, the one-hot embedding and the per-species energy scale and shift are the same every step
     of a structure, so they are kept on its atomic-numbers tensor (:mod:`fastmlip.memo`): a captured step
     launches none of them (7 launches)."""
+    from sevenn.nn.linear import IrrepsLinear
     from sevenn.nn.node_embedding import OnehotEmbedding
     from sevenn.nn.scale import SpeciesWiseRescale
 
@@ -446,8 +447,21 @@ def _until_head(model, data):
             data = _embedded(module, data)
         elif type(module) is SpeciesWiseRescale:
             data = _rescaled(module, data)
+        elif isinstance(module, IrrepsLinear) and module.num_modalities > 1 and not module._is_batch_data:
+            data = _modal_linear(module, data)  # isinstance: torch.export traces modules through proxy subclasses
         else:
             data = module(data)
+    return data
+
+
+def _modal_linear(module, data):
+    """sevenn's ``IrrepsLinear`` of a multi-modal model on one structure: the modality's one-hot appended to each
+    node's input, then the linear, as sevenn computes it, with the nodes counted by the input's shape (sevenn's
+    ``len()`` of the tensor fixes the atom count of an exported program)."""
+    x = data[module.key_input]
+    modality = data[module.key_modal_attr].expand(x.shape[0], -1).type(x.dtype)
+    data[module.key_input] = torch.cat([x, modality], dim=1)
+    data[module.key_output] = module.linear(data[module.key_input])
     return data
 
 

@@ -174,6 +174,23 @@ def test_forces_reuse_the_edges_the_program_sorted(sevenn_file, monkeypatch):
     assert torch.equal(reused, outside) and torch.equal(again, reused) and reused.abs().max() > 0.05
 
 
+def test_multi_fidelity_sevenn_exports_for_one_modal(tmp_path):
+    """7net-MF-0 appends its modality to the nodes of its modal linears; sevenn sizes that by ``len()`` of a
+    tensor, which fixed the program's atom count and failed the export. The patch's own version keeps it symbolic:
+    the program equals the accelerated model on sizes other than the export's (convert checks on its probes)."""
+    path = tmp_path / "mf.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert.convert("7net-mf-0", str(path), "exported", dtype="float64", modal="PBE")
+    program = api.load(path, trusted=True)
+    assert program.meta["modal"] == "PBE"
+    model = api.accelerate(sevenn_patch.load("7net-mf-0", dtype=torch.float64), check=False)
+    atoms = structures()["si16"]
+    edges = self_check.neighbor_edges(atoms, model.cutoff)
+    want = self_check.compute_on_atoms(sevenn_patch, model, atoms, edges, modal="PBE")
+    assert_same(want, self_check.compute_on_atoms(exported, program, atoms, edges), len(atoms))
+
+
 def test_exported_mace_equals_the_accelerated_model(tmp_path):
     from helpers.mace_models import build_model, periodic_structure
 

@@ -119,8 +119,9 @@ def test_a_cache_that_cannot_be_written_keeps_no_copy_and_fails_nothing(tmp_path
 
 
 def test_a_model_that_cannot_be_exported_is_remembered(tmp_path, monkeypatch):
-    """An export that fails (7net-MF-0's modal path fixes the atom count) is tried once: the cache remembers why,
-    so later runs go through the framework without trying again; an out-of-memory failure is not remembered."""
+    """An export that fails (say, a framework's module that fixes the atom count) is tried once: the cache
+    remembers why, so later runs go through the framework without trying again; an out-of-memory failure is not
+    remembered."""
     import argparse
 
     import torch

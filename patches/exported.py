@@ -172,7 +172,7 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"{text}: {META_FILE} does not describe an exported fastmlip model")
     if meta.get("version") not in READS:
         raise ValueError(f"{text}: exported model format version {meta.get('version')}, this fastmlip reads "
-                         f"{' and '.join(map(str, READS))}; export it again")
+                         f"{', '.join(map(str, READS))}; export it again")
     return meta
 
 
@@ -296,7 +296,7 @@ def _program_atoms(model, numbers: torch.Tensor) -> torch.Tensor:
 
 def _energies(model, numbers, edge_i, edge_j, vectors, edge_mask) -> tuple:
     """(energies [N], differentiated [N], the edges the program sorted or None) of the program for the real atoms;
-    ``vectors`` requires grad. The sorted edges come from programs of format 2, for inputs it took unpadded."""
+    ``vectors`` requires grad. The sorted edges come from programs of format 2 on, for inputs they took unpadded."""
     n, e = numbers.numel(), edge_i.numel()
     mask = vectors.new_ones(e) if edge_mask is None else edge_mask.to(vectors.dtype)
     inputs = _padded(model, numbers, edge_i, edge_j, vectors, mask)

@@ -146,6 +146,20 @@ def test_exported_edge_sorts_take_int32_keys(sevenn_file):
     assert 2 * exported.MAX_ATOMS + 1 <= torch.iinfo(torch.int32).max
 
 
+def test_a_format_this_fastmlip_does_not_read_is_refused(sevenn_file, tmp_path):
+    import json
+
+    target = tmp_path / "future.pt2"
+    with zipfile.ZipFile(sevenn_file) as source, zipfile.ZipFile(target, "w") as copy:
+        for entry in source.infolist():
+            data = source.read(entry)
+            if entry.filename.endswith(exported.META_FILE):
+                data = json.dumps({**json.loads(data), "version": 99})
+            copy.writestr(entry, data)
+    with pytest.raises(ValueError, match=r"format version 99, this fastmlip reads 1, 2, 3; export it again"):
+        api.load(target, trusted=True)
+
+
 def test_forces_reuse_the_edges_the_program_sorted(sevenn_file, monkeypatch):
     """The program sorts the edges once (two argsorts, by receiver then sender) and returns them: the forces take
     those, with the same bits as from edges sorted again outside, which a step no longer does (4 radix-sort

@@ -134,8 +134,9 @@ def store(source: str, model, dtype: str, modal: Optional[str]) -> tuple:
     from fastmlip.patches.files import file_sha256, one_line
 
     start = time.perf_counter()
-    entry = _entry(file_sha256(source), dtype, modal)
-    facts = {"source": os.path.abspath(source), "dtype": dtype, "modal": modal}
+    source_sha256 = file_sha256(source)
+    entry = _entry(source_sha256, dtype, modal)
+    facts = {"source": os.path.abspath(source), "source_sha256": source_sha256, "dtype": dtype, "modal": modal}
     try:
         entry.mkdir(parents=True, exist_ok=True)
         program = entry / "model.pt2"
@@ -152,6 +153,25 @@ def store(source: str, model, dtype: str, modal: Optional[str]) -> tuple:
         write_atomically(str(entry / "manifest.json"), lambda temp: Path(temp).write_text(json.dumps(facts)))
     except OSError as exc:
         return None, one_line(exc)
+    _remove_replaced(entry, facts)
     if "unexportable" in facts:
         return None, facts["unexportable"]
     return program, time.perf_counter() - start
+
+
+def _remove_replaced(kept: Path, facts: dict) -> None:
+    """Remove the copies of an earlier content of the same file (same path, dtype and modal, another SHA-256):
+    nothing can use them unless the file goes back. Copies made by another fastmlip or torch (another
+    environment sharing the cache) stay."""
+    import shutil
+
+    same = ("source", "dtype", "modal")
+    for manifest_path in kept.parent.glob("*/manifest.json"):
+        if manifest_path.parent == kept:
+            continue
+        try:
+            other = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if all(other.get(key) == facts[key] for key in same) and other.get("source_sha256") != facts["source_sha256"]:
+            shutil.rmtree(manifest_path.parent, ignore_errors=True)

@@ -155,6 +155,28 @@ def test_a_model_that_cannot_be_exported_is_remembered(tmp_path, monkeypatch):
     assert md.kept_program(args, bulk("Si", "diamond", a=5.43), torch.device("cpu"), 0.5) == (None, None)
 
 
+def test_a_new_copy_replaces_those_of_the_file_s_earlier_content(tmp_path):
+    """Copies of the same file, dtype and modal made from another content of the file go when a new one is kept;
+    a copy another fastmlip made of the same content (another environment sharing the cache) stays."""
+    import json
+
+    from fastmlip import program_cache
+
+    def entry(name, **facts):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"source": "/m.model", "dtype": "float32", "modal": None,
+                                                          **facts}))
+        return folder
+
+    kept = entry("new", source_sha256="b")
+    earlier = entry("earlier", source_sha256="a")
+    elsewhere = entry("elsewhere", source_sha256="b")
+    other_dtype = entry("float64", source_sha256="a", dtype="float64")
+    program_cache._remove_replaced(kept, json.loads((kept / "manifest.json").read_text()))
+    assert kept.is_dir() and not earlier.exists() and elsewhere.is_dir() and other_dtype.is_dir()
+
+
 def test_copies_follow_the_trust_the_source_needs(tmp_path, monkeypatch):
     """A copy is kept or used for checkpoints shipped with their package or files the user trusts, never for an
     exported file itself; a system whose radial weights would not fit whole runs from the framework's file."""

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from fastmlip.graph import SortedEdges, edge_stress, edge_vectors, sort_edges
-from fastmlip.memo import derived
+from fastmlip.memo import derived_with
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
@@ -55,6 +55,8 @@ class ExportedModel(torch.nn.Module):
         self.program = program
         self.meta = meta
         self.device = device
+        table = meta.get("species_table")  # on the device once: looked up without a copy (a captured step has none)
+        self.species_table = None if table is None else torch.tensor(table, device=device)
 
     @property
     def cutoff(self) -> float:
@@ -96,7 +98,7 @@ def export(patch, model, path, *, modal=None) -> dict:
     vectors = edge_vectors(positions, torch.as_tensor(atoms.cell.array, device=info["device"]), i, j, shifts)
     numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=info["device"])
     table = module.species_table() if hasattr(module, "species_table") else None
-    first = numbers if table is None else _species_index(numbers, table)
+    first = numbers if table is None else _species_index(numbers, torch.tensor(table))
     example = (first, i, j, vectors.to(info["dtype"]), torch.ones(i.numel(), dtype=info["dtype"], device=i.device))
     atoms_dim = Dim("atoms", min=MIN_SIZE, max=MAX_ATOMS)
     edges_dim = Dim("edges", min=MIN_SIZE)
@@ -279,19 +281,19 @@ def _padded(model, numbers, edge_i, edge_j, vectors, mask):
     return numbers, edge_i, edge_j, vectors, mask
 
 
-def _species_index(numbers: torch.Tensor, table: list) -> torch.Tensor:
+def _species_index(numbers: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Each atom's index into ``table`` (atomic numbers; the atoms' species are known to be in it)."""
-    return (numbers.unsqueeze(-1) == torch.tensor(table, device=numbers.device)).long().argmax(-1)
+    return (numbers.unsqueeze(-1) == table.to(numbers.device)).long().argmax(-1)
 
 
 def _program_atoms(model, numbers: torch.Tensor) -> torch.Tensor:
     """The program's first input: the atomic numbers, or where its file names a species table each atom's index
     into it, made once per numbers tensor (:mod:`fastmlip.memo`): the same index tensor every step of a structure,
     on which the species-indexed kernels keep their sorting (8 launches a MACE step otherwise)."""
-    table = model.meta.get("species_table")
-    if table is None:
+    if model.species_table is None:
         return numbers
-    return derived(numbers, ("species_index", tuple(table)), lambda: _species_index(numbers, table))
+    return derived_with(numbers, "species_index", (model.species_table,),
+                        lambda: _species_index(numbers, model.species_table))
 
 
 def _energies(model, numbers, edge_i, edge_j, vectors, edge_mask) -> tuple:

@@ -134,6 +134,7 @@ def store(source: str, model, dtype: str, modal: Optional[str]) -> tuple:
     from fastmlip.patches.files import file_sha256, one_line
 
     start = time.perf_counter()
+    patch = framework_of(model)
     source_sha256 = file_sha256(source)
     entry = _entry(source_sha256, dtype, modal)
     facts = {"source": os.path.abspath(source), "source_sha256": source_sha256, "dtype": dtype, "modal": modal}
@@ -141,13 +142,13 @@ def store(source: str, model, dtype: str, modal: Optional[str]) -> tuple:
         entry.mkdir(parents=True, exist_ok=True)
         program = entry / "model.pt2"
         try:
-            write_atomically(str(program), lambda temp: export_checked(framework_of(model), model, temp, modal))
+            write_atomically(str(program), lambda temp: export_checked(patch, model, temp, modal))
         except torch.OutOfMemoryError as exc:  # this time only: the next run tries again
             return None, one_line(exc)
         except (ValueError, RuntimeError, TypeError) as exc:  # this model cannot be exported (e.g. a size fixed)
             facts["unexportable"] = one_line(exc)[:300]
         else:
-            facts.update(sha256=file_sha256(program), cutoff=framework_of(model).model_info(model)["cutoff"],
+            facts.update(sha256=file_sha256(program), cutoff=patch.model_info(model)["cutoff"],
                          conv_widths=conv_weight_widths(model))
         facts["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_atomically(str(entry / "manifest.json"), lambda temp: Path(temp).write_text(json.dumps(facts)))

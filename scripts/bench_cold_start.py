@@ -54,10 +54,9 @@ def import_seconds(module: str) -> float:
 
 def exported_file(model: str, workdir: str, case: str) -> str:
     """``model`` converted ``--to exported`` (float32, on the CPU) into ``workdir``, untimed."""
-    path = os.path.join(workdir, f"{case}.pt2")
-    subprocess.run([sys.executable, "-m", "fastmlip.cli", "convert", model, "-o", path, "--to", "exported",
-                    "--dtype", "float32", "--trust"], check=True, timeout=900)
-    return path
+    from bench_md import export_model
+
+    return export_model(model, os.path.join(workdir, f"{case}.pt2"), "float32")
 
 
 def run_md(model: str, cache: str, triton_cache: str, repeat: int, steps: int, extra_env: dict,

@@ -130,16 +130,22 @@ def make_calculator(which, backend, device, dtype, model_dir, check=True):
     return MACECalculator(model_paths=model, device=device, default_dtype=dtype, **flags)
 
 
+def export_model(model: str, path: str, dtype: str) -> str:
+    """``model`` (a name or a file this script trusts) written by ``fastmlip convert --to exported`` to ``path``, on
+    the CPU, in a process of its own that runs the self-checks with the reference ops whatever this one's kernel
+    settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTMLIP_BACKEND", "TRITON_INTERPRET")}
+    subprocess.run([sys.executable, "-m", "fastmlip.cli", "convert", model, "-o", path, "--to", "exported",
+                    "--dtype", dtype, "--trust"], env=env, check=True, timeout=900)
+    return path
+
+
 def exported_calculator(which, device, dtype, model_dir):
-    """The case's model as ``fastmlip convert --to exported`` writes it (on the CPU, in a process of its own that
-    runs the self-checks with the reference ops whatever this one's kernel settings), in a calculator as ``fastmlip
-    md`` makes one for such a file."""
+    """The case's model as ``fastmlip convert --to exported`` writes it, in a calculator as ``fastmlip md`` makes
+    one for such a file."""
     from fastmlip.calculator import Calculator
 
-    path = os.path.join(model_dir, f"{which}-{dtype}.pt2")
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTMLIP_BACKEND", "TRITON_INTERPRET")}
-    subprocess.run([sys.executable, "-m", "fastmlip.cli", "convert", model_source(which, model_dir), "-o", path,
-                    "--to", "exported", "--dtype", dtype, "--trust"], env=env, check=True)
+    path = export_model(model_source(which, model_dir), os.path.join(model_dir, f"{which}-{dtype}.pt2"), dtype)
     return Calculator(path, device=device, dtype=dtype, trusted=True)  # a file this script wrote
 
 

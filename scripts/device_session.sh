@@ -270,6 +270,29 @@ for phase in "$@"; do
       step profile_loop_exported 400 python3 "$repo/scripts/profile_loop.py" --cases sevenn:Si:3,mace-medium:Si:3 \
         --steps 200 --warmup 50 --top 12 --exported --out "$out/exported"
       ;;
+    mlp-split)
+      # the radial MLP's fused kernels against the split path's tiles at 4000-atom edge counts, then the Cu 4000 MD
+      # loops profiled with the fused kernels and with the split path on the best tile (fwd+bwd summed over shapes)
+      step bench_radial_mlp 300 python3 "$repo/scripts/bench_radial_mlp.py" --out "$out"
+      best=$(python3 -c "
+import collections, json
+rows = json.load(open('$out/bench_radial_mlp.json'))['records']
+total, failed = collections.Counter(), set()
+for r in rows:
+    if r['variant'].startswith('split'):
+        total[r['variant']] += r.get('forward_ms', 0) + r.get('backward_ms', 0)
+        failed |= set() if r.get('ok') else {r['variant']}
+best = min((v for v in total if v not in failed), key=total.get)
+print(' '.join(f'FASTMLIP_MLP_GEMM_{k.split(\"_\")[-1].upper()}={v}' for k, v in next(
+    r for r in rows if r['variant'] == best).items() if k.startswith('mlp_gemm')))")
+      echo "best split tile: $best"
+      step profile_loop_mlp_fused 240 python3 "$repo/scripts/profile_loop.py" --cases sevenn:Cu:10,mace-medium:Cu:10 \
+        --steps 30 --warmup 10 --top 12 --out "$out/fused"
+      step profile_loop_mlp_split 240 env FASTMLIP_MLP_SPLIT_ROWS=32768 $best python3 "$repo/scripts/profile_loop.py" \
+        --cases sevenn:Cu:10,mace-medium:Cu:10 --steps 30 --warmup 10 --top 12 --out "$out/split"
+      python3 -c "import json; json.dump({v: json.load(open(f'$out/{v}/profile_loop.json')) for v in ('fused', 'split')}, open('$out/profile_loop_mlp_split.json', 'w'), indent=1)"
+      rm -rf "${out:?}/fused" "${out:?}/split"
+      ;;
     loop-profile-cu4000)
       # the same at 4000 atoms (Cu fcc 10x10x10): what the MD loop adds to an energy+forces step there
       step profile_loop_cu4000 300 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Cu:10,sevenn:Cu:10 \

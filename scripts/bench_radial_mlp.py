@@ -129,6 +129,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--tiles", default=TILES, help="split-path tiles: ROWSxCOLUMNSwWARPSsSTAGES, comma-separated")
+    parser.add_argument("--edges", type=int, default=None, help="edges of every shape (default: each one's 4000-atom count)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: interpreter, 300 edges, one tile")
     parser.add_argument("--out", default=None, help="folder for bench_radial_mlp.json")
@@ -142,7 +143,7 @@ def main():
     rows = []
     for name in args.shapes.split(","):
         widths, edges = SHAPES[name]
-        rows += measure(name, widths, 300 if args.quick else edges, variants, args, device)
+        rows += measure(name, widths, 300 if args.quick else args.edges or edges, variants, args, device)
     print(f"\n{'shape':18s} {'variant':24s} {'fwd ms':>8s} {'bwd ms':>8s}  errors / floor")
     for row in rows:
         note = f"floor {row['floor_ms']:.3f}" if "floor_ms" in row else \

@@ -326,6 +326,15 @@ print(' '.join(f'FASTMLIP_MLP_GEMM_{k.split(\"_\")[-1].upper()}={v}' for k, v in
           --no-sweep --out "$out/mdloop_rows$rows"
       done
       ;;
+    mlp-split-small)
+      # the split radial MLP where edges are few (Si 216: ~6-10k): more, smaller programs than the fused kernel's
+      # ~200 (one 32-row block each, walking 15 column blocks in turn); the o3.Linear's 32-column tiles beside it
+      step bench_radial_mlp_small 240 python3 "$repo/scripts/bench_radial_mlp.py" --edges 8000 \
+        --tiles 64x64w4s3,128x64w4s3,32x64w4s3,64x32w4s3,128x64w8s3 --out "$out/small"
+      mv "$out/small/bench_radial_mlp.json" "$out/bench_radial_mlp_small.json"
+      profile_knobs mlp_split_small base: "split64:FASTMLIP_MLP_SPLIT_ROWS=1 FASTMLIP_MLP_GEMM_ROWS=64" \
+        "split32:FASTMLIP_MLP_SPLIT_ROWS=1 FASTMLIP_MLP_GEMM_ROWS=32" lin32:FASTMLIP_LINEAR_BLOCK=32
+      ;;
     knobs-small)
       # the latency-bound 216-atom step under each convolution and radial-MLP knob, profiled (2026-12-03: unroll 2
       # and 64 backward rows won and became the defaults; these are the next candidates)

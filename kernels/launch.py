@@ -104,23 +104,6 @@ class Settings:
     mlp_fused_max_rows: Optional[int] = _setting(
         "FASTMLIP_MLP_FUSED_MAX_ROWS", None,
         "edges up to which a CUDA radial MLP runs the fused kernels (more: e3nn's own matmuls; unset: no limit)")
-    mlp_split_rows: Optional[int] = _setting(
-        "FASTMLIP_MLP_SPLIT_ROWS", None,
-        "edges from which the radial MLP runs as two kernels each way, the hidden layers and the last layer as a "
-        "tiled matrix product (tiles large enough for Hopper's tensor-core instructions), instead of one fused "
-        "kernel (unset: always fused)")
-    mlp_gemm_rows: int = _setting(
-        "FASTMLIP_MLP_GEMM_ROWS", 128,
-        "rows of the split radial MLP's last-layer tiles")
-    mlp_gemm_columns: int = _setting(
-        "FASTMLIP_MLP_GEMM_COLUMNS", 64,
-        "columns of the split radial MLP's last-layer tiles (forward: a program's; backward: a step's)")
-    mlp_gemm_warps: int = _setting(
-        "FASTMLIP_MLP_GEMM_WARPS", 4,
-        "warps per program of the split radial MLP's last layer")
-    mlp_gemm_stages: int = _setting(
-        "FASTMLIP_MLP_GEMM_STAGES", 3,
-        "software-pipelining stages of the split radial MLP's last layer")
     dot_precision: str = _setting(
         "FASTMLIP_DOT_PRECISION", "tf32x3",
         "float32 tl.dot of the radial MLP and the linears: ieee (exact float32) or tf32x3 (tensor cores)")

@@ -12,17 +12,8 @@ are live in that loop; on an H200 this order did not change its time, ~4x the fo
 recomputes the forward's pre-activations (cheaper than storing [E, 64] per layer), takes the per-edge row-scale
 gradient as <h, G> (no second pass over the output; with an activated last layer, from the recomputed outputs)
 and propagates G back to the input.
-
-From ``FASTMLIP_MLP_SPLIT_ROWS`` edges on, each direction is two launches instead: the hidden layers in one kernel
-(forward: their output h [E, 64] stored; backward: the hidden layers' backward from a stored G) and the last layer
-as a tiled matrix product (forward out = h @ W, backward G = grad_out @ W^T) in tiles large enough for Hopper's
-tensor-core instructions. In the fused kernels the hidden tiles hold registers that big tiles need, so their
-last-layer products run on 32-64 rows; [E, 64] is 1/15 of SevenNet-0's [E, 960] weights, so the extra pass is cheap.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Optional
 
 import triton
 
@@ -109,11 +100,22 @@ def _forward_source(problem: RadialMLPProblem, rows: int, precision: str, span: 
     return code.text()
 
 
-def _emit_last_layer_backward(body, consts, problem: RadialMLPProblem, rows: int, precision: str) -> None:
-    """The fused backward's G = grad_out @ W_last^T (times act' of an activated last layer), column block by block."""
+def _backward_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
+    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
+    codegen.jit_header(code, "radial_mlp_backward", [
+        "grad_out", "x", *_weight_args(problem), "row_scale", "has_scale", "grad_x", "grad_scale", "num_rows",
+        "DT: tl.constexpr", "WANT_X: tl.constexpr", "WANT_SCALE: tl.constexpr"], flags=["has_scale"],
+        about=f"Gradients of <grad_out, {problem}(x) * row_scale> with respect to x and row_scale, as wanted")
+    code.depth = body.depth = 1
     last, n = len(problem.layers) - 1, problem.dim_out
     layer = problem.layers[-1]
     p_in = _pad(layer.dim_in)
+    body.comment(f"Each program owns {rows} rows (edges) and walks the layers backwards on them.")
+    body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
+    body("row_ok = rows < num_rows")
+    body("rows = rows.to(tl.int64)")
+    if layer.act is not None:  # the loop below needs h{last}
+        _emit_hidden(body, consts, problem, precision)
     body.comment(f"G = grad_out @ W_last^T, over blocks of {_COLUMNS} output columns: only G and one block's tiles "
                  "are live in this loop.")
     body(f"G = tl.zeros([{rows}, {p_in}], DT)")
@@ -135,32 +137,6 @@ def _emit_last_layer_backward(body, consts, problem: RadialMLPProblem, rows: int
             body(f"g = g * {codegen.times(slope, layer.out_scale, consts)}")
         body(f"G += tl.dot(g, Wt, input_precision=\"{precision}\")")
     body(f"G = G * {consts(layer.scale)}")
-
-
-def _backward_source(problem: RadialMLPProblem, rows: int, precision: str, stored_g: bool = False) -> str:
-    """``stored_g``: the split backward's second kernel, which reads G (the last layer's input gradient, from
-    :func:`_last_backward_source`) as ``grad_out`` instead of computing it (only for a last layer without
-    activation)."""
-    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
-    weights = _weight_args(problem)[:-1] if stored_g else _weight_args(problem)
-    codegen.jit_header(code, "radial_mlp_hidden_backward" if stored_g else "radial_mlp_backward", [
-        "grad_out", "x", *weights, "row_scale", "has_scale", "grad_x", "grad_scale", "num_rows",
-        "DT: tl.constexpr", "WANT_X: tl.constexpr", "WANT_SCALE: tl.constexpr"], flags=["has_scale"],
-        about=f"Gradients of <grad_out, {problem}(x) * row_scale> with respect to x and row_scale, as wanted")
-    code.depth = body.depth = 1
-    last, layer = len(problem.layers) - 1, problem.layers[-1]
-    body.comment(f"Each program owns {rows} rows (edges) and walks the layers backwards on them.")
-    body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
-    body("row_ok = rows < num_rows")
-    body("rows = rows.to(tl.int64)")
-    if layer.act is not None:  # the loop below needs h{last}
-        _emit_hidden(body, consts, problem, precision)
-    if stored_g:
-        body(f"k = tl.arange(0, {_pad(layer.dim_in)})")
-        body(f"G = tl.load(grad_out + rows[:, None] * {layer.dim_in} + k[None, :], "
-             f"mask=row_ok[:, None] & (k[None, :] < {layer.dim_in}), other=0.0)")
-    else:
-        _emit_last_layer_backward(body, consts, problem, rows, precision)
     if layer.act is None:  # recomputed after the loop, so the loop keeps only G and its tiles in registers
         _emit_hidden(body, consts, problem, precision)
     body.comment("The row-scale gradient is <h, G> per row (or, with an activated last layer, summed in the loop).")
@@ -186,188 +162,46 @@ def _backward_source(problem: RadialMLPProblem, rows: int, precision: str, store
     return code.text()
 
 
-def _hidden_source(problem: RadialMLPProblem, rows: int, precision: str) -> str:
-    """The split forward's first kernel: every layer but the last, h [E, dim_in of the last layer] stored."""
-    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
-    codegen.jit_header(code, "radial_mlp_hidden", ["x", *_weight_args(problem)[:-1], "hidden", "num_rows",
-                                                   "DT: tl.constexpr"],
-                       about=f"{problem}: the hidden layers' output h [E, {problem.layers[-1].dim_in}]")
-    code.depth = body.depth = 1
-    last, width = len(problem.layers) - 1, problem.layers[-1].dim_in
-    body(f"rows = tl.program_id(0) * {rows} + tl.arange(0, {rows})")
-    body("row_ok = rows < num_rows")
-    body("rows = rows.to(tl.int64)")
-    _emit_hidden(body, consts, problem, precision)
-    body(f"k = tl.arange(0, {_pad(width)})")
-    body(f"tl.store(hidden + rows[:, None] * {width} + k[None, :], h{last}, "
-         f"mask=row_ok[:, None] & (k[None, :] < {width}))")
-    consts.emit(code)
-    code.lines.extend(body.lines)
-    return code.text()
-
-
-def _last_source(problem: RadialMLPProblem, tile: "_GemmTile", precision: str) -> str:
-    """The split forward's second kernel: out = act(h @ W_last) * row_scale, one [rows, columns] tile a program."""
-    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
-    codegen.jit_header(code, "radial_mlp_last", ["hidden", f"w{len(problem.layers) - 1}", "row_scale", "has_scale",
-                                                 "out", "num_rows", "DT: tl.constexpr"], flags=["has_scale"],
-                       about=f"{problem}: out = last layer(h) * row_scale, from the stored hidden output h")
-    code.depth = body.depth = 1
-    layer, n, last = problem.layers[-1], problem.dim_out, len(problem.layers) - 1
-    p_in, m, c = _pad(layer.dim_in), tile.rows, tile.columns
-    body.comment(f"Program p writes rows (p // {-(-n // c)}) * {m} + [0, {m}) and columns (p % {-(-n // c)}) * {c} "
-                 f"+ [0, {c}): neighbouring programs share a row block, which then stays in the L2 cache.")
-    body(f"row_block = tl.program_id(0) // {-(-n // c)}")
-    body(f"cols = (tl.program_id(0) % {-(-n // c)}) * {c} + tl.arange(0, {c})")
-    body(f"rows = row_block * {m} + tl.arange(0, {m})")
-    body("row_ok = rows < num_rows")
-    body("rows = rows.to(tl.int64)")
-    body(f"k = tl.arange(0, {p_in})")
-    body(f"h = tl.load(hidden + rows[:, None] * {layer.dim_in} + k[None, :], "
-         f"mask=row_ok[:, None] & (k[None, :] < {layer.dim_in}), other=0.0)")
-    body(f"W = tl.load(w{last} + k[:, None] * {n} + cols[None, :], "
-         f"mask=(k[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
-    body(f"y = tl.dot(h, W, input_precision=\"{precision}\") * {consts(layer.scale)}")
-    if layer.act is not None:
-        value = codegen.activation(body, layer.act, "y", consts, False)
-        body(f"y = {codegen.times(value, layer.out_scale, consts)}")
-    body("scaled = row_ok & (rows * 0 + has_scale != 0)  # a vector mask: the interpreter rejects a scalar one")
-    body("y = y * tl.load(row_scale + rows, mask=scaled, other=1.0)[:, None]  # 1 without a scale")
-    body(f"tl.store(out + rows[:, None] * {n} + cols[None, :], y, mask=row_ok[:, None] & (cols[None, :] < {n}))")
-    consts.emit(code)
-    code.lines.extend(body.lines)
-    return code.text()
-
-
-def _last_backward_source(problem: RadialMLPProblem, tile: "_GemmTile", precision: str) -> str:
-    """The split backward's first kernel: G = grad_out @ W_last^T * scale [E, dim_in of the last layer]."""
-    code, body, consts = codegen.Source(), codegen.Source(), codegen.Constants()
-    last = len(problem.layers) - 1
-    codegen.jit_header(code, "radial_mlp_last_backward", ["grad_out", f"w{last}", "grad_hidden", "num_rows",
-                                                          "DT: tl.constexpr"],
-                       about=f"{problem}: the gradient of the last layer's input, G = grad_out @ W^T")
-    code.depth = body.depth = 1
-    layer, n = problem.layers[-1], problem.dim_out
-    p_in, m, c = _pad(layer.dim_in), tile.rows, tile.columns
-    body.comment(f"Each program owns {m} rows and sums over the last layer's {n} columns, {c} a step (the loop's "
-                 "loads are software-pipelined: the launch's num_stages).")
-    body(f"rows = tl.program_id(0) * {m} + tl.arange(0, {m})")
-    body("row_ok = rows < num_rows")
-    body("rows = rows.to(tl.int64)")
-    body(f"k = tl.arange(0, {p_in})")
-    body(f"G = tl.zeros([{m}, {p_in}], DT)")
-    body(f"for col0 in range(0, {n}, {c}):")
-    with body.indent():
-        body(f"cols = col0 + tl.arange(0, {c})")
-        body(f"g = tl.load(grad_out + rows[:, None] * {n} + cols[None, :], "
-             f"mask=row_ok[:, None] & (cols[None, :] < {n}), other=0.0)")
-        body(f"W = tl.load(w{last} + k[:, None] * {n} + cols[None, :], "
-             f"mask=(k[:, None] < {layer.dim_in}) & (cols[None, :] < {n}), other=0.0)")
-        body(f"G += tl.dot(g, tl.trans(W), input_precision=\"{precision}\")")
-    body(f"tl.store(grad_hidden + rows[:, None] * {layer.dim_in} + k[None, :], G * {consts(layer.scale)}, "
-         f"mask=row_ok[:, None] & (k[None, :] < {layer.dim_in}))")
-    consts.emit(code)
-    code.lines.extend(body.lines)
-    return code.text()
-
-
-
-@dataclass(frozen=True)
-class _GemmTile:
-    """The split path's last-layer tiles: rows and columns a forward program writes (the backward's rows and
-    columns a step), its warps and software-pipelining stages."""
-
-    rows: int
-    columns: int
-    warps: int
-    stages: int
-
-    @property
-    def name(self) -> str:
-        return f"m{self.rows}n{self.columns}"
-
-
-def _gemm_tile() -> _GemmTile:
-    knobs = settings()
-    return _GemmTile(knobs.mlp_gemm_rows, knobs.mlp_gemm_columns, knobs.mlp_gemm_warps, knobs.mlp_gemm_stages)
-
-
-def splits(problem: RadialMLPProblem, num_rows: int) -> bool:
-    """Whether ``num_rows`` edges run the split path (two launches each way) rather than the fused kernels."""
-    limit = settings().mlp_split_rows
-    return limit is not None and num_rows >= limit and problem.layers[-1].act is None and len(problem.layers) > 1
-
-
-def _kernel(problem: RadialMLPProblem, kind: str, precision: str, rows: int = 0, span: int = 0,
-            tile: Optional[_GemmTile] = None):
-    """The forward's kernel writes ``span`` columns a program (its name says so where that is not all of them);
-    the split path's kinds (``hidden``, ``last``, ``last_backward``, ``hidden_backward``) are named after ``rows``
-    or ``tile``."""
+def _kernel(problem: RadialMLPProblem, kind: str, rows: int, precision: str, span: int = 0):
+    """The forward's kernel writes ``span`` columns a program (its name says so where that is not all of them)."""
     if kind == "forward":
         span_name = f"_c{span}" if span < problem.dim_out else ""
-        name, build = f"r{rows}{span_name}", lambda: _forward_source(problem, rows, precision, span)
-    elif kind == "backward":
-        name, build = f"r{rows}", lambda: _backward_source(problem, rows, precision)
-    elif kind == "hidden":
-        name, build = f"r{rows}", lambda: _hidden_source(problem, rows, precision)
-    elif kind == "hidden_backward":
-        name, build = f"r{rows}", lambda: _backward_source(problem, rows, precision, stored_g=True)
-    elif kind == "last":
-        name, build = tile.name, lambda: _last_source(problem, tile, precision)
+        module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}{span_name}_{precision}",
+                                     lambda: _forward_source(problem, rows, precision, span))
     else:
-        name, build = tile.name, lambda: _last_backward_source(problem, tile, precision)
-    module = codegen.load_module(f"{problem.key}_mlp_{kind}_{name}_{precision}", build)
+        module = codegen.load_module(f"{problem.key}_mlp_{kind}_r{rows}_{precision}",
+                                     lambda: _backward_source(problem, rows, precision))
     return getattr(module, f"radial_mlp_{kind}")
 
 
 def forward(problem: RadialMLPProblem, x, weights, row_scale=None):
-    """FullyConnectedNet(x) [E, dim_out], times ``row_scale`` [E] per row if given: one launch (two when
-    :func:`splits`)."""
-    dt, precision = tl_dtype(x.dtype), dot_precision(x.dtype)
+    """FullyConnectedNet(x) [E, dim_out], times ``row_scale`` [E] per row if given: one launch."""
+    dt = tl_dtype(x.dtype)
+    rows = settings().mlp_rows
+    span = _column_span(problem, settings().mlp_column_groups)
     x = x.contiguous()
     weights = [w.contiguous() for w in weights]
     out = new_output((x.shape[0], problem.dim_out), x)
-    if not x.shape[0]:
-        return out
-    scale_args = (x if row_scale is None else row_scale.contiguous(), int(row_scale is not None))
-    if splits(problem, x.shape[0]):
-        rows, tile = settings().mlp_rows, _gemm_tile()
-        hidden = new_output((x.shape[0], problem.layers[-1].dim_in), x)
-        _kernel(problem, "hidden", precision, rows=rows)[(triton.cdiv(x.shape[0], rows),)](
-            x, *weights[:-1], hidden, x.shape[0], DT=dt, num_warps=4)
-        grid = (triton.cdiv(x.shape[0], tile.rows) * triton.cdiv(problem.dim_out, tile.columns),)
-        _kernel(problem, "last", precision, tile=tile)[grid](
-            hidden, weights[-1], *scale_args, out, x.shape[0], DT=dt, num_warps=tile.warps, num_stages=tile.stages)
-        return out
-    rows = settings().mlp_rows
-    span = _column_span(problem, settings().mlp_column_groups)
-    grid = (triton.cdiv(x.shape[0], rows), triton.cdiv(problem.dim_out, span))
-    _kernel(problem, "forward", precision, rows=rows, span=span)[grid](
-        x, *weights, *scale_args, out, x.shape[0], DT=dt, num_warps=4)
+    if x.shape[0]:
+        grid = (triton.cdiv(x.shape[0], rows), triton.cdiv(problem.dim_out, span))
+        _kernel(problem, "forward", rows, dot_precision(x.dtype), span)[grid](
+            x, *weights, x if row_scale is None else row_scale.contiguous(), int(row_scale is not None), out,
+            x.shape[0], DT=dt, num_warps=4)
     return out
 
 
 def backward(problem: RadialMLPProblem, grad_out, x, weights, row_scale, want_x: bool, want_scale: bool):
     """(grad_x, grad_row_scale) of <grad_out, forward(x, weights, row_scale)>, each empty unless wanted."""
-    dt, precision = tl_dtype(x.dtype), dot_precision(x.dtype)
+    dt = tl_dtype(x.dtype)
     rows = settings().mlp_backward_rows
     want_scale = want_scale and row_scale is not None
     x, grad_out = x.contiguous(), grad_out.contiguous()
     weights = [w.contiguous() for w in weights]
     grad_x = new_output(tuple(x.shape), x) if want_x else x.new_empty(0)
     grad_scale = new_output((x.shape[0],), x) if want_scale else x.new_empty(0)
-    if not x.shape[0] or not (want_x or want_scale):
-        return grad_x, grad_scale
-    scale_args = (x if row_scale is None else row_scale.contiguous(), int(row_scale is not None))
-    wanted = dict(DT=dt, WANT_X=want_x, WANT_SCALE=want_scale, num_warps=4)
-    if splits(problem, x.shape[0]):
-        tile = _gemm_tile()
-        grad_hidden = new_output((x.shape[0], problem.layers[-1].dim_in), x)
-        _kernel(problem, "last_backward", precision, tile=tile)[(triton.cdiv(x.shape[0], tile.rows),)](
-            grad_out, weights[-1], grad_hidden, x.shape[0], DT=dt, num_warps=tile.warps, num_stages=tile.stages)
-        _kernel(problem, "hidden_backward", precision, rows=rows)[(triton.cdiv(x.shape[0], rows),)](
-            grad_hidden, x, *weights[:-1], *scale_args, grad_x, grad_scale, x.shape[0], **wanted)
-        return grad_x, grad_scale
-    _kernel(problem, "backward", precision, rows=rows)[(triton.cdiv(x.shape[0], rows),)](
-        grad_out, x, *weights, *scale_args, grad_x, grad_scale, x.shape[0], **wanted)
+    if x.shape[0] and (want_x or want_scale):
+        _kernel(problem, "backward", rows, dot_precision(x.dtype))[(triton.cdiv(x.shape[0], rows),)](
+            grad_out, x, *weights, x if row_scale is None else row_scale.contiguous(), int(row_scale is not None),
+            grad_x, grad_scale, x.shape[0], DT=dt, WANT_X=want_x, WANT_SCALE=want_scale, num_warps=4)
     return grad_x, grad_scale
+

@@ -270,29 +270,6 @@ for phase in "$@"; do
       step profile_loop_exported 400 python3 "$repo/scripts/profile_loop.py" --cases sevenn:Si:3,mace-medium:Si:3 \
         --steps 200 --warmup 50 --top 12 --exported --out "$out/exported"
       ;;
-    mlp-split)
-      # the radial MLP's fused kernels against the split path's tiles at 4000-atom edge counts, then the Cu 4000 MD
-      # loops profiled with the fused kernels and with the split path on the best tile (fwd+bwd summed over shapes)
-      step bench_radial_mlp 300 python3 "$repo/scripts/bench_radial_mlp.py" --out "$out"
-      best=$(python3 -c "
-import collections, json
-rows = json.load(open('$out/bench_radial_mlp.json'))['records']
-total, failed = collections.Counter(), set()
-for r in rows:
-    if r['variant'].startswith('split'):
-        total[r['variant']] += r.get('forward_ms', 0) + r.get('backward_ms', 0)
-        failed |= set() if r.get('ok') else {r['variant']}
-best = min((v for v in total if v not in failed), key=total.get)
-print(' '.join(f'FASTMLIP_MLP_GEMM_{k.split(\"_\")[-1].upper()}={v}' for k, v in next(
-    r for r in rows if r['variant'] == best).items() if k.startswith('mlp_gemm')))")
-      echo "best split tile: $best"
-      step profile_loop_mlp_fused 240 python3 "$repo/scripts/profile_loop.py" --cases sevenn:Cu:10,mace-medium:Cu:10 \
-        --steps 30 --warmup 10 --top 12 --out "$out/fused"
-      step profile_loop_mlp_split 240 env FASTMLIP_MLP_SPLIT_ROWS=32768 $best python3 "$repo/scripts/profile_loop.py" \
-        --cases sevenn:Cu:10,mace-medium:Cu:10 --steps 30 --warmup 10 --top 12 --out "$out/split"
-      python3 -c "import json; json.dump({v: json.load(open(f'$out/{v}/profile_loop.json')) for v in ('fused', 'split')}, open('$out/profile_loop_mlp_split.json', 'w'), indent=1)"
-      rm -rf "${out:?}/fused" "${out:?}/split"
-      ;;
     loop-profile-cu4000)
       # the same at 4000 atoms (Cu fcc 10x10x10): what the MD loop adds to an energy+forces step there
       step profile_loop_cu4000 300 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Cu:10,sevenn:Cu:10 \
@@ -325,15 +302,6 @@ print(' '.join(f'FASTMLIP_MLP_GEMM_{k.split(\"_\")[-1].upper()}={v}' for k, v in
           --models sevenn,mace-medium --systems Si216 --backends fastmlip-md --md-steps 300 --md-warmup 50 \
           --no-sweep --out "$out/mdloop_rows$rows"
       done
-      ;;
-    mlp-split-small)
-      # the split radial MLP where edges are few (Si 216: ~6-10k): more, smaller programs than the fused kernel's
-      # ~200 (one 32-row block each, walking 15 column blocks in turn); the o3.Linear's 32-column tiles beside it
-      step bench_radial_mlp_small 240 python3 "$repo/scripts/bench_radial_mlp.py" --edges 8000 \
-        --tiles 64x64w4s3,128x64w4s3,32x64w4s3,64x32w4s3,128x64w8s3 --out "$out/small"
-      mv "$out/small/bench_radial_mlp.json" "$out/bench_radial_mlp_small.json"
-      profile_knobs mlp_split_small base: "split64:FASTMLIP_MLP_SPLIT_ROWS=1 FASTMLIP_MLP_GEMM_ROWS=64" \
-        "split32:FASTMLIP_MLP_SPLIT_ROWS=1 FASTMLIP_MLP_GEMM_ROWS=32" lin32:FASTMLIP_LINEAR_BLOCK=32
       ;;
     knobs-small)
       # the latency-bound 216-atom step under each convolution and radial-MLP knob, profiled (2026-12-03: unroll 2

@@ -19,6 +19,10 @@
 #   bash scripts/device_session.sh speed                       (~7 min: 4000-atom steps and their profile)
 #   bash scripts/device_session.sh mdloop-mace                 (~9 min: fastmlip.simulate vs FastMACE)
 #   bash scripts/device_session.sh mdloop-sevenn               (~5 min)
+# lammps-gpu (LAMMPS built there, then scripts/bench_lammps.py) carries [".devbundle", ".devcache", ".devlammps"]:
+#   from a LAMMPS checkout (29 Aug 2024 used), `git archive HEAD cmake python src/fmt src/STUBS src/ML-IAP
+#   src/ML-SNAP src/PYTHON doc/lammps.1 doc/msi2lmp.1 LICENSE README <every file directly in src/>` unpacked, then
+#   tar cJf .devlammps/lammps-src.tar.xz -C <that folder> .   (3 MB; echo /.devlammps/ >> .git/info/exclude)
 # Phases: coldstart-exported (time to the first step from exported files too), knobs-wide (216-atom loop profiles with edges side by side in the aggregate, the radial-MLP forward split by columns, the backward's walk not unrolled: the slowest compile), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
@@ -269,6 +273,23 @@ for phase in "$@"; do
       # the same loops beside the models as `fastmlip convert --to exported` writes them (the fast-start path)
       step profile_loop_exported 400 python3 "$repo/scripts/profile_loop.py" --cases sevenn:Si:3,mace-medium:Si:3 \
         --steps 200 --warmup 50 --top 12 --exported --out "$out/exported"
+      ;;
+    lammps-gpu)
+      # LAMMPS with ML-IAP's Python coupling, built here from the carried source (.devlammps/lammps-src.tar.xz:
+      # LAMMPS 29 Aug 2024's core, ML-IAP, ML-SNAP and PYTHON, no MPI), then LAMMPS against fastmlip.simulate
+      libdir=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
+      export LD_LIBRARY_PATH=$libdir:${LD_LIBRARY_PATH:-}
+      cythonize=$(dirname "$(command -v python3)")/cythonize
+      rm -rf /tmp/lmp && mkdir -p /tmp/lmp/src && tar xJf "$repo/.devlammps/lammps-src.tar.xz" -C /tmp/lmp/src
+      step lammps_build 420 bash -c "cmake -S /tmp/lmp/src/cmake -B /tmp/lmp/build -G Ninja -D BUILD_SHARED_LIBS=on \
+        -D BUILD_MPI=off -D PKG_ML-IAP=on -D PKG_ML-SNAP=on -D PKG_PYTHON=on -D MLIAP_ENABLE_PYTHON=on \
+        -D Python_EXECUTABLE=$(command -v python3) $([ -x "$cythonize" ] && echo "-D Cythonize_EXECUTABLE=$cythonize") \
+        && ninja -C /tmp/lmp/build"
+      cp -a /tmp/lmp/build/liblammps.so* /tmp/lmp/src/python/lammps/
+      export PYTHONPATH=/tmp/lmp/src/python:$PYTHONPATH
+      mv /tmp/baselines/site/openequivariance /tmp/baselines/openequivariance.aside 2> /dev/null  # sevenn would JIT it
+      step bench_lammps 300 python3 "$repo/scripts/bench_lammps.py" --repeats 4,6 --steps 100 --warmup 10 --out "$out"
+      mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
       ;;
     loop-profile-cu4000)
       # the same at 4000 atoms (Cu fcc 10x10x10): what the MD loop adds to an energy+forces step there

@@ -85,8 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-program-cache", action="store_true",
                         help="start from the model's own file, not from an exported copy in fastmlip's cache, and "
                              "keep none (by default an accelerated run keeps one, and the next run of that file "
-                             "starts from it in seconds, without its framework; its steps at 216 atoms took 3%% "
-                             "(SevenNet-0) to 11%% (MACE) longer on an H200: long runs of small systems may prefer "
+                             "starts from it in seconds, without its framework; its steps at 216 atoms took 3-4%% "
+                             "longer than the framework model's on an H200: long runs of small systems may prefer "
                              "this option)")
     from .cli import add_trust_arguments
 

@@ -26,7 +26,8 @@
 # Phases: coldstart-exported (time to the first step from exported files too), knobs-wide (216-atom loop profiles with edges side by side in the aggregate, the radial-MLP forward split by columns, the backward's walk not unrolled: the slowest compile), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
-# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms; loop-profile-cu4000 at 4000), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
+# loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms; loop-profile-cu4000 at 4000;
+# PROFILE_CASES=model:crystal:repeat,... narrows either), linear (o3.Linear tiles vs cuBLAS), mlp-layers (radial-MLP layers as tiles vs cuBLAS), nve-ns (the 1 ns NVE run, a slice per call), coldstart (time to the first MD step, cold and warm cache, then a warm run's slowest imports), gpu-tests (every test marked gpu, or those
 # GPU_TESTS_K selects with pytest -k),
 # tests (GPU tests of the models and the kernels new since the last GPU run), profile (launches and
 # kernel time of a SevenNet-0 Si 216 step), md-sevenn / md-mace (MD steps vs cuEquivariance and
@@ -266,8 +267,8 @@ for phase in "$@"; do
       ;;
     loop-profile)
       # is the GPU busy during fastmlip.simulate at 216 atoms, and with how many kernels per step?
-      step profile_loop 240 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Si:3,sevenn:Si:3 \
-        --steps 200 --warmup 50 --out "$out"
+      step profile_loop 240 python3 "$repo/scripts/profile_loop.py" \
+        --cases "${PROFILE_CASES:-mace-medium:Si:3,sevenn:Si:3}" --steps 200 --warmup 50 --out "$out"
       ;;
     loop-profile-exported)
       # the same loops beside the models as `fastmlip convert --to exported` writes them (the fast-start path)
@@ -293,7 +294,8 @@ for phase in "$@"; do
       ;;
     loop-profile-cu4000)
       # the same at 4000 atoms (Cu fcc 10x10x10): what the MD loop adds to an energy+forces step there
-      step profile_loop_cu4000 300 python3 "$repo/scripts/profile_loop.py" --cases mace-medium:Cu:10,sevenn:Cu:10 \
+      step profile_loop_cu4000 300 python3 "$repo/scripts/profile_loop.py" \
+        --cases "${PROFILE_CASES:-mace-medium:Cu:10,sevenn:Cu:10}" \
         --steps 50 --warmup 20 --top 20 --out "$out/cu4000"
       ;;
     batch)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..descriptors import LinearProblem, irreps_offsets, output_columns
+from ..descriptors import LinearProblem, irreps_offsets
 from . import codegen
 from . import tiles as shared_tiles
 from .launch import new_output, product_mode, settings, tl_dtype
@@ -115,10 +115,7 @@ def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, tiles: _T
     """out = inp @ W per path (W^T: the x-gradient), each column written exactly once (zeros where no path)."""
     in_irreps, out_irreps = ((problem.irreps_out, problem.irreps_in) if transpose
                              else (problem.irreps_in, problem.irreps_out))
-    # (offset, channel stride) per irrep of what is read and what is written: x and grad_x are mul_ir, the output
-    # and grad_out in the problem's output layout (channel-major for descriptors.ChannelMajorLinearProblem)
-    x_columns = tuple(zip(irreps_offsets(problem.irreps_in), (m.ir_dim for m in problem.irreps_in)))
-    in_cols, out_cols = (output_columns(problem), x_columns) if transpose else (x_columns, output_columns(problem))
+    in_off, out_off = irreps_offsets(in_irreps), irreps_offsets(out_irreps)
     in_stride, out_stride = sum(m.dim for m in in_irreps), sum(m.dim for m in out_irreps)
     branch = _Branches(code, "")
     for d, paths, biases, bj, blocks in _apply_branches(problem, transpose, tiles):
@@ -150,22 +147,20 @@ def _emit_apply(code, consts, problem: LinearProblem, transpose: bool, tiles: _T
                 for p in paths:
                     k_dim, i_from = (p.mul_out, p.i_out) if transpose else (p.mul_in, p.i_in)
                     k_stride, j_stride = (1, p.mul_out) if transpose else (p.mul_out, 1)
-                    in_off, in_step = in_cols[i_from]
                     code(f"acc += {consts(p.path_weight)} * path_tile({inp}, weight, nodes, comps, ok, j, DT=DT, "
-                         f"IN_STRIDE={in_stride}, IN_OFF={in_off}, D={in_step}, K={k_dim}, J={m.mul}, "
+                         f"IN_STRIDE={in_stride}, IN_OFF={in_off[i_from]}, D={m.ir_dim}, K={k_dim}, J={m.mul}, "
                          f"W_OFF={p.weight_offset}, K_STRIDE={k_stride}, J_STRIDE={j_stride}, BM={height}, "
                          f"BK={tiles.k(k_dim)}, BJ={bj}, PRODUCT=\"{tiles.product}\")")
                 for b in biases:
                     code("if HAS_BIAS:")
                     code(f"    acc += {consts(b.path_weight)} * tl.load(bias + {b.bias_offset} + j, "
                          f"mask=j < {b.dim}, other=0.0)[None, :]")
-                out_off, out_step = out_cols[d]
-                code(f"tl.store({out} + nodes[:, None] * {out_stride} + {out_off} + j[None, :] * {out_step} + "
+                code(f"tl.store({out} + nodes[:, None] * {out_stride} + {out_off[d]} + j[None, :] * {m.ir_dim} + "
                      f"comps[:, None], acc, mask=ok[:, None] & (j[None, :] < {m.mul}))")
 
 
 def _emit_weight_grads(code, consts, problem: LinearProblem, tiles: _Tiles) -> None:
-    off_in, out_cols = irreps_offsets(problem.irreps_in), output_columns(problem)
+    off_in, off_out = irreps_offsets(problem.irreps_in), irreps_offsets(problem.irreps_out)
     branch = _Branches(code, "w_base + ")
     for p, bk, bj, j_blocks, blocks in _weight_branches(problem, tiles):
         with branch(blocks):
@@ -174,9 +169,8 @@ def _emit_weight_grads(code, consts, problem: LinearProblem, tiles: _Tiles) -> N
             code(f"k = (block // {j_blocks}) * {bk} + tl.arange(0, {bk})")
             code(f"j = (block % {j_blocks}) * {bj} + tl.arange(0, {bj})")
             code(f"acc = weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT=DT, X_STRIDE={problem.dim_in}, "
-                 f"X_OFF={off_in[p.i_in]}, G_STRIDE={problem.dim_out}, G_OFF={out_cols[p.i_out][0]}, "
-                 f"G_STEP={out_cols[p.i_out][1]}, D={problem.irreps_in[p.i_in].ir_dim}, K={p.mul_in}, J={p.mul_out}, "
-                 f"BR={tiles.rows}, BK={bk}, "
+                 f"X_OFF={off_in[p.i_in]}, G_STRIDE={problem.dim_out}, G_OFF={off_out[p.i_out]}, "
+                 f"D={problem.irreps_in[p.i_in].ir_dim}, K={p.mul_in}, J={p.mul_out}, BR={tiles.rows}, BK={bk}, "
                  f"BJ={bj}, PRODUCT=\"{tiles.product}\")")
             code(f"tl.store(grad_w + split * {problem.weight_numel} + {p.weight_offset} + k[:, None] * {p.mul_out} "
                  f"+ j[None, :], {consts(p.path_weight)} * acc, mask=(k[:, None] < {p.mul_in} * live) & "

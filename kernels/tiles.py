@@ -39,11 +39,10 @@ def path_tile(inp, weight, nodes, comps, ok, j, DT: tl.constexpr, IN_STRIDE: tl.
 
 @triton.jit
 def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_STRIDE: tl.constexpr,
-                     X_OFF: tl.constexpr, G_STRIDE: tl.constexpr, G_OFF: tl.constexpr, G_STEP: tl.constexpr,
-                     D: tl.constexpr, K: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-                     BJ: tl.constexpr, PRODUCT: tl.constexpr):
-    """[BK, BJ]: sum over rows in [row_start, row_end) and components of x[row, k, comp] * g[row, j, comp], x's
-    channels D apart (mul_ir) and g's G_STEP apart (D in mul_ir, more in a channel-major output)."""
+                     X_OFF: tl.constexpr, G_STRIDE: tl.constexpr, G_OFF: tl.constexpr, D: tl.constexpr,
+                     K: tl.constexpr, J: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
+                     PRODUCT: tl.constexpr):
+    """[BK, BJ]: sum over rows in [row_start, row_end) and components of x[row, k, comp] * g[row, j, comp]."""
     # BR rows at a time, every irrep component of them: x^T g accumulates in registers.
     acc = tl.zeros([BK, BJ], DT)
     for r0 in range(row_start, row_end, BR):
@@ -53,7 +52,7 @@ def weight_grad_tile(x, grad_out, row_start, row_end, k, j, DT: tl.constexpr, X_
         for comp in range(D):
             a = tl.load(x + r[None, :] * X_STRIDE + X_OFF + k[:, None] * D + comp,
                         mask=r_ok[None, :] & (k[:, None] < K), other=0.0)
-            b = tl.load(grad_out + r[:, None] * G_STRIDE + G_OFF + j[None, :] * G_STEP + comp,
+            b = tl.load(grad_out + r[:, None] * G_STRIDE + G_OFF + j[None, :] * D + comp,
                         mask=r_ok[:, None] & (j[None, :] < J), other=0.0)
             acc += tile_product(a, b, PRODUCT)
     return acc

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmlip.descriptors import (Envelope, channel_major, radial_basis_problem, scaled_problem,
-                                  species_linear_problem, symmetric_contraction_problem, tensor_product_problem)
+from fastmlip.descriptors import (Envelope, radial_basis_problem, scaled_problem, species_linear_problem,
+                                  symmetric_contraction_problem, tensor_product_problem)
 from fastmlip.graph import sort_edges
 from fastmlip.memo import attach, attached, derived
 from fastmlip.ops.conv import check_conv_problem
@@ -170,13 +170,7 @@ class FastInteraction(nn.Module):
         self.skip_tp = swaps.maybe_fast(original.skip_tp, FastSpeciesLinear)
         self.reshape = original.reshape
         device = next(original.parameters()).device  # surgery happens where the model already is
-        index = _reshape_index(original.reshape, device)
-        # the residual block's linear(message) goes straight to reshape_irreps: the linear then writes that layout
-        # itself, which saves the reshape's gather forward and its scatter backward (0.3-0.4 ms of a 4000-atom
-        # MACE-medium-like step on an H200)
-        self.linear_writes_reshaped = index is not None and self.residual and isinstance(
-            self.linear, e3nn_modules.FastLinear) and _channel_major_linear(self.linear)
-        self.register_buffer("reshape_index", None if self.linear_writes_reshaped else index, persistent=False)
+        self.register_buffer("reshape_index", _reshape_index(original.reshape, device), persistent=False)
 
     def extra_repr(self) -> str:
         return f"problem={self.problem}, residual={self.residual}"
@@ -201,23 +195,12 @@ class FastInteraction(nn.Module):
             message = message / self.avg_num_neighbors
         if not self.residual:
             message = self.skip_tp(message, node_attrs)
-        if self.linear_writes_reshaped:
-            return message.view(message.shape[0], self.reshape.muls[0], -1), sc
         if self.reshape_index is None:
             return self.reshape(message), sc
         # MACE's reshape_irreps as one gather: its slices and cat cost ~11 launches a layer forward and backward
         # (a zeroed gradient and a copy per irrep, then the sums), index_select's backward two
         reshaped = message.index_select(1, self.reshape_index)
         return reshaped.view(message.shape[0], self.reshape.muls[0], -1), sc
-
-
-def _channel_major_linear(linear) -> bool:
-    """Make ``linear`` (a FastLinear) write the channel-major layout of MACE's ``reshape_irreps``, where it can."""
-    try:
-        linear.problem = channel_major(linear.problem)
-    except ValueError:  # outputs of several multiplicities, or a bias
-        return False
-    return True
 
 
 def _reshape_index(reshape: nn.Module, device) -> Optional[torch.Tensor]:

@@ -410,6 +410,10 @@ for phase in "$@"; do
         --out "$out/bench_kernels_small"
       ;;
     conv)
+      # the packed OpenEquivariance is an sdist: its extension is JIT-built at the first import, and the bench's 14
+      # compile workers each waited on that build's lock (2026-12-04: the phase ran out of time with no row), so
+      # it is built once first
+      step oeq_build 240 python3 -c "import openequivariance"
       step bench_kernels 330 python3 "$repo/scripts/bench_kernels.py" --dtypes float32 \
         --impls fastmlip,cueq-ir_mul,oeq-det --precompile 14 --out "$out"
       ;;

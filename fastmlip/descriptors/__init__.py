@@ -14,8 +14,8 @@ model trained under one convention must keep its own coefficients. Each problem 
 from .activations import KNOWN_ACTIVATIONS, Activation, activation_of
 from .gate import GatedRun, GateProblem, ScalarRun, gate_problem
 from .irreps import Irreps, MulIrrep, irreps_dim, irreps_offsets, irreps_str, parse_irreps, with_key
-from .linear import (ChannelMajorLinearProblem, LinearBias, LinearPath, LinearProblem, SpeciesLinearPath,
-                     SpeciesLinearProblem, channel_major, linear_problem, output_columns, species_linear_problem)
+from .linear import (LinearBias, LinearPath, LinearProblem, SpeciesLinearPath, SpeciesLinearProblem, linear_problem,
+                     species_linear_problem)
 from .radial_basis import Envelope, RadialBasisProblem, radial_basis_problem
 from .radial_mlp import MLPLayer, RadialMLPProblem, radial_mlp_problem
 from .spherical_harmonics import (NORMALIZE_EPS, SH_NORMALIZATIONS, SphericalHarmonicsProblem, monomial_coefficients,
@@ -30,8 +30,8 @@ __all__ = [
     "KNOWN_ACTIVATIONS", "Activation", "activation_of",
     "GatedRun", "GateProblem", "ScalarRun", "gate_problem",
     "Irreps", "MulIrrep", "irreps_dim", "irreps_offsets", "irreps_str", "parse_irreps", "with_key",
-    "ChannelMajorLinearProblem", "LinearBias", "LinearPath", "LinearProblem", "SpeciesLinearPath",
-    "SpeciesLinearProblem", "channel_major", "linear_problem", "output_columns", "species_linear_problem",
+    "LinearBias", "LinearPath", "LinearProblem", "SpeciesLinearPath", "SpeciesLinearProblem", "linear_problem",
+    "species_linear_problem",
     "Envelope", "RadialBasisProblem", "radial_basis_problem",
     "MLPLayer", "RadialMLPProblem", "radial_mlp_problem",
     "NORMALIZE_EPS", "SH_NORMALIZATIONS", "SphericalHarmonicsProblem", "monomial_coefficients",

@@ -4,12 +4,11 @@ Path weights, the bias layout and the coupling blocks are read from the module's
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .irreps import Irreps, MulIrrep, irreps_dim, irreps_offsets, irreps_str, parse_irreps, with_key
+from .irreps import Irreps, MulIrrep, irreps_dim, irreps_str, parse_irreps, with_key
 from .tensor_product import tensor_product_problem
 
 
@@ -57,32 +56,6 @@ class LinearProblem:
 
     def __str__(self) -> str:
         return f"Linear({irreps_str(self.irreps_in)} -> {irreps_str(self.irreps_out)})"
-
-
-@dataclass(frozen=True)
-class ChannelMajorLinearProblem(LinearProblem):
-    """An ``o3.Linear`` whose output comes laid out [N, mul, sum of the irreps' 2l+1]: channel u's components of
-    every output irrep side by side, what MACE's ``reshape_irreps`` makes of the mul_ir layout. Writing that layout
-    directly saves the reshape's gather forward and its scatter backward (two [N, mul x dims] passes each way)."""
-
-
-def channel_major(problem: LinearProblem) -> ChannelMajorLinearProblem:
-    """``problem`` with its output in the channel-major layout; ValueError unless every output irrep has the same
-    multiplicity and there is no bias (MACE's interaction linear)."""
-    if len({m.mul for m in problem.irreps_out}) != 1 or problem.biases:
-        raise ValueError(f"{problem}: the channel-major layout needs one output multiplicity and no bias")
-    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(LinearProblem) if f.name != "key"}
-    return with_key(ChannelMajorLinearProblem(**fields))
-
-
-def output_columns(problem: LinearProblem) -> tuple:
-    """(offset, channel stride) of each output irrep in a row: component c of channel u of irrep i is column
-    offset + u * stride + c (mul_ir: (start of the irrep's block, 2l+1); channel-major: (the dims before it, the
-    sum of the dims))."""
-    if isinstance(problem, ChannelMajorLinearProblem):
-        dims = [m.ir_dim for m in problem.irreps_out]
-        return tuple((sum(dims[:i]), sum(dims)) for i in range(len(dims)))
-    return tuple(zip(irreps_offsets(problem.irreps_out), (m.ir_dim for m in problem.irreps_out)))
 
 
 def linear_problem(module) -> LinearProblem:

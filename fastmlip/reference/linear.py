@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..descriptors import (ChannelMajorLinearProblem, LinearProblem, SpeciesLinearProblem, irreps_offsets,
-                           output_columns)
+from ..descriptors import LinearProblem, SpeciesLinearProblem, irreps_offsets
 
 
 def _block(x: Tensor, offset: int, mul: int, ir_dim: int) -> Tensor:
@@ -23,25 +22,6 @@ def _assemble(blocks: list, irreps, like: Tensor) -> Tensor:
     n = like.shape[0]
     parts = [like.new_zeros(n, m.dim) if b is None else b.reshape(n, m.dim) for b, m in zip(blocks, irreps)]
     return torch.cat(parts, dim=1) if parts else like.new_zeros(n, 0)
-
-
-def _output_blocks(problem: LinearProblem, out: Tensor) -> list:
-    """Each output irrep's [N, mul, 2l+1] view of ``out`` in the problem's output layout."""
-    n, columns = out.shape[0], output_columns(problem)
-    if isinstance(problem, ChannelMajorLinearProblem):
-        return [out.reshape(n, m.mul, stride).narrow(2, offset, m.ir_dim)
-                for (offset, stride), m in zip(columns, problem.irreps_out)]
-    return [_block(out, offset, m.mul, m.ir_dim) for (offset, _), m in zip(columns, problem.irreps_out)]
-
-
-def _assemble_output(problem: LinearProblem, blocks: list, like: Tensor) -> Tensor:
-    """:func:`_assemble` in the problem's output layout (channel-major: the blocks side by side per channel)."""
-    if not isinstance(problem, ChannelMajorLinearProblem):
-        return _assemble(blocks, problem.irreps_out, like)
-    n, mul = like.shape[0], problem.irreps_out[0].mul
-    parts = [like.new_zeros(n, mul, m.ir_dim) if b is None else b
-             for b, m in zip(blocks, problem.irreps_out)]
-    return torch.cat(parts, dim=2).reshape(n, problem.dim_out)
 
 
 def _add(acc, term):
@@ -61,18 +41,18 @@ def linear(problem: LinearProblem, x: Tensor, weight: Tensor, bias: Tensor | Non
         for b in problem.biases:
             term = (b.path_weight * bias.narrow(0, b.bias_offset, b.dim)).view(1, b.dim, 1)
             outs[b.i_out] = _add(outs[b.i_out], term.expand(x.shape[0], b.dim, 1))
-    return _assemble_output(problem, outs, x)
+    return _assemble(outs, problem.irreps_out, x)
 
 
 def linear_backward(problem: LinearProblem, grad_out: Tensor, x: Tensor, weight: Tensor) -> tuple:
     """Gradients (d x, d weight) of <grad_out, linear(x, weight)> (the bias gradient is a plain column sum)."""
-    off_in, grad_blocks = irreps_offsets(problem.irreps_in), _output_blocks(problem, grad_out)
+    off_in, off_out = irreps_offsets(problem.irreps_in), irreps_offsets(problem.irreps_out)
     grads_in = [None] * len(problem.irreps_in)
     grad_w = [None] * len(problem.paths)
     for k, p in enumerate(problem.paths):
         ir_dim = problem.irreps_in[p.i_in].ir_dim
         w = weight.narrow(0, p.weight_offset, p.mul_in * p.mul_out).view(p.mul_in, p.mul_out)
-        g = grad_blocks[p.i_out]
+        g = _block(grad_out, off_out[p.i_out], p.mul_out, ir_dim)
         grads_in[p.i_in] = _add(grads_in[p.i_in], p.path_weight * torch.einsum("uw,zwi->zui", w, g))
         grad_w[k] = p.path_weight * torch.einsum("zui,zwi->uw", _block(x, off_in[p.i_in], p.mul_in, ir_dim),
                                                  g).reshape(-1)

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from e3nn import o3  # noqa: E402
 
-from fastmlip.descriptors import channel_major, linear_problem  # noqa: E402
+from fastmlip.descriptors import linear_problem  # noqa: E402
 from fastmlip.kernels import linear as kernels  # noqa: E402
 from fastmlip.kernels.launch import use_settings  # noqa: E402
 from fastmlip.ops import registry  # noqa: E402
@@ -94,46 +94,6 @@ def check_against_e3nn(name, dtype):
     for a, e in zip(actual, expected):
         assert a.dtype == dtype
         assert_close(a, e, TOL[dtype])
-
-
-def mace_reshape(out, irreps):
-    """MACE's ``reshape_irreps``: mul_ir [N, dim] -> [N, mul, sum of 2l+1], flattened."""
-    n, blocks, start = out.shape[0], [], 0
-    for mul_ir in o3.Irreps(irreps):
-        blocks.append(out[:, start:start + mul_ir.dim].reshape(n, mul_ir.mul, mul_ir.ir.dim))
-        start += mul_ir.dim
-    return torch.cat(blocks, dim=2).reshape(n, -1)
-
-
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("dtype, variant", [(torch.float64, "landed"), (torch.float32, "landed"),
-                                            (torch.float32, "per-component"), (torch.float32, "wide")],
-                         ids=lambda p: str(p).replace("torch.", ""))
-def test_channel_major_output_is_mace_reshape(backend, dtype, variant, monkeypatch):
-    """The channel-major output (MACE's interaction linear writing what its reshape_irreps would make of it): value
-    and gradients equal e3nn's module followed by the reshape, with an output irrep no path reaches; second
-    derivatives through the same op; problems without one multiplicity, or with a bias, are refused."""
-    monkeypatch.setenv("FASTMLIP_BACKEND", backend)
-    irreps_in, irreps_out = "3x0e+3x0e+4x1o+4x2e", "4x0e+4x1o+4x2e+4x3o"
-    torch.manual_seed(0)
-    module = o3.Linear(irreps_in, irreps_out).double()
-    problem = channel_major(linear_problem(module))
-    torch.manual_seed(1)
-    x, probe = torch.randn(21, problem.dim_in, dtype=torch.float64), torch.randn(21, problem.dim_out).double()
-    expected = value_and_grads(lambda *t: mace_reshape(module(t[0], t[1]), irreps_out), x, module.weight.detach(),
-                               None, probe)
-    with use_settings(**VARIANTS[variant]):
-        actual = value_and_grads(lambda *t: linear(problem, *t), x.to(dtype), module.weight.detach().to(dtype),
-                                 None, probe.to(dtype))
-    for a, e in zip(actual, expected):
-        assert_close(a, e, TOL[dtype])
-    if dtype == torch.float64 and variant == "landed":
-        inputs = [x[:4].clone().requires_grad_(True), module.weight.detach().clone().requires_grad_(True)]
-        assert torch.autograd.gradgradcheck(lambda *t: linear(problem, *t), inputs, fast_mode=True)
-    with pytest.raises(ValueError, match="one output multiplicity and no bias"):
-        channel_major(linear_problem(make_module("basic")))
-    with pytest.raises(ValueError, match="one output multiplicity and no bias"):
-        channel_major(linear_problem(o3.Linear("2x0e", "2x0e", biases=True)))
 
 
 @pytest.mark.parametrize("name", ["unreached-output", "wide-l4"])

@@ -2,8 +2,11 @@
 
 For each system it runs ``fastmlip.Calculator`` steps (atoms moved slightly each step) and reports:
 median wall ms/step; the sum of GPU kernel time per step and the number of kernel launches per step
-(torch.profiler); the top operators by self CPU time; and the top Python functions by own time (cProfile).
-A step whose wall time far exceeds its kernel time is host-bound; the tables say where the host time goes.
+(torch.profiler); the top operators by self CPU time; the top kernels by GPU time, each with the operators that
+launched it (their input shapes and the innermost fastmlip source line: which ``index_select`` a gather kernel is);
+and the top Python functions by own time (cProfile). A step whose wall time far exceeds its kernel time is
+host-bound; the tables say where the host time goes. Eager steps only name their launchers: inside a CUDA graph
+replay the profiler sees the graph launch, not the operators.
 
     python scripts/profile_md.py --out prof            # GPU: SevenNet-0 Si 216, Cu 4000, MACE-medium-like Cu 4000
     python scripts/profile_md.py --cases sevenn:Si:1 --device cpu --steps 2
@@ -11,6 +14,7 @@ A step whose wall time far exceeds its kernel time is host-bound; the tables say
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import json
@@ -48,13 +52,37 @@ def run_steps(atoms, steps, device, rng):
     return times
 
 
-def kernel_summary(atoms, steps, device, rng, top):
-    """GPU kernel time and launches per step, and the top operators by self CPU time."""
+OUR_SOURCES = ("fastmlip", "/patches/", "/kernels/")
+
+
+def launch_sites(events, kernel_names, steps: int, top: int = 3) -> dict:
+    """For each of ``kernel_names``: the operators whose launches ran it, by GPU ms per step, each with its input
+    shapes and the innermost line of fastmlip's own code on its Python stack."""
+    sites = {name: collections.Counter() for name in kernel_names}
+    for event in events:
+        for kernel in event.kernels:
+            if kernel.name in sites:
+                line = next((frame for frame in event.stack if any(s in frame for s in OUR_SOURCES)), "")
+                shapes = "x".join(str(list(shape)) for shape in event.input_shapes if shape)
+                sites[kernel.name][(event.name, shapes, line)] += kernel.duration
+    return {name: [{"op": op, "input_shapes": shapes, "line": line, "gpu_ms_per_step": us / 1e3 / steps}
+                   for (op, shapes, line), us in counter.most_common(top)] for name, counter in sites.items()}
+
+
+def profiled_steps(atoms, steps, device, rng, traced: bool = False):
+    """The profiler of ``steps`` steps; ``traced``: with input shapes and Python stacks (slower on the host)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=traced, with_stack=traced) as prof:
         run_steps(atoms, steps, device, rng)
+    return prof
+
+
+def kernel_summary(atoms, steps, device, rng, top):
+    """GPU kernel time and launches per step, the top operators by self CPU time, and the top kernels by GPU time
+    with the operators that launched them (from a second, traced run of as many steps)."""
+    prof = profiled_steps(atoms, steps, device, rng)
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events) if device.startswith("cuda") else 0.0
     launches = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -63,8 +91,11 @@ def kernel_summary(atoms, steps, device, rng, top):
              for e in rows]
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    sites = launch_sites(profiled_steps(atoms, steps, device, rng, traced=True).events(), [e.key for e in kernels],
+                         steps) if kernels else {}
     kernel_table = [{"kernel": e.key, "launches_per_step": e.count / steps,
-                     "gpu_ms_per_step": e.self_device_time_total / 1e3 / steps} for e in kernels]
+                     "gpu_ms_per_step": e.self_device_time_total / 1e3 / steps, "launched_by": sites[e.key]}
+                    for e in kernels]
     return gpu_us / 1e3 / steps, launches / steps, table, kernel_table
 
 
@@ -109,6 +140,9 @@ def main():
             print("  GPU kernels by time:")
         for row in kernels:
             print(f"  {row['gpu_ms_per_step']:8.3f} ms  {row['launches_per_step']:7.1f}x  {row['kernel'][:90]}")
+            for site in row["launched_by"][:2]:
+                print(f"  {'':8s}    {site['gpu_ms_per_step']:8.3f} ms by {site['op']} {site['input_shapes'][:60]} "
+                      f"{site['line'][-70:]}")
         print("\n".join(hot.splitlines()[:args.top + 12]))
         results.append({"case": name, "wall_ms": wall, "gpu_kernel_ms": gpu_ms, "launches": launches, "ops": ops,
                         "kernels": kernels, "python": hot})

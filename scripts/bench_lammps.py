@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_md_loops import fastmlip_md, thermalised  # noqa: E402
 
-# fp32 parity of a row against the calculator (eV/atom, eV/A)
+# parity of LAMMPS's step 0 against the calculator, per dtype (|dE|/atom in eV, max|dF| in eV/A)
 TOLERANCES = {"float32": (1e-5, 1e-4), "float64": (1e-9, 1e-8)}
 DECK = """units metal
 atom_style atomic
@@ -99,7 +99,7 @@ def main():
         with tempfile.TemporaryDirectory(prefix="bench_lammps_") as directory:
             try:
                 lines = potential_lines(args.model, os.path.join(directory, "si.mliap"), args)
-                lmp = lammps_row(atoms, lines, args, directory)
+                in_lammps = lammps_row(atoms, lines, args, directory)
                 engine, reference = fastmlip_md(atoms, args.model, SimpleNamespace(
                     device=args.device, dtype=args.dtype, md_warmup=args.warmup, md_steps=args.steps))
             except Exception as exc:  # noqa: BLE001 - one size failing (memory) is that row's result
@@ -107,13 +107,13 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
-        energy, forces = lmp.pop("first")
+        energy, forces = in_lammps.pop("first")
         d_energy = abs(energy - reference[0]) / len(atoms)
         d_forces = float(np.abs(forces - reference[1]).max())
         tol_e, tol_f = TOLERANCES[args.dtype]
-        row.update(lammps=lmp, fastmlip_md={k: engine[k] for k in ("step_ms", "setup_s", "engine")},
+        row.update(lammps=in_lammps, fastmlip_md={k: engine[k] for k in ("step_ms", "setup_s", "engine")},
                    parity={"dE_per_atom": d_energy, "max_dF": d_forces, "ok": d_energy <= tol_e and d_forces <= tol_f},
-                   lammps_over_md=lmp["step_ms"] / engine["step_ms"], lines=lines)
+                   lammps_over_md=in_lammps["step_ms"] / engine["step_ms"], lines=lines)
         rows.append(row)
         print(json.dumps(row), flush=True)
     for row in rows:

@@ -11,8 +11,6 @@ Needs a LAMMPS with ML-IAP's Python coupling (docs/lammps.md), importable as ``l
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
@@ -44,14 +42,11 @@ run 0
 
 
 def potential_lines(model: str, path: str, args) -> str:
-    """``fastmlip lammps``'s pair_style/pair_coeff/comm_modify lines for ``model``, written to ``path``."""
-    from fastmlip.cli import main
+    """The pair_style/pair_coeff/comm_modify lines for ``model``'s potential, written to ``path``."""
+    from fastmlip.lammps import input_lines, write_potential
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["lammps", model, "-o", path, "--dtype", args.dtype, "--device", args.device,
-                     "--elements", "Si"]) == 0
-    return "\n".join(line for line in printed.getvalue().splitlines() if line.strip() and not line.startswith("#"))
+    potential = write_potential(model, path, dtype=args.dtype, device=args.device, elements=["Si"])
+    return "\n".join(input_lines(potential, path, ["Si"]))
 
 
 def lammps_row(atoms, lines: str, args, directory: str) -> dict:

@@ -46,7 +46,8 @@ def swap_in_place(model: nn.Module, plan: Iterable) -> list:
     for qualified_name, factory in plan:
         parent, name = resolve_parent(model, qualified_name)
         original = parent._modules[name]
-        staged.append(Swap(parent, name, original, factory(original), qualified_name))
+        replacement = factory(original).train(original.training)  # a new module starts in train mode
+        staged.append(Swap(parent, name, original, replacement, qualified_name))
     done = []
     try:
         for swap in staged:
@@ -82,10 +83,12 @@ def _placement_of(module: nn.Module) -> tuple:
 
 
 def _put_back(swap: Swap) -> None:
-    """Reinstate an original, moved to where the model went meanwhile (``.to()``/``.double()`` after swapping)."""
+    """Reinstate an original, moved to where the model went meanwhile (``.to()``/``.double()`` after swapping) and in
+    the mode it was switched to (``.eval()``/``.train()``)."""
     device, dtype = _placement_of(swap.replacement)
     if device is not None:
         swap.original.to(device=device, dtype=dtype)
+    swap.original.train(swap.replacement.training)
     swap.parent._modules[swap.name] = swap.original
 
 

@@ -240,6 +240,15 @@ def test_restore_follows_dtype_changes_after_acceleration():
     assert evaluate(model, structures()["si2"])["energy"].dtype == torch.float64
 
 
+def test_replacements_take_the_models_mode_and_restore_follows_mode_changes():
+    model = copy.deepcopy(model_for("7net-0"))  # loaded in eval mode
+    patch.accelerate(model)
+    assert not any(module.training for module in model.modules())  # a new module starts in train mode
+    model.train()
+    patch.restore(model)
+    assert all(module.training for module in model.modules())
+
+
 def test_strict_refuses_unsupported_module_and_changes_nothing():
     model = copy.deepcopy(model_for("7net-0"))
     model._modules["2_convolution"].is_parallel = True  # a LAMMPS-parallel convolution: not supported

@@ -24,6 +24,7 @@ import torch
 from ..memo import derived
 
 DOT_PRECISIONS = ("ieee", "tf32x3")
+RADIAL_TABLES = ("off", "edges", "lengths")
 
 
 def _setting(env: str, default, tunes: str):
@@ -107,6 +108,11 @@ class Settings:
     dot_precision: str = _setting(
         "FASTMLIP_DOT_PRECISION", "tf32x3",
         "float32 tl.dot of the radial MLP and the linears: ieee (exact float32) or tf32x3 (tensor cores)")
+    radial_table: str = _setting(
+        "FASTMLIP_RADIAL_TABLE", "off",
+        "float32 radial MLPs over a Bessel basis read from a table in the edge length (cubic Hermite, knots picked "
+        "to 1e-6 of the largest slope) instead of computed: off, edges (walked in edge order) or lengths (walked "
+        "sorted by length: one sort a pass, table rows shared by neighbouring programs)")
     linear_rows: int = _setting(
         "FASTMLIP_LINEAR_ROWS", 16,
         "node rows per o3.Linear program (the M of its matmul tile)")
@@ -136,6 +142,8 @@ class Settings:
         if self.dot_precision not in DOT_PRECISIONS:
             raise ValueError(f"FASTMLIP_DOT_PRECISION={self.dot_precision!r}: expected one of "
                              f"{', '.join(DOT_PRECISIONS)}")
+        if self.radial_table not in RADIAL_TABLES:
+            raise ValueError(f"FASTMLIP_RADIAL_TABLE={self.radial_table!r}: expected one of {', '.join(RADIAL_TABLES)}")
         if self.conv_edge_lanes < 1 or self.conv_edge_lanes & (self.conv_edge_lanes - 1):
             raise ValueError(f"FASTMLIP_CONV_EDGE_LANES={self.conv_edge_lanes!r}: expected a power of two")
         if self.conv_split_parts < 1 or self.conv_split_edges < 1:
@@ -147,7 +155,7 @@ class Settings:
 
 
 def _parsed(setting: dataclasses.Field, raw: str):
-    if setting.name == "dot_precision":
+    if setting.name in ("dot_precision", "radial_table"):
         return raw.lower()
     try:
         return int(raw)

@@ -1,13 +1,17 @@
 """Replacements for the e3nn modules both frameworks use: ``o3.Linear``, ``o3.SphericalHarmonics`` and the radial
-MLP (``nn.FullyConnectedNet``), each holding the original's own parameters and buffers."""
+MLP (``nn.FullyConnectedNet``), each holding the original's own parameters and buffers; and the convolution with
+its radial MLP that both frameworks' interaction blocks run (:func:`radial_message`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from fastmlip.descriptors import RadialBasisProblem
 from fastmlip.kernels.launch import settings
+from fastmlip.memo import attach, attached, derived, derived_with
 
 from .swaps import share_tensors
 
@@ -104,15 +108,78 @@ def radial_weights(net: nn.Module, x: torch.Tensor, row_scale: Optional[torch.Te
     return out if row_scale is None else out * row_scale.reshape(-1, 1)
 
 
+def in_receiver_order(tensor: torch.Tensor, edges) -> torch.Tensor:
+    """``tensor`` [E, ...] permuted into ``edges``' receiver order, once per pass: every interaction block gets the
+    same edge attributes, features and lengths, and one gather (one scatter in the backward) serves them all."""
+    hit = attached(tensor, "receiver_order")
+    if hit is not None and hit[0] is edges.order:
+        return hit[1]
+    permuted = tensor.index_select(0, edges.order)
+    attach(tensor, "receiver_order", (edges.order, permuted))
+    return permuted
+
+
+RADIAL_SOURCE = "radial_source"  # memo key: what an edge embedding was made of (see mark_radial_source)
+
+
+@dataclass(frozen=True, eq=False)
+class RadialSource:
+    """The edge lengths [E] an edge embedding was computed from, and the basis that computed it."""
+
+    lengths: torch.Tensor
+    basis: RadialBasisProblem
+    frequencies: torch.Tensor
+
+
+def mark_radial_source(embedding: torch.Tensor, lengths: torch.Tensor, basis: RadialBasisProblem,
+                       frequencies: torch.Tensor) -> None:
+    """Note on an edge embedding ``basis(lengths)`` where it came from: a radial MLP over it is then a function of
+    the lengths alone, which :func:`radial_message` may read from a table."""
+    attach(embedding, RADIAL_SOURCE, RadialSource(lengths, basis, frequencies))
+
+
+def radial_table_of(net: nn.Module, source: Optional[RadialSource], dtype: torch.dtype):
+    """The table of ``net(source's embedding)`` in the lengths (:mod:`fastmlip.ops.radial_table`), or None where
+    it is not used: ``FASTMLIP_RADIAL_TABLE`` off, float64 (whose tolerances a table would not meet), an MLP
+    fastmlip cannot describe, a program being traced, or training (the MLP in train mode with gradients on and
+    parameters that take them: a table has no weights to differentiate; in eval mode its weights get none). Built
+    once per set of parameter values and kept on the MLP's last weight; a refused table (None) is kept too."""
+    from fastmlip.ops.radial_table import tabulate_radial_mlp
+
+    if (settings().radial_table == "off" or source is None or dtype != torch.float32
+            or not isinstance(net, FastFullyConnectedNet) or torch.compiler.is_compiling()):
+        return None
+    weights = [layer.weight for layer in net.children()]
+    sources = (source.frequencies, *weights)
+    if net.training and torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return None
+    return derived_with(weights[-1], ("radial_table", source.basis.key, dtype), sources,
+                        lambda: tabulate_radial_mlp(source.basis, source.frequencies, net.problem, weights,
+                                                    dtype=dtype))
+
+
 def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Tensor, radial: torch.Tensor,
                    row_scale: Optional[torch.Tensor], edges, chunk_edges: Optional[int]) -> torch.Tensor:
     """The fused convolution of ``x`` with per-edge weights ``net(radial) * row_scale`` over receiver-sorted
-    ``edges``; with ``chunk_edges`` the weights are recomputed in the backward, receivers in chunks of at most that
-    many edges (:func:`fastmlip.ops.radial_conv.radial_conv`)."""
+    ``edges``; ``edge_attr`` and ``radial`` come in the edge list's own order, ``row_scale`` in receiver order.
+    With ``chunk_edges`` the weights are recomputed in the backward, receivers in chunks of at most that many edges
+    (:func:`fastmlip.ops.radial_conv.radial_conv`). Where :func:`radial_table_of` gives a table, the weights are
+    read from it at the lengths ``radial`` was made of (with FASTMLIP_RADIAL_TABLE=lengths, walked sorted by
+    length)."""
     from fastmlip.ops.radial_conv import radial_conv
+    from fastmlip.ops.radial_table import radial_table
 
-    return radial_conv(problem, lambda rows, scale: radial_weights(net, rows, scale), list(net.parameters()), x,
-                       edge_attr, radial, row_scale, edges, chunk_edges)
+    edge_attr = in_receiver_order(edge_attr, edges)
+    table = radial_table_of(net, attached(radial, RADIAL_SOURCE), x.dtype)
+    if table is None:
+        return radial_conv(problem, lambda rows, scale: radial_weights(net, rows, scale), list(net.parameters()),
+                           x, edge_attr, in_receiver_order(radial, edges), row_scale, edges, chunk_edges)
+    lengths = in_receiver_order(attached(radial, RADIAL_SOURCE).lengths, edges)
+    order = None
+    if settings().radial_table == "lengths" and chunk_edges is None:
+        order = derived(lengths, "length_order", lambda: torch.argsort(lengths))
+    return radial_conv(problem, lambda rows, scale: radial_table(table, rows, scale, order), [], x, edge_attr,
+                       lengths, row_scale, edges, chunk_edges)
 
 
 def e3nn_factories() -> dict:

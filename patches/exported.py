@@ -88,6 +88,7 @@ def export(patch, model, path, *, modal=None) -> dict:
     from torch.export import Dim
 
     from fastmlip.descriptors.serialize import problems_to_json
+    from fastmlip.kernels.launch import use_settings
     from fastmlip.ops import registry
 
     info = patch.model_info(model)
@@ -103,7 +104,8 @@ def export(patch, model, path, *, modal=None) -> dict:
     atoms_dim = Dim("atoms", min=MIN_SIZE, max=MAX_ATOMS)
     edges_dim = Dim("edges", min=MIN_SIZE)
     shapes = ({0: atoms_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim})
-    program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+    with use_settings(radial_table="off"):  # a program computes its radial MLPs: tables are not exported
+        program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
     keys = sorted({arg for node in program.graph.nodes if node.op == "call_function"
                    and str(node.target).startswith("fastmlip.") for arg in node.args if isinstance(arg, str)})
     meta = {"format": FORMAT, "version": VERSION, "framework": info["framework"], "cutoff": info["cutoff"],

@@ -22,6 +22,7 @@ from fastmlip.ops.radial_basis import radial_basis
 from fastmlip.ops.symmetric_contraction import module_weights, symmetric_contraction
 
 from . import e3nn_modules, files, swaps
+from .e3nn_modules import in_receiver_order
 
 SUPPORTED_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
 
@@ -34,17 +35,6 @@ def sorted_edges(edge_index: torch.Tensor, num_nodes: int):
     edge_index tensor itself: see :mod:`fastmlip.memo`)."""
     return derived(edge_index, ("sorted_edges", num_nodes),
                    lambda: sort_edges(edge_index[0], edge_index[1], num_nodes, attached(edge_index, EDGE_MASK)))
-
-
-def in_receiver_order(tensor: torch.Tensor, edges) -> torch.Tensor:
-    """``tensor`` [E, ...] permuted into ``edges``' receiver order, once per pass: every interaction block gets the
-    same edge attributes, features and cutoff, and one gather (one scatter in the backward) serves them all."""
-    hit = attached(tensor, "receiver_order")
-    if hit is not None and hit[0] is edges.order:
-        return hit[1]
-    permuted = tensor.index_select(0, edges.order)
-    attach(tensor, "receiver_order", (edges.order, permuted))
-    return permuted
 
 
 def weight_mask(edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -125,7 +115,10 @@ class FastRadialEmbedding(nn.Module):
         return f"problem={self.problem}"
 
     def forward(self, edge_lengths, node_attrs=None, edge_index=None, atomic_numbers=None):
-        return radial_basis(self.problem, edge_lengths.reshape(-1), self.bessel_fn.bessel_weights), None
+        lengths = edge_lengths.reshape(-1)
+        embedding = radial_basis(self.problem, lengths, self.bessel_fn.bessel_weights)
+        e3nn_modules.mark_radial_source(embedding, lengths, self.problem, self.bessel_fn.bessel_weights)
+        return embedding, None
 
 
 def _fast_node_module(module) -> Optional[type]:
@@ -187,8 +180,7 @@ class FastInteraction(nn.Module):
         mask = weight_mask(edge_index, node_feats.shape[0], node_feats.dtype)
         if mask is not None:  # placeholder edges weigh zero: their messages and gradients vanish
             row_scale = mask if row_scale is None else row_scale * mask
-        message = e3nn_modules.radial_message(self.problem, self.conv_tp_weights, node_feats,
-                                              in_receiver_order(edge_attrs, edges), in_receiver_order(edge_feats, edges),
+        message = e3nn_modules.radial_message(self.problem, self.conv_tp_weights, node_feats, edge_attrs, edge_feats,
                                               row_scale, edges, self.chunk_edges)
         message = self.linear(message)
         if not self.folded_average:

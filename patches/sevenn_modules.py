@@ -70,18 +70,15 @@ class FastIrrepsConvolution(nn.Module):
         return f"problem={self.problem}"
 
     def _sorted_edges(self, data, num_nodes: int):
-        """Edges sorted by receiver (CSR offsets for the deterministic kernels), shared by all layers of a pass.
-
-        The radial-MLP input and the edge attributes are permuted once, so each layer's weights come out sorted.
-        """
+        """Edges sorted by receiver (CSR offsets for the deterministic kernels), shared by all layers of a pass
+        (as are the permuted radial-MLP input and edge attributes: :func:`e3nn_modules.in_receiver_order`)."""
         edge_index = data[self.key_edge_idx]
         mask = data[EDGE_MASK_KEY] if EDGE_MASK_KEY in data else None
         inputs = (edge_index, data[self.key_filter], data[self.key_weight_input], mask)
         cached = data[SORTED_EDGES_KEY] if SORTED_EDGES_KEY in data else None
         if cached is None or any(a is not b for a, b in zip(cached["inputs"], inputs)):
             edges = sort_edges(edge_index[1], edge_index[0], num_nodes, mask)
-            cached = {"inputs": inputs, "edges": edges, "filter": inputs[1].index_select(0, edges.order),
-                      "weight_input": inputs[2].index_select(0, edges.order),
+            cached = {"inputs": inputs, "edges": edges,
                       "mask": None if mask is None else mask.index_select(0, edges.order).to(inputs[2].dtype)}
             data[SORTED_EDGES_KEY] = cached
         return cached
@@ -95,8 +92,8 @@ class FastIrrepsConvolution(nn.Module):
             cached = self._sorted_edges(data, x.shape[0])
             edges = cached["edges"]
             # placeholder edges (mask 0) weigh zero: their messages and gradients vanish
-            out = e3nn_modules.radial_message(self.problem, self.weight_nn, x, cached["filter"],
-                                              cached["weight_input"], cached["mask"], edges, self.chunk_edges)
+            out = e3nn_modules.radial_message(self.problem, self.weight_nn, x, data[self.key_filter],
+                                              data[self.key_weight_input], cached["mask"], edges, self.chunk_edges)
         data[self.key_x] = out if self.folded else out.div(self.denominator)
         return data
 
@@ -158,6 +155,7 @@ class FastEdgeEmbedding(nn.Module):
         lengths = torch.linalg.norm(vectors, dim=-1)
         data[EDGE_LENGTH] = lengths
         data[EDGE_EMBEDDING] = radial_basis(self.problem, lengths, self.basis_function.coeffs)
+        e3nn_modules.mark_radial_source(data[EDGE_EMBEDDING], lengths, self.problem, self.basis_function.coeffs)
         sh = self.sh_problem
         data[EDGE_ATTR] = spherical_harmonics(list(sh.ls), vectors, sh.normalize, sh.normalization)
         return data

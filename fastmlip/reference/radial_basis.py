@@ -43,15 +43,20 @@ def radial_basis(problem: RadialBasisProblem, r: Tensor, frequencies: Tensor) ->
     return problem.prefactor * (torch.sin(frequencies * ur) / ur) * envelope(problem.envelope, r).unsqueeze(1)
 
 
-def radial_basis_backward(problem: RadialBasisProblem, grad_out: Tensor, r: Tensor, frequencies: Tensor) -> Tensor:
-    """d <grad_out, radial_basis(r, w)> / d r -> [E] (explicit formula, differentiable plain torch)."""
+def radial_basis_slope(problem: RadialBasisProblem, r: Tensor, frequencies: Tensor) -> Tensor:
+    """d radial_basis(r, w) / d r -> [E, num_basis] (explicit formula, differentiable plain torch)."""
     ur = r.unsqueeze(1)
     wr = frequencies * ur
     bessel = torch.sin(wr) / ur
     bessel_slope = (frequencies * torch.cos(wr) - bessel) / ur
     env = envelope(problem.envelope, r).unsqueeze(1)
     env_slope = envelope_derivative(problem.envelope, r).unsqueeze(1)
-    return problem.prefactor * (grad_out * (bessel_slope * env + bessel * env_slope)).sum(1)
+    return problem.prefactor * (bessel_slope * env + bessel * env_slope)
+
+
+def radial_basis_backward(problem: RadialBasisProblem, grad_out: Tensor, r: Tensor, frequencies: Tensor) -> Tensor:
+    """d <grad_out, radial_basis(r, w)> / d r -> [E] (explicit formula, differentiable plain torch)."""
+    return (grad_out * radial_basis_slope(problem, r, frequencies)).sum(1)
 
 
 def check_inputs(problem: RadialBasisProblem, r: Tensor, frequencies: Optional[Tensor]) -> None:

@@ -32,6 +32,18 @@ def radial_mlp(problem: RadialMLPProblem, x: Tensor, weights: Sequence[Tensor],
     return h if row_scale is None else h * row_scale.unsqueeze(1)
 
 
+def radial_mlp_tangent(problem: RadialMLPProblem, x: Tensor, dx: Tensor, weights: Sequence[Tensor]) -> tuple:
+    """(FullyConnectedNet(x), its directional derivative along dx), both [E, dim_out]: forward-mode, layer by
+    layer (a radial function's slope d/dr from the basis' slope)."""
+    h, dh = x, dx
+    for layer, weight in zip(problem.layers, weights):
+        pre, h = _layer(layer, h, weight)
+        dh = dh @ (weight / layer.divisor)
+        if layer.act is not None:
+            dh = dh * (activation_derivative(layer.act, pre) * layer.out_scale)
+    return h, dh
+
+
 def radial_mlp_backward(problem: RadialMLPProblem, grad_out: Tensor, x: Tensor, weights: Sequence[Tensor],
                         row_scale: Optional[Tensor] = None) -> tuple:
     """(grad_x, grad_row_scale or None) of <grad_out, radial_mlp(x, weights, row_scale)>."""

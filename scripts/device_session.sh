@@ -295,12 +295,13 @@ for phase in "$@"; do
       ;;
     radial-table|radial-table-small)
       # radial MLPs read from tables (FASTMLIP_RADIAL_TABLE) against computed ones: the op's and the models' tests
-      # (kernels on the GPU), then the MD loops profiled per setting, at 4000 atoms (radial-table) or 216
-      step radial_table_tests 240 python3 -m pytest -v -rf -p no:cacheprovider "$repo/tests/ops/test_radial_table.py" \
+      # (kernels on the GPU), then the MD loops profiled per setting (TABLE_VARIANTS, default off and lengths: a
+      # call's 10 minutes), at 4000 atoms (radial-table) or 216
+      step radial_table_tests 180 python3 -m pytest -v -rf -p no:cacheprovider "$repo/tests/ops/test_radial_table.py" \
         "$repo/tests/patches/test_radial_tables.py"
       if [ "$phase" = radial-table ]; then
-        for variant in off edges lengths; do
-          step "table_cu4000_$variant" 150 env FASTMLIP_RADIAL_TABLE=$variant python3 "$repo/scripts/profile_loop.py" \
+        for variant in ${TABLE_VARIANTS:-off lengths}; do
+          step "table_cu4000_$variant" 180 env FASTMLIP_RADIAL_TABLE=$variant python3 "$repo/scripts/profile_loop.py" \
             --cases "${PROFILE_CASES:-mace-medium:Cu:10,sevenn:Cu:10}" --steps 50 --warmup 20 --top 12 \
             --out "$out/table_cu4000_$variant"
         done

@@ -169,3 +169,24 @@ def test_a_table_follows_in_place_changes_of_the_weights(table_reads):
         with torch.no_grad():
             last_weight.copy_(saved)
         patch.restore(model)
+
+
+def test_chunked_convolutions_read_the_same_tables(table_reads):
+    """Receivers in chunks (memory-bounded convolutions) recompute their weights from the table in the backward."""
+    import fastmlip
+
+    patch, model = sevenn_model("7net-0")
+    atoms = silicon()
+    edges = self_check.neighbor_edges(atoms, model.cutoff)
+    patch.accelerate(model)
+    try:
+        with use_settings(radial_table="lengths"):
+            whole = self_check.compute_on_atoms(patch, model, atoms, edges)
+            fastmlip.chunk_convolutions(model, 100)
+            chunked = self_check.compute_on_atoms(patch, model, atoms, edges)
+    finally:
+        fastmlip.chunk_convolutions(model, None)
+        patch.restore(model)
+    assert len(table_reads) > 10  # the chunks' forward and backward read it too
+    deviation = self_check.deviation(whole, chunked, len(atoms))
+    assert deviation["energy_per_atom"] <= 1e-6 and deviation["forces"] <= 1e-5, deviation

@@ -315,16 +315,13 @@ def simulate(args):
 
 def kept_program(args, atoms, device, skin: float) -> tuple:
     """(the model's file when an exported copy of it may be kept in fastmlip's cache, that copy when this run can
-    start from it: :mod:`fastmlip.program_cache`); (None, None) with ``--no-program-cache``, with radial tables
-    (FASTMLIP_RADIAL_TABLE: exported programs compute their radial MLPs) or for a system whose radial weights would
-    not fit whole (the framework's model cuts its convolutions into chunks then, a copy cannot)."""
+    start from it: :mod:`fastmlip.program_cache`); (None, None) with ``--no-program-cache`` or for a system whose
+    radial weights would not fit whole (the framework's model cuts its convolutions into chunks then, a copy
+    cannot)."""
     from . import program_cache
     from .api import resolve_dtype
-    from .kernels.launch import settings
 
-    source = None
-    if not args.no_program_cache and settings().radial_table == "off":
-        source = program_cache.source_of(args.model, args.trust, args.sha256)
+    source = None if args.no_program_cache else program_cache.source_of(args.model, args.trust, args.sha256)
     if source is None:
         return None, None
     copy, manifest = program_cache.lookup(source, args.dtype, args.modal)

@@ -54,9 +54,12 @@ def _entry(source_sha256: str, dtype: str, modal: Optional[str]) -> Path:
     import torch
 
     from fastmlip.kernels.codegen import cache_root
+    from fastmlip.kernels.launch import settings
     from fastmlip.patches import exported
 
-    parts = (source_sha256, dtype, modal or "", torch.__version__, exported.VERSION, code_digest())
+    # a copy holds radial tables or MLPs as FASTMLIP_RADIAL_TABLE said when it was written
+    parts = (source_sha256, dtype, modal or "", torch.__version__, exported.VERSION, code_digest(),
+             settings().radial_table)
     return cache_root() / DIRECTORY / hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:40]
 
 

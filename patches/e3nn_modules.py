@@ -3,6 +3,9 @@ MLP (``nn.FullyConnectedNet``), each holding the original's own parameters and b
 its radial MLP that both frameworks' interaction blocks run (:func:`radial_message`)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -73,6 +76,7 @@ class FastFullyConnectedNet(nn.Module):
         for name, layer in original.named_children():
             self.add_module(name, layer)
         self.hs = original.hs
+        self.table_key = uuid.uuid4().hex  # names its radial table while traced, in a copy too (tables_for_tracing)
 
     def extra_repr(self) -> str:
         return f"problem={self.problem}"
@@ -138,24 +142,47 @@ def mark_radial_source(embedding: torch.Tensor, lengths: torch.Tensor, basis: Ra
     attach(embedding, RADIAL_SOURCE, RadialSource(lengths, basis, frequencies))
 
 
+# The tables of the last real pass by MLP (its table_key), while a program is traced (:func:`tables_for_tracing`)
+_TRACED_TABLES: contextvars.ContextVar = contextvars.ContextVar("fastmlip_traced_tables", default=None)
+
+
+@contextlib.contextmanager
+def tables_for_tracing():
+    """Within the block (this thread), the tables a real pass reads are kept per MLP, and a traced pass
+    (``torch.export``, whose parameters are fake tensors a table cannot be built from, of a copy of the model)
+    reads those: run the model once for real, then trace it, and the program holds the tables as constants."""
+    token = _TRACED_TABLES.set({})
+    try:
+        yield
+    finally:
+        _TRACED_TABLES.reset(token)
+
+
 def radial_table_of(net: nn.Module, source: Optional[RadialSource], dtype: torch.dtype):
     """The table of ``net(source's embedding)`` in the lengths (:mod:`fastmlip.ops.radial_table`), or None where
     it is not used: ``FASTMLIP_RADIAL_TABLE`` off, float64 (whose tolerances a table would not meet), an MLP
-    fastmlip cannot describe, a program being traced, or training (the MLP in train mode with gradients on and
-    parameters that take them: a table has no weights to differentiate; in eval mode its weights get none). Built
-    once per set of parameter values and kept on the MLP's last weight; a refused table (None) is kept too."""
+    fastmlip cannot describe, training (the MLP in train mode with gradients on and parameters that take them: a
+    table has no weights to differentiate; in eval mode its weights get none), or a traced pass outside
+    :func:`tables_for_tracing`. Built once per set of parameter values and kept on the MLP's last weight; a
+    refused table (None) is kept too."""
     from fastmlip.ops.radial_table import tabulate_radial_mlp
 
     if (settings().radial_table == "off" or source is None or dtype != torch.float32
-            or not isinstance(net, FastFullyConnectedNet) or torch.compiler.is_compiling()):
+            or not isinstance(net, FastFullyConnectedNet)):
         return None
+    traced = _TRACED_TABLES.get()
+    if torch.compiler.is_compiling():
+        return None if traced is None else traced.get(net.table_key)
     weights = [layer.weight for layer in net.children()]
     sources = (source.frequencies, *weights)
     if net.training and torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return None
-    return derived_with(weights[-1], ("radial_table", source.basis.key, dtype), sources,
-                        lambda: tabulate_radial_mlp(source.basis, source.frequencies, net.problem, weights,
-                                                    dtype=dtype))
+    table = derived_with(weights[-1], ("radial_table", source.basis.key, dtype), sources,
+                         lambda: tabulate_radial_mlp(source.basis, source.frequencies, net.problem, weights,
+                                                     dtype=dtype))
+    if traced is not None:
+        traced[net.table_key] = table
+    return table
 
 
 def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Tensor, radial: torch.Tensor,

@@ -30,7 +30,7 @@ from fastmlip.memo import derived_with
 from fastmlip.ops.derivatives import gradient_or_zeros
 from fastmlip.ops.node_sums import node_difference
 
-from . import exported_graph, files, self_check
+from . import e3nn_modules, exported_graph, files, self_check
 
 FRAMEWORK = "exported"
 META_FILE = "fastmlip.json"  # an extra file of the torch.export archive
@@ -88,7 +88,6 @@ def export(patch, model, path, *, modal=None) -> dict:
     from torch.export import Dim
 
     from fastmlip.descriptors.serialize import problems_to_json
-    from fastmlip.kernels.launch import use_settings
     from fastmlip.ops import registry
 
     info = patch.model_info(model)
@@ -104,14 +103,18 @@ def export(patch, model, path, *, modal=None) -> dict:
     atoms_dim = Dim("atoms", min=MIN_SIZE, max=MAX_ATOMS)
     edges_dim = Dim("edges", min=MIN_SIZE)
     shapes = ({0: atoms_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim})
-    with use_settings(radial_table="off"):  # a program computes its radial MLPs: tables are not exported
+    with e3nn_modules.tables_for_tracing():  # radial tables (FASTMLIP_RADIAL_TABLE) become the program's constants
+        module(*example)
         program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
-    keys = sorted({arg for node in program.graph.nodes if node.op == "call_function"
-                   and str(node.target).startswith("fastmlip.") for arg in node.args if isinstance(arg, str)})
+    calls = [node for node in program.graph.nodes if node.op == "call_function"]
+    keys = sorted({arg for node in calls if str(node.target).startswith("fastmlip.")
+                   for arg in node.args if isinstance(arg, str)})
+    tables = sum(str(node.target).startswith("fastmlip.radial_table.") for node in calls)
     meta = {"format": FORMAT, "version": VERSION, "framework": info["framework"], "cutoff": info["cutoff"],
             "atomic_numbers": list(info["atomic_numbers"]), "dtype": str(info["dtype"]).replace("torch.", ""),
             "modal": modal, "message_passing_layers": patch.message_passing_layers(model),
             "receivers": module.RECEIVERS, **({} if table is None else {"species_table": table}),
+            "radial_tables": tables,
             "torch": torch.__version__, "problems": problems_to_json([registry.lookup(key) for key in keys])}
     extra = {META_FILE: json.dumps(meta)}
     try:

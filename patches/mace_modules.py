@@ -15,7 +15,7 @@ from torch import nn
 from fastmlip.descriptors import (Envelope, radial_basis_problem, scaled_problem, species_linear_problem,
                                   symmetric_contraction_problem, tensor_product_problem)
 from fastmlip.graph import sort_edges
-from fastmlip.memo import attach, attached, derived
+from fastmlip.memo import attached, derived
 from fastmlip.ops.conv import check_conv_problem
 from fastmlip.ops.linear import species_linear
 from fastmlip.ops.radial_basis import radial_basis

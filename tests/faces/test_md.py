@@ -128,6 +128,7 @@ def test_a_model_that_cannot_be_exported_is_remembered(tmp_path, monkeypatch):
     from ase.build import bulk
 
     from fastmlip import api, convert, md, program_cache
+    from fastmlip.kernels.launch import use_settings
     from fastmlip.patches import sevenn as sevenn_patch
 
     monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path / "cache"))
@@ -153,6 +154,8 @@ def test_a_model_that_cannot_be_exported_is_remembered(tmp_path, monkeypatch):
     md.add_arguments(parser)
     args = parser.parse_args(["--dtype", "float64"])
     assert md.kept_program(args, bulk("Si", "diamond", a=5.43), torch.device("cpu"), 0.5) == (None, None)
+    with use_settings(radial_table="lengths"):  # a copy with radial tables is another copy
+        assert program_cache.lookup(source, "float64", None) == (None, None)
 
 
 def test_a_new_copy_replaces_those_of_the_file_s_earlier_content(tmp_path):

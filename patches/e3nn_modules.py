@@ -114,11 +114,14 @@ def radial_weights(net: nn.Module, x: torch.Tensor, row_scale: Optional[torch.Te
 
 def in_receiver_order(tensor: torch.Tensor, edges) -> torch.Tensor:
     """``tensor`` [E, ...] permuted into ``edges``' receiver order, once per pass: every interaction block gets the
-    same edge attributes, features and lengths, and one gather (one scatter in the backward) serves them all."""
+    same edge attributes, features and lengths, and one move (the same move back in the backward) serves them all
+    (:func:`fastmlip.ops.permute.permute_rows`)."""
+    from fastmlip.ops.permute import permute_rows
+
     hit = attached(tensor, "receiver_order")
     if hit is not None and hit[0] is edges.order:
         return hit[1]
-    permuted = tensor.index_select(0, edges.order)
+    permuted = permute_rows(tensor, edges.order)
     attach(tensor, "receiver_order", (edges.order, permuted))
     return permuted
 

@@ -104,7 +104,7 @@ def export(patch, model, path, *, modal=None) -> dict:
     edges_dim = Dim("edges", min=MIN_SIZE)
     shapes = ({0: atoms_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim}, {0: edges_dim})
     with e3nn_modules.tables_for_tracing():  # radial tables (FASTMLIP_RADIAL_TABLE) become the program's constants
-        module(*example)
+        module(*(t.clone() for t in example))  # clones: what a pass keeps on its inputs must not be saved with them
         program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
     calls = [node for node in program.graph.nodes if node.op == "call_function"]
     keys = sorted({arg for node in calls if str(node.target).startswith("fastmlip.")
@@ -193,12 +193,15 @@ def resolve(path_or_name) -> Optional[str]:
 
 
 def _register_operators() -> None:
-    """Import every module that defines a ``fastmlip::`` operator, so a program's calls resolve."""
+    """Import every module of :mod:`fastmlip.ops` (each ``fastmlip::`` operator is defined in one), so a program's
+    calls resolve."""
     import importlib
+    import pkgutil
 
-    for name in ("conv", "gate", "linear", "node_sums", "radial_basis", "radial_mlp", "spherical_harmonics",
-                 "symmetric_contraction", "tensor_product"):
-        importlib.import_module(f"fastmlip.ops.{name}")
+    import fastmlip.ops
+
+    for module in pkgutil.iter_modules(fastmlip.ops.__path__):
+        importlib.import_module(f"fastmlip.ops.{module.name}")
 
 
 def load(path, device=None, dtype=None, trusted: bool = False) -> ExportedModel:

@@ -1,0 +1,60 @@
+"""Rows of a per-edge array in another order, ``fastmlip::permute_rows``: the edges' receiver order of a step.
+
+On the Triton backend narrow rows (at most ``NARROW_BYTES``) move through :mod:`fastmlip.kernels.permute_rows`,
+many rows a program, where torch's ``index_select`` spends a thread block on each row; wider rows keep
+``index_select``, which moves them at the bandwidth's pace. ``order`` must be a permutation, so the derivative is
+the same move the other way, exactly (any order).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import dispatch, library
+
+NARROW_BYTES = 256  # rows up to this size take the kernel (a MACE or SevenNet step's are 4-64 bytes)
+
+
+def _reference(values: Tensor, order: Tensor, scatter: bool) -> Tensor:
+    if scatter:
+        return torch.empty_like(values).index_copy_(0, order.long(), values)
+    return values.index_select(0, order)
+
+
+@library.custom_op("fastmlip::permute_rows")
+def _permute_rows(values: Tensor, order: Tensor, scatter: bool) -> Tensor:
+    rows = values.reshape(values.shape[0], math.prod(values.shape[1:]))
+    narrow = rows.shape[1] * rows.element_size() <= NARROW_BYTES
+    if narrow and dispatch.backend_for(values) == "triton":
+        from ..kernels import permute_rows
+
+        return permute_rows.permute(rows.contiguous(), order, scatter).view(values.shape)
+    return _reference(values, order, scatter)
+
+
+@_permute_rows.register_fake
+def _(values, order, scatter):
+    return torch.empty_like(values)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.scatter = inputs[2]
+
+
+def _backward(ctx, grad):
+    (order,) = ctx.saved_tensors
+    return _permute_rows(grad, order, not ctx.scatter), None, None
+
+
+_permute_rows.register_autograd(_backward, setup_context=_setup)
+
+
+def permute_rows(values: Tensor, order: Tensor) -> Tensor:
+    """``values.index_select(0, order)`` for a permutation ``order`` of ``values``' rows (any trailing shape)."""
+    if order.dim() != 1 or order.shape[0] != values.shape[0] or order.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"permute_rows: order must be an integer permutation [{values.shape[0]}], got "
+                         f"{order.dtype} {tuple(order.shape)}")
+    return _permute_rows(values, order, False)

@@ -1,9 +1,11 @@
-"""Rows of a per-edge array in another order, ``fastmlip::permute_rows``: the edges' receiver order of a step.
+"""Rows of a per-edge array in another order, ``fastmlip::permute_rows`` (the edges' receiver order of a step), and
+columns of a node array, ``fastmlip::permute_columns`` (MACE's reshape of its messages).
 
 On the Triton backend narrow rows (at most ``NARROW_BYTES``) move through :mod:`fastmlip.kernels.permute_rows`,
 many rows a program, where torch's ``index_select`` spends a thread block on each row; wider rows keep
-``index_select``, which moves them at the bandwidth's pace. ``order`` must be a permutation, so the derivative is
-the same move the other way, exactly (any order).
+``index_select``, which moves them at the bandwidth's pace. Columns always move through the kernels (torch's
+column ``index_select`` and its ``index_add_`` backward are slow at any width). The order must be a permutation,
+so the derivative is the same move the other way, exactly (any order).
 """
 from __future__ import annotations
 
@@ -58,3 +60,41 @@ def permute_rows(values: Tensor, order: Tensor) -> Tensor:
         raise ValueError(f"permute_rows: order must be an integer permutation [{values.shape[0]}], got "
                          f"{order.dtype} {tuple(order.shape)}")
     return _permute_rows(values, order, False)
+
+
+@library.custom_op("fastmlip::permute_columns")
+def _permute_columns(values: Tensor, index: Tensor, scatter: bool) -> Tensor:
+    if dispatch.backend_for(values) == "triton":
+        from ..kernels import permute_rows
+
+        return permute_rows.permute(values.contiguous(), index, scatter, columns=True)
+    if scatter:
+        return torch.empty_like(values).index_copy_(1, index.long(), values)
+    return values.index_select(1, index)
+
+
+@_permute_columns.register_fake
+def _(values, index, scatter):
+    return torch.empty_like(values)
+
+
+def _columns_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.scatter = inputs[2]
+
+
+def _columns_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return _permute_columns(grad, index, not ctx.scatter), None, None
+
+
+_permute_columns.register_autograd(_columns_backward, setup_context=_columns_setup)
+
+
+def permute_columns(values: Tensor, index: Tensor) -> Tensor:
+    """``values.index_select(1, index)`` for [N, W] ``values`` and a permutation ``index`` of its W columns."""
+    if values.dim() != 2 or index.dim() != 1 or index.shape[0] != values.shape[1] or \
+            index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"permute_columns: values [N, W] and an integer permutation [W], got "
+                         f"{tuple(values.shape)} and {index.dtype} {tuple(index.shape)}")
+    return _permute_columns(values, index, False)

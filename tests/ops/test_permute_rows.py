@@ -1,6 +1,6 @@
-"""Rows in another order (``fastmlip::permute_rows``): the Triton kernel (interpreted without CUDA, outputs
-poisoned) against index_select for narrow and wide rows, any trailing shape, 1-D, no rows; derivatives to second
-order; opcheck; bad input."""
+"""Rows and columns in another order (``fastmlip::permute_rows``, ``permute_columns``): the Triton kernels
+(interpreted without CUDA, outputs poisoned) against index_select for narrow and wide rows, any trailing shape, 1-D,
+no rows, and for columns; derivatives to second order; opcheck; bad input."""
 import os
 
 import torch
@@ -62,3 +62,26 @@ def test_bad_order():
         permute.permute_rows(values, torch.arange(4))
     with pytest.raises(ValueError, match="integer permutation"):
         permute.permute_rows(values, torch.arange(5.0))
+
+
+@pytest.mark.parametrize("width", [3, 16, 512, 640])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_kernel_moves_columns_as_index_select_does(width, dtype, triton_poisoned):
+    values = torch.randn(13, width, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    index = permutation(width, seed=5)
+    moved = permute.permute_columns(values, index)
+    assert torch.equal(moved, values.index_select(1, index))
+    assert torch.equal(permute._permute_columns(moved, index, True), values)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_column_derivatives_are_the_move_back(backend, monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("FASTMLIP_BACKEND", backend)
+    monkeypatch.setenv("FASTMLIP_CACHE", str(tmp_path_factory.getbasetemp() / "fastmlip-cache"))
+    values = torch.randn(7, 12, dtype=torch.float64, device=DEVICE)
+    index = permutation(12, seed=6)
+    assert_matches_reference(lambda v: permute.permute_columns(v * v, index) * 2.0,
+                             lambda v: (v * v).index_select(1, index) * 2.0, [values], rtol=1e-14)
+    torch.library.opcheck(permute._permute_columns.overload, (values.requires_grad_(True), index, False))
+    with pytest.raises(ValueError, match=r"integer permutation \[W\]"):
+        permute.permute_columns(values, index[:5])

@@ -1,4 +1,4 @@
-"""Triton kernels that permute the rows of a narrow [E, W] array (out[r] = values[order[r]], or the scatter back)
+"""Triton kernel that permutes the rows of a narrow [E, W] array (out[r] = values[order[r]], or the scatter back)
 or the columns of an [N, W] array (out[:, c] = values[:, index[c]], or back).
 
 Why: torch's ``index_select`` gathers with one thread block per index row. For the narrow per-edge rows of a step
@@ -18,40 +18,28 @@ ELEMENTS = 4096  # elements a program moves at most: rows per program = ELEMENTS
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def permute_rows(values, order, out, num_rows, WIDTH: tl.constexpr, PAD: tl.constexpr, ROWS: tl.constexpr,
-                 SCATTER: tl.constexpr):
-    """out[r] = values[order[r]] (gather), or out[order[r]] = values[r] (SCATTER), for a tile of ROWS rows."""
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = row < num_rows
-    other = tl.load(order + row, mask=live, other=0).to(tl.int64)
-    column = tl.arange(0, PAD)
-    mask = live[:, None] & (column[None, :] < WIDTH)
-    if SCATTER:
-        moved = tl.load(values + row[:, None] * WIDTH + column[None, :], mask=mask)
-        tl.store(out + other[:, None] * WIDTH + column[None, :], moved, mask=mask)
-    else:
-        moved = tl.load(values + other[:, None] * WIDTH + column[None, :], mask=mask)
-        tl.store(out + row[:, None] * WIDTH + column[None, :], moved, mask=mask)
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def permute_columns(values, index, out, num_rows, WIDTH: tl.constexpr, PAD: tl.constexpr, ROWS: tl.constexpr,
-                    SCATTER: tl.constexpr):
-    """out[r, c] = values[r, index[c]] (gather), or out[r, index[c]] = values[r, c] (SCATTER), for ROWS rows."""
+def permute(values, order, out, num_rows, WIDTH: tl.constexpr, PAD: tl.constexpr, ROWS: tl.constexpr,
+            COLUMNS: tl.constexpr, SCATTER: tl.constexpr):
+    """For a tile of ROWS rows: out[r] = values[order[r]] (COLUMNS: out[r, c] = values[r, order[c]]), or with
+    SCATTER the move back, out[order[r]] = values[r] (out[r, order[c]] = values[r, c])."""
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     column = tl.arange(0, PAD)
-    inside = column < WIDTH
-    other = tl.load(index + column, mask=inside, other=0).to(tl.int64)
-    mask = (row < num_rows)[:, None] & inside[None, :]
-    if SCATTER:
-        moved = tl.load(values + row[:, None] * WIDTH + column[None, :], mask=mask)
-        tl.store(out + row[:, None] * WIDTH + other[None, :], moved, mask=mask)
+    mask = (row < num_rows)[:, None] & (column < WIDTH)[None, :]
+    here = row[:, None] * WIDTH + column[None, :]
+    # the element each (row, column) of the tile moves to or from
+    if COLUMNS:
+        other = tl.load(order + column, mask=column < WIDTH, other=0).to(tl.int64)
+        there = row[:, None] * WIDTH + other[None, :]
     else:
-        moved = tl.load(values + row[:, None] * WIDTH + other[None, :], mask=mask)
-        tl.store(out + row[:, None] * WIDTH + column[None, :], moved, mask=mask)
+        other = tl.load(order + row, mask=row < num_rows, other=0).to(tl.int64)
+        there = other[:, None] * WIDTH + column[None, :]
+    if SCATTER:
+        tl.store(out + there, tl.load(values + here, mask=mask), mask=mask)
+    else:
+        tl.store(out + here, tl.load(values + there, mask=mask), mask=mask)
 
 
-def permute(values, order, scatter: bool, columns: bool = False):
+def moved(values, order, scatter: bool, columns: bool = False):
     """``values`` [E, W] (contiguous) with its rows gathered by ``order`` (a permutation of E), or scattered; with
     ``columns``, its columns by ``order`` (a permutation of W)."""
     from .launch import new_output  # here: compile workers import this module for its kernels, without torch
@@ -61,7 +49,6 @@ def permute(values, order, scatter: bool, columns: bool = False):
     if num_rows:
         pad = triton.next_power_of_2(width)
         rows = max(1, ELEMENTS // pad)
-        kernel = permute_columns if columns else permute_rows
-        kernel[(triton.cdiv(num_rows, rows),)](values, order, out, num_rows, WIDTH=width, PAD=pad, ROWS=rows,
-                                               SCATTER=scatter)
+        permute[(triton.cdiv(num_rows, rows),)](values, order, out, num_rows, WIDTH=width, PAD=pad, ROWS=rows,
+                                                COLUMNS=columns, SCATTER=scatter)
     return out

@@ -42,6 +42,15 @@ def _locate(lengths, order, segments, slot, live, last_knot, SEGMENTS: tl.conste
     return edge, knot, t, inv_step, inside
 
 
+@triton.jit
+def _hermite_weights(t, step):
+    """[EDGES, 1] weights of (left value, left slope, right value, right slope); slopes are per angstrom, so
+    theirs carry the step."""
+    t2 = t * t
+    return ((2.0 * t2 * t - 3.0 * t2 + 1.0)[:, None], ((t2 * t - 2.0 * t2 + t) * step)[:, None],
+            (3.0 * t2 - 2.0 * t2 * t)[:, None], ((t2 * t - t2) * step)[:, None])
+
+
 @triton.jit(do_not_specialize=["num_edges", "last_knot"])
 def radial_table_forward(lengths, order, values, segments, row_scale, out, num_edges, last_knot,
                          WIDTH: tl.constexpr, SEGMENTS: tl.constexpr, EDGES: tl.constexpr, COLUMNS: tl.constexpr,
@@ -52,14 +61,7 @@ def radial_table_forward(lengths, order, values, segments, row_scale, out, num_e
     edge, knot, t, inv_step, _ = _locate(lengths, order, segments, slot, live, last_knot, SEGMENTS, ORDERED)
     column = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
     mask = live[:, None] & (column[None, :] < WIDTH)
-    # Hermite weights of (left value, left slope, right value, right slope); slopes are per angstrom, so theirs
-    # carry the step
-    step = 1.0 / inv_step
-    t2 = t * t
-    w_left = (2.0 * t2 * t - 3.0 * t2 + 1.0)[:, None]
-    w_left_slope = ((t2 * t - 2.0 * t2 + t) * step)[:, None]
-    w_right = (3.0 * t2 - 2.0 * t2 * t)[:, None]
-    w_right_slope = ((t2 * t - t2) * step)[:, None]
+    w_left, w_left_slope, w_right, w_right_slope = _hermite_weights(t, 1.0 / inv_step)
     row = values + knot[:, None] * (2 * WIDTH) + column[None, :]
     f = w_left * tl.load(row, mask=mask, other=0.0)
     f += w_left_slope * tl.load(row + WIDTH, mask=mask, other=0.0)
@@ -87,11 +89,7 @@ def radial_table_backward(grad_out, lengths, order, values, segments, row_scale,
     d_right = ((6.0 * t - 6.0 * t2) * inv_step)[:, None]
     d_right_slope = (3.0 * t2 - 2.0 * t)[:, None]
     if WANT_SCALE:
-        step = 1.0 / inv_step
-        w_left = (2.0 * t2 * t - 3.0 * t2 + 1.0)[:, None]
-        w_left_slope = ((t2 * t - 2.0 * t2 + t) * step)[:, None]
-        w_right = (3.0 * t2 - 2.0 * t2 * t)[:, None]
-        w_right_slope = ((t2 * t - t2) * step)[:, None]
+        w_left, w_left_slope, w_right, w_right_slope = _hermite_weights(t, 1.0 / inv_step)
         acc_scale = tl.zeros([EDGES, COLUMNS], values.dtype.element_ty)
     acc = tl.zeros([EDGES, COLUMNS], values.dtype.element_ty)
     for first_column in tl.range(0, WIDTH, COLUMNS):

@@ -200,11 +200,12 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
     from fastmlip.ops.radial_table import radial_table
 
     edge_attr = in_receiver_order(edge_attr, edges)
-    table = radial_table_of(net, attached(radial, RADIAL_SOURCE), x.dtype)
+    source = attached(radial, RADIAL_SOURCE)
+    table = radial_table_of(net, source, x.dtype)
     if table is None:
         return radial_conv(problem, lambda rows, scale: radial_weights(net, rows, scale), list(net.parameters()),
                            x, edge_attr, in_receiver_order(radial, edges), row_scale, edges, chunk_edges)
-    lengths = in_receiver_order(attached(radial, RADIAL_SOURCE).lengths, edges)
+    lengths = in_receiver_order(source.lengths, edges)
     order = None
     if settings().radial_table == "lengths" and chunk_edges is None:
         order = derived(lengths, "length_order", lambda: torch.argsort(lengths))

@@ -1,5 +1,5 @@
-"""Rows of a per-edge array in another order, ``fastmlip::permute_rows`` (the edges' receiver order of a step), and
-columns of a node array, ``fastmlip::permute_columns`` (MACE's reshape of its messages).
+"""Rows of a per-edge array in another order (the edges' receiver order of a step), and columns of a node array
+(MACE's reshape of its messages): ``fastmlip::permute``.
 
 On the Triton backend narrow rows (at most ``NARROW_BYTES``) move through :mod:`fastmlip.kernels.permute_rows`,
 many rows a program, where torch's ``index_select`` spends a thread block on each row; wider rows keep
@@ -19,39 +19,43 @@ from . import dispatch, library
 NARROW_BYTES = 256  # rows up to this size take the kernel (a MACE or SevenNet step's are 4-64 bytes)
 
 
-def _reference(values: Tensor, order: Tensor, scatter: bool) -> Tensor:
+def _reference(values: Tensor, order: Tensor, dim: int, scatter: bool) -> Tensor:
     if scatter:
-        return torch.empty_like(values).index_copy_(0, order.long(), values)
-    return values.index_select(0, order)
+        return torch.empty_like(values).index_copy_(dim, order.long(), values)
+    return values.index_select(dim, order)
 
 
-@library.custom_op("fastmlip::permute_rows")
-def _permute_rows(values: Tensor, order: Tensor, scatter: bool) -> Tensor:
-    rows = values.reshape(values.shape[0], math.prod(values.shape[1:]))
-    narrow = rows.shape[1] * rows.element_size() <= NARROW_BYTES
-    if narrow and dispatch.backend_for(values) == "triton":
+@library.custom_op("fastmlip::permute")
+def _permute(values: Tensor, order: Tensor, dim: int, scatter: bool) -> Tensor:
+    """``values``' rows (dim 0, any trailing shape) or columns (dim 1 of [N, W]) gathered by ``order``, or with
+    ``scatter`` moved back."""
+    if dispatch.backend_for(values) == "triton":
         from ..kernels import permute_rows
 
-        return permute_rows.permute(rows.contiguous(), order, scatter).view(values.shape)
-    return _reference(values, order, scatter)
+        if dim == 1:
+            return permute_rows.moved(values.contiguous(), order, scatter, columns=True)
+        rows = values.reshape(values.shape[0], math.prod(values.shape[1:]))
+        if rows.shape[1] * rows.element_size() <= NARROW_BYTES:
+            return permute_rows.moved(rows.contiguous(), order, scatter).view(values.shape)
+    return _reference(values, order, dim, scatter)
 
 
-@_permute_rows.register_fake
-def _(values, order, scatter):
+@_permute.register_fake
+def _(values, order, dim, scatter):
     return torch.empty_like(values)
 
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
-    ctx.scatter = inputs[2]
+    ctx.dim, ctx.scatter = inputs[2], inputs[3]
 
 
 def _backward(ctx, grad):
     (order,) = ctx.saved_tensors
-    return _permute_rows(grad, order, not ctx.scatter), None, None
+    return _permute(grad, order, ctx.dim, not ctx.scatter), None, None, None
 
 
-_permute_rows.register_autograd(_backward, setup_context=_setup)
+_permute.register_autograd(_backward, setup_context=_setup)
 
 
 def permute_rows(values: Tensor, order: Tensor) -> Tensor:
@@ -59,36 +63,7 @@ def permute_rows(values: Tensor, order: Tensor) -> Tensor:
     if order.dim() != 1 or order.shape[0] != values.shape[0] or order.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"permute_rows: order must be an integer permutation [{values.shape[0]}], got "
                          f"{order.dtype} {tuple(order.shape)}")
-    return _permute_rows(values, order, False)
-
-
-@library.custom_op("fastmlip::permute_columns")
-def _permute_columns(values: Tensor, index: Tensor, scatter: bool) -> Tensor:
-    if dispatch.backend_for(values) == "triton":
-        from ..kernels import permute_rows
-
-        return permute_rows.permute(values.contiguous(), index, scatter, columns=True)
-    if scatter:
-        return torch.empty_like(values).index_copy_(1, index.long(), values)
-    return values.index_select(1, index)
-
-
-@_permute_columns.register_fake
-def _(values, index, scatter):
-    return torch.empty_like(values)
-
-
-def _columns_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.scatter = inputs[2]
-
-
-def _columns_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    return _permute_columns(grad, index, not ctx.scatter), None, None
-
-
-_permute_columns.register_autograd(_columns_backward, setup_context=_columns_setup)
+    return _permute(values, order, 0, False)
 
 
 def permute_columns(values: Tensor, index: Tensor) -> Tensor:
@@ -97,4 +72,4 @@ def permute_columns(values: Tensor, index: Tensor) -> Tensor:
             index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"permute_columns: values [N, W] and an integer permutation [W], got "
                          f"{tuple(values.shape)} and {index.dtype} {tuple(index.shape)}")
-    return _permute_columns(values, index, False)
+    return _permute(values, index, 1, False)

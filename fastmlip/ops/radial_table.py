@@ -83,10 +83,9 @@ def _segments(boundaries: Sequence[float], intervals: Sequence[int], device) -> 
     return torch.tensor([list(boundaries[:-1]), inv_steps, firsts], dtype=torch.float64, device=device)
 
 
-def _segment_errors(values: Tensor, segments: Tensor, function: Callable, boundaries, intervals) -> tuple:
+def _segment_errors(values: Tensor, segments: Tensor, function: Callable, knots: Tensor) -> tuple:
     """(value error, slope error) per segment at the points of each interval where a cubic Hermite interpolant
-    errs most, relative to the largest |f| and |f'| over the table."""
-    knots = _knots(boundaries, intervals, values.device)
+    errs most, relative to the largest |f| and |f'| over the table (sampled at ``knots``)."""
     starts, steps = knots[:-1], knots[1:] - knots[:-1]
     points = torch.cat([starts + t * steps for t in _CHECK_POINTS])
     exact, exact_slope = function(points)
@@ -95,8 +94,8 @@ def _segment_errors(values: Tensor, segments: Tensor, function: Callable, bounda
     value_error = value_error / max(exact.abs().max().item(), values[:, 0].abs().max().item(), 1e-300)
     slope_error = slope_error / max(exact_slope.abs().max().item(), values[:, 1].abs().max().item(), 1e-300)
     segment = (points.unsqueeze(1) >= segments[0, 1:]).sum(1)
-    return ([value_error[segment == k].max().item() for k in range(len(intervals))],
-            [slope_error[segment == k].max().item() for k in range(len(intervals))])
+    return ([value_error[segment == k].max().item() for k in range(segments.shape[1])],
+            [slope_error[segment == k].max().item() for k in range(segments.shape[1])])
 
 
 def tabulate(function: Callable, boundaries: Sequence[float], *, dtype: torch.dtype, device,
@@ -114,7 +113,7 @@ def tabulate(function: Callable, boundaries: Sequence[float], *, dtype: torch.dt
         segments = _segments(boundaries, intervals, device)
         knots = _knots(boundaries, intervals, device)
         values = torch.stack(function(knots), dim=1)
-        value_errors, slope_errors = _segment_errors(values, segments, function, boundaries, intervals)
+        value_errors, slope_errors = _segment_errors(values, segments, function, knots)
         if not all(math.isfinite(e) for e in value_errors + slope_errors):
             return None
         if max(value_errors) <= value_tolerance and max(slope_errors) <= slope_tolerance:

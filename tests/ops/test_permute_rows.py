@@ -1,4 +1,4 @@
-"""Rows and columns in another order (``fastmlip::permute_rows``, ``permute_columns``): the Triton kernels
+"""Rows and columns in another order (``fastmlip::permute``): the Triton kernel
 (interpreted without CUDA, outputs poisoned) against index_select for narrow and wide rows, any trailing shape, 1-D,
 no rows, and for columns; derivatives to second order; opcheck; bad input."""
 import os
@@ -28,7 +28,7 @@ def test_kernel_moves_rows_as_index_select_does(shape, dtype, triton_poisoned):
     order = permutation(shape[0], torch.int32 if len(shape) == 2 else torch.int64)
     moved = permute.permute_rows(values, order)
     assert torch.equal(moved, values.index_select(0, order.long()))
-    back = permute._permute_rows(moved, order, True)
+    back = permute._permute(moved, order, 0, True)
     assert torch.equal(back, values)
 
 
@@ -52,8 +52,8 @@ def test_no_rows_and_opcheck(triton_poisoned):
     empty = torch.zeros(0, 16, device=DEVICE)
     assert permute.permute_rows(empty, permutation(0)).shape == (0, 16)
     values = torch.randn(9, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(permute._permute_rows.overload, (values, permutation(9), False))
-    torch.library.opcheck(permute._permute_rows.overload, (values, permutation(9), True))
+    torch.library.opcheck(permute._permute.overload, (values, permutation(9), 0, False))
+    torch.library.opcheck(permute._permute.overload, (values, permutation(9), 0, True))
 
 
 def test_bad_order():
@@ -71,7 +71,7 @@ def test_kernel_moves_columns_as_index_select_does(width, dtype, triton_poisoned
     index = permutation(width, seed=5)
     moved = permute.permute_columns(values, index)
     assert torch.equal(moved, values.index_select(1, index))
-    assert torch.equal(permute._permute_columns(moved, index, True), values)
+    assert torch.equal(permute._permute(moved, index, 1, True), values)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -82,6 +82,6 @@ def test_column_derivatives_are_the_move_back(backend, monkeypatch, tmp_path_fac
     index = permutation(12, seed=6)
     assert_matches_reference(lambda v: permute.permute_columns(v * v, index) * 2.0,
                              lambda v: (v * v).index_select(1, index) * 2.0, [values], rtol=1e-14)
-    torch.library.opcheck(permute._permute_columns.overload, (values.requires_grad_(True), index, False))
+    torch.library.opcheck(permute._permute.overload, (values.requires_grad_(True), index, 1, False))
     with pytest.raises(ValueError, match=r"integer permutation \[W\]"):
         permute.permute_columns(values, index[:5])

@@ -153,7 +153,7 @@ def test_sevennet_step_has_no_index_backward(kernels_skipped):
 def test_narrow_edge_rows_are_not_gathered_by_index_select(framework, kernels_skipped, monkeypatch):
     """CUDA's index_select takes a thread block per row where rows are 16-byte aligned (vectorized_gather_kernel):
     for the 32-64-byte edge rows a step puts into receiver order that cost 0.40 ms of a MACE Cu 4000 step. Those
-    go through fastmlip::permute_rows, and no other such gather is left in a step."""
+    go through fastmlip::permute, and no other such gather is left in a step."""
     if framework == "mace":
         pytest.importorskip("mace.modules")
         from helpers import mace_models

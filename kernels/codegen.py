@@ -94,9 +94,10 @@ class Constants:
             src(f"{name} = tl.full([], {value!r}, DT)")
 
 
-def jit_header(src: "Source", name: str, args, flags=(), about: str = "") -> None:
+def jit_header(src: "Source", name: str, args, flags=(), about: str = "", imports=()) -> None:
     """The imports and ``@triton.jit`` signature every generated kernel module starts with; ``about`` (what the
-    kernel computes, for a reader of the generated file) goes above it as a comment.
+    kernel computes, for a reader of the generated file) goes above it as a comment; ``imports`` are lines that
+    bring in the ``@triton.jit`` helpers it calls.
 
     Arguments named ``num_*`` are sizes (edges, rows, nodes): Triton would otherwise compile one variant per
     size that is, or is not, a multiple of 16 (or is 1), and an MD run whose edge count changes would compile
@@ -106,6 +107,8 @@ def jit_header(src: "Source", name: str, args, flags=(), about: str = "") -> Non
     sizes = [a for a in args if a.startswith("num_")] + list(flags)
     src("import triton")
     src("import triton.language as tl")
+    for line in imports:
+        src(line)
     src("")
     src("")
     if about:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..descriptors import TensorProductProblem, iter_paths
-from . import codegen
+from . import codegen, conv_edge_grads
 from .launch import dtype_name, new_output, settings, tl_dtype
 
 MAX_MUL_IN2 = 8
@@ -149,58 +149,25 @@ def _emit_accumulate(body, consts, group, r):
                 body(f"acc{t.out_off + b} += w{t.w_off + v}_{r} * ({' + '.join(parts)})")
 
 
-def _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb, lanes):
-    """gw and this channel block's share of gy for the r-th edge of the sender walk (transposed terms: g = the
-    gathered grad_out[dst], n = the row's own x): s_j[u] = sum C x[u] g[u], gw[e, u, v] = sum_j y[v, j] s_j[u],
-    gy_partial[e, blk, (v, j)] = sum over the block's u of w[u, v] s_j[u]. Columns no term here touches get 0,
-    so every partial is written. With edge lanes a slot is a column of edges, and gy sums along its rows."""
-    _, _, dim_in2, n_w = strides
-    if r == 0:
-        body.comment("This edge's gradients from the loads above: gw per channel, this block's share of gy.")
-    if lanes > 1:
-        mask, valid, tile = f"m_{r}", f", mask=v_{r}", f"[{lanes}, {block}]"
-    else:
-        mask, valid, tile = ("m", "", f"[{block}]") if r == 0 else (f"m_{r}", f", mask=p + {r} < end", f"[{block}]")
-    q = set()
-    for ti, t in enumerate(group):
-        by_j = defaultdict(list)
-        for a, j, b, c in t.nonzeros:
-            by_j[j].append((consts(c), f"g{t.in_off + a}_{r} * n{t.out_off + b}"))
-        for j, pairs in sorted(by_j.items()):
-            body(f"s{ti}_{j} = {codegen.linear_combination(pairs)}")
-        for v in range(t.mul2):
-            if "w" in edge:
-                dot = " + ".join(f"y{t.y_off + v * t.y_d + j}_{r} * s{ti}_{j}" for j in sorted(by_j))
-                body(f"tl.store(gw + e_{r} * {n_w} + {t.w_off + v} + u * {t.mul2}, "
-                     f"{dot or f'tl.zeros({tile}, DT)'}, mask={mask})")
-            if "y" in edge:
-                for j in sorted(by_j):
-                    idx = t.y_off + v * t.y_d + j
-                    body(f"q{idx} {'+=' if idx in q else '='} w{t.w_off + v}_{r} * s{ti}_{j}")
-                    q.add(idx)
-    if "y" in edge:
-        for idx in range(dim_in2):
-            total = f"tl.sum(q{idx}, 1, keep_dims=True)" if lanes > 1 else f"tl.sum(q{idx}, 0)"
-            value = total if idx in q else consts(0.0)
-            body(f"tl.store(gy + (e_{r} * {n_cb} + blk) * {dim_in2} + {idx}, {value}{valid})")
-
-
 def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", about="", split=False) -> str:
     """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'.
 
-    ``edge`` ('y', 'w' or both; transposed terms, mode 'csr_perm': the backward's sender walk) also writes those
-    per-edge gradients, reusing the loads of the x-gradient and the row's x block, loaded once per program;
-    ``accumulate`` False drops the x-gradient itself. ``split`` (row-owned modes): ``num_parts`` programs share a
-    row, each walking ``num_chunk`` of its edges (the last one the rest), and each stores its own partial row of
-    ``out`` [num_parts, rows, ...] (summed by the caller).
+    ``edge`` (a subset of 'wyrs'; transposed terms, mode 'csr_perm': the backward's sender walk) also writes those
+    per-edge gradients (:mod:`fastmlip.kernels.conv_edge_grads`), reusing the loads of the x-gradient and the row's
+    x block, loaded once per program; ``accumulate`` False drops the x-gradient itself. ``split`` (row-owned modes):
+    ``num_parts`` programs share a row, each walking ``num_chunk`` of its edges (the last one the rest), and each
+    stores its own partial row of ``out`` [num_parts, rows, ...] (summed by the caller).
     """
     in_stride, out_stride, y_stride, w_stride = strides
     n_cb = _n_channel_blocks(terms, block)
     src, consts = codegen.Source(), codegen.Constants()
     args = ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out"]
     args += ["node", "gy", "gw"] if mode == "csr_perm" else []
+    table = conv_edge_grads.reads_table(edge)
     args += ["num_edges"] + (["num_parts", "num_chunk"] if split else [])
-    codegen.jit_header(src, "aggregate", args + ["EPP: tl.constexpr", "DT: tl.constexpr"], about=about)
+    args += conv_edge_grads.TABLE_ARGS if table else []
+    args += ["EPP: tl.constexpr", "DT: tl.constexpr"] + (conv_edge_grads.TABLE_CONSTEXPRS if table else [])
+    codegen.jit_header(src, "aggregate", args, about=about, imports=[conv_edge_grads.TABLE_IMPORT] if table else [])
     body = codegen.Source()
     body.depth = 1
     out_row = "row"
@@ -257,7 +224,8 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", abo
             with body.indent():
                 for r in range(unroll):
                     _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, lanes,
-                                     load_y=accumulate or "w" in edge, load_w=accumulate or "y" in edge)
+                                     load_y=accumulate or any(name in edge for name in "wrs"),
+                                     load_w=accumulate or "y" in edge)
                 if mode == "atomic":
                     for off, _, b in outs:
                         body(f"acc{off + b} = tl.zeros([{block}], DT)")
@@ -265,7 +233,7 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", abo
                     if accumulate:
                         _emit_accumulate(body, consts, group, r)
                     if edge:
-                        _emit_edge_grads(body, consts, group, r, edge, block, strides, n_cb, lanes)
+                        conv_edge_grads.emit(body, consts, group, r, edge, block, strides, n_cb, lanes)
                 if mode == "atomic":
                     body(f"s_row = out + tl.load(scatter + e_0).to(tl.int64) * {out_stride}")
                     for off, d, b in outs:
@@ -407,13 +375,14 @@ def _kernel(problem, variant, block):
         edge=rest.replace("x", "") if sender else "", about=about, split=split)).aggregate
 
 
-def _launch(problem, variant, grid, args, dtype, block):
+def _launch(problem, variant, grid, args, dtype, block, constexprs=None):
     kernel = _kernel(problem, variant, block)
     warps = _warps(block, settings().conv_edge_lanes if _row_owned(variant) else 1)
     label = f"{problem.key}/{variant}/b{block}{_edge_loop(variant, '/')}/w{warps}/{dtype_name(dtype)}"
     first = label not in COMPILE_SECONDS
     t0 = time.perf_counter()
-    compiled = kernel[grid](*args, EPP=settings().conv_edges_per_program, DT=tl_dtype(dtype), num_warps=warps)
+    compiled = kernel[grid](*args, EPP=settings().conv_edges_per_program, DT=tl_dtype(dtype), num_warps=warps,
+                            **(constexprs or {}))
     if first:
         if args[0].is_cuda:
             torch.cuda.synchronize(args[0].device)
@@ -461,14 +430,15 @@ def _split_parts(num_rows: int) -> int:
     return tuning.conv_split_parts if num_rows < tuning.conv_split_rows else 1
 
 
-def _launch_rows(problem, variant, parts, num_rows, n_cb, args, dtype, block) -> None:
+def _launch_rows(problem, variant, parts, num_rows, n_cb, args, dtype, block, tail=(), constexprs=None) -> None:
     """A row-owned kernel: one program per (row, channel block), or with ``parts`` (:func:`_split_parts`) that many
-    per row through the split kernel, whose output holds ``parts`` partial rows (:func:`_split_sum`)."""
+    per row through the split kernel, whose output holds ``parts`` partial rows (:func:`_split_sum`). ``tail``:
+    the arguments after the sizes."""
     if parts:
-        _launch(problem, f"{variant}_split", (num_rows * parts, n_cb), args + (parts, settings().conv_split_edges),
-                dtype, block)
+        _launch(problem, f"{variant}_split", (num_rows * parts, n_cb),
+                args + (parts, settings().conv_split_edges) + tail, dtype, block, constexprs)
     else:
-        _launch(problem, variant, (num_rows, n_cb), args, dtype, block)
+        _launch(problem, variant, (num_rows, n_cb), args + tail, dtype, block, constexprs)
 
 
 def _split_sum(out: torch.Tensor, parts: int) -> torch.Tensor:
@@ -513,23 +483,33 @@ def _few_rows(num_nodes: int) -> bool:
     return num_nodes < settings().conv_atomic_rows
 
 
-def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want):
-    """The wanted gradients in one walk per (source node, channel block) over the node's edges: x[row] is loaded
-    once, grad_out[dst], y and w once per edge, and each (edge, channel) of gw belongs to one program (no
-    atomics). gy comes as one partial sum per channel block, added up here in a fixed order (deterministic)."""
+def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want, table=None):
+    """The ``want``ed gradients (a subset of 'xywrs') in one walk per (source node, channel block) over the node's
+    edges: x[row] is loaded once, grad_out[dst], y and w once per edge, and each (edge, channel) of gw belongs to
+    one program (no atomics). 'r' and 's' (d/dr and d/d scale of weights w = scale * f(r) read from ``table``,
+    (lengths, values, segments, scale or None)) take the place of gw. What sums over channels comes as one
+    partial row per channel block (:func:`fastmlip.kernels.conv_edge_grads.partial_columns`), added up here in a
+    fixed order (deterministic). Returns (gx, those sums [E, columns], gw); unwanted ones empty."""
     block, n_cb, covers = _plan(problem, "gx", problem.dim_in1)
     n_nodes, n_edges = x.shape[0], y.shape[0]
     parts = _split_parts(n_nodes)
-    gx = new_output((max(parts, 1) * n_nodes, x.shape[1]), x, written_everywhere=covers) if want[0] \
+    per_edge = want.replace("x", "").replace("w", "")
+    width = conv_edge_grads.partial_columns(per_edge, problem.dim_in2)["width"]
+    gx = new_output((max(parts, 1) * n_nodes, x.shape[1]), x, written_everywhere=covers) if "x" in want \
         else x.new_empty(0)
-    gy_partial = new_output((n_edges, n_cb, problem.dim_in2), y) if want[1] else y.new_empty(0)
-    gw = new_output(w.shape, w) if want[2] else w.new_empty(0)
-    if n_cb and ((want[0] and n_nodes) or (n_edges and (want[1] or want[2]))):
-        wanted = "".join(name for name, flag in zip("xyw", want) if flag)
-        _launch_rows(problem, f"sender_{wanted}", parts, n_nodes, n_cb,
-                     (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if want[0] else x, x,
-                      gy_partial if want[1] else x, gw if want[2] else x, n_edges), x.dtype, block)
-    return _split_sum(gx, parts) if want[0] else gx, gy_partial.sum(1) if want[1] else gy_partial, gw
+    partial = new_output((n_edges, n_cb, width), y) if width else y.new_empty(0)
+    gw = new_output(w.shape, w) if "w" in want else w.new_empty(0)
+    tail, constexprs = (), None
+    if table is not None:
+        lengths, values, segments, scale = table
+        tail = (lengths, values, segments.contiguous(), lengths if scale is None else scale, values.shape[0])
+        constexprs = {"SEGMENTS": segments.shape[1], "SCALED": scale is not None}
+    if n_cb and (("x" in want and n_nodes) or (n_edges and want.replace("x", ""))):
+        variant = "sender_" + "".join(name for name in "xywrs" if name in want)
+        _launch_rows(problem, variant, parts, n_nodes, n_cb,
+                     (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if "x" in want else x, x,
+                      partial if width else x, gw if "w" in want else x, n_edges), x.dtype, block, tail, constexprs)
+    return _split_sum(gx, parts) if "x" in want else gx, partial.sum(1) if width else partial, gw
 
 
 def _fused_backward_fits(problem) -> bool:
@@ -557,6 +537,11 @@ def _edge_backward(problem, x, edge_attr, w, grad_out, src, dst, want_y, want_w)
     return gy, gw
 
 
+def _sender_walk(x, src_perm, src_ptr) -> bool:
+    """Whether the backward can walk the edges by source node (they come sorted so, and rows are not too few)."""
+    return src_perm is not None and src_ptr is not None and not _few_rows(x.shape[0])
+
+
 def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, want):
     """(gx, gy, gw) of <grad_out, forward(...)>; deterministic when ``src_perm``/``src_ptr`` are given (one fused
     sender-owned kernel, or for very wide problems a sender-owned gx and a per-edge gy/gw kernel), else an atomic
@@ -564,12 +549,38 @@ def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, sr
     _check_supported(problem)
     tl_dtype(x.dtype)
     grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
-    if src_perm is not None and src_ptr is not None and not _few_rows(x.shape[0]):
+    if _sender_walk(x, src_perm, src_ptr):
         if _fused_backward_fits(problem) or not (want[1] or want[2]):
-            return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, want)
-        gx = _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, (want[0], False, False))[0]
+            wanted = "".join(name for name, flag in zip("xyw", want) if flag)
+            return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, wanted)
+        gx = _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, "x")[0] if want[0] \
+            else x.new_empty(0)
     elif want[0]:
         gx = _aggregate(problem, "gx", grad_out, edge_attr, w, dst, src, None, x.shape[0], problem.dim_in1)
     else:
         gx = x.new_empty(0)  # distinct: a custom op's outputs may not alias each other
     return (gx, *_edge_backward(problem, x, edge_attr, w, grad_out, src, dst, want[1], want[2]))
+
+
+def table_backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, table, want: str):
+    """(gx, per-edge sums [E, columns]) of <grad_out, forward(x, edge_attr, w)> where w = scale * f(lengths) is
+    read from a table, ``table`` = (lengths, values, segments, scale or None): ``want`` a subset of 'xyrs' (x,
+    edge_attr, lengths, scale), the sums' columns as :func:`fastmlip.kernels.conv_edge_grads.partial_columns`
+    lays them out. On the sender walk d/dr and d/d scale are made where the weight gradient is; otherwise the
+    weight gradient is stored and read back by the table's own backward."""
+    from . import radial_table
+
+    _check_supported(problem)
+    tl_dtype(x.dtype)
+    grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
+    if _sender_walk(x, src_perm, src_ptr) and _fused_backward_fits(problem):
+        return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, want, table)[:2]
+    wants_w = "r" in want or "s" in want
+    gx, gy, gw = backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr,
+                          ("x" in want, "y" in want, wants_w))
+    sums = [gy] if "y" in want else []
+    if wants_w:
+        lengths, values, segments, scale = table
+        grad_r, grad_s = radial_table.backward(gw, lengths, values, segments, scale, None, "s" in want)
+        sums += ([grad_r.unsqueeze(1)] if "r" in want else []) + ([grad_s.unsqueeze(1)] if "s" in want else [])
+    return gx, torch.cat(sums, 1) if sums else edge_attr.new_empty(0)

@@ -19,36 +19,51 @@ BACKWARD_COLUMNS = 64
 
 
 @triton.jit
+def table_interval(r, segments, last_knot, SEGMENTS: tl.constexpr):
+    """(knot, t, inverse step, inside) of lengths ``r`` (any shape): the knot that starts each one's interval,
+    where in the interval it lies (0 to 1), that segment's inverse step, and whether it lies in the table. The
+    segments rise, so a length's segment is the last one that starts at or below it."""
+    start = tl.zeros_like(r) + tl.load(segments)  # r's shape, whatever the number of segments
+    inv_step = tl.zeros_like(r) + tl.load(segments + SEGMENTS)
+    first = tl.zeros_like(r) + tl.load(segments + 2 * SEGMENTS)
+    for k in tl.static_range(1, SEGMENTS):
+        later = r >= tl.load(segments + k)
+        start = tl.where(later, tl.load(segments + k), start)
+        inv_step = tl.where(later, tl.load(segments + SEGMENTS + k), inv_step)
+        first = tl.where(later, tl.load(segments + 2 * SEGMENTS + k), first)
+    s = first + (r - start) * inv_step
+    inside = (s >= 0.0) & (s <= last_knot)
+    s = tl.minimum(tl.maximum(s, 0.0), last_knot)
+    knot = tl.minimum(s.to(tl.int64), last_knot - 1)  # s >= 0: truncation is floor
+    return knot, s - knot.to(s.dtype), inv_step, inside
+
+
+@triton.jit
+def hermite_weights(t, step):
+    """The weights of (left value, left slope, right value, right slope) at t; slopes are per angstrom, so
+    theirs carry the step."""
+    t2 = t * t
+    return 2.0 * t2 * t - 3.0 * t2 + 1.0, (t2 * t - 2.0 * t2 + t) * step, 3.0 * t2 - 2.0 * t2 * t, (t2 * t - t2) * step
+
+
+@triton.jit
+def hermite_slope_weights(t, inv_step):
+    """d/dr of :func:`hermite_weights`: d/dt times the inverse step (which cancels the step the slopes carry)."""
+    t2 = t * t
+    return ((6.0 * t2 - 6.0 * t) * inv_step, 3.0 * t2 - 4.0 * t + 1.0, (6.0 * t - 6.0 * t2) * inv_step,
+            3.0 * t2 - 2.0 * t)
+
+
+@triton.jit
 def _locate(lengths, order, segments, slot, live, last_knot, SEGMENTS: tl.constexpr, ORDERED: tl.constexpr):
-    """(edge, knot, t, inverse step, inside) of the edges in ``slot``: the knot that starts each one's interval,
-    where in the interval it lies (0 to 1), that segment's inverse step, and whether it lies in the table."""
+    """(edge, knot, t, inverse step, inside) of the edges in ``slot`` (see :func:`table_interval`)."""
     if ORDERED:
         edge = tl.load(order + slot, mask=live, other=0).to(tl.int64)
     else:
         edge = slot
     r = tl.load(lengths + edge, mask=live, other=0.0)
-    # the segment: how many segment starts after the first lie at or below r
-    segment = tl.zeros_like(edge)
-    for k in tl.static_range(1, SEGMENTS):
-        segment += (r >= tl.load(segments + k)).to(tl.int64)
-    start = tl.load(segments + segment)
-    inv_step = tl.load(segments + SEGMENTS + segment)
-    first = tl.load(segments + 2 * SEGMENTS + segment)
-    s = first + (r - start) * inv_step
-    inside = (s >= 0.0) & (s <= last_knot)
-    s = tl.minimum(tl.maximum(s, 0.0), last_knot)
-    knot = tl.minimum(s.to(tl.int64), last_knot - 1)  # s >= 0: truncation is floor
-    t = s - knot.to(s.dtype)
+    knot, t, inv_step, inside = table_interval(r, segments, last_knot, SEGMENTS)
     return edge, knot, t, inv_step, inside
-
-
-@triton.jit
-def _hermite_weights(t, step):
-    """[EDGES, 1] weights of (left value, left slope, right value, right slope); slopes are per angstrom, so
-    theirs carry the step."""
-    t2 = t * t
-    return ((2.0 * t2 * t - 3.0 * t2 + 1.0)[:, None], ((t2 * t - 2.0 * t2 + t) * step)[:, None],
-            (3.0 * t2 - 2.0 * t2 * t)[:, None], ((t2 * t - t2) * step)[:, None])
 
 
 @triton.jit(do_not_specialize=["num_edges", "last_knot"])
@@ -61,7 +76,7 @@ def radial_table_forward(lengths, order, values, segments, row_scale, out, num_e
     edge, knot, t, inv_step, _ = _locate(lengths, order, segments, slot, live, last_knot, SEGMENTS, ORDERED)
     column = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
     mask = live[:, None] & (column[None, :] < WIDTH)
-    w_left, w_left_slope, w_right, w_right_slope = _hermite_weights(t, 1.0 / inv_step)
+    w_left, w_left_slope, w_right, w_right_slope = hermite_weights(t[:, None], 1.0 / inv_step[:, None])
     row = values + knot[:, None] * (2 * WIDTH) + column[None, :]
     f = w_left * tl.load(row, mask=mask, other=0.0)
     f += w_left_slope * tl.load(row + WIDTH, mask=mask, other=0.0)
@@ -82,14 +97,9 @@ def radial_table_backward(grad_out, lengths, order, values, segments, row_scale,
     slot = tl.program_id(0).to(tl.int64) * EDGES + tl.arange(0, EDGES)
     live = slot < num_edges
     edge, knot, t, inv_step, inside = _locate(lengths, order, segments, slot, live, last_knot, SEGMENTS, ORDERED)
-    t2 = t * t
-    # d/dr of the Hermite weights: d/dt times the inverse step (which cancels the step the slope terms carry)
-    d_left = ((6.0 * t2 - 6.0 * t) * inv_step)[:, None]
-    d_left_slope = (3.0 * t2 - 4.0 * t + 1.0)[:, None]
-    d_right = ((6.0 * t - 6.0 * t2) * inv_step)[:, None]
-    d_right_slope = (3.0 * t2 - 2.0 * t)[:, None]
+    d_left, d_left_slope, d_right, d_right_slope = hermite_slope_weights(t[:, None], inv_step[:, None])
     if WANT_SCALE:
-        w_left, w_left_slope, w_right, w_right_slope = _hermite_weights(t, 1.0 / inv_step)
+        w_left, w_left_slope, w_right, w_right_slope = hermite_weights(t[:, None], 1.0 / inv_step[:, None])
         acc_scale = tl.zeros([EDGES, COLUMNS], values.dtype.element_ty)
     acc = tl.zeros([EDGES, COLUMNS], values.dtype.element_ty)
     for first_column in tl.range(0, WIDTH, COLUMNS):

@@ -195,9 +195,10 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
     With ``chunk_edges`` the weights are recomputed in the backward, receivers in chunks of at most that many edges
     (:func:`fastmlip.ops.radial_conv.radial_conv`). Where :func:`radial_table_of` gives a table, the weights are
     read from it at the lengths ``radial`` was made of (with FASTMLIP_RADIAL_TABLE=lengths, walked sorted by
-    length)."""
+    length), by one op whose backward never stores their gradient (:mod:`fastmlip.ops.table_conv`)."""
     from fastmlip.ops.radial_conv import radial_conv
     from fastmlip.ops.radial_table import radial_table
+    from fastmlip.ops.table_conv import table_conv
 
     edge_attr = in_receiver_order(edge_attr, edges)
     source = attached(radial, RADIAL_SOURCE)
@@ -206,11 +207,13 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
         return radial_conv(problem, lambda rows, scale: radial_weights(net, rows, scale), list(net.parameters()),
                            x, edge_attr, in_receiver_order(radial, edges), row_scale, edges, chunk_edges)
     lengths = in_receiver_order(source.lengths, edges)
+    if chunk_edges is not None:
+        return radial_conv(problem, lambda rows, scale: radial_table(table, rows, scale), [], x, edge_attr, lengths,
+                           row_scale, edges, chunk_edges)
     order = None
-    if settings().radial_table == "lengths" and chunk_edges is None:
+    if settings().radial_table == "lengths":
         order = derived(lengths, "length_order", lambda: torch.argsort(lengths))
-    return radial_conv(problem, lambda rows, scale: radial_table(table, rows, scale, order), [], x, edge_attr,
-                       lengths, row_scale, edges, chunk_edges)
+    return table_conv(problem, table, x, edge_attr, lengths, row_scale, edges, order)
 
 
 def e3nn_factories() -> dict:

@@ -109,7 +109,8 @@ def export(patch, model, path, *, modal=None) -> dict:
     calls = [node for node in program.graph.nodes if node.op == "call_function"]
     keys = sorted({arg for node in calls if str(node.target).startswith("fastmlip.")
                    for arg in node.args if isinstance(arg, str)})
-    tables = sum(str(node.target).startswith("fastmlip.radial_table.") for node in calls)
+    tables = sum(str(node.target) in ("fastmlip.radial_table.default", "fastmlip.table_conv.default")
+                 for node in calls)
     meta = {"format": FORMAT, "version": VERSION, "framework": info["framework"], "cutoff": info["cutoff"],
             "atomic_numbers": list(info["atomic_numbers"]), "dtype": str(info["dtype"]).replace("torch.", ""),
             "modal": modal, "message_passing_layers": patch.message_passing_layers(model),

@@ -294,11 +294,13 @@ for phase in "$@"; do
       mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
       ;;
     radial-table|radial-table-small)
-      # radial MLPs read from tables (FASTMLIP_RADIAL_TABLE) against computed ones: the op's and the models' tests
-      # (kernels on the GPU), then the MD loops profiled per setting (TABLE_VARIANTS, default off and lengths: a
-      # call's 10 minutes), at 4000 atoms (radial-table) or 216
+      # radial MLPs read from tables (FASTMLIP_RADIAL_TABLE) against computed ones: the ops' and the models' tests
+      # (kernels on the GPU; the convolution that reads a table makes d/dr in its sender walk), then the MD loops
+      # profiled per setting (TABLE_VARIANTS, default off and lengths: a call's 10 minutes), at 4000 atoms
+      # (radial-table) or 216
       step radial_table_tests 180 python3 -m pytest -v -rf -p no:cacheprovider "$repo/tests/ops/test_radial_table.py" \
-        "$repo/tests/patches/test_radial_tables.py"
+        "$repo/tests/ops/test_table_conv.py" "$repo/tests/patches/test_radial_tables.py" \
+        "$repo/tests/patches/test_models_triton.py"
       if [ "$phase" = radial-table ]; then
         for variant in ${TABLE_VARIANTS:-off lengths}; do
           step "table_cu4000_$variant" 180 env FASTMLIP_RADIAL_TABLE=$variant python3 "$repo/scripts/profile_loop.py" \

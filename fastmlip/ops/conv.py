@@ -145,12 +145,13 @@ def _bwd_backward(ctx, h_x, h_attr, h_w):
 conv_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 
 
-def _check_inputs(problem, x, edge_attr, w, src, dst, num_nodes, dst_ptr):
+def check_conv_inputs(problem, x, edge_attr, w, src, dst, num_nodes, dst_ptr):
+    """A clear error for inputs the convolution cannot take (``w`` None: the weights are made inside)."""
     def fail(msg):
         raise ValueError(f"fused_conv({problem}): {msg}")
 
-    for name, t, width in (("x", x, problem.dim_in1), ("edge_attr", edge_attr, problem.dim_in2),
-                           ("edge_weight", w, problem.weight_numel)):
+    checked = (("x", x, problem.dim_in1), ("edge_attr", edge_attr, problem.dim_in2))
+    for name, t, width in checked + ((("edge_weight", w, problem.weight_numel),) if w is not None else ()):
         if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != width:
             fail(f"{name} must be a 2-D tensor with {width} columns, got "
                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
@@ -166,7 +167,7 @@ def _check_inputs(problem, x, edge_attr, w, src, dst, num_nodes, dst_ptr):
             fail(f"{name} must be an int32/int64 tensor of shape ({n_edges},)")
         if t.device != x.device:
             fail(f"devices differ: x is on {x.device}, {name} on {t.device}")
-    if w.shape[0] != n_edges:
+    if w is not None and w.shape[0] != n_edges:
         fail(f"edge_weight has {w.shape[0]} rows but there are {n_edges} edges")
     if num_nodes < 0:
         fail(f"num_nodes must be non-negative, got {num_nodes}")
@@ -187,6 +188,6 @@ def fused_conv(problem: TensorProductProblem, x: Tensor, edge_attr: Tensor, edge
         num_nodes = x.shape[0]
     elif not isinstance(num_nodes, torch.SymInt):  # a symbolic count (an exported program) stays symbolic
         num_nodes = int(num_nodes)
-    _check_inputs(problem, x, edge_attr, edge_weight, src, dst, num_nodes, dst_ptr)
+    check_conv_inputs(problem, x, edge_attr, edge_weight, src, dst, num_nodes, dst_ptr)
     key = registry.register(problem)
     return conv_fwd(x, edge_attr, edge_weight, src, dst, dst_ptr, src_perm, src_ptr, num_nodes, key)

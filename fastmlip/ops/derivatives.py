@@ -13,7 +13,10 @@ def vjp_of_reference(function, primals: list, cotangents) -> tuple:
     """
     higher_order = torch.is_grad_enabled()  # true exactly when the caller asked for create_graph
     with torch.enable_grad():
-        leaves = [t if t.requires_grad else t.detach().requires_grad_(True) for t in primals]
+        # connected to the caller's graph only when it will be differentiated again: a primal that is an output of
+        # another backward op (a weight gradient read by the table's backward) would otherwise have that op's saved
+        # tensors freed by this inner pass, before the outer one reaches it
+        leaves = [t if higher_order and t.requires_grad else t.detach().requires_grad_(True) for t in primals]
         outputs = function(*leaves)
         if isinstance(outputs, Tensor):
             outputs, cotangents = (outputs,), (cotangents,)

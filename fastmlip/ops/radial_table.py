@@ -235,6 +235,13 @@ def radial_table(table: RadialTable, lengths: Tensor, row_scale: Optional[Tensor
     """The tabulated function at ``lengths`` [E] -> [E, W], times ``row_scale`` [E] if given. ``order`` (a
     permutation of the edges, e.g. ``argsort(lengths)``) is the order the kernels walk them in: results do not
     depend on it."""
+    check_table_inputs(table, lengths, row_scale, order)
+    return radial_table_fwd(lengths, table.values, table.segments, row_scale, order)
+
+
+def check_table_inputs(table: RadialTable, lengths: Tensor, row_scale: Optional[Tensor],
+                       order: Optional[Tensor]) -> None:
+    """A clear error for lengths, a row scale or an order that ``table`` cannot be read with."""
     values = table.values
     if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.dtype != values.dtype:
         shape = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
@@ -246,4 +253,3 @@ def radial_table(table: RadialTable, lengths: Tensor, row_scale: Optional[Tensor
                          f"got {tuple(row_scale.shape)} ({row_scale.dtype})")
     if order is not None and (order.shape != lengths.shape or order.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"{table}: order must be an integer permutation [{lengths.shape[0]}]")
-    return radial_table_fwd(lengths, values, table.segments, row_scale, order)

@@ -14,9 +14,13 @@ import pytest  # noqa: E402
 from fastmlip.ops import radial_table as table_ops  # noqa: E402
 from fastmlip.reference import radial_table as ref  # noqa: E402
 from helpers.derivatives import assert_close, assert_matches_reference  # noqa: E402
+from helpers.tables import BOUNDARIES, random_table as table_on  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BOUNDARIES = (0.0, 1.0, 4.5, 5.0)
+
+
+def random_table(width, dtype, **kwargs):
+    return table_on(width, dtype, DEVICE, **kwargs)
 
 
 def cubic(coefficients):
@@ -26,15 +30,6 @@ def cubic(coefficients):
         slopes = torch.stack([torch.zeros_like(r), torch.ones_like(r), 2 * r, 3 * r * r], dim=1)
         return powers @ coefficients, slopes @ coefficients
     return function
-
-
-def random_table(width, dtype, intervals=(8, 20, 6), seed=0):
-    """A table of random knots over BOUNDARIES (not a smooth function: the interpolation formulas are all the same)."""
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randn(sum(intervals) + 1, 2, width, generator=generator, dtype=torch.float64)
-    segments = table_ops._segments(BOUNDARIES, intervals, "cpu")
-    return table_ops.RadialTable(values.to(dtype=dtype, device=DEVICE), segments.to(dtype=dtype, device=DEVICE),
-                                 BOUNDARIES, intervals, 0.0, 0.0)
 
 
 def lengths(dtype, n=50, seed=1):

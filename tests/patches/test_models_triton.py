@@ -16,13 +16,14 @@ from fastmlip.kernels import conv as conv_kernels
 from fastmlip.kernels import gate as gate_kernels
 from fastmlip.kernels import launch
 from fastmlip.kernels import linear as linear_kernels
-from fastmlip.kernels import radial_basis, radial_mlp, species_linear, spherical_harmonics, symmetric_contraction
+from fastmlip.kernels import (radial_basis, radial_mlp, radial_table, species_linear, spherical_harmonics,
+                              symmetric_contraction)
 from fastmlip.patches import self_check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-KERNEL_MODULES = (conv_kernels, gate_kernels, linear_kernels, radial_basis, radial_mlp, species_linear,
+KERNEL_MODULES = (conv_kernels, gate_kernels, linear_kernels, radial_basis, radial_mlp, radial_table, species_linear,
                   spherical_harmonics, symmetric_contraction)
 
 
@@ -34,7 +35,7 @@ def kernel_calls(monkeypatch, tmp_path_factory):
     calls = set()
     for module in KERNEL_MODULES:
         family = module.__name__.rpartition(".")[2]
-        for entry in ("forward", "backward"):
+        for entry in ("forward", "backward") + (("table_backward",) if module is conv_kernels else ()):
             monkeypatch.setattr(module, entry, _recorded(getattr(module, entry), f"{family}.{entry}", calls))
     return calls
 
@@ -106,3 +107,38 @@ def test_mace_triton_matches_reference(dtype, kernel_calls, monkeypatch):
     assert ran_forward_and_backward(kernel_calls, ("conv", "linear", "radial_basis", "radial_mlp",
                                                    "species_linear", "spherical_harmonics",
                                                    "symmetric_contraction")), kernel_calls
+
+
+@pytest.mark.parametrize("framework", ["sevenn", "mace"])
+def test_radial_tables_through_the_kernels(framework, kernel_calls, monkeypatch):
+    """FASTMLIP_RADIAL_TABLE=lengths, float32: the weights read from tables by the table kernels, and their length
+    gradients made by the convolution's sender walk (``conv.table_backward``), agree with the reference, which
+    reads the same tables (tests/patches/test_radial_tables.py holds that against the original models)."""
+    from ase.build import bulk
+
+    from fastmlip.kernels.launch import use_settings
+
+    if framework == "sevenn":
+        pytest.importorskip("sevenn")
+        from fastmlip.patches import sevenn as patch
+
+        if "7net-0" not in patch.pretrained_checkpoints():
+            pytest.skip("7net-0 is not installed with sevenn")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = patch.load("7net-0", device=DEVICE, dtype=torch.float32)
+        atoms, cutoff = bulk("Si", "diamond", a=5.43), model.cutoff
+        atoms.rattle(0.05, seed=3)
+    else:
+        pytest.importorskip("mace.modules")
+        from helpers import mace_models
+
+        from fastmlip.patches import mace as patch
+
+        model = mace_models.build_model("mp0_medium", channels=32).to(device=DEVICE, dtype=torch.float32)
+        atoms, cutoff = mace_models.periodic_structure(seed=5)[:4], mace_models.R_MAX
+    assert patch.accelerate(model) == []
+    with use_settings(radial_table="lengths"):
+        print(backends_agree(patch, model, atoms, monkeypatch, cutoff))
+    assert {"radial_table.forward", "conv.table_backward"} <= kernel_calls, kernel_calls
+    assert "radial_mlp.forward" not in kernel_calls and "radial_table.backward" not in kernel_calls, kernel_calls

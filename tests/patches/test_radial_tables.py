@@ -11,20 +11,27 @@ import torch
 
 from fastmlip.kernels.launch import use_settings
 from fastmlip.ops import radial_table as table_ops
+from fastmlip.ops import table_conv as table_conv_ops
 from fastmlip.patches import self_check
 
 
 @pytest.fixture
 def table_reads(monkeypatch):
-    """How many times the convolutions read their weights from a table."""
+    """The tables the convolutions read their weights from, once per read: by the convolution that reads a table
+    (``table_conv``), or by ``radial_table`` (chunked convolutions)."""
     reads = []
-    original = table_ops.radial_table
 
-    def counted(*args, **kwargs):
-        reads.append(args[0])
-        return original(*args, **kwargs)
+    def count(module, name, table_argument):
+        original = getattr(module, name)
 
-    monkeypatch.setattr(table_ops, "radial_table", counted)
+        def counted(*args, **kwargs):
+            reads.append(args[table_argument])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    count(table_ops, "radial_table", 0)
+    count(table_conv_ops, "table_conv", 1)
     return reads
 
 
@@ -209,7 +216,7 @@ def test_an_exported_program_holds_the_tables(tmp_path, table_reads):
     program = api.load(path, trusted=True)
     assert program.meta["radial_tables"] == 5
     names = {str(node.target) for node in program.program.graph.nodes if node.op == "call_function"}
-    assert "fastmlip.radial_table.default" in names and not any("radial_mlp" in name for name in names)
+    assert "fastmlip.table_conv.default" in names and not any("radial_mlp" in name for name in names)
     for atoms in (silicon(repeat=2), Atoms("O", positions=[[0, 0, 0]])):
         edges = self_check.neighbor_edges(atoms, model.cutoff)
         original = self_check.compute_on_atoms(patch, model, atoms, edges)

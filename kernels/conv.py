@@ -564,23 +564,26 @@ def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, sr
 
 def table_backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, table, want: str):
     """(gx, per-edge sums [E, columns]) of <grad_out, forward(x, edge_attr, w)> where w = scale * f(lengths) is
-    read from a table, ``table`` = (lengths, values, segments, scale or None): ``want`` a subset of 'xyrs' (x,
-    edge_attr, lengths, scale), the sums' columns as :func:`fastmlip.kernels.conv_edge_grads.partial_columns`
-    lays them out. On the sender walk d/dr and d/d scale are made where the weight gradient is; otherwise the
+    read from a table, ``table`` = (lengths, values, segments, scale or None, walking order or None): ``want`` a
+    subset of 'xyrs' (x, edge_attr, lengths, scale), the sums' columns as
+    :func:`fastmlip.kernels.conv_edge_grads.partial_columns` lays them out. On the sender walk
+    (``FASTMLIP_TABLE_GRADIENT=walk``) d/dr and d/d scale are made where the weight gradient is; otherwise the
     weight gradient is stored and read back by the table's own backward."""
     from . import radial_table
 
     _check_supported(problem)
     tl_dtype(x.dtype)
     grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
-    if _sender_walk(x, src_perm, src_ptr) and _fused_backward_fits(problem):
-        return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, want, table)[:2]
+    lengths, values, segments, scale, order = table
+    if (settings().table_gradient == "walk" and _sender_walk(x, src_perm, src_ptr)
+            and _fused_backward_fits(problem)):
+        return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, want,
+                                (lengths, values, segments, scale))[:2]
     wants_w = "r" in want or "s" in want
     gx, gy, gw = backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr,
                           ("x" in want, "y" in want, wants_w))
     sums = [gy] if "y" in want else []
     if wants_w:
-        lengths, values, segments, scale = table
-        grad_r, grad_s = radial_table.backward(gw, lengths, values, segments, scale, None, "s" in want)
+        grad_r, grad_s = radial_table.backward(gw, lengths, values, segments, scale, order, "s" in want)
         sums += ([grad_r.unsqueeze(1)] if "r" in want else []) + ([grad_s.unsqueeze(1)] if "s" in want else [])
     return gx, torch.cat(sums, 1) if sums else edge_attr.new_empty(0)

@@ -25,6 +25,7 @@ from ..memo import derived
 
 DOT_PRECISIONS = ("ieee", "tf32x3")
 RADIAL_TABLES = ("off", "edges", "lengths")
+TABLE_GRADIENTS = ("walk", "table")
 
 
 def _setting(env: str, default, tunes: str):
@@ -113,6 +114,12 @@ class Settings:
         "float32 radial MLPs over a Bessel basis read from a table in the edge length (cubic Hermite, knots picked "
         "to 1e-6 of the largest slope) instead of computed: off, edges (walked in edge order) or lengths (walked "
         "sorted by length: one sort a pass, table rows shared by neighbouring programs)")
+    table_gradient: str = _setting(
+        "FASTMLIP_TABLE_GRADIENT", "walk",
+        "where d/dr of convolution weights read from a radial table is made: walk (the convolution's backward walk "
+        "dots each weight gradient with the table's slope where it makes it: no weight gradient in memory, four "
+        "table rows a weight read from L2 in the walk's order) or table (the weight gradient stored, then read by "
+        "the table's backward in its walking order, where edges sorted by length share rows)")
     linear_rows: int = _setting(
         "FASTMLIP_LINEAR_ROWS", 16,
         "node rows per o3.Linear program (the M of its matmul tile)")
@@ -144,6 +151,9 @@ class Settings:
                              f"{', '.join(DOT_PRECISIONS)}")
         if self.radial_table not in RADIAL_TABLES:
             raise ValueError(f"FASTMLIP_RADIAL_TABLE={self.radial_table!r}: expected one of {', '.join(RADIAL_TABLES)}")
+        if self.table_gradient not in TABLE_GRADIENTS:
+            raise ValueError(f"FASTMLIP_TABLE_GRADIENT={self.table_gradient!r}: expected one of "
+                             f"{', '.join(TABLE_GRADIENTS)}")
         if self.conv_edge_lanes < 1 or self.conv_edge_lanes & (self.conv_edge_lanes - 1):
             raise ValueError(f"FASTMLIP_CONV_EDGE_LANES={self.conv_edge_lanes!r}: expected a power of two")
         if self.conv_split_parts < 1 or self.conv_split_edges < 1:
@@ -155,7 +165,7 @@ class Settings:
 
 
 def _parsed(setting: dataclasses.Field, raw: str):
-    if setting.name in ("dot_precision", "radial_table"):
+    if setting.name in ("dot_precision", "radial_table", "table_gradient"):
         return raw.lower()
     try:
         return int(raw)

@@ -23,8 +23,8 @@
 #   from a LAMMPS checkout (29 Aug 2024 used), `git archive HEAD cmake python src/fmt src/STUBS src/ML-IAP
 #   src/ML-SNAP src/PYTHON doc/lammps.1 doc/msi2lmp.1 LICENSE README <every file directly in src/>` unpacked, then
 #   tar cJf .devlammps/lammps-src.tar.xz -C <that folder> .   (3 MB; echo /.devlammps/ >> .git/info/exclude)
-# Phases: radial-table / radial-table-small (radial MLPs read from tables against computed: tests, then MD loops
-# profiled per FASTMLIP_RADIAL_TABLE setting at 4000 / 216 atoms), coldstart-exported (time to the first step from exported files too), knobs-wide (216-atom loop profiles with edges side by side in the aggregate, the radial-MLP forward split by columns, the backward's walk not unrolled: the slowest compile), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
+# Phases: radial-table-tests / radial-table / radial-table-small (radial MLPs read from tables against computed: tests,
+# then MD loops profiled per FASTMLIP_RADIAL_TABLE / FASTMLIP_TABLE_GRADIENT setting at 4000 / 216 atoms), coldstart-exported (time to the first step from exported files too), knobs-wide (216-atom loop profiles with edges side by side in the aggregate, the radial-MLP forward split by columns, the backward's walk not unrolled: the slowest compile), wide-cu4000 (Cu 4000 steps under each candidate knob), cell-pairs (Cu 32000 MD steps, pairs in the graph through the cell list vs Verlet), knobs-linear (the same for the o3.Linear tiles), defaults-check (conv unroll / MLP backward rows, new against old, Cu 4000 and Si 216 loops), ncu-small (Nsight Compute counters of the 216-atom step's MLP, conv and linear kernels), knobs-small (216-atom loop profiles under conv unroll/stages and MLP rows), batch (fastmlip.evaluate vs a calculator loop), mlp-rows (MD loops at 216 atoms with 32, 64 and 128 edges per radial-MLP program), setup-profile (SevenNet-0's warm start under cProfile after the imports), profile-cu4000 (the speed phase's profile alone), conv-small
 # (the convolution kernels at a 216-atom graph, CSR vs atomic), sweep / sweep-mace (largest Cu fcc per GPU),
 # defaults (GPU tests under the current defaults, fused radial MLP vs e3nn matmuls), dots (tf32x3 dots and the fused radial MLP at any size vs the defaults),
 # loop-profile (GPU busy and kernels per step inside fastmlip.simulate at 216 atoms; loop-profile-cu4000 at 4000;
@@ -293,24 +293,29 @@ for phase in "$@"; do
       step bench_lammps 300 python3 "$repo/scripts/bench_lammps.py" --repeats 4,6 --steps 100 --warmup 10 --out "$out"
       mv /tmp/baselines/openequivariance.aside /tmp/baselines/site/openequivariance 2> /dev/null
       ;;
-    radial-table|radial-table-small)
-      # radial MLPs read from tables (FASTMLIP_RADIAL_TABLE) against computed ones: the ops' and the models' tests
-      # (kernels on the GPU; the convolution that reads a table makes d/dr in its sender walk), then the MD loops
-      # profiled per setting (TABLE_VARIANTS, default off and lengths: a call's 10 minutes), at 4000 atoms
-      # (radial-table) or 216
-      step radial_table_tests 180 python3 -m pytest -v -rf -p no:cacheprovider "$repo/tests/ops/test_radial_table.py" \
+    radial-table-tests)
+      # radial MLPs read from tables (FASTMLIP_RADIAL_TABLE): the ops' and the models' tests, kernels on the GPU (the
+      # convolution that reads a table makes d/dr in its sender walk, or with FASTMLIP_TABLE_GRADIENT=table stores
+      # the weight gradient for the table's backward)
+      step radial_table_tests 300 python3 -m pytest -v -rf -p no:cacheprovider "$repo/tests/ops/test_radial_table.py" \
         "$repo/tests/ops/test_table_conv.py" "$repo/tests/patches/test_radial_tables.py" \
         "$repo/tests/patches/test_models_triton.py"
-      if [ "$phase" = radial-table ]; then
-        for variant in ${TABLE_VARIANTS:-off lengths}; do
-          step "table_cu4000_$variant" 180 env FASTMLIP_RADIAL_TABLE=$variant python3 "$repo/scripts/profile_loop.py" \
-            --cases "${PROFILE_CASES:-mace-medium:Cu:10,sevenn:Cu:10}" --steps 50 --warmup 20 --top 12 \
-            --out "$out/table_cu4000_$variant"
-        done
-      else
-        profile_knobs table_small off:FASTMLIP_RADIAL_TABLE=off edges:FASTMLIP_RADIAL_TABLE=edges \
-          lengths:FASTMLIP_RADIAL_TABLE=lengths
-      fi
+      ;;
+    radial-table)
+      # the Cu 4000 MD loops profiled per variant (TABLE_VARIANTS: NAME:VAR=VALUE,... each; default the MLP, a table
+      # with d/dr made in the walk, and a table with the weight gradient read by the table's backward)
+      for spec in ${TABLE_VARIANTS:-off:FASTMLIP_RADIAL_TABLE=off lengths:FASTMLIP_RADIAL_TABLE=lengths \
+                  lengths-table:FASTMLIP_RADIAL_TABLE=lengths,FASTMLIP_TABLE_GRADIENT=table}; do
+        variant=${spec%%:*} knobs=${spec#*:}
+        step "table_cu4000_$variant" 180 env ${knobs//,/ } python3 "$repo/scripts/profile_loop.py" \
+          --cases "${PROFILE_CASES:-mace-medium:Cu:10,sevenn:Cu:10}" --steps 50 --warmup 20 --top 12 \
+          --out "$out/table_cu4000_$variant"
+      done
+      ;;
+    radial-table-small)
+      profile_knobs table_small off:FASTMLIP_RADIAL_TABLE=off edges:FASTMLIP_RADIAL_TABLE=edges \
+        lengths:FASTMLIP_RADIAL_TABLE=lengths \
+        lengths-table:"FASTMLIP_RADIAL_TABLE=lengths FASTMLIP_TABLE_GRADIENT=table"
       ;;
     loop-profile-cu4000)
       # the same at 4000 atoms (Cu fcc 10x10x10): what the MD loop adds to an energy+forces step there

@@ -43,8 +43,8 @@ def _(x, edge_attr, lengths, values, segments, row_scale, order, src, dst, dst_p
 
 @library.custom_op("fastmlip::table_conv_bwd")
 def table_conv_bwd(grad_out: Tensor, x: Tensor, edge_attr: Tensor, w: Tensor, lengths: Tensor, values: Tensor,
-                   segments: Tensor, row_scale: Optional[Tensor], src: Tensor, dst: Tensor, dst_ptr: Optional[Tensor],
-                   src_perm: Optional[Tensor], src_ptr: Optional[Tensor], key: str,
+                   segments: Tensor, row_scale: Optional[Tensor], order: Optional[Tensor], src: Tensor, dst: Tensor,
+                   dst_ptr: Optional[Tensor], src_perm: Optional[Tensor], src_ptr: Optional[Tensor], key: str,
                    want: str) -> tuple[Tensor, Tensor]:
     """(grad x, per-edge gradients [E, columns]) of <grad_out, table_conv(...)[0]>, ``want`` a subset of 'xyrs'
     (x, edge_attr, lengths, row_scale); the columns hold edge_attr's gradient, then d/d lengths, then d/d row_scale,
@@ -54,7 +54,7 @@ def table_conv_bwd(grad_out: Tensor, x: Tensor, edge_attr: Tensor, w: Tensor, le
         from ..kernels import conv as kernels
 
         return kernels.table_backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr,
-                                      (lengths, values, segments, row_scale), want)
+                                      (lengths, values, segments, row_scale, order), want)
     wants_w = "r" in want or "s" in want
     gx, gy, gw = ref_conv.fused_conv_backward(problem, grad_out, x, edge_attr, w, src, dst,
                                               ("x" in want, "y" in want, wants_w))
@@ -67,8 +67,8 @@ def table_conv_bwd(grad_out: Tensor, x: Tensor, edge_attr: Tensor, w: Tensor, le
 
 
 @table_conv_bwd.register_fake
-def _(grad_out, x, edge_attr, w, lengths, values, segments, row_scale, src, dst, dst_ptr, src_perm, src_ptr, key,
-      want):
+def _(grad_out, x, edge_attr, w, lengths, values, segments, row_scale, order, src, dst, dst_ptr, src_perm, src_ptr,
+      key, want):
     width = (edge_attr.shape[1] if "y" in want else 0) + ("r" in want) + ("s" in want)
     return (x.new_empty(x.shape if "x" in want else (0,)),
             x.new_empty((edge_attr.shape[0], width) if width else (0,)))
@@ -97,7 +97,7 @@ def _backward(ctx, grad_out, _):
         return tuple(grads)
     want = "".join(name for name, flag in zip("xyrs", (want_x, want_attr, want_r, want_s)) if flag)
     gx, per_edge = table_conv_bwd(grad_out.contiguous(), x, edge_attr, w, lengths, values, segments, row_scale,
-                                  *ctx.graph, ctx.key, want)
+                                  order, *ctx.graph, ctx.key, want)
     column = 0
     if want_attr:
         grads[1] = per_edge[:, :edge_attr.shape[1]]

@@ -127,11 +127,11 @@ def test_kernels_second_derivatives(triton_poisoned, monkeypatch):
 
 @pytest.mark.parametrize("settings", [dict(conv_unroll=1), dict(conv_unroll=3), dict(conv_edge_lanes=2),
                                       dict(conv_split_rows=100, conv_split_parts=3, conv_split_edges=2),
-                                      dict(conv_atomic_rows=100)],
-                         ids=["unroll-1", "unroll-3", "edge-lanes", "split-rows", "few-rows"])
+                                      dict(conv_atomic_rows=100), dict(table_gradient="table")],
+                         ids=["unroll-1", "unroll-3", "edge-lanes", "split-rows", "few-rows", "table-gradient"])
 def test_every_edge_loop_float32(settings, triton_poisoned, monkeypatch, kernel_settings):
-    """The sender walk's loop variants, and few rows (no sender walk: the weight gradient, then the table's
-    backward)."""
+    """The sender walk's loop variants, and the weight gradient stored then read by the table's backward (few
+    rows: no sender walk; or FASTMLIP_TABLE_GRADIENT=table)."""
     kernel_settings(**settings)
     prob = problem("mace-like")
     edges, lengths, scale = graph(torch.float32)
@@ -173,7 +173,7 @@ def test_ops_pass_torch_opcheck():
     for want in ("xyrs", "r", "y"):
         torch.library.opcheck(table_conv_ops.table_conv_bwd.overload,
                               (grad_out, x.detach(), y.detach(), w, lengths.detach(), table.values, table.segments,
-                               scale.detach(), *graph_args, key, want))
+                               scale.detach(), torch.argsort(lengths.detach()), *graph_args, key, want))
 
 
 def test_bad_input():

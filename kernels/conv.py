@@ -289,18 +289,15 @@ def _edge_source(terms, block, want_y, want_w, dims, about="") -> str:
                 body(f"m = u < {mul}")
                 load_x, load_g = _Loads(body, "x", "x_row"), _Loads(body, "g", "g_row")
                 for ti, t in enumerate(group):
-                    by_j = defaultdict(list)
-                    for i, j, k, c in t.nonzeros:
-                        by_j[j].append((consts(c), f"{load_x(t.in_off, t.in_d, i)} * {load_g(t.out_off, t.out_d, k)}"))
-                    for j, pairs in sorted(by_j.items()):
-                        body(f"s{ti}_{j} = {codegen.linear_combination(pairs)}")
+                    js = conv_edge_grads.path_sums(body, consts, t, ti, lambda i, k, t=t: (
+                        f"{load_x(t.in_off, t.in_d, i)} * {load_g(t.out_off, t.out_d, k)}"))
                     for v in range(t.mul2):
                         if want_y:
                             body(f"wv = tl.load(w_row + {t.w_off + v} + u * {t.mul2}, mask=m, other=0.0)")
-                            for j in sorted(by_j):
+                            for j in js:
                                 body(f"q{t.y_off + v * t.y_d + j} += wv * s{ti}_{j}")
                         if want_w:
-                            dot = " + ".join(f"y{t.y_off + v * t.y_d + j} * s{ti}_{j}" for j in sorted(by_j))
+                            dot = " + ".join(f"y{t.y_off + v * t.y_d + j} * s{ti}_{j}" for j in js)
                             dot = dot or f"tl.zeros([{block}], DT)"
                             body(f"tl.store(gw + e * {n_w} + {t.w_off + v} + u * {t.mul2}, {dot}, mask=m)")
         if want_y:

@@ -58,20 +58,16 @@ def emit(body, consts, group, r, edge, block, strides, n_cb, lanes):
         _emit_table_position(body, r, edge, valid, tile, n_w)
     q = set()
     for ti, t in enumerate(group):
-        by_j = defaultdict(list)
-        for a, j, b, c in t.nonzeros:
-            by_j[j].append((consts(c), f"g{t.in_off + a}_{r} * n{t.out_off + b}"))
-        for j, pairs in sorted(by_j.items()):
-            body(f"s{ti}_{j} = {codegen.linear_combination(pairs)}")
+        js = path_sums(body, consts, t, ti, lambda a, b: f"g{t.in_off + a}_{r} * n{t.out_off + b}")
         for v in range(t.mul2):
             column = f"{t.w_off + v} + u * {t.mul2}"
-            dot = " + ".join(f"y{t.y_off + v * t.y_d + j}_{r} * s{ti}_{j}" for j in sorted(by_j))
+            dot = " + ".join(f"y{t.y_off + v * t.y_d + j}_{r} * s{ti}_{j}" for j in js)
             if "w" in edge:
                 body(f"tl.store(gw + e_{r} * {n_w} + {column}, {dot or f'tl.zeros({tile}, DT)'}, mask={mask})")
             if reads_table(edge) and dot:
                 _emit_table_column(body, r, edge, dot, column, mask, n_w)
             if "y" in edge:
-                for j in sorted(by_j):
+                for j in js:
                     idx = t.y_off + v * t.y_d + j
                     body(f"q{idx} {'+=' if idx in q else '='} w{t.w_off + v}_{r} * s{ti}_{j}")
                     q.add(idx)
@@ -89,6 +85,17 @@ def emit(body, consts, group, r, edge, block, strides, n_cb, lanes):
         body(f"tl.store({row} + {columns['r']}, tl.where(inside_{r}, d_r_{r}, 0.0){valid})")
     if "s" in edge:
         body(f"tl.store({row} + {columns['s']}, {_lane_sum(f'grad_s_{r}', lanes)}{valid})")
+
+
+def path_sums(body, consts, term, ti: int, product) -> list:
+    """Emit s{ti}_j = sum over the term's CG nonzeros (a, j, b) of C * ``product(a, b)`` (the gathered component a
+    times the row's component b, as the caller names them) for each j the term reaches; returns those j, sorted."""
+    by_j = defaultdict(list)
+    for a, j, b, c in term.nonzeros:
+        by_j[j].append((consts(c), product(a, b)))
+    for j, pairs in sorted(by_j.items()):
+        body(f"s{ti}_{j} = {codegen.linear_combination(pairs)}")
+    return sorted(by_j)
 
 
 def _lane_sum(name: str, lanes: int) -> str:

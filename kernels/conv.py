@@ -114,8 +114,11 @@ def _edge_slots(body, r, lanes):
     return f"p + {r}", f", mask=p + {r} < end, other=0", f"m_{r}"
 
 
-def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, lanes, load_y=True, load_w=True):
-    """Loads for the r-th edge slot of an unrolled loop step (see :func:`_edge_slots`)."""
+def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, lanes, load_y=True, load_w=True,
+                     table_reads=""):
+    """Loads for the r-th edge slot of an unrolled loop step (see :func:`_edge_slots`); ``table_reads``: what the
+    slot reads from a radial table (:func:`fastmlip.kernels.conv_edge_grads.emit_table_loads`; with 'w' the
+    weights come from there, not from memory)."""
     if r == 0:
         body.comment("Per edge: the gathered row's channel vectors, the edge's attributes (one scalar each) and "
                      "its per-channel weights.")
@@ -128,10 +131,12 @@ def _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, lanes,
     y_needed = sorted({t.y_off + v * t.y_d + j for t in group for v in range(t.mul2) for _, j, _, _ in t.nonzeros})
     for idx in y_needed if load_y else ():
         body(f"y{idx}_{r} = tl.load(y + e_{r} * {y_stride} + {idx}{valid})")
-    for t in group if load_w else ():
+    for t in group if load_w and "w" not in table_reads else ():
         for v in range(t.mul2):
             body(f"w{t.w_off + v}_{r} = tl.load(w + e_{r} * {w_stride} + {t.w_off + v} + u * {t.mul2}, mask={mask}, "
                  f"other=0.0)")
+    if table_reads:
+        conv_edge_grads.emit_table_loads(body, group, r, table_reads, valid, mask, w_stride)
 
 
 def _emit_accumulate(body, consts, group, r):
@@ -149,21 +154,24 @@ def _emit_accumulate(body, consts, group, r):
                 body(f"acc{t.out_off + b} += w{t.w_off + v}_{r} * ({' + '.join(parts)})")
 
 
-def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", about="", split=False) -> str:
+def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", about="", split=False,
+                      table_weights=False) -> str:
     """mode: 'csr' (rows own contiguous edges), 'csr_perm' (rows own edges listed by perm), 'atomic'.
 
     ``edge`` (a subset of 'wyrs'; transposed terms, mode 'csr_perm': the backward's sender walk) also writes those
     per-edge gradients (:mod:`fastmlip.kernels.conv_edge_grads`), reusing the loads of the x-gradient and the row's
     x block, loaded once per program; ``accumulate`` False drops the x-gradient itself. ``split`` (row-owned modes):
     ``num_parts`` programs share a row, each walking ``num_chunk`` of its edges (the last one the rest), and each
-    stores its own partial row of ``out`` [num_parts, rows, ...] (summed by the caller).
+    stores its own partial row of ``out`` [num_parts, rows, ...] (summed by the caller). ``table_weights``
+    (row-owned modes): the weights are interpolated from a radial table at each edge's length, not loaded.
     """
     in_stride, out_stride, y_stride, w_stride = strides
     n_cb = _n_channel_blocks(terms, block)
     src, consts = codegen.Source(), codegen.Constants()
     args = ["inp", "y", "w", "gather", "scatter", "ptr", "perm", "out"]
     args += ["node", "gy", "gw"] if mode == "csr_perm" else []
-    table = conv_edge_grads.reads_table(edge)
+    table_reads = ("w" if table_weights else "") + "".join(name for name in "rs" if name in edge)
+    table = bool(table_reads)
     args += ["num_edges"] + (["num_parts", "num_chunk"] if split else [])
     args += conv_edge_grads.TABLE_ARGS if table else []
     args += ["EPP: tl.constexpr", "DT: tl.constexpr"] + (conv_edge_grads.TABLE_CONSTEXPRS if table else [])
@@ -225,7 +233,7 @@ def _aggregate_source(terms, block, mode, strides, accumulate=True, edge="", abo
                 for r in range(unroll):
                     _emit_edge_loads(body, group, r, mode, in_stride, y_stride, w_stride, lanes,
                                      load_y=accumulate or any(name in edge for name in "wrs"),
-                                     load_w=accumulate or "y" in edge)
+                                     load_w=accumulate or "y" in edge, table_reads=table_reads)
                 if mode == "atomic":
                     for off, _, b in outs:
                         body(f"acc{off + b} = tl.zeros([{block}], DT)")
@@ -347,6 +355,10 @@ _ABOUT = {
     "fwd_atomic": "out[dst] += TP(x[src], y, w) per edge, atomically (edges in any order)",
     "gx_atomic": "grad_x[src] += TP^T(grad_out[dst], y, w) per edge, atomically (edges in any order)",
     "sender": "the backward walked by source node (edges sorted by src): grad_x, and per edge grad_y / grad_w",
+    "fwdt_csr": "out[n] = sum over the edges into n of TP(x[src], y, w), w read from a radial table at the edge's "
+                "length; rows own their edges (sorted by dst)",
+    "sendert": "the backward walked by source node, weights read from a radial table: grad_x, and per edge grad_y "
+               "and d/dr",
     "edge": "per-edge gradients grad_y / grad_w (edges in any order)",
 }
 
@@ -361,7 +373,10 @@ def _kernel(problem, variant, block):
     if variant.startswith("edge"):
         return codegen.load_module(f"{problem.key}_{variant}_b{block}", lambda: _edge_source(
             _terms(problem, False), block, "y" in variant[5:], "w" in variant[5:], dims, about)).edge_grads
-    kind, rest = base.split("_", 1)  # fwd_csr, fwd_atomic, gx_atomic, sender_<wanted subset of "xyw">
+    # fwd_csr, fwd_atomic, gx_atomic, sender_<wanted subset of "xywrs">; fwdt_csr, sendert_...: weights from a table
+    kind, rest = base.split("_", 1)
+    table_weights = kind in ("fwdt", "sendert")
+    kind = kind.removesuffix("t") if table_weights else kind
     sender = kind == "sender"
     mode = "csr_perm" if sender else rest
     transpose = kind != "fwd"
@@ -369,7 +384,8 @@ def _kernel(problem, variant, block):
     strides = (in_stride, out_stride, problem.dim_in2, problem.weight_numel)
     return codegen.load_module(f"{problem.key}_{variant}_b{block}{_edge_loop(variant, '_')}", lambda: _aggregate_source(
         _terms(problem, transpose), block, mode, strides, accumulate=not sender or "x" in rest,
-        edge=rest.replace("x", "") if sender else "", about=about, split=split)).aggregate
+        edge=rest.replace("x", "") if sender else "", about=about, split=split,
+        table_weights=table_weights)).aggregate
 
 
 def _launch(problem, variant, grid, args, dtype, block, constexprs=None):
@@ -475,16 +491,25 @@ def forward(problem, x, edge_attr, w, src, dst, dst_ptr, num_nodes):
     return _aggregate(problem, "fwd", x, edge_attr, w, src, dst, dst_ptr, num_nodes, problem.dim_out)
 
 
+def _table_arguments(table) -> tuple:
+    """The trailing arguments and the constexprs of a kernel that reads ``table`` (lengths, values, segments,
+    scale or None)."""
+    lengths, values, segments, scale = table
+    return ((lengths, values, segments.contiguous(), lengths if scale is None else scale, values.shape[0]),
+            {"SEGMENTS": segments.shape[1], "SCALED": scale is not None})
+
+
 def _few_rows(num_nodes: int) -> bool:
     """Whether receiver- and sender-owned programs would be too few here (``conv_atomic_rows``)."""
     return num_nodes < settings().conv_atomic_rows
 
 
-def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want, table=None):
+def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want, table=None, table_weights=False):
     """The ``want``ed gradients (a subset of 'xywrs') in one walk per (source node, channel block) over the node's
     edges: x[row] is loaded once, grad_out[dst], y and w once per edge, and each (edge, channel) of gw belongs to
     one program (no atomics). 'r' and 's' (d/dr and d/d scale of weights w = scale * f(r) read from ``table``,
-    (lengths, values, segments, scale or None)) take the place of gw. What sums over channels comes as one
+    (lengths, values, segments, scale or None)) take the place of gw; with ``table_weights`` the walk reads the
+    weights from there too (``w`` is not read). What sums over channels comes as one
     partial row per channel block (:func:`fastmlip.kernels.conv_edge_grads.partial_columns`), added up here in a
     fixed order (deterministic). Returns (gx, those sums [E, columns], gw); unwanted ones empty."""
     block, n_cb, covers = _plan(problem, "gx", problem.dim_in1)
@@ -496,15 +521,11 @@ def _sender_backward(problem, grad_out, x, y, w, dst, src_perm, src_ptr, want, t
         else x.new_empty(0)
     partial = new_output((n_edges, n_cb, width), y) if width else y.new_empty(0)
     gw = new_output(w.shape, w) if "w" in want else w.new_empty(0)
-    tail, constexprs = (), None
-    if table is not None:
-        lengths, values, segments, scale = table
-        tail = (lengths, values, segments.contiguous(), lengths if scale is None else scale, values.shape[0])
-        constexprs = {"SEGMENTS": segments.shape[1], "SCALED": scale is not None}
+    tail, constexprs = _table_arguments(table) if table is not None else ((), None)
     if n_cb and (("x" in want and n_nodes) or (n_edges and want.replace("x", ""))):
-        variant = "sender_" + "".join(name for name in "xywrs" if name in want)
+        variant = ("sendert_" if table_weights else "sender_") + "".join(name for name in "xywrs" if name in want)
         _launch_rows(problem, variant, parts, n_nodes, n_cb,
-                     (grad_out, y, w, dst, dst, src_ptr, src_perm, gx if "x" in want else x, x,
+                     (grad_out, y, x if table_weights else w, dst, dst, src_ptr, src_perm, gx if "x" in want else x, x,
                       partial if width else x, gw if "w" in want else x, n_edges), x.dtype, block, tail, constexprs)
     return _split_sum(gx, parts) if "x" in want else gx, partial.sum(1) if width else partial, gw
 
@@ -557,30 +578,3 @@ def backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, sr
     else:
         gx = x.new_empty(0)  # distinct: a custom op's outputs may not alias each other
     return (gx, *_edge_backward(problem, x, edge_attr, w, grad_out, src, dst, want[1], want[2]))
-
-
-def table_backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, table, want: str):
-    """(gx, per-edge sums [E, columns]) of <grad_out, forward(x, edge_attr, w)> where w = scale * f(lengths) is
-    read from a table, ``table`` = (lengths, values, segments, scale or None, walking order or None): ``want`` a
-    subset of 'xyrs' (x, edge_attr, lengths, scale), the sums' columns as
-    :func:`fastmlip.kernels.conv_edge_grads.partial_columns` lays them out. On the sender walk
-    (``FASTMLIP_TABLE_GRADIENT=walk``) d/dr and d/d scale are made where the weight gradient is; otherwise the
-    weight gradient is stored and read back by the table's own backward."""
-    from . import radial_table
-
-    _check_supported(problem)
-    tl_dtype(x.dtype)
-    grad_out, x, edge_attr, w = (t.contiguous() for t in (grad_out, x, edge_attr, w))
-    lengths, values, segments, scale, order = table
-    if (settings().table_gradient == "walk" and _sender_walk(x, src_perm, src_ptr)
-            and _fused_backward_fits(problem)):
-        return _sender_backward(problem, grad_out, x, edge_attr, w, dst, src_perm, src_ptr, want,
-                                (lengths, values, segments, scale))[:2]
-    wants_w = "r" in want or "s" in want
-    gx, gy, gw = backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr,
-                          ("x" in want, "y" in want, wants_w))
-    sums = [gy] if "y" in want else []
-    if wants_w:
-        grad_r, grad_s = radial_table.backward(gw, lengths, values, segments, scale, order, "s" in want)
-        sums += ([grad_r.unsqueeze(1)] if "r" in want else []) + ([grad_s.unsqueeze(1)] if "s" in want else [])
-    return gx, torch.cat(sums, 1) if sums else edge_attr.new_empty(0)

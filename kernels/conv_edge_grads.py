@@ -54,8 +54,9 @@ def emit(body, consts, group, r, edge, block, strides, n_cb, lanes):
         mask, valid, tile = f"m_{r}", f", mask=v_{r}", f"[{lanes}, {block}]"
     else:
         mask, valid, tile = ("m", "", f"[{block}]") if r == 0 else (f"m_{r}", f", mask=p + {r} < end", f"[{block}]")
-    if reads_table(edge):
-        _emit_table_position(body, r, edge, valid, tile, n_w)
+    for name in "rs" if reads_table(edge) else ():
+        if name in edge:
+            body(f"grad_{name}_{r} = tl.zeros({tile}, DT)")
     q = set()
     for ti, t in enumerate(group):
         js = path_sums(body, consts, t, ti, lambda a, b: f"g{t.in_off + a}_{r} * n{t.out_off + b}")
@@ -65,7 +66,11 @@ def emit(body, consts, group, r, edge, block, strides, n_cb, lanes):
             if "w" in edge:
                 body(f"tl.store(gw + e_{r} * {n_w} + {column}, {dot or f'tl.zeros({tile}, DT)'}, mask={mask})")
             if reads_table(edge) and dot:
-                _emit_table_column(body, r, edge, dot, column, mask, n_w)
+                body(f"gw_{r} = {dot}")
+                if "r" in edge:
+                    body(f"grad_r_{r} += gw_{r} * slope{t.w_off + v}_{r}")
+                if "s" in edge:
+                    body(f"grad_s_{r} += gw_{r} * value{t.w_off + v}_{r}")
             if "y" in edge:
                 for j in js:
                     idx = t.y_off + v * t.y_d + j
@@ -78,9 +83,7 @@ def emit(body, consts, group, r, edge, block, strides, n_cb, lanes):
             body(f"tl.store({row} + {columns['y'] + idx}, {value}{valid})")
     if "r" in edge:
         body(f"d_r_{r} = {_lane_sum(f'grad_r_{r}', lanes)}")
-        body("if SCALED:")
-        with body.indent():
-            body(f"d_r_{r} = d_r_{r} * tl.load(scale + e_{r}{valid})")
+        body(f"d_r_{r} = d_r_{r} * scale_{r}")
         body.comment("Outside the table f is its end value: no slope.")
         body(f"tl.store({row} + {columns['r']}, tl.where(inside_{r}, d_r_{r}, 0.0){valid})")
     if "s" in edge:
@@ -102,30 +105,39 @@ def _lane_sum(name: str, lanes: int) -> str:
     return f"tl.sum({name}, 1, keep_dims=True)" if lanes > 1 else f"tl.sum({name}, 0)"
 
 
-def _emit_table_position(body, r, edge, valid, tile, n_w):
-    """Where the r-th slot's edge length falls in the table: its interval's first row (f and f' at the left knot,
-    then at the right one, ``n_w`` columns each) and the cubic Hermite weights of the four."""
+def emit_table_loads(body, group, r, reads: str, valid: str, mask: str, n_w: int):
+    """What the r-th edge slot reads from the table, with the edge's other loads (their latencies overlap):
+    where its length falls (the interval's first row: f and f' at the left knot, then at the right one, ``n_w``
+    columns each), the four rows of each of the group's weight columns, and from them per column, as ``reads``
+    asks: ``w`` the weight scale * f(r) (instead of a load from memory), ``s`` f(r), ``r`` f'(r); and the
+    edge's scale (1 unless SCALED)."""
     if r == 0:
-        body.comment("The edge's interval in the table and the Hermite weights of its four rows: for f'(r) (d/dr) "
-                     "and f(r) (d/d scale).")
+        body.comment("The edge's interval in the table, and per weight column the cubic Hermite interpolation of "
+                     "its four rows: " + ", ".join({"w": "the weight", "s": "f(r)", "r": "f'(r)"}[name]
+                                                  for name in "wsr" if name in reads) + ".")
     body(f"length_{r} = tl.load(lengths + e_{r}{valid})")
     body(f"knot_{r}, t_{r}, inv_step_{r}, inside_{r} = table_interval(length_{r}, segments, num_knots - 1, "
          f"SEGMENTS)")
     body(f"rows_{r} = table + knot_{r} * {2 * n_w}")
-    if "r" in edge:
-        body(f"dv0_{r}, ds0_{r}, dv1_{r}, ds1_{r} = hermite_slope_weights(t_{r}, inv_step_{r})")
-        body(f"grad_r_{r} = tl.zeros({tile}, DT)")
-    if "s" in edge:
+    body("if SCALED:")
+    with body.indent():
+        body(f"scale_{r} = tl.load(scale + e_{r}{valid})")
+    body("else:")
+    with body.indent():
+        body(f"scale_{r} = 1.0")
+    values = "w" in reads or "s" in reads
+    if values:
         body(f"hv0_{r}, hs0_{r}, hv1_{r}, hs1_{r} = hermite_weights(t_{r}, 1.0 / inv_step_{r})")
-        body(f"grad_s_{r} = tl.zeros({tile}, DT)")
-
-
-def _emit_table_column(body, r, edge, dot, column, mask, n_w):
-    """One weight column's gradient ``dot``, dotted with f' and f at the edge's length from the table's rows."""
-    body(f"gw_{r} = {dot}")
-    for k in range(4):
-        body(f"row{k} = tl.load(rows_{r} + {k * n_w} + {column}, mask={mask}, other=0.0)")
-    if "r" in edge:
-        body(f"grad_r_{r} += gw_{r} * (dv0_{r} * row0 + ds0_{r} * row1 + dv1_{r} * row2 + ds1_{r} * row3)")
-    if "s" in edge:
-        body(f"grad_s_{r} += gw_{r} * (hv0_{r} * row0 + hs0_{r} * row1 + hv1_{r} * row2 + hs1_{r} * row3)")
+    if "r" in reads:
+        body(f"dv0_{r}, ds0_{r}, dv1_{r}, ds1_{r} = hermite_slope_weights(t_{r}, inv_step_{r})")
+    for t in group:
+        for v in range(t.mul2):
+            c = t.w_off + v
+            for k in range(4):
+                body(f"row{k} = tl.load(rows_{r} + {c + k * n_w} + u * {t.mul2}, mask={mask}, other=0.0)")
+            if values:
+                body(f"value{c}_{r} = hv0_{r} * row0 + hs0_{r} * row1 + hv1_{r} * row2 + hs1_{r} * row3")
+            if "w" in reads:
+                body(f"w{c}_{r} = value{c}_{r} * scale_{r}")
+            if "r" in reads:
+                body(f"slope{c}_{r} = dv0_{r} * row0 + ds0_{r} * row1 + dv1_{r} * row2 + ds1_{r} * row3")

@@ -24,7 +24,7 @@ import torch
 from ..memo import derived
 
 DOT_PRECISIONS = ("ieee", "tf32x3")
-RADIAL_TABLES = ("off", "edges", "lengths")
+RADIAL_TABLES = ("off", "edges", "lengths", "conv")
 TABLE_GRADIENTS = ("walk", "table")
 
 
@@ -112,11 +112,13 @@ class Settings:
     radial_table: str = _setting(
         "FASTMLIP_RADIAL_TABLE", "off",
         "float32 radial MLPs over a Bessel basis read from a table in the edge length (cubic Hermite, knots picked "
-        "to 1e-6 of the largest slope) instead of computed: off, edges (walked in edge order) or lengths (walked "
-        "sorted by length: one sort a pass, table rows shared by neighbouring programs)")
+        "to 1e-6 of the largest slope) instead of computed: off, edges (the table's kernel walks the edges in "
+        "their order), lengths (sorted by length: one sort a pass, table rows shared by neighbouring programs) or "
+        "conv (the convolution's kernels read the table where they use a weight: no weights in memory)")
     table_gradient: str = _setting(
         "FASTMLIP_TABLE_GRADIENT", "walk",
-        "where d/dr of convolution weights read from a radial table is made: walk (the convolution's backward walk "
+        "where d/dr of convolution weights read from a radial table (edges, lengths) is made: walk (the "
+        "convolution's backward walk "
         "dots each weight gradient with the table's slope where it makes it: no weight gradient in memory, four "
         "table rows a weight read from L2 in the walk's order) or table (the weight gradient stored, then read by "
         "the table's backward in its walking order, where edges sorted by length share rows)")

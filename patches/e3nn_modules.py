@@ -195,7 +195,8 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
     With ``chunk_edges`` the weights are recomputed in the backward, receivers in chunks of at most that many edges
     (:func:`fastmlip.ops.radial_conv.radial_conv`). Where :func:`radial_table_of` gives a table, the weights are
     read from it at the lengths ``radial`` was made of (with FASTMLIP_RADIAL_TABLE=lengths, walked sorted by
-    length), by one op whose backward never stores their gradient (:mod:`fastmlip.ops.table_conv`)."""
+    length; with conv, by the convolution's kernels themselves), by one op whose backward never stores their
+    gradient (:mod:`fastmlip.ops.table_conv`)."""
     from fastmlip.ops.radial_conv import radial_conv
     from fastmlip.ops.radial_table import radial_table
     from fastmlip.ops.table_conv import table_conv
@@ -213,7 +214,8 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
     order = None
     if settings().radial_table == "lengths":
         order = derived(lengths, "length_order", lambda: torch.argsort(lengths))
-    return table_conv(problem, table, x, edge_attr, lengths, row_scale, edges, order)
+    return table_conv(problem, table, x, edge_attr, lengths, row_scale, edges, order,
+                      keep_weights=settings().radial_table != "conv")
 
 
 def e3nn_factories() -> dict:

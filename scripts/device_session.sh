@@ -303,9 +303,11 @@ for phase in "$@"; do
       ;;
     radial-table)
       # the Cu 4000 MD loops profiled per variant (TABLE_VARIANTS: NAME:VAR=VALUE,... each; default the MLP, a table
-      # with d/dr made in the walk, and a table with the weight gradient read by the table's backward)
+      # with d/dr made in the walk, and the table read by the convolution's kernels: no weights in memory; e.g.
+      # lengths-table:FASTMLIP_RADIAL_TABLE=lengths,FASTMLIP_TABLE_GRADIENT=table for the weight gradient read by
+      # the table's backward)
       for spec in ${TABLE_VARIANTS:-off:FASTMLIP_RADIAL_TABLE=off lengths:FASTMLIP_RADIAL_TABLE=lengths \
-                  lengths-table:FASTMLIP_RADIAL_TABLE=lengths,FASTMLIP_TABLE_GRADIENT=table}; do
+                  conv:FASTMLIP_RADIAL_TABLE=conv}; do
         variant=${spec%%:*} knobs=${spec#*:}
         step "table_cu4000_$variant" 180 env ${knobs//,/ } python3 "$repo/scripts/profile_loop.py" \
           --cases "${PROFILE_CASES:-mace-medium:Cu:10,sevenn:Cu:10}" --steps 50 --warmup 20 --top 12 \
@@ -315,7 +317,7 @@ for phase in "$@"; do
     radial-table-small)
       profile_knobs table_small off:FASTMLIP_RADIAL_TABLE=off edges:FASTMLIP_RADIAL_TABLE=edges \
         lengths:FASTMLIP_RADIAL_TABLE=lengths \
-        lengths-table:"FASTMLIP_RADIAL_TABLE=lengths FASTMLIP_TABLE_GRADIENT=table"
+        lengths-table:"FASTMLIP_RADIAL_TABLE=lengths FASTMLIP_TABLE_GRADIENT=table" conv:FASTMLIP_RADIAL_TABLE=conv
       ;;
     loop-profile-cu4000)
       # the same at 4000 atoms (Cu fcc 10x10x10): what the MD loop adds to an energy+forces step there

@@ -7,8 +7,10 @@ the backward's sender walk makes d/dr (and d/d scale) where it makes the weight 
 (:mod:`fastmlip.kernels.conv_edge_grads`): two passes over E x W floats a layer fewer, and one launch.
 
 The forward is the two ops' forward; it returns the weights too, for its backward (they are not differentiable:
-use :func:`fastmlip.ops.radial_table.radial_table` for weights that take gradients). A backward that will itself
-be differentiated (``create_graph``) runs the two ops' own backwards, which have autograd to any order.
+use :func:`fastmlip.ops.radial_table.radial_table` for weights that take gradients). Or it keeps no weights at all
+(``keep_weights=False``, ``FASTMLIP_RADIAL_TABLE=conv``): the convolution's kernels interpolate each weight from
+the table where they use it, forward and backward, so the largest tensors of a step never exist. A backward that
+will itself be differentiated (``create_graph``) runs the two ops' own backwards, which have autograd to any order.
 """
 from __future__ import annotations
 
@@ -29,16 +31,27 @@ from .radial_table import RadialTable, check_table_inputs, radial_table_bwd, rad
 def table_conv_fwd(x: Tensor, edge_attr: Tensor, lengths: Tensor, values: Tensor, segments: Tensor,
                    row_scale: Optional[Tensor], order: Optional[Tensor], src: Tensor, dst: Tensor,
                    dst_ptr: Optional[Tensor], src_perm: Optional[Tensor], src_ptr: Optional[Tensor], num_nodes: int,
-                   key: str) -> tuple[Tensor, Tensor]:
-    """(the convolution of x with weights w = radial_table(lengths) * row_scale, w)."""
+                   key: str, keep_weights: bool) -> tuple[Tensor, Tensor]:
+    """(the convolution of x with weights w = radial_table(lengths) * row_scale, w if ``keep_weights`` else an
+    empty tensor). Without ``keep_weights`` the kernels read the weights from the table where they use them, in
+    the forward and again in the backward, so no E x W tensor exists."""
+    if not keep_weights and dispatch.backend_for(x) == "triton":
+        from ..kernels import conv_table
+
+        out = conv_table.table_forward(registry.lookup(key), x, edge_attr, src, dst_ptr, num_nodes,
+                                       (lengths, values, segments, row_scale))
+        if out is not None:
+            return out, x.new_empty(0)
     w = radial_table_fwd(lengths, values, segments, row_scale, order)
-    return conv_fwd(x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, num_nodes, key), w
+    out = conv_fwd(x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr, num_nodes, key)
+    return out, (w if keep_weights else x.new_empty(0))
 
 
 @table_conv_fwd.register_fake
 def _(x, edge_attr, lengths, values, segments, row_scale, order, src, dst, dst_ptr, src_perm, src_ptr, num_nodes,
-      key):
-    return x.new_empty(num_nodes, registry.lookup(key).dim_out), lengths.new_empty(lengths.shape[0], values.shape[2])
+      key, keep_weights):
+    weights = (lengths.shape[0], values.shape[2]) if keep_weights else (0,)
+    return x.new_empty(num_nodes, registry.lookup(key).dim_out), lengths.new_empty(weights)
 
 
 @library.custom_op("fastmlip::table_conv_bwd")
@@ -48,13 +61,16 @@ def table_conv_bwd(grad_out: Tensor, x: Tensor, edge_attr: Tensor, w: Tensor, le
                    want: str) -> tuple[Tensor, Tensor]:
     """(grad x, per-edge gradients [E, columns]) of <grad_out, table_conv(...)[0]>, ``want`` a subset of 'xyrs'
     (x, edge_attr, lengths, row_scale); the columns hold edge_attr's gradient, then d/d lengths, then d/d row_scale,
-    those wanted. No autograd: :func:`_backward` calls it only where no second derivative follows."""
+    those wanted. An empty ``w``: the weights were not kept, and are read from the table again. No autograd:
+    :func:`_backward` calls it only where no second derivative follows."""
     problem = registry.lookup(key)
     if dispatch.backend_for(x) == "triton":
-        from ..kernels import conv as kernels
+        from ..kernels import conv_table
 
-        return kernels.table_backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr,
-                                      (lengths, values, segments, row_scale, order), want)
+        return conv_table.table_backward(problem, grad_out, x, edge_attr, w, src, dst, dst_ptr, src_perm, src_ptr,
+                                         (lengths, values, segments, row_scale, order), want)
+    if not w.numel():
+        w = ref_table.interpolate(values, segments, lengths, row_scale)
     wants_w = "r" in want or "s" in want
     gx, gy, gw = ref_conv.fused_conv_backward(problem, grad_out, x, edge_attr, w, src, dst,
                                               ("x" in want, "y" in want, wants_w))
@@ -75,7 +91,7 @@ def _(grad_out, x, edge_attr, w, lengths, values, segments, row_scale, order, sr
 
 
 def _setup(ctx, inputs, output):
-    x, edge_attr, lengths, values, segments, row_scale, order, src, dst, dst_ptr, src_perm, src_ptr, _, key = inputs
+    x, edge_attr, lengths, values, segments, row_scale, order, src, dst, dst_ptr, src_perm, src_ptr, _, key, _ = inputs
     ctx.save_for_backward(x, edge_attr, lengths, values, segments, row_scale, order, output[1])
     ctx.graph = (src, dst, dst_ptr, src_perm, src_ptr)
     ctx.key = key
@@ -86,7 +102,7 @@ def _backward(ctx, grad_out, _):
     x, edge_attr, lengths, values, segments, row_scale, order, w = ctx.saved_tensors
     want_x, want_attr, want_r, _, _, want_s = ctx.needs_input_grad[:6]
     want_s = want_s and row_scale is not None
-    grads = [None] * 14
+    grads = [None] * 15
     if torch.is_grad_enabled():  # create_graph: the two ops' backwards, whose own derivatives exist
         w = radial_table_fwd(lengths, values, segments, row_scale, order)
         gx, gy, gw = conv_bwd(grad_out, x, edge_attr, w, *ctx.graph, ctx.key, want_x, want_attr, want_r or want_s)
@@ -114,10 +130,12 @@ table_conv_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def table_conv(problem: TensorProductProblem, table: RadialTable, x: Tensor, edge_attr: Tensor, lengths: Tensor,
-               row_scale: Optional[Tensor], edges, order: Optional[Tensor] = None) -> Tensor:
+               row_scale: Optional[Tensor], edges, order: Optional[Tensor] = None, *,
+               keep_weights: bool = True) -> Tensor:
     """``fused_conv(problem, x, edge_attr, radial_table(table, lengths, row_scale, order), ...)`` over
     receiver-sorted ``edges`` (:func:`fastmlip.graph.sort_edges`; per-edge tensors in that order), with a backward
-    that never stores the weights' gradient."""
+    that never stores the weights' gradient; without ``keep_weights`` the weights are not stored either (the
+    kernels read them from the table where they use them)."""
     check_conv_problem(problem)
     check_table_inputs(table, lengths, row_scale, order)
     if table.dim_out != problem.weight_numel:
@@ -125,5 +143,5 @@ def table_conv(problem: TensorProductProblem, table: RadialTable, x: Tensor, edg
     check_conv_inputs(problem, x, edge_attr, None, edges.src, edges.dst, x.shape[0], edges.dst_ptr)
     key = registry.register(problem)
     out, _ = table_conv_fwd(x, edge_attr, lengths, table.values, table.segments, row_scale, order, edges.src,
-                            edges.dst, edges.dst_ptr, edges.src_perm, edges.src_ptr, x.shape[0], key)
+                            edges.dst, edges.dst_ptr, edges.src_perm, edges.src_ptr, x.shape[0], key, keep_weights)
     return out

@@ -54,8 +54,11 @@ def tensors(prob, dtype, seed=1):
             torch.randn(NUM_EDGES, prob.dim_in2, generator=g, dtype=dtype).to(DEVICE))
 
 
-def fused(prob, table, x, y, lengths, scale, edges):
-    return table_conv_ops.table_conv(prob, table, x, y, lengths, scale, edges, torch.argsort(lengths))
+def fused(keep_weights):
+    def conv(prob, table, x, y, lengths, scale, edges):
+        return table_conv_ops.table_conv(prob, table, x, y, lengths, scale, edges, torch.argsort(lengths),
+                                         keep_weights=keep_weights)
+    return conv
 
 
 def two_ops(prob, table, x, y, lengths, scale, edges):
@@ -79,9 +82,9 @@ def derivatives(conv, prob, table, inputs, edges, wanted, second):
     return [out, *grads, *torch.autograd.grad(total, variables, allow_unused=True)]
 
 
-def compare(prob, table, inputs, edges, wanted, second, backend, monkeypatch, tolerance):
+def compare(prob, table, inputs, edges, wanted, second, backend, monkeypatch, tolerance, keep_weights=True):
     monkeypatch.setenv("FASTMLIP_BACKEND", backend)
-    got = derivatives(fused, prob, table, inputs, edges, wanted, second)
+    got = derivatives(fused(keep_weights), prob, table, inputs, edges, wanted, second)
     monkeypatch.setenv("FASTMLIP_BACKEND", "reference")
     want = derivatives(two_ops, prob, table, inputs, edges, wanted, second)
     names = ["out"] + [f"d/d {'x y r s'.split()[k]}" for k in wanted]
@@ -96,66 +99,86 @@ def compare(prob, table, inputs, edges, wanted, second, backend, monkeypatch, to
 WANTED = [(0, 1, 2, 3), (0, 1, 2), (2,), (3,), (1, 3)]
 
 
+KEEP = pytest.mark.parametrize("keep_weights", [True, False], ids=["weights-kept", "weights-from-table"])
+
+
+@KEEP
 @pytest.mark.parametrize("wanted", WANTED, ids=["xyrs", "xyr", "r", "s", "ys"])
 @pytest.mark.parametrize("name", ["mace-like", "multi-v"])
-def test_kernels_match_the_two_ops_float64(name, wanted, triton_poisoned, monkeypatch):
+def test_kernels_match_the_two_ops_float64(name, wanted, keep_weights, triton_poisoned, monkeypatch):
     prob = problem(name)
     edges, lengths, scale = graph(torch.float64)
     table = random_table(prob.weight_numel, torch.float64)
     compare(prob, table, (*tensors(prob, torch.float64), lengths, scale), edges, wanted, False, "triton",
-            monkeypatch, 1e-12)
+            monkeypatch, 1e-12, keep_weights)
 
 
+@KEEP
 @pytest.mark.parametrize("scaled", [True, False], ids=["scaled", "unscaled"])
-def test_reference_and_second_derivatives(scaled, monkeypatch):
+def test_reference_and_second_derivatives(scaled, keep_weights, monkeypatch):
     prob = problem("mace-like")
     edges, lengths, scale = graph(torch.float64)
     table = random_table(prob.weight_numel, torch.float64)
     inputs = (*tensors(prob, torch.float64), lengths, scale if scaled else None)
     wanted = (0, 1, 2, 3) if scaled else (0, 1, 2)
-    compare(prob, table, inputs, edges, wanted, False, "reference", monkeypatch, 1e-12)
-    compare(prob, table, inputs, edges, wanted, True, "reference", monkeypatch, 1e-12)
+    compare(prob, table, inputs, edges, wanted, False, "reference", monkeypatch, 1e-12, keep_weights)
+    compare(prob, table, inputs, edges, wanted, True, "reference", monkeypatch, 1e-12, keep_weights)
 
 
-def test_kernels_second_derivatives(triton_poisoned, monkeypatch):
+@KEEP
+def test_kernels_second_derivatives(keep_weights, triton_poisoned, monkeypatch):
     prob = problem("multi-v")
     edges, lengths, scale = graph(torch.float64)
     table = random_table(prob.weight_numel, torch.float64)
     compare(prob, table, (*tensors(prob, torch.float64), lengths, scale), edges, (0, 1, 2, 3), True, "triton",
-            monkeypatch, 1e-12)
+            monkeypatch, 1e-12, keep_weights)
 
 
 @pytest.mark.parametrize("settings", [dict(conv_unroll=1), dict(conv_unroll=3), dict(conv_edge_lanes=2),
                                       dict(conv_split_rows=100, conv_split_parts=3, conv_split_edges=2),
                                       dict(conv_atomic_rows=100), dict(table_gradient="table")],
                          ids=["unroll-1", "unroll-3", "edge-lanes", "split-rows", "few-rows", "table-gradient"])
-def test_every_edge_loop_float32(settings, triton_poisoned, monkeypatch, kernel_settings):
-    """The sender walk's loop variants, and the weight gradient stored then read by the table's backward (few
-    rows: no sender walk; or FASTMLIP_TABLE_GRADIENT=table)."""
+@KEEP
+def test_every_edge_loop_float32(settings, keep_weights, triton_poisoned, monkeypatch, kernel_settings):
+    """The row-owned kernels' loop variants, and where rows do not own their edges (few rows) or
+    FASTMLIP_TABLE_GRADIENT=table: the weight gradient stored, then read by the table's backward (and the weights
+    made by the table's kernel where they are not kept)."""
     kernel_settings(**settings)
     prob = problem("mace-like")
     edges, lengths, scale = graph(torch.float32)
     table = random_table(prob.weight_numel, torch.float32)
     compare(prob, table, (*tensors(prob, torch.float32), lengths, scale), edges, (0, 1, 2, 3), False, "triton",
-            monkeypatch, 2e-5)
+            monkeypatch, 2e-5, keep_weights)
 
 
-def test_the_sender_walk_makes_the_length_gradient_itself(triton_poisoned, monkeypatch):
-    """On the sender walk no weight gradient is stored and no table backward runs: one kernel makes d/dr."""
+@pytest.mark.parametrize("keep_weights, kernels", [(True, ["fwd_csr", "sender_xyrs"]),
+                                                   (False, ["fwdt_csr", "sendert_xyrs"])],
+                         ids=["weights-kept", "weights-from-table"])
+def test_one_kernel_a_direction(keep_weights, kernels, triton_poisoned, monkeypatch):
+    """On the sender walk no weight gradient is stored and no table backward runs: one kernel makes d/dr. Without
+    kept weights the table's kernels do not run at all, and autograd keeps no tensor of W columns."""
     from fastmlip.kernels import conv, radial_table as table_kernels
 
-    calls = []
-    monkeypatch.setattr(table_kernels, "backward", lambda *args: calls.append(args))
-    launched = []
-    original = conv._launch
-    monkeypatch.setattr(conv, "_launch", lambda problem, variant, *rest, **kw: (
-        launched.append(variant), original(problem, variant, *rest, **kw))[1])
+    calls, launched = [], []
+
+    def recorded(module, name, record, label=lambda *args: None):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, **kw: (record.append(label(*args) or name),
+                                                               original(*args, **kw))[1])
+
+    recorded(table_kernels, "forward", calls)
+    recorded(table_kernels, "backward", calls)
+    recorded(conv, "_launch", launched, lambda problem, variant, *rest: variant)
     prob = problem("mace-like")
     edges, lengths, scale = graph(torch.float32)
     table = random_table(prob.weight_numel, torch.float32)
     x, y = tensors(prob, torch.float32)
-    derivatives(fused, prob, table, (x, y, lengths, scale), edges, (0, 1, 2, 3), False)
-    assert not calls and launched == ["fwd_csr", "sender_xyrs"]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(tuple(t.shape)), t)[1], lambda t: t):
+        derivatives(fused(keep_weights), prob, table, (x, y, lengths, scale), edges, (0, 1, 2, 3), False)
+    assert launched == kernels
+    assert calls == ([] if not keep_weights else ["forward"])
+    assert ((NUM_EDGES, prob.weight_numel) in saved) == keep_weights, saved
 
 
 def test_ops_pass_torch_opcheck():
@@ -165,15 +188,17 @@ def test_ops_pass_torch_opcheck():
     x, y = tensors(prob, torch.float64)
     key = registry.register(prob)
     graph_args = (edges.src, edges.dst, edges.dst_ptr, edges.src_perm, edges.src_ptr)
-    torch.library.opcheck(table_conv_ops.table_conv_fwd.overload,
-                          (x.requires_grad_(), y.requires_grad_(), lengths.requires_grad_(), table.values,
-                           table.segments, scale.requires_grad_(), None, *graph_args, NUM_NODES, key))
-    w = radial_table(table, lengths.detach(), scale.detach())
+    for keep_weights in (True, False):
+        torch.library.opcheck(table_conv_ops.table_conv_fwd.overload,
+                              (x.detach().requires_grad_(), y.detach().requires_grad_(),
+                               lengths.detach().requires_grad_(), table.values, table.segments,
+                               scale.detach().requires_grad_(), None, *graph_args, NUM_NODES, key, keep_weights))
+    w = radial_table(table, lengths, scale)
     grad_out = torch.randn(NUM_NODES, prob.dim_out, dtype=torch.float64, device=DEVICE)
-    for want in ("xyrs", "r", "y"):
+    for want, weights in (("xyrs", w), ("r", w), ("y", w), ("xyrs", w[:0])):
         torch.library.opcheck(table_conv_ops.table_conv_bwd.overload,
-                              (grad_out, x.detach(), y.detach(), w, lengths.detach(), table.values, table.segments,
-                               scale.detach(), torch.argsort(lengths.detach()), *graph_args, key, want))
+                              (grad_out, x, y, weights, lengths, table.values, table.segments, scale,
+                               torch.argsort(lengths), *graph_args, key, want))
 
 
 def test_bad_input():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastmlip.kernels import conv as conv_kernels
+from fastmlip.kernels import conv_table
 from fastmlip.kernels import gate as gate_kernels
 from fastmlip.kernels import launch
 from fastmlip.kernels import linear as linear_kernels
@@ -23,8 +24,8 @@ from fastmlip.patches import self_check
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-KERNEL_MODULES = (conv_kernels, gate_kernels, linear_kernels, radial_basis, radial_mlp, radial_table, species_linear,
-                  spherical_harmonics, symmetric_contraction)
+KERNEL_MODULES = (conv_kernels, conv_table, gate_kernels, linear_kernels, radial_basis, radial_mlp, radial_table,
+                  species_linear, spherical_harmonics, symmetric_contraction)
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def kernel_calls(monkeypatch, tmp_path_factory):
     calls = set()
     for module in KERNEL_MODULES:
         family = module.__name__.rpartition(".")[2]
-        for entry in ("forward", "backward") + (("table_backward",) if module is conv_kernels else ()):
+        for entry in ("table_forward", "table_backward") if module is conv_table else ("forward", "backward"):
             monkeypatch.setattr(module, entry, _recorded(getattr(module, entry), f"{family}.{entry}", calls))
     return calls
 
@@ -109,11 +110,12 @@ def test_mace_triton_matches_reference(dtype, kernel_calls, monkeypatch):
                                                    "symmetric_contraction")), kernel_calls
 
 
-@pytest.mark.parametrize("framework", ["sevenn", "mace"])
-def test_radial_tables_through_the_kernels(framework, kernel_calls, monkeypatch):
-    """FASTMLIP_RADIAL_TABLE=lengths, float32: the weights read from tables by the table kernels, and their length
-    gradients made by the convolution's sender walk (``conv.table_backward``), agree with the reference, which
-    reads the same tables (tests/patches/test_radial_tables.py holds that against the original models)."""
+@pytest.mark.parametrize("framework, mode", [("sevenn", "lengths"), ("mace", "conv")])
+def test_radial_tables_through_the_kernels(framework, mode, kernel_calls, monkeypatch):
+    """Radial tables, float32, through the kernels against the reference, which reads the same tables
+    (tests/patches/test_radial_tables.py holds that against the original models): with ``lengths`` the table's
+    kernel makes the weights and the convolution's sender walk their length gradients; with ``conv`` the
+    convolution's kernels read the weights from the table themselves, forward and backward."""
     from ase.build import bulk
 
     from fastmlip.kernels.launch import use_settings
@@ -138,7 +140,11 @@ def test_radial_tables_through_the_kernels(framework, kernel_calls, monkeypatch)
         model = mace_models.build_model("mp0_medium", channels=32).to(device=DEVICE, dtype=torch.float32)
         atoms, cutoff = mace_models.periodic_structure(seed=5)[:4], mace_models.R_MAX
     assert patch.accelerate(model) == []
-    with use_settings(radial_table="lengths"):
+    with use_settings(radial_table=mode):
         print(backends_agree(patch, model, atoms, monkeypatch, cutoff))
-    assert {"radial_table.forward", "conv.table_backward"} <= kernel_calls, kernel_calls
-    assert "radial_mlp.forward" not in kernel_calls and "radial_table.backward" not in kernel_calls, kernel_calls
+    assert "conv_table.table_backward" in kernel_calls, kernel_calls
+    assert not {"radial_mlp.forward", "radial_table.backward"} & kernel_calls, kernel_calls
+    if mode == "conv":  # no weights made outside the convolution
+        assert "conv_table.table_forward" in kernel_calls and "radial_table.forward" not in kernel_calls, kernel_calls
+    else:
+        assert "radial_table.forward" in kernel_calls and "conv_table.table_forward" not in kernel_calls, kernel_calls

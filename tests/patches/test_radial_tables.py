@@ -74,8 +74,8 @@ def assert_within_tolerances(original, accelerated, num_atoms, dtype):
     return deviation
 
 
-@pytest.mark.parametrize("name, mode", [("7net-0", "lengths"), ("7net-0", "edges"), ("7net-l3i5", "lengths"),
-                                        ("7net-mf-0", "lengths")])
+@pytest.mark.parametrize("name, mode", [("7net-0", "lengths"), ("7net-0", "edges"), ("7net-0", "conv"),
+                                        ("7net-l3i5", "lengths"), ("7net-mf-0", "lengths")])
 def test_sevennet_checkpoints_keep_the_float32_tolerances(name, mode, table_reads):
     patch, model = sevenn_model(name)
     modal = (patch.model_info(model)["modals"] or [None])[0]
@@ -86,21 +86,21 @@ def test_sevennet_checkpoints_keep_the_float32_tolerances(name, mode, table_read
     print(f"{name} {mode}: {assert_within_tolerances(original, accelerated, len(atoms), torch.float32)}")
 
 
-@pytest.mark.parametrize("config", ["mp0_medium", "off_like"])
-def test_mace_models_keep_the_float32_tolerances(config, table_reads):
+@pytest.mark.parametrize("config, mode", [("mp0_medium", "lengths"), ("mp0_medium", "conv"), ("off_like", "lengths")])
+def test_mace_models_keep_the_float32_tolerances(config, mode, table_reads):
     pytest.importorskip("mace.modules")
     from fastmlip.patches import mace as patch
     from helpers.mace_models import R_MAX, build_model, periodic_structure
 
     model = build_model(config).float().eval()
     atoms = periodic_structure(seed=1)
-    original, accelerated = original_and_accelerated(patch, model, atoms, "lengths", R_MAX)
+    original, accelerated = original_and_accelerated(patch, model, atoms, mode, R_MAX)
     assert len(table_reads) == len(model.interactions)
     print(f"{config}: {assert_within_tolerances(original, accelerated, len(atoms), torch.float32)}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["edges", "lengths"])
+@pytest.mark.parametrize("mode", ["edges", "lengths", "conv"])
 def test_on_the_gpu_the_kernels_keep_the_float32_tolerances(mode, table_reads):
     """SevenNet-0 on 64 Si atoms and a MACE-MP-medium-like model on its 8-atom cell, tables read by the kernels."""
     pytest.importorskip("mace.modules")

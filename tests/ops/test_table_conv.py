@@ -103,8 +103,10 @@ KEEP = pytest.mark.parametrize("keep_weights", [True, False], ids=["weights-kept
 
 
 @KEEP
-@pytest.mark.parametrize("wanted", WANTED, ids=["xyrs", "xyr", "r", "s", "ys"])
-@pytest.mark.parametrize("name", ["mace-like", "multi-v"])
+@pytest.mark.parametrize("name, wanted", [("mace-like", w) for w in WANTED] + [("multi-v", (0, 1, 2, 3)),
+                                                                          ("multi-v", (3,))],
+                         ids=[f"mace-like-{w}" for w in ("xyrs", "xyr", "r", "s", "ys")] + ["multi-v-xyrs",
+                                                                                            "multi-v-s"])
 def test_kernels_match_the_two_ops_float64(name, wanted, keep_weights, triton_poisoned, monkeypatch):
     prob = problem(name)
     edges, lengths, scale = graph(torch.float64)

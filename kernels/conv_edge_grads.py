@@ -24,11 +24,6 @@ TABLE_CONSTEXPRS = ["SEGMENTS: tl.constexpr", "SCALED: tl.constexpr"]
 TABLE_IMPORT = "from fastmlip.kernels.radial_table import hermite_slope_weights, hermite_weights, table_interval"
 
 
-def reads_table(edge: str) -> bool:
-    """Whether the walk's per-edge gradients ``edge`` go through a table (d/dr, d/d scale)."""
-    return "r" in edge or "s" in edge
-
-
 def partial_columns(edge: str, dim_in2: int) -> dict:
     """Column of each per-edge sum in a partial row: 'y' -> the first of dim_in2, then 'r', then 's'."""
     columns, width = {}, 0
@@ -54,7 +49,7 @@ def emit(body, consts, group, r, edge, block, strides, n_cb, lanes):
         mask, valid, tile = f"m_{r}", f", mask=v_{r}", f"[{lanes}, {block}]"
     else:
         mask, valid, tile = ("m", "", f"[{block}]") if r == 0 else (f"m_{r}", f", mask=p + {r} < end", f"[{block}]")
-    for name in "rs" if reads_table(edge) else ():
+    for name in "rs":
         if name in edge:
             body(f"grad_{name}_{r} = tl.zeros({tile}, DT)")
     q = set()
@@ -65,7 +60,7 @@ def emit(body, consts, group, r, edge, block, strides, n_cb, lanes):
             dot = " + ".join(f"y{t.y_off + v * t.y_d + j}_{r} * s{ti}_{j}" for j in js)
             if "w" in edge:
                 body(f"tl.store(gw + e_{r} * {n_w} + {column}, {dot or f'tl.zeros({tile}, DT)'}, mask={mask})")
-            if reads_table(edge) and dot:
+            if ("r" in edge or "s" in edge) and dot:  # through the table: d/dr, d/d scale
                 body(f"gw_{r} = {dot}")
                 if "r" in edge:
                     body(f"grad_r_{r} += gw_{r} * slope{t.w_off + v}_{r}")

@@ -261,8 +261,12 @@ class Calculator(AseCalculator):
             return None if self._chunk_request is None else int(self._chunk_request)
         if self.device.type != "cuda" or not self._conv_widths:  # no need to ask the device for its free memory
             return None
-        return memory.chunk_edges_for(self._conv_widths, num_edges, torch.finfo(self.dtype).bits // 8,
-                                      memory.free_bytes(self.device))
+        itemsize, available = torch.finfo(self.dtype).bits // 8, memory.free_bytes(self.device)
+        chunk = memory.chunk_edges_for(self._conv_widths, num_edges, itemsize, available)
+        if chunk is not None or not all(self._conv_widths):  # tables made since the count, or one gone stale
+            self._conv_widths = memory.conv_weight_widths(self.model)
+            chunk = memory.chunk_edges_for(self._conv_widths, num_edges, itemsize, available)
+        return chunk
 
     def eager(self, positions, cell, pbc, with_stress):
         """One step without a graph: the Verlet list's exact edges, the model, autograd; (flat results, with_stress)."""

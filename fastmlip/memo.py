@@ -13,6 +13,7 @@ from typing import Callable, Hashable
 import torch
 
 _SLOT = "_fastmlip_derived"
+_WITH = "derived_with"  # first part of the keys of derived_with's values
 
 
 def _hashable(key):
@@ -39,8 +40,27 @@ def derived_with(tensor: torch.Tensor, key: Hashable, sources: tuple, compute: C
     """:func:`derived` for a value that also depends on ``sources`` (a model's parameters or buffers): they are
     named in the key by identity and version, and the kept value holds them, so no other tensor can take their
     ids while it is kept (a model freed and another built in its place computes anew)."""
-    full_key = (key, tuple((id(source), source._version) for source in sources))
-    return derived(tensor, full_key, lambda: (sources, compute()))[1]
+    return derived(tensor, (_WITH, key, _identities(sources)), lambda: (sources, compute()))[1]
+
+
+def derived_with_values(tensor: torch.Tensor, name: str) -> list:
+    """The values :func:`derived_with` keeps on ``tensor`` under keys whose first part is ``name``, made from
+    sources as they are now: what a pass would reuse instead of computing again."""
+    values = []
+    for key, (version, kept) in tensor.__dict__.get(_SLOT, {}).items():
+        if isinstance(key, tuple) and key[0] == _WITH and _first_part(key[1]) == name:
+            sources, value = kept
+            if version == tensor._version and key[2] == _identities(sources):
+                values.append(value)
+    return values
+
+
+def _first_part(key: Hashable) -> Hashable:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _identities(sources: tuple) -> tuple:
+    return tuple((id(source), source._version) for source in sources)
 
 
 def attach(tensor: torch.Tensor, key: Hashable, value) -> None:

@@ -1,10 +1,11 @@
 """When a step's convolutions must recompute their weights in chunks to fit the device's memory.
 
 A step keeps, per convolution layer, an E x ``weight_numel`` tensor of radial weights for the backward, and the
-backward makes one more of the same size: on large systems these are most of the step's memory
-(docs/memory.md). :func:`chunk_edges_for` compares that with what the device has free and, where it does not
-fit with room to spare, returns the chunk size (edges) at which :func:`fastmlip.chunk_convolutions` keeps every
-weight tensor small. The faces (calculator, MD engine) ask before each eager step.
+backward makes one more of the same size: on large systems these are most of the step's memory (docs/memory.md);
+none where the convolution's kernels read the weights from a radial table. :func:`chunk_edges_for` compares that
+with what the device has free and, where it does not fit with room to spare, returns the chunk size (edges) at
+which :func:`fastmlip.chunk_convolutions` keeps every weight tensor small. The faces (calculator, MD engine) ask
+before each eager step.
 """
 from __future__ import annotations
 
@@ -27,8 +28,13 @@ def convolutions(model) -> list:
 
 
 def conv_weight_widths(model) -> list:
-    """weight_numel of each fused convolution of an accelerated model, in module order."""
-    return [module.problem.weight_numel for module in convolutions(model)]
+    """Radial weights per edge that each fused convolution of an accelerated model keeps for its backward, in
+    module order: its weight_numel, or 0 where its kernels read the weights from a radial table already built
+    (FASTMLIP_RADIAL_TABLE=conv; :func:`fastmlip.patches.e3nn_modules.weights_kept_per_edge`)."""
+    from fastmlip.patches.e3nn_modules import weights_kept_per_edge
+
+    return [module.problem.weight_numel if weights_kept_per_edge(module.radial_net) else 0
+            for module in convolutions(model)]
 
 
 def free_bytes(device: torch.device) -> int:
@@ -45,7 +51,7 @@ def chunk_edges_for(widths, num_edges: int, itemsize: int, available: int) -> Op
 
     The gradient counts: MACE-medium-like's second layer (1792 weights per edge) kept 67 GiB of weights at 131k Cu
     atoms, under half of an H200, and its 49 GiB gradient then did not fit."""
-    if not widths or num_edges == 0:
+    if not any(widths) or num_edges == 0:
         return None
     needed = num_edges * (sum(widths) + max(widths)) * itemsize
     if needed <= KEEP_SHARE * available:

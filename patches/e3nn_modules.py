@@ -14,7 +14,7 @@ from torch import nn
 
 from fastmlip.descriptors import RadialBasisProblem
 from fastmlip.kernels.launch import settings
-from fastmlip.memo import attach, attached, derived, derived_with
+from fastmlip.memo import attach, attached, derived, derived_with, derived_with_values
 
 from .swaps import share_tensors
 
@@ -186,6 +186,16 @@ def radial_table_of(net: nn.Module, source: Optional[RadialSource], dtype: torch
     if traced is not None:
         traced[net.table_key] = table
     return table
+
+
+def weights_kept_per_edge(net: nn.Module) -> bool:
+    """Whether a convolution over ``net`` keeps E x weight_numel radial weights for its backward: not where
+    FASTMLIP_RADIAL_TABLE=conv and the table of the net's current parameters was built and accepted (by the last
+    real float32 pass), as the convolution's kernels then read the weights from the table themselves."""
+    if settings().radial_table != "conv" or not isinstance(net, FastFullyConnectedNet):
+        return True
+    weights = list(net.children())[-1].weight
+    return not any(table is not None for table in derived_with_values(weights, "radial_table"))
 
 
 def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Tensor, radial: torch.Tensor,

@@ -144,6 +144,11 @@ class FastInteraction(nn.Module):
 
     chunk_edges: Optional[int] = None
 
+    @property
+    def radial_net(self) -> nn.Module:
+        """The MLP that makes the convolution's per-edge weights (:mod:`fastmlip.memory` counts them)."""
+        return self.conv_tp_weights
+
     def __init__(self, original: nn.Module):
         super().__init__()
         self.problem = tensor_product_problem(original.conv_tp)

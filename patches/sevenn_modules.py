@@ -50,6 +50,11 @@ class FastIrrepsConvolution(nn.Module):
 
     chunk_edges: Optional[int] = None
 
+    @property
+    def radial_net(self) -> nn.Module:
+        """The MLP that makes the convolution's per-edge weights (:mod:`fastmlip.memory` counts them)."""
+        return self.weight_nn
+
     def __init__(self, original: nn.Module):
         super().__init__()
         self.problem = tensor_product_problem(original.convolution)

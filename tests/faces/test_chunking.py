@@ -92,6 +92,29 @@ def test_bad_chunk_request_and_cpu_auto():
     assert torch.device(calc.device).type == "cpu"
 
 
+def test_weights_read_from_tables_are_not_counted():
+    """With FASTMLIP_RADIAL_TABLE=conv the convolutions keep no per-edge weights once their tables exist (built by
+    the first float32 pass), so "auto" does not chunk for them; with lengths they are kept, and a weight changed in
+    place makes its table stale until the next pass."""
+    pytest.importorskip("sevenn")
+    from fastmlip.kernels.launch import use_settings
+
+    atoms = crystal("Si", 5.43, (1, 1, 1), "diamond")
+    with use_settings(radial_table="conv"):
+        calc = Calculator("7net-0", device="cpu", check=False)
+        widths = [m.problem.weight_numel for m in memory.convolutions(calc.model)]
+        assert memory.conv_weight_widths(calc.model) == widths and all(widths)
+        results(calc, atoms)
+        assert memory.conv_weight_widths(calc.model) == [0] * len(widths)
+        assert memory.chunk_edges_for([0] * len(widths), 10**9, 4, 10) is None
+        with use_settings(radial_table="lengths"):
+            assert memory.conv_weight_widths(calc.model) == widths
+        with torch.no_grad():
+            next(memory.convolutions(calc.model)[0].radial_net.children()).weight.mul_(1.0)
+        assert memory.conv_weight_widths(calc.model)[0] == widths[0]
+        assert memory.conv_weight_widths(calc.model)[1:] == [0] * (len(widths) - 1)
+
+
 @pytest.mark.gpu
 def test_sevenn_0_chunked_on_the_gpu():
     """float32 on CUDA: chunked steps within the fp32 tolerances of whole ones, and never a graph replay."""

@@ -324,7 +324,7 @@ def kept_program(args, atoms, device, skin: float) -> tuple:
     source = None if args.no_program_cache else program_cache.source_of(args.model, args.trust, args.sha256)
     if source is None:
         return None, None
-    copy, manifest = program_cache.lookup(source, args.dtype, args.modal)
+    copy, manifest = program_cache.lookup(source, args.dtype, args.modal, device)
     if copy is None and manifest is not None:  # an earlier run found this model cannot be exported
         return None, None
     if copy is not None and not program_cache.fits_whole(manifest, atoms, skin, resolve_dtype(args.dtype), device):

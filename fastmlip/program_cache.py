@@ -50,16 +50,16 @@ def count() -> int:
     return len(list((cache_root() / DIRECTORY).glob("*/manifest.json")))
 
 
-def _entry(source_sha256: str, dtype: str, modal: Optional[str]) -> Path:
+def _entry(source_sha256: str, dtype: str, modal: Optional[str], device) -> Path:
     import torch
 
     from fastmlip.kernels.codegen import cache_root
     from fastmlip.kernels.launch import settings
     from fastmlip.patches import exported
 
-    # a copy holds radial tables or MLPs as FASTMLIP_RADIAL_TABLE said when it was written
+    # a copy holds radial tables or MLPs as FASTMLIP_RADIAL_TABLE said on its device when it was written
     parts = (source_sha256, dtype, modal or "", torch.__version__, exported.VERSION, code_digest(),
-             settings().radial_table)
+             settings().radial_table, torch.device(device).type)
     return cache_root() / DIRECTORY / hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:40]
 
 
@@ -79,13 +79,13 @@ def source_of(model, trusted: bool, sha256=None) -> Optional[str]:
     return path if api.trust(path, trusted, sha256) or os.path.realpath(path) in shipped else None
 
 
-def lookup(source: str, dtype: str, modal: Optional[str]) -> tuple:
-    """(path, manifest) of the kept copy of ``source`` for ``dtype``/``modal``; (None, manifest) where an earlier
-    run found the model cannot be exported (``manifest["unexportable"]`` says why); (None, None) where there is no
-    copy whose SHA-256 matches its manifest."""
+def lookup(source: str, dtype: str, modal: Optional[str], device) -> tuple:
+    """(path, manifest) of the kept copy of ``source`` for ``dtype``/``modal`` on ``device`` (its type); (None,
+    manifest) where an earlier run found the model cannot be exported (``manifest["unexportable"]`` says why);
+    (None, None) where there is no copy whose SHA-256 matches its manifest."""
     from fastmlip.patches.files import file_sha256
 
-    entry = _entry(file_sha256(source), dtype, modal)
+    entry = _entry(file_sha256(source), dtype, modal, device)
     program, manifest_path = entry / "model.pt2", entry / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -139,7 +139,7 @@ def store(source: str, model, dtype: str, modal: Optional[str]) -> tuple:
     start = time.perf_counter()
     patch = framework_of(model)
     source_sha256 = file_sha256(source)
-    entry = _entry(source_sha256, dtype, modal)
+    entry = _entry(source_sha256, dtype, modal, next(model.parameters()).device)
     facts = {"source": os.path.abspath(source), "source_sha256": source_sha256, "dtype": dtype, "modal": modal}
     try:
         entry.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import torch
 from ..memo import derived
 
 DOT_PRECISIONS = ("ieee", "tf32x3")
-RADIAL_TABLES = ("off", "edges", "lengths", "conv")
+RADIAL_TABLES = ("auto", "off", "edges", "lengths", "conv")
 TABLE_GRADIENTS = ("walk", "table")
 
 
@@ -110,11 +110,12 @@ class Settings:
         "FASTMLIP_DOT_PRECISION", "tf32x3",
         "float32 tl.dot of the radial MLP and the linears: ieee (exact float32) or tf32x3 (tensor cores)")
     radial_table: str = _setting(
-        "FASTMLIP_RADIAL_TABLE", "off",
+        "FASTMLIP_RADIAL_TABLE", "auto",
         "float32 radial MLPs over a Bessel basis read from a table in the edge length (cubic Hermite, knots picked "
         "to 1e-6 of the largest slope) instead of computed: off, edges (the table's kernel walks the edges in "
-        "their order), lengths (sorted by length: one sort a pass, table rows shared by neighbouring programs) or "
-        "conv (the convolution's kernels read the table where they use a weight: no weights in memory)")
+        "their order), lengths (sorted by length: one sort a pass, table rows shared by neighbouring programs), "
+        "conv (the convolution's kernels read the table where they use a weight: no weights in memory) or auto "
+        "(conv where the convolution runs as fastmlip's kernels, off on the reference backend)")
     table_gradient: str = _setting(
         "FASTMLIP_TABLE_GRADIENT", "walk",
         "where d/dr of convolution weights read from a radial table (edges, lengths) is made: walk (the "

@@ -161,17 +161,30 @@ def tables_for_tracing():
         _TRACED_TABLES.reset(token)
 
 
+def table_mode(tensor: torch.Tensor) -> str:
+    """FASTMLIP_RADIAL_TABLE for a convolution over ``tensor``'s device. auto is conv where the convolution runs
+    as fastmlip's kernels (faster on an H200 at 216 and 4000 atoms, both frameworks: docs/kernels.md) and off on
+    the reference backend (on a CPU the table takes seconds to build and its interpolation in torch ran slower
+    than the MLP)."""
+    from fastmlip.ops.dispatch import backend_for
+
+    mode = settings().radial_table
+    if mode != "auto":
+        return mode
+    return "conv" if backend_for(tensor) == "triton" else "off"
+
+
 def radial_table_of(net: nn.Module, source: Optional[RadialSource], dtype: torch.dtype):
     """The table of ``net(source's embedding)`` in the lengths (:mod:`fastmlip.ops.radial_table`), or None where
-    it is not used: ``FASTMLIP_RADIAL_TABLE`` off, float64 (whose tolerances a table would not meet), an MLP
-    fastmlip cannot describe, training (the MLP in train mode with gradients on and parameters that take them: a
+    it is not used: ``FASTMLIP_RADIAL_TABLE`` off (:func:`table_mode`), float64 (whose tolerances a table would not
+    meet), an MLP fastmlip cannot describe, training (the MLP in train mode with gradients on and parameters that take them: a
     table has no weights to differentiate; in eval mode its weights get none), or a traced pass outside
     :func:`tables_for_tracing`. Built once per set of parameter values and kept on the MLP's last weight; a
     refused table (None) is kept too."""
     from fastmlip.ops.radial_table import tabulate_radial_mlp
 
-    if (settings().radial_table == "off" or source is None or dtype != torch.float32
-            or not isinstance(net, FastFullyConnectedNet)):
+    if (source is None or dtype != torch.float32 or not isinstance(net, FastFullyConnectedNet)
+            or table_mode(source.lengths) == "off"):
         return None
     traced = _TRACED_TABLES.get()
     if torch.compiler.is_compiling():
@@ -192,9 +205,11 @@ def weights_kept_per_edge(net: nn.Module) -> bool:
     """Whether a convolution over ``net`` keeps E x weight_numel radial weights for its backward: not where
     FASTMLIP_RADIAL_TABLE=conv and the table of the net's current parameters was built and accepted (by the last
     real float32 pass), as the convolution's kernels then read the weights from the table themselves."""
-    if settings().radial_table != "conv" or not isinstance(net, FastFullyConnectedNet):
+    if not isinstance(net, FastFullyConnectedNet):
         return True
     weights = list(net.children())[-1].weight
+    if table_mode(weights) != "conv":
+        return True
     return not any(table is not None for table in derived_with_values(weights, "radial_table"))
 
 
@@ -221,11 +236,10 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
     if chunk_edges is not None:
         return radial_conv(problem, lambda rows, scale: radial_table(table, rows, scale), [], x, edge_attr, lengths,
                            row_scale, edges, chunk_edges)
-    order = None
-    if settings().radial_table == "lengths":
+    mode, order = table_mode(x), None
+    if mode == "lengths":
         order = derived(lengths, "length_order", lambda: torch.argsort(lengths))
-    return table_conv(problem, table, x, edge_attr, lengths, row_scale, edges, order,
-                      keep_weights=settings().radial_table != "conv")
+    return table_conv(problem, table, x, edge_attr, lengths, row_scale, edges, order, keep_weights=mode != "conv")
 
 
 def e3nn_factories() -> dict:

@@ -85,7 +85,8 @@ def table_conv_bwd(grad_out: Tensor, x: Tensor, edge_attr: Tensor, w: Tensor, le
 @table_conv_bwd.register_fake
 def _(grad_out, x, edge_attr, w, lengths, values, segments, row_scale, order, src, dst, dst_ptr, src_perm, src_ptr,
       key, want):
-    width = (edge_attr.shape[1] if "y" in want else 0) + ("r" in want) + ("s" in want)
+    per_edge_scalars = sum(name in want for name in "rs")  # an int: a bool added to a symbolic size fails (torch 2.11)
+    width = (edge_attr.shape[1] if "y" in want else 0) + per_edge_scalars
     return (x.new_empty(x.shape if "x" in want else (0,)),
             x.new_empty((edge_attr.shape[0], width) if width else (0,)))
 

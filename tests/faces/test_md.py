@@ -140,7 +140,7 @@ def test_a_model_that_cannot_be_exported_is_remembered(tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert, "export_checked", out_of_memory)
     assert program_cache.store(source, model, "float64", None)[0] is None
-    assert program_cache.lookup(source, "float64", None) == (None, None)
+    assert program_cache.lookup(source, "float64", None, "cpu") == (None, None)
 
     def specialised(*args):
         raise ValueError("Constraints violated (atoms)! ... specialized it to be a constant (8)")
@@ -148,14 +148,15 @@ def test_a_model_that_cannot_be_exported_is_remembered(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "export_checked", specialised)
     path, reason = program_cache.store(source, model, "float64", None)
     assert path is None and reason.startswith("Constraints violated")
-    copy, manifest = program_cache.lookup(source, "float64", None)
+    copy, manifest = program_cache.lookup(source, "float64", None, "cpu")
     assert copy is None and manifest["unexportable"] == reason
+    assert program_cache.lookup(source, "float64", None, "cuda") == (None, None)  # a copy per device type
     parser = argparse.ArgumentParser()
     md.add_arguments(parser)
     args = parser.parse_args(["--dtype", "float64"])
     assert md.kept_program(args, bulk("Si", "diamond", a=5.43), torch.device("cpu"), 0.5) == (None, None)
     with use_settings(radial_table="lengths"):  # a copy with radial tables is another copy
-        assert program_cache.lookup(source, "float64", None) == (None, None)
+        assert program_cache.lookup(source, "float64", None, "cpu") == (None, None)
 
 
 def test_a_new_copy_replaces_those_of_the_file_s_earlier_content(tmp_path):

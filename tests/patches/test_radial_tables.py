@@ -100,9 +100,10 @@ def test_mace_models_keep_the_float32_tolerances(config, mode, table_reads):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["edges", "lengths", "conv"])
+@pytest.mark.parametrize("mode", ["edges", "lengths", "conv", "auto"])
 def test_on_the_gpu_the_kernels_keep_the_float32_tolerances(mode, table_reads):
-    """SevenNet-0 on 64 Si atoms and a MACE-MP-medium-like model on its 8-atom cell, tables read by the kernels."""
+    """SevenNet-0 on 64 Si atoms and a MACE-MP-medium-like model on its 8-atom cell, tables read by the kernels
+    (auto, the default, reads them there too)."""
     pytest.importorskip("mace.modules")
     from fastmlip.patches import mace as mace_patch
     from helpers.mace_models import R_MAX, build_model, periodic_structure
@@ -116,6 +117,26 @@ def test_on_the_gpu_the_kernels_keep_the_float32_tolerances(mode, table_reads):
     original, accelerated = original_and_accelerated(mace_patch, model, atoms, mode, R_MAX)
     print(f"mp0_medium {mode}: {assert_within_tolerances(original, accelerated, len(atoms), torch.float32)}")
     assert len(table_reads) == 5 + 2
+
+
+def test_auto_reads_tables_where_the_kernels_run(table_reads):
+    """The default (auto) is conv where the convolution runs as fastmlip's kernels and off on the reference
+    backend: SevenNet-0 on the CPU reads no table; a named setting holds everywhere."""
+    from fastmlip.ops import dispatch
+    from fastmlip.patches.e3nn_modules import table_mode
+
+    cpu = torch.zeros(1)
+    with use_settings(radial_table="auto"):
+        assert table_mode(cpu) == "off"
+        with dispatch.kernels_on_cpu():
+            assert table_mode(cpu) == "conv"
+        patch, model = sevenn_model("7net-0")
+        atoms = silicon()
+        original, accelerated = original_and_accelerated(patch, model, atoms, "auto", model.cutoff)
+        assert not table_reads
+        assert_within_tolerances(original, accelerated, len(atoms), torch.float32)
+    with use_settings(radial_table="lengths"):
+        assert table_mode(cpu) == "lengths"
 
 
 def test_no_table_in_float64_in_training_or_when_off(table_reads):

@@ -164,8 +164,7 @@ def tables_for_tracing():
 def table_mode(tensor: torch.Tensor) -> str:
     """FASTMLIP_RADIAL_TABLE for a convolution over ``tensor``'s device. auto is conv where the convolution runs
     as fastmlip's kernels (faster on an H200 at 216 and 4000 atoms, both frameworks: docs/kernels.md) and off on
-    the reference backend (on a CPU the table takes seconds to build and its interpolation in torch ran slower
-    than the MLP)."""
+    the reference backend (on a CPU no speed-up was measured, and a table takes seconds to build)."""
     from fastmlip.ops.dispatch import backend_for
 
     mode = settings().radial_table

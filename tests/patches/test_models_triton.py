@@ -53,6 +53,16 @@ def ran_forward_and_backward(calls, families):
     return {f"{family}.{entry}" for family in families for entry in ("forward", "backward")} <= calls
 
 
+def convolution_calls(dtype) -> set:
+    """The kernels of a convolution with its radial MLP under the default (FASTMLIP_RADIAL_TABLE=auto): float32
+    on the kernels' backend reads the MLP from a table inside the convolution (the basis of the lengths, which
+    the table replaces, then gets no gradient); float64 computes the MLP."""
+    if dtype == torch.float32:
+        return {"conv_table.table_forward", "conv_table.table_backward", "radial_basis.forward"}
+    return {f"{family}.{entry}" for family in ("conv", "radial_mlp", "radial_basis")
+            for entry in ("forward", "backward")}
+
+
 def backends_agree(patch, model, atoms, monkeypatch, cutoff):
     """Evaluate the accelerated ``model`` on both backends; returns the deviation (asserted within tolerance)."""
     edges = self_check.neighbor_edges(atoms, cutoff)
@@ -88,8 +98,8 @@ def test_sevennet0_triton_matches_reference(dtype, kernel_calls, monkeypatch):
     atoms = bulk("Si", "diamond", a=5.43)
     atoms.rattle(0.05, seed=3)
     print(backends_agree(patch, model, atoms, monkeypatch, model.cutoff))
-    assert ran_forward_and_backward(kernel_calls, ("conv", "gate", "linear", "radial_basis",
-                                                   "radial_mlp", "spherical_harmonics")), kernel_calls
+    assert convolution_calls(dtype) <= kernel_calls, kernel_calls
+    assert ran_forward_and_backward(kernel_calls, ("gate", "linear", "spherical_harmonics")), kernel_calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -105,8 +115,8 @@ def test_mace_triton_matches_reference(dtype, kernel_calls, monkeypatch):
     assert patch.accelerate(model) == []
     atoms = mace_models.periodic_structure(seed=5)[:4]
     print(backends_agree(patch, model, atoms, monkeypatch, mace_models.R_MAX))
-    assert ran_forward_and_backward(kernel_calls, ("conv", "linear", "radial_basis", "radial_mlp",
-                                                   "species_linear", "spherical_harmonics",
+    assert convolution_calls(dtype) <= kernel_calls, kernel_calls
+    assert ran_forward_and_backward(kernel_calls, ("linear", "species_linear", "spherical_harmonics",
                                                    "symmetric_contraction")), kernel_calls
 
 

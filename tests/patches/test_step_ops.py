@@ -101,6 +101,14 @@ def structure_tensors(atoms, cutoff) -> tuple:
             torch.as_tensor(atoms.numbers), i, j, shifts)
 
 
+def first_and_second_step(patch, model, atoms, cutoff) -> tuple:
+    """The operators of two steps over the same structure tensors, after a step over other tensors of the same
+    structure: that one builds what belongs to the parameters, not to the structure (the radial tables)."""
+    patch.compute(model, *structure_tensors(atoms, cutoff), validated=True)
+    structure = structure_tensors(atoms, cutoff)
+    return tuple(dispatched(lambda: patch.compute(model, *structure, validated=True)) for _ in range(2))
+
+
 def accelerated_sevennet():
     """(patch, SevenNet-0 accelerated in float32, rattled Si)."""
     pytest.importorskip("sevenn")
@@ -133,9 +141,7 @@ def test_mace_step_gathers_its_reshape_and_keeps_its_species(kernels_skipped):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert patch.accelerate(model) == []
-    structure = structure_tensors(mace_models.periodic_structure(1), mace_models.R_MAX)
-    first = dispatched(lambda: patch.compute(model, *structure, validated=True))
-    second = dispatched(lambda: patch.compute(model, *structure, validated=True))
+    first, second = first_and_second_step(patch, model, mace_models.periodic_structure(1), mace_models.R_MAX)
     once = {"aten::argmax", "aten::scatter_"}  # the species' one-hot
     assert once <= set(first) and not once & set(second), second
     assert first["aten::mm"] - second["aten::mm"] == 1, (first, second)  # the e0 per node
@@ -199,9 +205,7 @@ def test_sevennet_species_embedding_is_made_once_per_structure(kernels_skipped):
     """The species lookup, one-hot embedding and per-species energy scale and shift are kept on the
     atomic-numbers tensor: a second step of the same structure launches none of them."""
     patch, model, atoms = accelerated_sevennet()
-    structure = structure_tensors(atoms, model.cutoff)
-    first = dispatched(lambda: patch.compute(model, *structure, validated=True))
-    second = dispatched(lambda: patch.compute(model, *structure, validated=True))
+    first, second = first_and_second_step(patch, model, atoms, model.cutoff)
     assert "aten::scatter_" in first and "aten::scatter_" not in second, second
     assert second["aten::index_select"] == first["aten::index_select"] - 1, (first, second)
     assert first["aten::index"] - second.get("aten::index", 0) == 2, (first, second)  # scale[z], shift[z]

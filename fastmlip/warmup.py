@@ -83,7 +83,7 @@ def _print_kept(source: str, model, dtype: str) -> None:
     """Keep an exported copy of the accelerated ``model`` for ``fastmlip md`` (no modal named), and say so."""
     from . import program_cache
 
-    copy, manifest = program_cache.lookup(source, dtype, None, "cuda")
+    copy, manifest = program_cache.lookup(source, dtype, None, next(model.parameters()).device)
     if manifest is not None:
         print("exported copy for fastmlip md: already in the cache" if copy is not None else
               f"no exported copy for fastmlip md (found before): {manifest['unexportable']}")

@@ -173,17 +173,16 @@ def table_mode(tensor: torch.Tensor) -> str:
     return "conv" if backend_for(tensor) == "triton" else "off"
 
 
-def radial_table_of(net: nn.Module, source: Optional[RadialSource], dtype: torch.dtype):
+def radial_table_of(net: nn.Module, source: Optional[RadialSource], dtype: torch.dtype, mode: str):
     """The table of ``net(source's embedding)`` in the lengths (:mod:`fastmlip.ops.radial_table`), or None where
-    it is not used: ``FASTMLIP_RADIAL_TABLE`` off (:func:`table_mode`), float64 (whose tolerances a table would not
-    meet), an MLP fastmlip cannot describe, training (the MLP in train mode with gradients on and parameters that take them: a
+    it is not used: ``mode`` (:func:`table_mode`) off, float64 (whose tolerances a table would not meet), an MLP
+    fastmlip cannot describe, training (the MLP in train mode with gradients on and parameters that take them: a
     table has no weights to differentiate; in eval mode its weights get none), or a traced pass outside
     :func:`tables_for_tracing`. Built once per set of parameter values and kept on the MLP's last weight; a
     refused table (None) is kept too."""
     from fastmlip.ops.radial_table import tabulate_radial_mlp
 
-    if (source is None or dtype != torch.float32 or not isinstance(net, FastFullyConnectedNet)
-            or table_mode(source.lengths) == "off"):
+    if mode == "off" or source is None or dtype != torch.float32 or not isinstance(net, FastFullyConnectedNet):
         return None
     traced = _TRACED_TABLES.get()
     if torch.compiler.is_compiling():
@@ -227,7 +226,8 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
 
     edge_attr = in_receiver_order(edge_attr, edges)
     source = attached(radial, RADIAL_SOURCE)
-    table = radial_table_of(net, source, x.dtype)
+    mode = table_mode(x)
+    table = radial_table_of(net, source, x.dtype, mode)
     if table is None:
         return radial_conv(problem, lambda rows, scale: radial_weights(net, rows, scale), list(net.parameters()),
                            x, edge_attr, in_receiver_order(radial, edges), row_scale, edges, chunk_edges)
@@ -235,7 +235,7 @@ def radial_message(problem, net: nn.Module, x: torch.Tensor, edge_attr: torch.Te
     if chunk_edges is not None:
         return radial_conv(problem, lambda rows, scale: radial_table(table, rows, scale), [], x, edge_attr, lengths,
                            row_scale, edges, chunk_edges)
-    mode, order = table_mode(x), None
+    order = None
     if mode == "lengths":
         order = derived(lengths, "length_order", lambda: torch.argsort(lengths))
     return table_conv(problem, table, x, edge_attr, lengths, row_scale, edges, order, keep_weights=mode != "conv")
